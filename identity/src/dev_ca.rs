@@ -1,0 +1,156 @@
+//! A development CA that mints short-lived X509-SVIDs (tests, demo, local mode).
+
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::{Bundle, SpiffeId, TrustDomain, X509Svid};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevCaError {
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("minted SVID is not valid: {0}")]
+    Svid(#[from] crate::SvidError),
+    #[error("CA bundle is not valid: {0}")]
+    Bundle(#[from] crate::BundleError),
+    #[error("{0} is not in the CA's trust domain {1}")]
+    WrongTrustDomain(SpiffeId, TrustDomain),
+}
+
+/// A self-signed CA for one trust domain.
+pub struct DevCa {
+    trust_domain: TrustDomain,
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+/// What the CA hands out: an SVID with its PEM forms (for writing to disk).
+pub struct MintedSvid {
+    pub svid: X509Svid,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+// === impl DevCa ===
+
+impl DevCa {
+    pub fn new(trust_domain: TrustDomain) -> Result<Self, DevCaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "eastguard dev CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.subject_alt_names = vec![SanType::URI(
+            trust_domain.id().as_str().try_into()?,
+        )];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(365);
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            trust_domain,
+            cert,
+            key,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        self.cert.der().clone()
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    pub fn bundle(&self) -> Result<Bundle, DevCaError> {
+        Ok(Bundle::from_certs(self.trust_domain.clone(), vec![self.cert_der()])?)
+    }
+
+    /// Mints an SVID for `id`, valid from one minute ago for `ttl`.
+    pub fn mint(&self, id: &SpiffeId, ttl: Duration) -> Result<MintedSvid, DevCaError> {
+        if id.trust_domain_str() != self.trust_domain.as_str() {
+            return Err(DevCaError::WrongTrustDomain(id.clone(), self.trust_domain.clone()));
+        }
+        self.mint_with(id, ttl, |_| {})
+    }
+
+    /// Mints a certificate for `id` after letting `edit` change its parameters. Tests use this to
+    /// produce deliberately broken SVIDs (two URI SANs, CA=true, expired …); the result is not
+    /// checked against the SVID rules.
+    pub fn mint_with(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> Result<MintedSvid, DevCaError> {
+        let (cert_pem, key_pem, chain, key) = self.mint_raw(id, ttl, edit)?;
+        let svid = X509Svid::from_der(chain, key)?;
+        Ok(MintedSvid {
+            svid,
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    /// Like [`DevCa::mint_with`] but returns only PEM (cert, key), without the SVID checks.
+    pub fn mint_pem_unchecked(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> Result<(String, String), DevCaError> {
+        let (cert_pem, key_pem, _, _) = self.mint_raw(id, ttl, edit)?;
+        Ok((cert_pem, key_pem))
+    }
+
+    fn mint_raw(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> Result<
+        (String, String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+        DevCaError,
+    > {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        edit(&mut params);
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((cert.pem(), key.serialize_pem(), vec![cert.der().clone()], key_der))
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 16];
+    // A failing system RNG leaves zeros; serials then only lose uniqueness, not security.
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    bytes[0] &= 0x7f; // keep the DER INTEGER positive
+    SerialNumber::from_slice(&bytes)
+}

@@ -1,0 +1,198 @@
+//! Access log in Envoy's default text format, or JSON with Istio's key names. One record per request
+//! (or TCP connection), written by the call's drop guard on a dedicated writer thread.
+
+use std::io::Write as _;
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::config::{AccessLogConfig, AccessLogFormat};
+use crate::stats::Stat;
+
+/// Lines waiting for the writer; past this, records are dropped and counted, never blocking a request.
+const QUEUE: usize = 16 * 1024;
+
+/// Envoy's `%...%` fields for one request or connection. `None` prints as `-`.
+#[derive(Debug, Default, Serialize)]
+pub struct Record {
+    pub start_time: String,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub protocol: String,
+    pub response_code: u16,
+    pub response_flags: String,
+    pub response_code_details: Option<String>,
+    pub upstream_transport_failure_reason: Option<String>,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub duration: u64,
+    pub upstream_service_time: Option<u64>,
+    pub x_forwarded_for: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+    pub authority: Option<String>,
+    pub upstream_host: Option<String>,
+    pub upstream_cluster: Option<String>,
+    pub downstream_remote_address: String,
+    pub downstream_local_address: String,
+    pub downstream_peer_uri_san: Option<String>,
+    pub upstream_peer_uri_san: Option<String>,
+    pub requested_server_name: Option<String>,
+    pub route_name: Option<String>,
+}
+
+/// Where records go.
+#[derive(Clone, Debug)]
+pub struct AccessLog {
+    tx: Option<SyncSender<String>>,
+    format: AccessLogFormat,
+    dropped: Stat,
+}
+
+// === impl AccessLog ===
+
+impl AccessLog {
+    /// Opens the log (appending) and starts its writer thread.
+    pub fn open(config: Option<&AccessLogConfig>, dropped: Stat) -> std::io::Result<Self> {
+        let Some(config) = config else {
+            return Ok(Self {
+                tx: None,
+                format: AccessLogFormat::Text,
+                dropped,
+            });
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&config.path)?;
+        let (tx, rx) = sync_channel::<String>(QUEUE);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                while let Ok(line) = rx.recv() {
+                    if let Err(e) = file.write_all(line.as_bytes()) {
+                        tracing::warn!(error = %e, "access log write failed");
+                    }
+                }
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            format: config.format,
+            dropped,
+        })
+    }
+
+    pub fn write(&self, record: &Record) {
+        let Some(tx) = &self.tx else { return };
+        let line = match self.format {
+            AccessLogFormat::Text => record.to_text(),
+            AccessLogFormat::Json => match serde_json::to_string(record) {
+                Ok(mut s) => {
+                    s.push('\n');
+                    s
+                }
+                Err(_) => return,
+            },
+        };
+        match tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+}
+
+// === impl Record ===
+
+fn dash(v: &Option<String>) -> &str {
+    v.as_deref().unwrap_or("-")
+}
+
+impl Record {
+    /// Envoy's default format:
+    /// `[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" %RESPONSE_CODE%
+    /// %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%
+    /// "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%"
+    /// "%UPSTREAM_HOST%"`
+    pub fn to_text(&self) -> String {
+        let ust = self
+            .upstream_service_time
+            .map_or_else(|| "-".to_owned(), |t| t.to_string());
+        format!(
+            "[{}] \"{} {} {}\" {} {} {} {} {} {} \"{}\" \"{}\" \"{}\" \"{}\" \"{}\"\n",
+            self.start_time,
+            dash(&self.method),
+            dash(&self.path),
+            self.protocol,
+            self.response_code,
+            self.response_flags,
+            self.bytes_received,
+            self.bytes_sent,
+            self.duration,
+            ust,
+            dash(&self.x_forwarded_for),
+            dash(&self.user_agent),
+            dash(&self.request_id),
+            dash(&self.authority),
+            dash(&self.upstream_host),
+        )
+    }
+}
+
+/// RFC 3339 UTC with milliseconds, like Envoy's `%START_TIME%`.
+pub fn format_time(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let (y, m, dd) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_format() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_764_389_409_123);
+        assert_eq!(format_time(t), "2025-11-29T04:10:09.123Z");
+        assert_eq!(format_time(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn text_format_has_dashes_for_missing() {
+        let r = Record {
+            start_time: "T".into(),
+            method: Some("GET".into()),
+            path: Some("/x".into()),
+            protocol: "HTTP/1.1".into(),
+            response_code: 200,
+            response_flags: "-".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            r.to_text(),
+            "[T] \"GET /x HTTP/1.1\" 200 - 0 0 0 - \"-\" \"-\" \"-\" \"-\" \"-\"\n"
+        );
+    }
+}

@@ -1,0 +1,355 @@
+//! Envoy-compatible admin API on loopback, plus Istio's health (15021) and Prometheus (15090) ports.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::body::{self, Body};
+use crate::config::Bootstrap;
+use crate::telemetry::Telemetry;
+use identity::CredentialsRx;
+
+/// Changes the log filter (`/logging?level=debug`); given by the binary, which owns the subscriber.
+pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What the admin API reads and the switches it flips.
+pub struct AdminState {
+    pub config: Arc<Bootstrap>,
+    pub telemetry: Arc<Telemetry>,
+    pub creds: CredentialsRx,
+    pub draining: AtomicBool,
+    pub healthcheck_failed: AtomicBool,
+    pub started: Instant,
+    pub quit: Notify,
+    pub log_control: Option<LogControl>,
+    pub command_line: Vec<String>,
+}
+
+/// Which routes a port serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// Everything (15000).
+    Admin,
+    /// `/healthz/ready` only (15021).
+    Health,
+    /// `/stats/prometheus` only (15090).
+    Prometheus,
+}
+
+impl AdminState {
+    /// Ready: an SVID is held and valid, not draining, health checks not failed by hand.
+    pub fn is_ready(&self) -> Result<(), &'static str> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("DRAINING");
+        }
+        if self.healthcheck_failed.load(Ordering::Relaxed) {
+            return Err("HEALTHCHECK_FAILED");
+        }
+        let creds = self.creds.borrow();
+        match creds.as_ref() {
+            Some(c) if c.svid.is_valid_at(rustls_pki_types::UnixTime::now()) => Ok(()),
+            Some(_) => Err("SVID_EXPIRED"),
+            None => Err("PRE_INITIALIZING"),
+        }
+    }
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, port: Port) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let remote = tcp.peer_addr().ok();
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, port, remote, req).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+async fn route(state: &AdminState, port: Port, remote: Option<SocketAddr>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let post_only = ["/quitquitquit", "/healthcheck/fail", "/healthcheck/ok", "/logging", "/drain_listeners"];
+    let allowed = match port {
+        Port::Admin => true,
+        Port::Health => path == "/healthz/ready",
+        Port::Prometheus => path == "/stats/prometheus",
+    };
+    if !allowed {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    if post_only.contains(&path.as_str()) {
+        if req.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "This endpoint requires POST\n");
+        }
+        // Mutations only from loopback (the admin listener is loopback-only, but say so twice).
+        if !remote.is_some_and(|r| r.ip().is_loopback()) {
+            return text(StatusCode::FORBIDDEN, "admin mutations are loopback-only\n");
+        }
+    }
+    match path.as_str() {
+        "/ready" | "/healthz/ready" => match state.is_ready() {
+            Ok(()) => text(StatusCode::OK, "LIVE\n"),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("{why}\n")),
+        },
+        "/server_info" => json_response(server_info(state)),
+        "/config_dump" => json_response(config_dump(state)),
+        "/stats" => {
+            let mut s = state.telemetry.stats.render_text();
+            s.push_str(&format!("server.live: {}\n", u8::from(state.is_ready().is_ok())));
+            s.push_str(&format!("server.uptime: {}\n", state.started.elapsed().as_secs()));
+            text(StatusCode::OK, &s)
+        }
+        "/stats/prometheus" => {
+            let mut s = state.telemetry.metrics.render();
+            if s.ends_with("# EOF\n") {
+                s.truncate(s.len() - "# EOF\n".len());
+            }
+            s.push_str(&state.telemetry.stats.render_prometheus());
+            Response::builder()
+                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                .body(body::full(s))
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, ""))
+        }
+        "/listeners" => listeners(state, &query),
+        "/clusters" => clusters(state, &query),
+        "/quitquitquit" => {
+            state.quit.notify_one();
+            text(StatusCode::OK, "OK\n")
+        }
+        "/healthcheck/fail" => {
+            state.healthcheck_failed.store(true, Ordering::Relaxed);
+            text(StatusCode::OK, "OK\n")
+        }
+        "/healthcheck/ok" => {
+            state.healthcheck_failed.store(false, Ordering::Relaxed);
+            text(StatusCode::OK, "OK\n")
+        }
+        "/drain_listeners" => {
+            state.quit.notify_one();
+            text(StatusCode::OK, "OK\n")
+        }
+        "/logging" => logging(state, &query),
+        "/" => text(StatusCode::OK, "eastguard admin: /ready /server_info /config_dump /stats /stats/prometheus /listeners /clusters; POST /quitquitquit /healthcheck/fail /healthcheck/ok /logging\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, s: &str) -> Response<Body> {
+    let mut r = Response::new(body::full(s.to_owned()));
+    *r.status_mut() = status;
+    r.headers_mut().insert("content-type", http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json_response(v: Value) -> Response<Body> {
+    let s = serde_json::to_string_pretty(&v).unwrap_or_else(|_| "{}".into());
+    let mut r = Response::new(body::full(s));
+    r.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn uptime(state: &AdminState) -> String {
+    format!("{}s", state.started.elapsed().as_secs())
+}
+
+fn node_json(state: &AdminState) -> Value {
+    let n = &state.config.node;
+    json!({
+        "id": n.id,
+        "cluster": n.workload,
+        "metadata": {
+            "WORKLOAD_NAME": n.workload,
+            "NAMESPACE": n.namespace,
+            "CLUSTER_ID": n.cluster,
+        },
+        "user_agent_name": "eastguard",
+        "user_agent_build_version": { "version": { "major_number": 0, "minor_number": 1 } },
+    })
+}
+
+fn server_info(state: &AdminState) -> Value {
+    let st = match state.is_ready() {
+        Ok(()) => "LIVE",
+        Err("DRAINING") => "DRAINING",
+        Err(_) => "PRE_INITIALIZING",
+    };
+    json!({
+        "version": format!("eastguard/{}", env!("CARGO_PKG_VERSION")),
+        "state": st,
+        "hot_restart_version": "disabled",
+        "command_line_options": { "args": state.command_line },
+        "node": node_json(state),
+        "uptime_current_epoch": uptime(state),
+        "uptime_all_epochs": uptime(state),
+    })
+}
+
+fn socket_address(a: &SocketAddr) -> Value {
+    json!({ "socket_address": { "address": a.ip().to_string(), "port_value": a.port() } })
+}
+
+/// Envoy's ConfigDump: bootstrap, static listeners and clusters, and the SDS secret metadata.
+/// Private keys never appear.
+fn config_dump(state: &AdminState) -> Value {
+    let c = &state.config;
+    let secrets: Vec<Value> = state
+        .creds
+        .borrow()
+        .as_ref()
+        .map(|creds| {
+            let leaf = creds.svid.leaf();
+            vec![
+                json!({
+                    "name": "default",
+                    "secret": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+                        "name": "default",
+                        "tls_certificate": {
+                            "certificate_chain": { "inline_string": "[redacted certificate]" },
+                            "private_key": { "inline_string": "[redacted]" }
+                        }
+                    },
+                    "spiffe_id": creds.svid.spiffe_id().as_str(),
+                    "serial_number": leaf.serial,
+                }),
+                json!({
+                    "name": "ROOTCA",
+                    "secret": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+                        "name": "ROOTCA",
+                        "validation_context": {
+                            "trust_domains": creds.bundles.iter().map(|b| json!({
+                                "name": b.trust_domain().as_str(),
+                                "trusted_ca_count": b.certs().len(),
+                            })).collect::<Vec<_>>()
+                        }
+                    }
+                }),
+            ]
+        })
+        .unwrap_or_default();
+    json!({
+        "configs": [
+            {
+                "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
+                "bootstrap": {
+                    "node": node_json(state),
+                    "admin": { "address": socket_address(&c.admin.address) },
+                }
+            },
+            {
+                "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+                "static_listeners": c.listeners.iter().map(|l| json!({
+                    "listener": {
+                        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+                        "name": l.name,
+                        "address": socket_address(&l.address),
+                        "traffic_direction": l.direction,
+                        "filter_chains": l.filter_chains,
+                    }
+                })).collect::<Vec<_>>()
+            },
+            {
+                "@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
+                "static_clusters": c.clusters.iter().map(|cl| json!({
+                    "cluster": {
+                        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+                        "name": cl.name,
+                        "type": "STATIC",
+                        "connect_timeout": format!("{}s", cl.connect_timeout.as_secs_f64()),
+                        "load_assignment": {
+                            "cluster_name": cl.name,
+                            "endpoints": [{ "lb_endpoints": cl.endpoints.iter().map(|e| json!({
+                                "endpoint": { "address": socket_address(e) }
+                            })).collect::<Vec<_>>() }]
+                        },
+                        "transport_socket": cl.transport_socket,
+                    }
+                })).collect::<Vec<_>>()
+            },
+            {
+                "@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump",
+                "dynamic_active_secrets": secrets,
+            }
+        ]
+    })
+}
+
+fn listeners(state: &AdminState, query: &str) -> Response<Body> {
+    let ls = &state.config.listeners;
+    if query.contains("format=json") {
+        return json_response(json!({
+            "listener_statuses": ls.iter().map(|l| json!({
+                "name": l.name,
+                "local_address": socket_address(&l.address),
+            })).collect::<Vec<_>>()
+        }));
+    }
+    let s: String = ls.iter().map(|l| format!("{}::{}\n", l.name, l.address)).collect();
+    text(StatusCode::OK, &s)
+}
+
+fn clusters(state: &AdminState, query: &str) -> Response<Body> {
+    let cs = &state.config.clusters;
+    if query.contains("format=json") {
+        return json_response(json!({
+            "cluster_statuses": cs.iter().map(|c| json!({
+                "name": c.name,
+                "host_statuses": c.endpoints.iter().map(|e| json!({
+                    "address": socket_address(e),
+                    "health_status": { "eds_health_status": "HEALTHY" },
+                })).collect::<Vec<_>>()
+            })).collect::<Vec<_>>()
+        }));
+    }
+    let mut s = String::new();
+    for c in cs {
+        for e in &c.endpoints {
+            s.push_str(&format!("{}::{e}::health_flags::healthy\n", c.name));
+        }
+    }
+    text(StatusCode::OK, &s)
+}
+
+fn logging(state: &AdminState, query: &str) -> Response<Body> {
+    let level = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("level="))
+        .map(str::to_owned);
+    let Some(level) = level else {
+        return text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<trace|debug|info|warn|error|off>\n");
+    };
+    if !["trace", "debug", "info", "warn", "warning", "error", "critical", "off"].contains(&level.as_str()) {
+        return text(StatusCode::BAD_REQUEST, &format!("unknown level {level:?}\n"));
+    }
+    let level = match level.as_str() {
+        "warning" => "warn",
+        "critical" => "error",
+        l => l,
+    };
+    match &state.log_control {
+        Some(set) => match set(level) {
+            Ok(()) => text(StatusCode::OK, &format!("active loggers: all at {level}\n")),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+        },
+        None => text(StatusCode::NOT_IMPLEMENTED, "log level control is not available\n"),
+    }
+}

@@ -1,0 +1,546 @@
+//! The static configuration file (`eastguard proxy --config FILE`): a YAML subset shaped like Envoy's
+//! bootstrap (listeners with filter chains, HTTP connection manager routes, clusters, TCP proxy).
+//!
+//! Parsing is strict: unknown fields are errors, and every error names the field and the line.
+//! Cross-references (a route naming a cluster that does not exist) are checked after parsing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use identity::SpiffeId;
+use serde::{Deserialize, Serialize};
+
+/// Why a config file was refused. The proxy does not start with a refused file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{path}: {field}: {message}{}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Invalid {
+        path: String,
+        field: String,
+        message: String,
+        line: Option<usize>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    pub node: Node,
+    pub admin: Admin,
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub clusters: Vec<Cluster>,
+    #[serde(default)]
+    pub access_log: Option<AccessLogConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub drain: DrainConfig,
+}
+
+/// Who this proxy is; feeds Istio metric labels.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub id: String,
+    pub workload: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub app: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default = "default_cluster_id")]
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Envoy admin API; must be a loopback address.
+    pub address: SocketAddr,
+    /// Istio's health port (`/healthz/ready`, 15021).
+    #[serde(default)]
+    pub health_address: Option<SocketAddr>,
+    /// Istio's Prometheus port (`/stats/prometheus`, 15090).
+    #[serde(default)]
+    pub prometheus_address: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum IdentityConfig {
+    /// PEM files, re-read when they change.
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        bundle: PathBuf,
+        #[serde(default)]
+        federated_bundles: BTreeMap<String, PathBuf>,
+        #[serde(default = "default_poll", with = "duration")]
+        poll_interval: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Direction {
+    /// Terminates mTLS from peer sidecars and forwards to the local app.
+    Inbound,
+    /// Accepts plaintext from the local app and originates mTLS to peers.
+    Outbound,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    pub direction: Direction,
+    pub filter_chains: Vec<FilterChain>,
+    /// Most connections this listener holds at once; past that new ones are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterChain {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub filter_chain_match: FilterChainMatch,
+    /// Exactly one of the two network filters.
+    #[serde(default)]
+    pub http_connection_manager: Option<HttpConnectionManager>,
+    #[serde(default)]
+    pub tcp_proxy: Option<TcpProxy>,
+}
+
+/// Selects a chain. The first chain (in file order) whose every given criterion matches is used.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterChainMatch {
+    /// TLS SNI values (inbound).
+    #[serde(default)]
+    pub server_names: Vec<String>,
+    /// Negotiated ALPN (inbound) or sniffed protocol (outbound: `http/1.1`, `h2c`, `tcp`).
+    #[serde(default)]
+    pub application_protocols: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConnectionManager {
+    pub stat_prefix: String,
+    pub route_config: RouteConfiguration,
+    /// Envoy's `forward_client_cert_details`; inbound default SANITIZE_SET.
+    #[serde(default)]
+    pub forward_client_cert_details: ForwardClientCertDetails,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ForwardClientCertDetails {
+    /// Remove any client XFCC and set one from the verified peer (inbound).
+    #[default]
+    SanitizeSet,
+    /// Remove any client XFCC and set none.
+    Sanitize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfiguration {
+    #[serde(default)]
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualHost {
+    pub name: String,
+    /// `*`, exact hosts, `*.suffix` or `prefix.*`; an optional `:port` is matched too.
+    pub domains: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    #[serde(default)]
+    pub name: String,
+    #[serde(rename = "match")]
+    pub match_: RouteMatch,
+    pub route: RouteAction,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatcher>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatcher {
+    pub name: String,
+    #[serde(default)]
+    pub exact_match: Option<String>,
+    #[serde(default)]
+    pub prefix_match: Option<String>,
+    #[serde(default)]
+    pub present_match: Option<bool>,
+    #[serde(default)]
+    pub invert_match: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAction {
+    pub cluster: String,
+    /// Time to the upstream's response headers; default 15 s, `0s` disables.
+    #[serde(default = "default_route_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpProxy {
+    pub stat_prefix: String,
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub name: String,
+    pub endpoints: Vec<SocketAddr>,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// Protocol spoken to the endpoints when plaintext (the local app): `HTTP1`, `HTTP2`, or
+    /// `AUTO` (HTTP/2 for gRPC requests, HTTP/1.1 otherwise). mTLS peers always get HTTP/2.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// mTLS to a peer sidecar; absent means plaintext (only for the local app).
+    #[serde(default)]
+    pub transport_socket: Option<UpstreamTls>,
+    /// Who the destination is, for Istio metric labels.
+    #[serde(default)]
+    pub metadata: DestinationMetadata,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// SNI sent to the peer; the peer's inbound listener selects a filter chain by it.
+    pub sni: String,
+    /// The peer must present one of these SPIFFE IDs (Envoy's `match_typed_subject_alt_names`).
+    pub match_spiffe_ids: Vec<SpiffeId>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationMetadata {
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub workload: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub app: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// A file to append to; `/dev/stdout` by default.
+    #[serde(default = "default_access_log_path")]
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: AccessLogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AccessLogFormat {
+    /// Envoy's default text format.
+    #[default]
+    Text,
+    Json,
+}
+
+/// DESIGN §5 limits; every field has the safe default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_concurrent_streams: u32,
+    pub initial_stream_window_size: u32,
+    pub initial_connection_window_size: u32,
+    pub max_request_headers_kb: u32,
+    pub max_headers_count: usize,
+    pub max_pending_accept_reset_streams: usize,
+    pub max_local_error_reset_streams: usize,
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "duration")]
+    pub stream_idle_timeout: Duration,
+    #[serde(with = "duration")]
+    pub connection_idle_timeout: Duration,
+    pub per_connection_buffer_limit_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// After SIGTERM, listeners keep accepting (in close-after-response mode) this long.
+    #[serde(with = "duration")]
+    pub duration: Duration,
+    /// Then in-flight requests get this long to finish before the process exits.
+    #[serde(with = "duration")]
+    pub grace: Duration,
+}
+
+// === defaults ===
+
+fn default_cluster_id() -> String {
+    "Kubernetes".into()
+}
+fn default_poll() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_route_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_access_log_path() -> PathBuf {
+    PathBuf::from("/dev/stdout")
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 100,
+            initial_stream_window_size: 64 * 1024,
+            initial_connection_window_size: 1024 * 1024,
+            max_request_headers_kb: 60,
+            max_headers_count: 100,
+            max_pending_accept_reset_streams: 100,
+            max_local_error_reset_streams: 100,
+            header_read_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(300),
+            connection_idle_timeout: Duration::from_secs(3600),
+            per_connection_buffer_limit_bytes: 32 * 1024,
+        }
+    }
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            duration: Duration::from_secs(5),
+            grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Durations written as `15s`, `250ms`, `1m`, `1h` (Envoy's JSON form `15s` and `0.25s` too).
+pub(crate) mod duration {
+    use std::time::Duration;
+
+    pub(crate) fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
+        let (num, unit) = s.split_at(split);
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("duration {s:?} does not start with a number"))?;
+        let secs = match unit {
+            "ms" => value / 1000.0,
+            "s" => value,
+            "m" => value * 60.0,
+            "h" => value * 3600.0,
+            _ => return Err(format!("duration {s:?} has unknown unit {unit:?} (ms, s, m, h)")),
+        };
+        if !secs.is_finite() || !(0.0..=366.0 * 86400.0).contains(&secs) {
+            return Err(format!("duration {s:?} is out of range"));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+
+    pub(crate) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}s", d.as_secs_f64()))
+    }
+
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+// === loading and validation ===
+
+impl Bootstrap {
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&path.display().to_string(), &text)
+    }
+
+    pub fn from_yaml(path: &str, text: &str) -> Result<Self, ConfigError> {
+        let config: Self = serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate(path, text)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &str, text: &str) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String, needle: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: line_of(text, needle),
+            field,
+            message,
+        };
+        if !self.admin.address.ip().is_loopback() {
+            return Err(invalid(
+                "admin.address".into(),
+                "the admin API must listen on a loopback address".into(),
+                &self.admin.address.to_string(),
+            ));
+        }
+        let mut clusters = std::collections::BTreeSet::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            let field = |f: &str| format!("clusters[{i}].{f}");
+            if !clusters.insert(c.name.as_str()) {
+                return Err(invalid(field("name"), format!("duplicate cluster {:?}", c.name), &c.name));
+            }
+            if c.endpoints.is_empty() {
+                return Err(invalid(field("endpoints"), "a cluster needs at least one endpoint".into(), &c.name));
+            }
+            if let Some(tls) = &c.transport_socket
+                && tls.match_spiffe_ids.is_empty()
+            {
+                return Err(invalid(
+                    field("transport_socket.match_spiffe_ids"),
+                    "an mTLS upstream needs at least one expected SPIFFE ID (never \"any ID\")".into(),
+                    "match_spiffe_ids",
+                ));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (li, l) in self.listeners.iter().enumerate() {
+            let lfield = |f: &str| format!("listeners[{li}].{f}");
+            if !names.insert(l.name.as_str()) {
+                return Err(invalid(lfield("name"), format!("duplicate listener {:?}", l.name), &l.name));
+            }
+            if l.filter_chains.is_empty() {
+                return Err(invalid(lfield("filter_chains"), "a listener needs a filter chain".into(), &l.name));
+            }
+            for (ci, fc) in l.filter_chains.iter().enumerate() {
+                let cfield = |f: &str| lfield(&format!("filter_chains[{ci}].{f}"));
+                let cluster_refs: Vec<(String, &str)> = match (&fc.http_connection_manager, &fc.tcp_proxy) {
+                    (Some(hcm), None) => hcm
+                        .route_config
+                        .virtual_hosts
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(vi, vh)| {
+                            vh.routes.iter().enumerate().map(move |(ri, r)| {
+                                (format!("http_connection_manager.route_config.virtual_hosts[{vi}].routes[{ri}].route.cluster"), r.route.cluster.as_str())
+                            })
+                        })
+                        .collect(),
+                    (None, Some(tcp)) => vec![("tcp_proxy.cluster".to_owned(), tcp.cluster.as_str())],
+                    _ => {
+                        return Err(invalid(
+                            cfield("http_connection_manager"),
+                            "a filter chain needs exactly one of http_connection_manager and tcp_proxy".into(),
+                            "filter_chains",
+                        ));
+                    }
+                };
+                for (f, cluster) in cluster_refs {
+                    if !clusters.contains(cluster) {
+                        return Err(invalid(cfield(&f), format!("unknown cluster {cluster:?}"), cluster));
+                    }
+                    let upstream_tls = self
+                        .clusters
+                        .iter()
+                        .find(|c| c.name == cluster)
+                        .is_some_and(|c| c.transport_socket.is_some());
+                    if l.direction == Direction::Outbound && !upstream_tls {
+                        return Err(invalid(
+                            cfield(&f),
+                            format!("outbound traffic must go to an mTLS cluster; {cluster:?} has no transport_socket"),
+                            cluster,
+                        ));
+                    }
+                }
+                if let Some(hcm) = &fc.http_connection_manager {
+                    for (vi, vh) in hcm.route_config.virtual_hosts.iter().enumerate() {
+                        for (ri, r) in vh.routes.iter().enumerate() {
+                            let m = &r.match_;
+                            if m.prefix.is_some() == m.path.is_some() {
+                                return Err(invalid(
+                                    cfield(&format!("http_connection_manager.route_config.virtual_hosts[{vi}].routes[{ri}].match")),
+                                    "a route match needs exactly one of prefix and path".into(),
+                                    &vh.name,
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line of the first occurrence of `needle`, to point a reader at a cross-reference error.
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    if needle.is_empty() {
+        return None;
+    }
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests;

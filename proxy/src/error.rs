@@ -1,0 +1,116 @@
+//! Every way a proxied request can fail, and the one place that says what each failure looks like
+//! to the client (status, gRPC status, Envoy response flag, details).
+
+/// A failure while handling one request. Adding a variant does not compile until
+/// [`ProxyError::response`] maps it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches {authority}{path}")]
+    NoRoute { authority: String, path: String },
+    #[error("cluster {cluster} has no endpoint")]
+    NoHealthyUpstream { cluster: String },
+    #[error("connecting to {endpoint} failed: {reason}")]
+    UpstreamConnect { endpoint: String, reason: String },
+    #[error("TLS handshake with {endpoint} failed: {reason}")]
+    UpstreamTls { endpoint: String, reason: String },
+    #[error("upstream did not respond within {0:?}")]
+    UpstreamTimeout(std::time::Duration),
+    #[error("upstream connection terminated: {0}")]
+    UpstreamReset(String),
+    #[error("invalid request: {0}")]
+    BadRequest(&'static str),
+    #[error("protocol upgrade failed: {0}")]
+    Upgrade(String),
+}
+
+/// What a [`ProxyError`] becomes on the wire and in the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorResponse {
+    pub status: u16,
+    /// gRPC status for gRPC requests (sent as a trailers-only response).
+    pub grpc_status: u8,
+    /// Envoy response flag (`%RESPONSE_FLAGS%`).
+    pub flag: &'static str,
+    /// Envoy-style `%RESPONSE_CODE_DETAILS%`.
+    pub details: &'static str,
+    /// Whether the downstream connection should be closed after the response.
+    pub close: bool,
+}
+
+// gRPC status codes used below.
+const INTERNAL: u8 = 13;
+const UNIMPLEMENTED: u8 = 12;
+const UNAVAILABLE: u8 = 14;
+const DEADLINE_EXCEEDED: u8 = 4;
+
+impl ProxyError {
+    pub fn response(&self) -> ErrorResponse {
+        let r = |status, grpc_status, flag, details, close| ErrorResponse {
+            status,
+            grpc_status,
+            flag,
+            details,
+            close,
+        };
+        match self {
+            Self::NoRoute { .. } => r(404, UNIMPLEMENTED, "NR", "route_not_found", false),
+            Self::NoHealthyUpstream { .. } => r(503, UNAVAILABLE, "UH", "no_healthy_upstream", false),
+            Self::UpstreamConnect { .. } => r(
+                503,
+                UNAVAILABLE,
+                "UF",
+                "upstream_reset_before_response_started{connection_failure}",
+                false,
+            ),
+            Self::UpstreamTls { .. } => r(
+                503,
+                UNAVAILABLE,
+                "UF",
+                "upstream_reset_before_response_started{connection_failure,TLS_error}",
+                false,
+            ),
+            Self::UpstreamTimeout(_) => r(504, DEADLINE_EXCEEDED, "UT", "response_timeout", false),
+            Self::UpstreamReset(_) => r(
+                503,
+                UNAVAILABLE,
+                "UC",
+                "upstream_reset_before_response_started{connection_termination}",
+                false,
+            ),
+            Self::BadRequest(_) => r(400, INTERNAL, "DPE", "http1.codec_error", true),
+            Self::Upgrade(_) => r(503, UNAVAILABLE, "UF", "upgrade_failed", false),
+        }
+    }
+
+    /// The reason to log as `%UPSTREAM_TRANSPORT_FAILURE_REASON%`, if this is a TLS failure.
+    pub fn transport_failure_reason(&self) -> Option<String> {
+        match self {
+            Self::UpstreamTls { reason, .. } => Some(reason.clone()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn every_error_maps_to_a_response() {
+        let table = [
+            (ProxyError::NoRoute { authority: "a".into(), path: "/".into() }, 404, 12, "NR"),
+            (ProxyError::NoHealthyUpstream { cluster: "c".into() }, 503, 14, "UH"),
+            (ProxyError::UpstreamConnect { endpoint: "e".into(), reason: "r".into() }, 503, 14, "UF"),
+            (ProxyError::UpstreamTls { endpoint: "e".into(), reason: "r".into() }, 503, 14, "UF"),
+            (ProxyError::UpstreamTimeout(Duration::from_secs(1)), 504, 4, "UT"),
+            (ProxyError::UpstreamReset("x".into()), 503, 14, "UC"),
+            (ProxyError::BadRequest("x"), 400, 13, "DPE"),
+            (ProxyError::Upgrade("x".into()), 503, 14, "UF"),
+        ];
+        for (err, status, grpc, flag) in table {
+            let r = err.response();
+            assert_eq!((r.status, r.grpc_status, r.flag), (status, grpc, flag), "{err}");
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! The HTTP request path, one straight line per request: check the request, strip what a client
+//! must not set, route, forward to the cluster, and return the response with its telemetry guard.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::body::{self, Body, Counting, Guarded};
+use crate::config::ForwardClientCertDetails;
+use crate::error::ProxyError;
+use crate::route::HttpChain;
+use crate::telemetry::{CallGuard, Peer, Reporter, Telemetry};
+use crate::upstream::ClusterRt;
+use crate::Clusters;
+
+static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Set by an outbound sidecar for its peer's metrics (Istio's metadata exchange, reduced).
+static SOURCE_WORKLOAD: HeaderName = HeaderName::from_static("x-eastguard-source-workload");
+static SOURCE_APP: HeaderName = HeaderName::from_static("x-eastguard-source-app");
+
+/// What a connection knows about itself; shared by the requests on it.
+#[derive(Debug)]
+pub struct ConnCtx {
+    pub reporter: Reporter,
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    /// Verified SPIFFE ID of the downstream peer (inbound mTLS).
+    pub peer_id: Option<Arc<str>>,
+    /// SHA-256 of the peer's leaf certificate, hex, for XFCC `Hash=`.
+    pub peer_cert_hash: Option<String>,
+    pub sni: Option<String>,
+    /// This proxy's own SPIFFE ID (XFCC `By=`), and workload (for peers' metrics).
+    pub local_id: Arc<str>,
+    pub local_workload: Arc<str>,
+    pub local_app: Arc<str>,
+}
+
+/// Serves one request. Never fails: every error becomes a local reply.
+pub async fn handle(
+    ctx: Arc<ConnCtx>,
+    chain: Arc<HttpChain>,
+    clusters: Clusters,
+    telemetry: Arc<Telemetry>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let mut guard = telemetry.start(ctx.reporter);
+    describe_request(&mut guard, &ctx, &req);
+    let (parts, incoming) = req.into_parts();
+    let counted = Counting::boxed(incoming, guard.request_bytes.clone());
+    let req = Request::from_parts(parts, counted);
+    let response = match forward(&ctx, &chain, &clusters, &mut guard, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(error = %e, "local reply");
+            guard.fail(&e);
+            local_reply(&e, guard.grpc)
+        }
+    };
+    guard.record.response_code = response.status().as_u16();
+    if guard.grpc && guard.grpc_status.is_none() {
+        guard.grpc_status = grpc_status(response.headers());
+    }
+    chain.count_status(guard.record.response_code);
+    let (parts, body) = response.into_parts();
+    Ok(Response::from_parts(parts, Guarded::boxed(body, guard)))
+}
+
+async fn forward(
+    ctx: &ConnCtx,
+    chain: &HttpChain,
+    clusters: &Clusters,
+    guard: &mut CallGuard,
+    mut req: Request<Body>,
+) -> Result<Response<Body>, ProxyError> {
+    check_request(&req)?;
+    let upgrade = upgrade_protocol(&req);
+    if ctx.reporter == Reporter::Destination {
+        guard.peer = Peer {
+            workload: header_str(req.headers(), &SOURCE_WORKLOAD).map(Into::into),
+            app: header_str(req.headers(), &SOURCE_APP).map(Into::into),
+            ..Peer::default()
+        }
+        .with_principal(ctx.peer_id.clone());
+    }
+    strip_request_headers(req.headers_mut());
+    ensure_request_id(req.headers_mut(), guard);
+
+    let authority = authority(&req).ok_or(ProxyError::BadRequest("request has no authority"))?;
+    let path = req.uri().path().to_owned();
+    let selected = chain
+        .select(&authority, &path, req.headers())
+        .ok_or_else(|| ProxyError::NoRoute {
+            authority: authority.clone(),
+            path: path.clone(),
+        })?;
+    guard.record.route_name = Some(selected.route_name.to_owned());
+    let cluster = clusters
+        .get(selected.cluster)
+        .ok_or_else(|| ProxyError::NoHealthyUpstream {
+            cluster: selected.cluster.to_owned(),
+        })?
+        .clone();
+    let timeout = selected.timeout;
+    guard.record.upstream_cluster = Some(cluster.config.name.clone());
+    if ctx.reporter == Reporter::Source {
+        guard.peer = Peer::from_metadata(&cluster.config.metadata);
+    }
+
+    match (ctx.reporter, chain.forward_client_cert) {
+        (Reporter::Destination, ForwardClientCertDetails::SanitizeSet) => {
+            if let Some(v) = xfcc_value(ctx) {
+                req.headers_mut().insert(XFCC.clone(), v);
+            }
+        }
+        (Reporter::Destination, ForwardClientCertDetails::Sanitize) | (Reporter::Source, _) => {}
+    }
+    if ctx.reporter == Reporter::Source && cluster.is_mtls() {
+        insert_str(req.headers_mut(), &SOURCE_WORKLOAD, &ctx.local_workload);
+        insert_str(req.headers_mut(), &SOURCE_APP, &ctx.local_app);
+    }
+    // Absolute form: HTTP/2 upstreams need scheme and authority.
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    *req.uri_mut() = format!("http://{authority}{pq}")
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+
+    if let Some(proto) = upgrade {
+        return crate::upgrade::forward(req, proto, &cluster, guard).await;
+    }
+    let started = tokio::time::Instant::now();
+    let send = cluster.send(req, guard.grpc);
+    let sent = if timeout.is_zero() {
+        send.await
+    } else {
+        tokio::time::timeout(timeout, send).await.unwrap_or_else(|_| {
+            cluster.stats.upstream_rq_timeout.inc();
+            Err(ProxyError::UpstreamTimeout(timeout))
+        })
+    };
+    let sent = sent.inspect_err(|e| note_upstream_failure(guard, &cluster, e))?;
+    guard.record.upstream_service_time = Some(started.elapsed().as_millis() as u64);
+    guard.record.upstream_host = Some(sent.endpoint.to_string());
+    if ctx.reporter == Reporter::Source {
+        guard.record.upstream_peer_uri_san = sent.peer.as_deref().map(Into::into);
+        let peer = std::mem::take(&mut guard.peer);
+        guard.peer = peer.with_principal(sent.peer.clone());
+    }
+    let (mut parts, incoming) = sent.response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, body::boxed(incoming)))
+}
+
+fn note_upstream_failure(guard: &mut CallGuard, cluster: &ClusterRt, e: &ProxyError) {
+    if let ProxyError::UpstreamConnect { endpoint, .. } | ProxyError::UpstreamTls { endpoint, .. } = e {
+        guard.record.upstream_host = Some(endpoint.clone());
+    }
+    tracing::warn!(cluster = %cluster.config.name, error = %e, "upstream request failed");
+}
+
+fn describe_request(guard: &mut CallGuard, ctx: &ConnCtx, req: &Request<Incoming>) {
+    let h = req.headers();
+    let r = &mut guard.record;
+    r.method = Some(req.method().as_str().to_owned());
+    r.path = Some(req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned());
+    r.protocol = format!("{:?}", req.version());
+    r.authority = authority(req);
+    r.user_agent = header_str(h, &header::USER_AGENT).map(Into::into);
+    r.x_forwarded_for = header_str(h, &HeaderName::from_static("x-forwarded-for")).map(Into::into);
+    r.request_id = header_str(h, &REQUEST_ID).map(Into::into);
+    r.downstream_remote_address = ctx.remote.to_string();
+    r.downstream_local_address = ctx.local.to_string();
+    r.downstream_peer_uri_san = ctx.peer_id.as_deref().map(Into::into);
+    r.requested_server_name = ctx.sni.clone();
+    guard.mtls = ctx.peer_id.is_some();
+    guard.grpc = h
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+}
+
+/// Requests the proxy refuses outright (DESIGN §5): underscores in header names, and
+/// Content-Length together with Transfer-Encoding (request smuggling).
+fn check_request<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let h = req.headers();
+    if h.keys().any(|k| k.as_str().contains('_')) {
+        return Err(ProxyError::BadRequest("header name with underscore"));
+    }
+    if h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING) {
+        return Err(ProxyError::BadRequest("both Content-Length and Transfer-Encoding"));
+    }
+    if req.method() == http::Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT is not supported"));
+    }
+    Ok(())
+}
+
+/// The `Upgrade` protocol of an HTTP/1.1 upgrade request (WebSocket), if this is one.
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let conn_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    conn_upgrade.then(|| req.headers().get(header::UPGRADE).cloned()).flatten()
+}
+
+/// Removes hop-by-hop headers (and whatever `Connection` names), which never cross a proxy.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TRAILER,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        h.remove(n);
+    }
+    // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it.
+    let keep_te = h
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !keep_te {
+        h.remove(header::TE);
+    }
+}
+
+/// Strips what a client must never set: hop-by-hop headers, XFCC, and proxy-internal headers
+/// (`x-envoy-*`, `x-eastguard-*`).
+fn strip_request_headers(h: &mut HeaderMap) {
+    strip_hop_by_hop(h);
+    h.remove(&XFCC);
+    let internal: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-envoy-") || k.as_str().starts_with("x-eastguard-"))
+        .cloned()
+        .collect();
+    for k in internal {
+        h.remove(k);
+    }
+}
+
+fn ensure_request_id(h: &mut HeaderMap, guard: &mut CallGuard) {
+    if let Some(id) = header_str(h, &REQUEST_ID) {
+        guard.record.request_id = Some(id.to_owned());
+        return;
+    }
+    let id = uuid_v4();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert(REQUEST_ID.clone(), v);
+    }
+    guard.record.request_id = Some(id);
+}
+
+/// A random RFC 4122 version-4 UUID.
+fn uuid_v4() -> String {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 16];
+    // Request IDs are for correlation, not security: a failed RNG call still gives a usable ID.
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+/// Envoy's XFCC for SANITIZE_SET with Hash, Subject and URI: the verified peer, nothing the client said.
+fn xfcc_value(ctx: &ConnCtx) -> Option<HeaderValue> {
+    let peer = ctx.peer_id.as_deref()?;
+    let hash = ctx.peer_cert_hash.as_deref().unwrap_or_default();
+    HeaderValue::from_str(&format!(
+        "By={};Hash={hash};Subject=\"\";URI={peer}",
+        ctx.local_id
+    ))
+    .ok()
+}
+
+fn authority<B>(req: &Request<B>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| header_str(req.headers(), &header::HOST).map(Into::into))
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn insert_str(h: &mut HeaderMap, name: &HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name.clone(), v);
+    }
+}
+
+fn grpc_status(h: &HeaderMap) -> Option<String> {
+    header_str(h, &HeaderName::from_static("grpc-status")).map(Into::into)
+}
+
+/// The response for a request the proxy answers itself.
+pub fn local_reply(e: &ProxyError, grpc: bool) -> Response<Body> {
+    let r = e.response();
+    let mut builder = Response::builder();
+    if r.close {
+        builder = builder.header(header::CONNECTION, "close");
+    }
+    let message = match e {
+        ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamTls { .. } | ProxyError::UpstreamReset(_) => {
+            format!("upstream connect error or disconnect/reset before headers. reset reason: {}", r.details)
+        }
+        ProxyError::UpstreamTimeout(_) => "upstream request timeout".to_owned(),
+        ProxyError::NoHealthyUpstream { .. } => "no healthy upstream".to_owned(),
+        ProxyError::NoRoute { .. } => String::new(),
+        ProxyError::BadRequest(why) => format!("Bad Request: {why}"),
+        ProxyError::Upgrade(_) => "upgrade failed".to_owned(),
+    };
+    let built = if grpc {
+        // gRPC: a trailers-only response carrying the status.
+        builder
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header("grpc-status", r.grpc_status.to_string())
+            .header("grpc-message", message.replace(['\r', '\n'], " "))
+            .body(body::empty())
+    } else {
+        builder
+            .status(r.status)
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(body::full(message))
+    };
+    built.unwrap_or_else(|_| {
+        let mut resp = Response::new(body::empty());
+        *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        resp
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_internal_and_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("x-forwarded-client-cert", "By=spiffe://evil/x;URI=spiffe://cluster.local/ns/a/sa/admin"),
+            ("x-envoy-original-path", "/admin"),
+            ("x-eastguard-source-workload", "admin"),
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("te", "gzip"),
+            ("x-ok", "yes"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_request_headers(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-ok"]);
+    }
+
+    #[test]
+    fn refuses_smuggling_and_underscores() {
+        let req = Request::builder()
+            .header("content-length", "1")
+            .header("transfer-encoding", "chunked")
+            .body(())
+            .unwrap();
+        assert!(check_request(&req).is_err());
+        let req = Request::builder().header("x_user", "a").body(()).unwrap();
+        assert!(check_request(&req).is_err());
+        let req = Request::builder().header("x-user", "a").body(()).unwrap();
+        assert!(check_request(&req).is_ok());
+    }
+
+    #[test]
+    fn request_ids_are_v4_uuids() {
+        let id = uuid_v4();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert_ne!(id, uuid_v4());
+    }
+}

@@ -1,0 +1,372 @@
+//! Listeners: accept, pick a filter chain, and serve the connection as HTTP or TCP.
+//!
+//! Inbound listeners terminate mTLS (a client X509-SVID is required) and choose the chain by SNI
+//! and ALPN; outbound listeners take plaintext from the app and choose by sniffing the first bytes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Direction, FilterChainMatch, Limits, Listener};
+use crate::drain;
+use crate::http::ConnCtx;
+use crate::route::HttpChain;
+use crate::stats::{EnvoyStats, Stat};
+use crate::telemetry::{Reporter, Telemetry};
+use crate::upstream::{ClusterRt, error_chain};
+use crate::Clusters;
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the outbound side waits for a client's first bytes before calling it opaque TCP
+/// (server-first protocols send nothing).
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(100);
+/// Connections accepted while draining get this long before their HTTP/2 GOAWAY.
+const DRAIN_GOAWAY_DELAY: Duration = Duration::from_secs(1);
+
+/// A listener with its compiled filter chains.
+pub struct ListenerRt {
+    pub config: Listener,
+    chains: Vec<ChainRt>,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    stats: ListenerStats,
+    slots: Arc<Semaphore>,
+}
+
+/// What every connection of every listener needs.
+pub struct Shared {
+    pub clusters: Clusters,
+    pub telemetry: Arc<Telemetry>,
+    pub limits: Limits,
+    pub local_id: Arc<str>,
+    pub local_workload: Arc<str>,
+    pub local_app: Arc<str>,
+    /// Connections open across all listeners (Envoy's `server.total_connections`).
+    pub total_connections: Stat,
+}
+
+struct ChainRt {
+    name: String,
+    matcher: FilterChainMatch,
+    kind: ChainKind,
+}
+
+enum ChainKind {
+    Http(Arc<HttpChain>),
+    Tcp { cluster: Arc<ClusterRt> },
+}
+
+struct ListenerStats {
+    downstream_cx_total: Stat,
+    downstream_cx_active: Stat,
+    downstream_cx_overflow: Stat,
+    no_filter_chain_match: Stat,
+    ssl_handshake_error: Stat,
+}
+
+/// What the first bytes from an app look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sniffed {
+    Http1,
+    H2c,
+    Tcp,
+}
+
+// === impl ListenerRt ===
+
+impl ListenerRt {
+    pub fn new(
+        config: Listener,
+        tls: Option<TlsAcceptor>,
+        shared: Arc<Shared>,
+        stats: &EnvoyStats,
+    ) -> Self {
+        let chains = config
+            .filter_chains
+            .iter()
+            .filter_map(|fc| {
+                let kind = match (&fc.http_connection_manager, &fc.tcp_proxy) {
+                    (Some(hcm), _) => ChainKind::Http(HttpChain::new(hcm, stats)),
+                    (None, Some(tcp)) => ChainKind::Tcp {
+                        // Validated at load: every referenced cluster exists.
+                        cluster: shared.clusters.get(&tcp.cluster)?.clone(),
+                    },
+                    (None, None) => return None,
+                };
+                Some(ChainRt {
+                    name: fc.name.clone(),
+                    matcher: fc.filter_chain_match.clone(),
+                    kind,
+                })
+            })
+            .collect();
+        let s = |n: &str| stats.stat(&format!("listener.{}.{n}", config.address));
+        let stats = ListenerStats {
+            downstream_cx_total: s("downstream_cx_total"),
+            downstream_cx_active: s("downstream_cx_active"),
+            downstream_cx_overflow: s("downstream_cx_overflow"),
+            no_filter_chain_match: s("no_filter_chain_match"),
+            ssl_handshake_error: s("ssl.handshake_error"),
+        };
+        Self {
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            chains,
+            tls,
+            shared,
+            stats,
+        }
+    }
+
+    /// Accepts until `stop` flips; each connection watches `drain`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut stop: watch::Receiver<bool>,
+        drain: drain::ListenerHandle,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = %self.config.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                self.stats.downstream_cx_overflow.inc();
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            let watch = drain.watch();
+            tokio::spawn(async move {
+                this.stats.downstream_cx_total.inc();
+                this.stats.downstream_cx_active.inc();
+                this.shared.total_connections.inc();
+                this.serve_conn(tcp, remote, watch).await;
+                this.shared.total_connections.dec();
+                this.stats.downstream_cx_active.dec();
+                drop(permit);
+            });
+        }
+        tracing::info!(listener = %self.config.name, "listener closed");
+    }
+
+    async fn serve_conn(&self, tcp: TcpStream, remote: SocketAddr, drain: drain::Watch) {
+        let local = tcp.local_addr().unwrap_or(self.config.address);
+        match self.config.direction {
+            Direction::Inbound => self.serve_inbound(tcp, remote, local, drain).await,
+            Direction::Outbound => self.serve_outbound(tcp, remote, local, drain).await,
+        }
+    }
+
+    async fn serve_inbound(&self, tcp: TcpStream, remote: SocketAddr, local: SocketAddr, drain: drain::Watch) {
+        let Some(acceptor) = &self.tls else { return };
+        let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                self.stats.ssl_handshake_error.inc();
+                tracing::debug!(%remote, error = %e, "inbound TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.stats.ssl_handshake_error.inc();
+                return;
+            }
+        };
+        let (_, session) = tls.get_ref();
+        let sni = session.server_name().map(str::to_owned);
+        let alpn = session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+        let leaf = session.peer_certificates().and_then(|c| c.first());
+        let peer_cert_hash = leaf.map(|c| hex(ring::digest::digest(&ring::digest::SHA256, c).as_ref()));
+        let peer_id = identity::tls::peer_spiffe_id(session.peer_certificates())
+            .map(|id| Arc::<str>::from(id.as_str()));
+        let Some(chain) = self.chains.iter().find(|c| {
+            let names_ok = c.matcher.server_names.is_empty()
+                || sni.as_ref().is_some_and(|s| c.matcher.server_names.iter().any(|n| n == s));
+            let alpn_ok = c.matcher.application_protocols.is_empty()
+                || alpn.as_ref().is_some_and(|a| c.matcher.application_protocols.contains(a));
+            names_ok && alpn_ok
+        }) else {
+            self.stats.no_filter_chain_match.inc();
+            tracing::debug!(%remote, ?sni, ?alpn, "no inbound filter chain matches");
+            return;
+        };
+        let ctx = Arc::new(ConnCtx {
+            reporter: Reporter::Destination,
+            remote,
+            local,
+            peer_id,
+            peer_cert_hash,
+            sni,
+            local_id: self.shared.local_id.clone(),
+            local_workload: self.shared.local_workload.clone(),
+            local_app: self.shared.local_app.clone(),
+        });
+        tracing::trace!(chain = %chain.name, "inbound connection");
+        match &chain.kind {
+            ChainKind::Http(http) => self.serve_http(tls, ctx, http.clone(), drain).await,
+            ChainKind::Tcp { cluster } => crate::tcp::proxy(tls, &ctx, cluster, &self.shared.telemetry).await,
+        }
+    }
+
+    async fn serve_outbound(&self, tcp: TcpStream, remote: SocketAddr, local: SocketAddr, drain: drain::Watch) {
+        let sniffed = sniff(&tcp).await;
+        let Some(chain) = self.chains.iter().find(|c| {
+            let proto = match sniffed {
+                Sniffed::Http1 => "http/1.1",
+                Sniffed::H2c => "h2c",
+                Sniffed::Tcp => "tcp",
+            };
+            if c.matcher.application_protocols.is_empty() {
+                // Unconstrained chains take what their filter can speak.
+                matches!((&c.kind, sniffed), (ChainKind::Tcp { .. }, _) | (ChainKind::Http(_), Sniffed::Http1 | Sniffed::H2c))
+            } else {
+                c.matcher.application_protocols.iter().any(|p| p == proto)
+            }
+        }) else {
+            self.stats.no_filter_chain_match.inc();
+            tracing::debug!(%remote, ?sniffed, "no outbound filter chain matches");
+            return;
+        };
+        let ctx = Arc::new(ConnCtx {
+            reporter: Reporter::Source,
+            remote,
+            local,
+            peer_id: None,
+            peer_cert_hash: None,
+            sni: None,
+            local_id: self.shared.local_id.clone(),
+            local_workload: self.shared.local_workload.clone(),
+            local_app: self.shared.local_app.clone(),
+        });
+        match &chain.kind {
+            ChainKind::Http(http) => self.serve_http(tcp, ctx, http.clone(), drain).await,
+            ChainKind::Tcp { cluster } => crate::tcp::proxy(tcp, &ctx, cluster, &self.shared.telemetry).await,
+        }
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 (detected by preface) until the peer closes or a drain ends it.
+    async fn serve_http<I>(&self, io: I, ctx: Arc<ConnCtx>, chain: Arc<HttpChain>, mut drain: drain::Watch)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let draining_at_accept = drain.is_draining();
+        let builder = server_builder(&self.shared.limits, draining_at_accept);
+        let clusters = self.shared.clusters.clone();
+        let telemetry = self.shared.telemetry.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            crate::http::handle(ctx.clone(), chain.clone(), clusters.clone(), telemetry.clone(), req)
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = async {
+                drain.signaled().await;
+                if draining_at_accept {
+                    tokio::time::sleep(DRAIN_GOAWAY_DELAY).await;
+                }
+            } => {
+                // HTTP/2: GOAWAY; HTTP/1.1: `Connection: close` on the response in flight.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %error_chain(&*e), "downstream connection ended with an error");
+        }
+    }
+}
+
+fn server_builder(limits: &Limits, draining: bool) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size((limits.max_request_headers_kb as usize * 1024).max(8192))
+        .max_headers(limits.max_headers_count)
+        .keep_alive(!draining);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .initial_stream_window_size(limits.initial_stream_window_size)
+        .initial_connection_window_size(limits.initial_connection_window_size)
+        .max_header_list_size(limits.max_request_headers_kb * 1024)
+        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.max_local_error_reset_streams)
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Looks at an app's first bytes without consuming them.
+async fn sniff(tcp: &TcpStream) -> Sniffed {
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const METHODS: &[&[u8]] = &[
+        b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT ",
+    ];
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return Sniffed::Tcp,
+        };
+        let seen = &buf[..n];
+        if seen.starts_with(H2_PREFACE) {
+            return Sniffed::H2c;
+        }
+        if METHODS.iter().any(|m| seen.starts_with(m)) {
+            return Sniffed::Http1;
+        }
+        let could_be = H2_PREFACE.starts_with(seen) || METHODS.iter().any(|m| m.starts_with(seen));
+        if !could_be || n == buf.len() {
+            return Sniffed::Tcp;
+        }
+        // A prefix of something HTTP: wait for more bytes, until the deadline.
+        if tokio::time::Instant::now() >= deadline {
+            return Sniffed::Tcp;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Binds a listener's address (errors say which listener).
+pub fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, crate::StartError> {
+    let std = std::net::TcpListener::bind(addr).map_err(|source| crate::StartError::Bind {
+        name: name.to_owned(),
+        addr,
+        source,
+    })?;
+    std.set_nonblocking(true).map_err(|source| crate::StartError::Bind {
+        name: name.to_owned(),
+        addr,
+        source,
+    })?;
+    TcpListener::from_std(std).map_err(|source| crate::StartError::Bind {
+        name: name.to_owned(),
+        addr,
+        source,
+    })
+}
+

@@ -1,0 +1,233 @@
+//! Compiled HTTP connection manager: virtual hosts chosen by authority (Envoy's precedence: exact,
+//! then longest `*.suffix`, then longest `prefix.*`, then `*`), routes by path and headers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{ForwardClientCertDetails, HeaderMatcher, HttpConnectionManager, Route};
+use crate::stats::{EnvoyStats, Stat};
+
+/// One HTTP filter chain, ready to route.
+pub struct HttpChain {
+    pub forward_client_cert: ForwardClientCertDetails,
+    virtual_hosts: Vec<VirtualHostRt>,
+    pub stats: HttpStats,
+}
+
+pub struct HttpStats {
+    pub downstream_rq_total: Stat,
+    pub downstream_rq_2xx: Stat,
+    pub downstream_rq_3xx: Stat,
+    pub downstream_rq_4xx: Stat,
+    pub downstream_rq_5xx: Stat,
+}
+
+struct VirtualHostRt {
+    name: String,
+    domains: Vec<String>,
+    routes: Vec<Route>,
+}
+
+/// The route a request takes.
+pub struct Selected<'a> {
+    pub route_name: &'a str,
+    pub cluster: &'a str,
+    pub timeout: Duration,
+}
+
+impl HttpChain {
+    pub fn new(hcm: &HttpConnectionManager, stats: &EnvoyStats) -> Arc<Self> {
+        let s = |n: &str| stats.stat(&format!("http.{}.{n}", hcm.stat_prefix));
+        Arc::new(Self {
+            forward_client_cert: hcm.forward_client_cert_details,
+            virtual_hosts: hcm
+                .route_config
+                .virtual_hosts
+                .iter()
+                .map(|vh| VirtualHostRt {
+                    name: vh.name.clone(),
+                    domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+                    routes: vh.routes.clone(),
+                })
+                .collect(),
+            stats: HttpStats {
+                downstream_rq_total: s("downstream_rq_total"),
+                downstream_rq_2xx: s("downstream_rq_2xx"),
+                downstream_rq_3xx: s("downstream_rq_3xx"),
+                downstream_rq_4xx: s("downstream_rq_4xx"),
+                downstream_rq_5xx: s("downstream_rq_5xx"),
+            },
+        })
+    }
+
+    pub fn count_status(&self, status: u16) {
+        self.stats.downstream_rq_total.inc();
+        match status {
+            200..=299 => self.stats.downstream_rq_2xx.inc(),
+            300..=399 => self.stats.downstream_rq_3xx.inc(),
+            400..=499 => self.stats.downstream_rq_4xx.inc(),
+            500..=599 => self.stats.downstream_rq_5xx.inc(),
+            _ => {}
+        }
+    }
+
+    /// Picks the route for a request; `None` is "no route" (404 NR).
+    pub fn select(&self, authority: &str, path: &str, headers: &http::HeaderMap) -> Option<Selected<'_>> {
+        let vh = self.virtual_host(authority)?;
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        let route = vh.routes.iter().find(|r| {
+            let m = &r.match_;
+            let path_ok = match (&m.prefix, &m.path) {
+                (Some(p), _) => path.starts_with(p.as_str()),
+                (None, Some(exact)) => path == exact,
+                (None, None) => false,
+            };
+            path_ok && m.headers.iter().all(|h| header_matches(h, headers))
+        })?;
+        Some(Selected {
+            route_name: if route.name.is_empty() { &vh.name } else { &route.name },
+            cluster: &route.route.cluster,
+            timeout: route.route.timeout,
+        })
+    }
+
+    fn virtual_host(&self, authority: &str) -> Option<&VirtualHostRt> {
+        let host_port = authority.to_ascii_lowercase();
+        let host = strip_port(&host_port);
+        let mut best: Option<(u8, usize, &VirtualHostRt)> = None;
+        for vh in &self.virtual_hosts {
+            for d in &vh.domains {
+                let score = [host_port.as_str(), host]
+                    .iter()
+                    .filter_map(|h| domain_score(d, h))
+                    .max();
+                if let Some((rank, len)) = score
+                    && best.is_none_or(|(br, bl, _)| (rank, len) > (br, bl))
+                {
+                    best = Some((rank, len, vh));
+                }
+            }
+        }
+        best.map(|(_, _, vh)| vh)
+    }
+}
+
+/// (rank, length) of a domain pattern matching `host`: exact 3, `*.suffix` 2, `prefix.*` 1, `*` 0.
+fn domain_score(pattern: &str, host: &str) -> Option<(u8, usize)> {
+    if pattern == "*" {
+        return Some((0, 0));
+    }
+    if pattern == host {
+        return Some((3, pattern.len()));
+    }
+    if let Some(suffix) = pattern.strip_prefix('*')
+        && host.len() > suffix.len()
+        && host.ends_with(suffix)
+    {
+        return Some((2, pattern.len()));
+    }
+    if let Some(prefix) = pattern.strip_suffix('*')
+        && host.len() > prefix.len()
+        && host.starts_with(prefix)
+    {
+        return Some((1, pattern.len()));
+    }
+    None
+}
+
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.split_once(']').map_or(authority, |(h, _)| &authority[..=h.len()]);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+fn header_matches(m: &HeaderMatcher, headers: &http::HeaderMap) -> bool {
+    let values: Vec<&[u8]> = headers.get_all(m.name.as_str()).iter().map(|v| v.as_bytes()).collect();
+    let joined = values.join(&b","[..]);
+    let present = !values.is_empty();
+    let result = if let Some(exact) = &m.exact_match {
+        present && joined == exact.as_bytes()
+    } else if let Some(prefix) = &m.prefix_match {
+        present && joined.starts_with(prefix.as_bytes())
+    } else if let Some(want) = m.present_match {
+        present == want
+    } else {
+        present
+    };
+    result != m.invert_match
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RouteAction, RouteConfiguration, RouteMatch, VirtualHost};
+
+    fn chain() -> Arc<HttpChain> {
+        let route = |prefix: &str, cluster: &str| Route {
+            name: String::new(),
+            match_: RouteMatch {
+                prefix: Some(prefix.into()),
+                ..Default::default()
+            },
+            route: RouteAction {
+                cluster: cluster.into(),
+                timeout: Duration::from_secs(1),
+            },
+        };
+        let vh = |name: &str, domains: &[&str], routes| VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            routes,
+        };
+        HttpChain::new(
+            &HttpConnectionManager {
+                stat_prefix: "t".into(),
+                forward_client_cert_details: ForwardClientCertDetails::SanitizeSet,
+                route_config: RouteConfiguration {
+                    name: "r".into(),
+                    virtual_hosts: vec![
+                        vh("any", &["*"], vec![route("/", "default")]),
+                        vh("ledger", &["ledger", "ledger:80"], vec![route("/api", "ledger-api"), route("/", "ledger")]),
+                        vh("wild", &["*.svc.cluster.local"], vec![route("/", "wild")]),
+                    ],
+                },
+            },
+            &EnvoyStats::default(),
+        )
+    }
+
+    #[test]
+    fn domain_precedence_and_paths() {
+        let c = chain();
+        let h = http::HeaderMap::new();
+        let pick = |a: &str, p: &str| c.select(a, p, &h).map(|s| s.cluster.to_owned());
+        assert_eq!(pick("ledger", "/api/x").as_deref(), Some("ledger-api"));
+        assert_eq!(pick("LEDGER:80", "/other").as_deref(), Some("ledger"));
+        assert_eq!(pick("ledger:8080", "/").as_deref(), Some("ledger"));
+        assert_eq!(pick("a.svc.cluster.local", "/").as_deref(), Some("wild"));
+        assert_eq!(pick("elsewhere", "/").as_deref(), Some("default"));
+        assert_eq!(pick("ledger", "/api?x").as_deref(), Some("ledger-api"));
+    }
+
+    #[test]
+    fn header_matcher_kinds() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-a", "hello".parse().unwrap());
+        let m = |exact: Option<&str>, prefix: Option<&str>, present: Option<bool>, invert| HeaderMatcher {
+            name: "x-a".into(),
+            exact_match: exact.map(Into::into),
+            prefix_match: prefix.map(Into::into),
+            present_match: present,
+            invert_match: invert,
+        };
+        assert!(header_matches(&m(Some("hello"), None, None, false), &h));
+        assert!(!header_matches(&m(Some("hell"), None, None, false), &h));
+        assert!(header_matches(&m(None, Some("he"), None, false), &h));
+        assert!(header_matches(&m(None, None, Some(true), false), &h));
+        assert!(header_matches(&m(Some("nope"), None, None, true), &h));
+    }
+}

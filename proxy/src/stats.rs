@@ -1,0 +1,222 @@
+//! Envoy-style counters (`/stats`) and Istio standard metrics (`/stats/prometheus`).
+//!
+//! Counters are created when the config is loaded and handed to the code that bumps them, so the
+//! request path never looks a name up.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// A shared counter (or gauge, moved both ways) in the Envoy stats namespace.
+#[derive(Clone, Default, Debug)]
+pub struct Stat(Arc<AtomicU64>);
+
+/// Envoy-style stats by dotted name.
+#[derive(Default, Debug)]
+pub struct EnvoyStats {
+    by_name: Mutex<BTreeMap<String, Stat>>,
+}
+
+/// A Prometheus label value backed by a shared string (cloning is a refcount bump).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Lv(pub Arc<str>);
+
+/// Istio's standard labels for HTTP and gRPC request metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: Lv,
+    pub source_workload: Lv,
+    pub source_workload_namespace: Lv,
+    pub source_principal: Lv,
+    pub source_app: Lv,
+    pub source_version: Lv,
+    pub source_cluster: Lv,
+    pub destination_workload: Lv,
+    pub destination_workload_namespace: Lv,
+    pub destination_principal: Lv,
+    pub destination_app: Lv,
+    pub destination_version: Lv,
+    pub destination_service: Lv,
+    pub destination_service_name: Lv,
+    pub destination_service_namespace: Lv,
+    pub destination_cluster: Lv,
+    pub request_protocol: Lv,
+    pub response_code: Lv,
+    pub grpc_response_status: Lv,
+    pub response_flags: Lv,
+    pub connection_security_policy: Lv,
+}
+
+/// The Istio metric families this proxy reports.
+pub struct IstioMetrics {
+    pub requests_total: Family<RequestLabels, Counter>,
+    pub request_duration_ms: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub tcp_sent_bytes: Family<RequestLabels, Counter>,
+    pub tcp_received_bytes: Family<RequestLabels, Counter>,
+    pub tcp_connections_opened: Family<RequestLabels, Counter>,
+    pub tcp_connections_closed: Family<RequestLabels, Counter>,
+    registry: Registry,
+}
+
+// === impl Stat ===
+
+impl Stat {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+// === impl EnvoyStats ===
+
+impl EnvoyStats {
+    /// The stat called `name`, created at zero the first time.
+    pub fn stat(&self, name: &str) -> Stat {
+        let mut map = self.by_name.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Envoy's `/stats` text: `name: value` lines, sorted.
+    pub fn render_text(&self) -> String {
+        let map = self.by_name.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::new();
+        for (name, stat) in map.iter() {
+            let _ = writeln!(out, "{name}: {}", stat.get());
+        }
+        out
+    }
+
+    /// The same stats as Prometheus counters named like Envoy's (`envoy_` + name, '.' → '_').
+    pub fn render_prometheus(&self) -> String {
+        let map = self.by_name.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::new();
+        for (name, stat) in map.iter() {
+            let metric: String = format!("envoy_{name}")
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            let _ = writeln!(out, "# TYPE {metric} gauge\n{metric} {}", stat.get());
+        }
+        out
+    }
+}
+
+// === impl Lv ===
+
+impl EncodeLabelValue for Lv {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Lv {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+// === impl IstioMetrics ===
+
+fn duration_histogram() -> Histogram {
+    // Istio's default buckets for istio_request_duration_milliseconds.
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+        30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    ])
+}
+
+fn bytes_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 10.0, 9))
+}
+
+impl IstioMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests_total = Family::<RequestLabels, Counter>::default();
+        let request_duration_ms =
+            Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram as fn() -> Histogram,
+            );
+        let request_bytes = Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            bytes_histogram as fn() -> Histogram,
+        );
+        let response_bytes = Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            bytes_histogram as fn() -> Histogram,
+        );
+        let tcp_sent_bytes = Family::<RequestLabels, Counter>::default();
+        let tcp_received_bytes = Family::<RequestLabels, Counter>::default();
+        let tcp_connections_opened = Family::<RequestLabels, Counter>::default();
+        let tcp_connections_closed = Family::<RequestLabels, Counter>::default();
+        registry.register("istio_requests", "Requests processed", requests_total.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            request_duration_ms.clone(),
+        );
+        registry.register("istio_request_bytes", "Request sizes", request_bytes.clone());
+        registry.register("istio_response_bytes", "Response sizes", response_bytes.clone());
+        registry.register("istio_tcp_sent_bytes", "Bytes sent on TCP connections", tcp_sent_bytes.clone());
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received on TCP connections",
+            tcp_received_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            tcp_connections_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            tcp_connections_closed.clone(),
+        );
+        Self {
+            requests_total,
+            request_duration_ms,
+            request_bytes,
+            response_bytes,
+            tcp_sent_bytes,
+            tcp_received_bytes,
+            tcp_connections_opened,
+            tcp_connections_closed,
+            registry,
+        }
+    }
+
+    /// Prometheus text exposition (without the trailing `# EOF` of OpenMetrics).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for IstioMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for IstioMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IstioMetrics")
+    }
+}

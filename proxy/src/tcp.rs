@@ -1,0 +1,54 @@
+//! Opaque TCP proxying (Envoy's tcp_proxy): one upstream stream per downstream connection.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::http::ConnCtx;
+use crate::telemetry::{Peer, Reporter, Telemetry};
+use crate::upstream::ClusterRt;
+
+pub async fn proxy<D>(mut down: D, ctx: &ConnCtx, cluster: &ClusterRt, telemetry: &Arc<Telemetry>)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut guard = telemetry.start(ctx.reporter);
+    guard.mtls = ctx.peer_id.is_some();
+    guard.peer = match ctx.reporter {
+        Reporter::Source => Peer::from_metadata(&cluster.config.metadata),
+        Reporter::Destination => Peer::default().with_principal(ctx.peer_id.clone()),
+    };
+    let r = &mut guard.record;
+    r.protocol = "tcp".into();
+    r.downstream_remote_address = ctx.remote.to_string();
+    r.downstream_local_address = ctx.local.to_string();
+    r.downstream_peer_uri_san = ctx.peer_id.as_deref().map(Into::into);
+    r.requested_server_name = ctx.sni.clone();
+    r.upstream_cluster = Some(cluster.config.name.clone());
+    guard.tcp_opened();
+    let (up, endpoint, peer) = match cluster.open_tcp().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(cluster = %cluster.config.name, error = %e, "TCP upstream connect failed");
+            guard.fail(&e);
+            guard.completed = true;
+            return;
+        }
+    };
+    guard.record.upstream_host = Some(endpoint.to_string());
+    guard.record.upstream_peer_uri_san = peer.as_deref().map(Into::into);
+    if ctx.reporter == Reporter::Source {
+        let p = std::mem::take(&mut guard.peer);
+        guard.peer = p.with_principal(peer);
+    }
+    let mut up = up;
+    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        Ok((sent_up, sent_down)) => {
+            guard.request_bytes.fetch_add(sent_up, Ordering::Relaxed);
+            guard.response_bytes.fetch_add(sent_down, Ordering::Relaxed);
+        }
+        Err(e) => tracing::debug!(error = %e, "TCP proxy stream ended with an error"),
+    }
+    guard.completed = true;
+}

@@ -1,0 +1,275 @@
+//! One access-log record and one metrics update per request or TCP connection, written by a drop
+//! guard so that every exit path (success, local error, client gone) counts exactly once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+
+use crate::access_log::{AccessLog, Record, format_time};
+use crate::config::{DestinationMetadata, Node};
+use crate::stats::{EnvoyStats, IstioMetrics, Lv, RequestLabels};
+
+/// Shared by every call: where metrics and logs go, and who this proxy is.
+#[derive(Debug)]
+pub struct Telemetry {
+    pub metrics: IstioMetrics,
+    pub stats: EnvoyStats,
+    pub access_log: AccessLog,
+    local: LocalLabels,
+}
+
+#[derive(Debug, Clone)]
+struct LocalLabels {
+    workload: Lv,
+    namespace: Lv,
+    app: Lv,
+    version: Lv,
+    cluster: Lv,
+    principal: Lv,
+}
+
+/// Which side of the call this proxy reports for (Istio's `reporter` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporter {
+    /// Outbound: this proxy is next to the caller.
+    Source,
+    /// Inbound: this proxy is next to the callee.
+    Destination,
+}
+
+/// Who is on the other side, as far as this proxy knows.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    pub principal: Option<Arc<str>>,
+    pub workload: Option<Arc<str>>,
+    pub namespace: Option<Arc<str>>,
+    pub app: Option<Arc<str>>,
+    pub service: Option<Arc<str>>,
+}
+
+/// The record of one request, emitted when dropped.
+#[derive(Debug)]
+pub struct CallGuard {
+    telemetry: Arc<Telemetry>,
+    reporter: Reporter,
+    started: Instant,
+    pub record: Record,
+    pub peer: Peer,
+    pub grpc: bool,
+    pub grpc_status: Option<String>,
+    pub mtls: bool,
+    pub request_bytes: Arc<AtomicU64>,
+    pub response_bytes: Arc<AtomicU64>,
+    /// Set when the response body finished; a guard dropped before that reports `DC`.
+    pub completed: bool,
+    /// TCP calls report to the istio_tcp_* metrics instead.
+    pub tcp: bool,
+}
+
+// === impl Telemetry ===
+
+impl Telemetry {
+    pub fn new(node: &Node, local_principal: &str, access_log: AccessLog, stats: EnvoyStats) -> Self {
+        let lv = |s: &str| Lv::from(s);
+        Self {
+            metrics: IstioMetrics::new(),
+            stats,
+            access_log,
+            local: LocalLabels {
+                workload: lv(&node.workload),
+                namespace: lv(&node.namespace),
+                app: lv(node.app.as_deref().unwrap_or(&node.workload)),
+                version: lv(node.version.as_deref().unwrap_or("unknown")),
+                cluster: lv(&node.cluster),
+                principal: lv(local_principal),
+            },
+        }
+    }
+
+    pub fn start(self: &Arc<Self>, reporter: Reporter) -> CallGuard {
+        CallGuard {
+            telemetry: self.clone(),
+            reporter,
+            started: Instant::now(),
+            record: Record {
+                start_time: format_time(SystemTime::now()),
+                response_flags: "-".into(),
+                ..Default::default()
+            },
+            peer: Peer::default(),
+            grpc: false,
+            grpc_status: None,
+            mtls: false,
+            request_bytes: Arc::default(),
+            response_bytes: Arc::default(),
+            completed: false,
+            tcp: false,
+        }
+    }
+}
+
+impl Peer {
+    /// What a destination cluster's metadata says about the callee.
+    pub fn from_metadata(m: &DestinationMetadata) -> Self {
+        Self {
+            principal: None,
+            workload: m.workload.as_deref().map(Into::into),
+            namespace: m.namespace.as_deref().map(Into::into),
+            app: m.app.as_deref().map(Into::into),
+            service: m.service.as_deref().map(Into::into),
+        }
+    }
+
+    /// Fills the namespace from an Istio-form SPIFFE ID (`/ns/<ns>/sa/<sa>`) when unknown.
+    pub fn with_principal(mut self, principal: Option<Arc<str>>) -> Self {
+        if self.namespace.is_none()
+            && let Some(p) = &principal
+            && let Some(rest) = p.split_once("/ns/").map(|(_, r)| r)
+        {
+            self.namespace = rest.split('/').next().map(Into::into);
+        }
+        self.principal = principal;
+        self
+    }
+}
+
+// === impl CallGuard ===
+
+fn unknown(v: &Option<Arc<str>>) -> Lv {
+    Lv(v.clone().unwrap_or_else(|| "unknown".into()))
+}
+
+impl CallGuard {
+    /// Records a local failure: status, flag and details.
+    pub fn fail(&mut self, e: &crate::error::ProxyError) {
+        let r = e.response();
+        self.record.response_code = r.status;
+        self.record.response_flags = r.flag.into();
+        self.record.response_code_details = Some(r.details.into());
+        self.record.upstream_transport_failure_reason = e.transport_failure_reason();
+        if self.grpc {
+            self.grpc_status = Some(r.grpc_status.to_string());
+        }
+    }
+
+    fn labels(&self) -> RequestLabels {
+        let t = &self.telemetry.local;
+        let peer = &self.peer;
+        let (src_wl, src_ns, src_principal, src_app, src_cluster, dst_wl, dst_ns, dst_principal, dst_app, dst_cluster, dst_service) =
+            match self.reporter {
+                Reporter::Source => (
+                    t.workload.clone(),
+                    t.namespace.clone(),
+                    t.principal.clone(),
+                    t.app.clone(),
+                    t.cluster.clone(),
+                    unknown(&peer.workload),
+                    unknown(&peer.namespace),
+                    unknown(&peer.principal),
+                    unknown(&peer.app),
+                    t.cluster.clone(),
+                    unknown(&peer.service),
+                ),
+                Reporter::Destination => (
+                    unknown(&peer.workload),
+                    unknown(&peer.namespace),
+                    unknown(&peer.principal),
+                    unknown(&peer.app),
+                    t.cluster.clone(),
+                    t.workload.clone(),
+                    t.namespace.clone(),
+                    t.principal.clone(),
+                    t.app.clone(),
+                    t.cluster.clone(),
+                    Lv(self
+                        .record
+                        .authority
+                        .as_deref()
+                        .map(|a| a.split(':').next().unwrap_or(a))
+                        .unwrap_or("unknown")
+                        .into()),
+                ),
+            };
+        let service_name: Lv = Lv(dst_service.0.split('.').next().unwrap_or("unknown").into());
+        RequestLabels {
+            reporter: Lv::from(match self.reporter {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+            }),
+            source_workload: src_wl,
+            source_workload_namespace: src_ns,
+            source_principal: src_principal,
+            source_app: src_app,
+            source_version: match self.reporter {
+                Reporter::Source => t.version.clone(),
+                Reporter::Destination => Lv::from("unknown"),
+            },
+            source_cluster: src_cluster,
+            destination_workload: dst_wl,
+            destination_workload_namespace: dst_ns.clone(),
+            destination_principal: dst_principal,
+            destination_app: dst_app,
+            destination_version: match self.reporter {
+                Reporter::Source => Lv::from("unknown"),
+                Reporter::Destination => t.version.clone(),
+            },
+            destination_service: dst_service,
+            destination_service_name: service_name,
+            destination_service_namespace: dst_ns,
+            destination_cluster: dst_cluster,
+            request_protocol: Lv::from(if self.tcp {
+                "tcp"
+            } else if self.grpc {
+                "grpc"
+            } else {
+                "http"
+            }),
+            response_code: Lv(if self.tcp { "0".into() } else { self.record.response_code.to_string().into() }),
+            grpc_response_status: Lv(self.grpc_status.clone().unwrap_or_default().into()),
+            response_flags: Lv(self.record.response_flags.as_str().into()),
+            connection_security_policy: Lv::from(match (self.reporter, self.mtls) {
+                (Reporter::Destination, true) => "mutual_tls",
+                (Reporter::Destination, false) => "none",
+                (Reporter::Source, _) => "unknown",
+            }),
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if !self.completed && self.record.response_flags == "-" {
+            // The response never finished: the downstream went away (Envoy's DC).
+            self.record.response_flags = "DC".into();
+        }
+        self.record.duration = self.started.elapsed().as_millis() as u64;
+        self.record.bytes_received = self.request_bytes.load(Ordering::Relaxed);
+        self.record.bytes_sent = self.response_bytes.load(Ordering::Relaxed);
+        let labels = self.labels();
+        let m = &self.telemetry.metrics;
+        if self.tcp {
+            m.tcp_received_bytes.get_or_create(&labels).inc_by(self.record.bytes_received);
+            m.tcp_sent_bytes.get_or_create(&labels).inc_by(self.record.bytes_sent);
+            m.tcp_connections_closed.get_or_create(&labels).inc();
+        } else {
+            m.requests_total.get_or_create(&labels).inc();
+            m.request_duration_ms
+                .get_or_create(&labels)
+                .observe(self.started.elapsed().as_secs_f64() * 1000.0);
+            m.request_bytes.get_or_create(&labels).observe(self.record.bytes_received as f64);
+            m.response_bytes.get_or_create(&labels).observe(self.record.bytes_sent as f64);
+        }
+        self.telemetry.access_log.write(&self.record);
+    }
+}
+
+impl CallGuard {
+    /// For TCP: counts the connection as opened (closed is counted on drop).
+    pub fn tcp_opened(&mut self) {
+        self.tcp = true;
+        let labels = self.labels();
+        self.telemetry.metrics.tcp_connections_opened.get_or_create(&labels).inc();
+    }
+}

@@ -1,0 +1,441 @@
+//! Connections to upstreams: pooled HTTP/2 over mTLS to peer sidecars (one multiplexed connection
+//! per endpoint, reused by every request), plaintext HTTP/1.1 or HTTP/2 to the local app, and
+//! one-off connections for upgrades and TCP.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use identity::{CredentialsRx, SpiffeId};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::body::Body;
+use crate::config::{Cluster, Limits, UpstreamProtocol};
+use crate::error::ProxyError;
+use crate::stats::{EnvoyStats, Stat};
+
+/// ALPN offered to peer sidecars for multiplexed HTTP.
+const ALPN_H2: &[&[u8]] = &[b"h2"];
+/// ALPN for a one-off HTTP/1.1 connection (upgrades such as WebSocket).
+const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
+/// ALPN for opaque TCP between sidecars (Istio's value).
+const ALPN_TCP: &[&[u8]] = &[b"istio"];
+
+/// A cluster ready to send to: its config, TLS settings, pool and stats.
+pub struct ClusterRt {
+    pub config: Cluster,
+    tls: Option<PeerTls>,
+    pool: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<H2Conn>>>>>,
+    h1: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
+    next: AtomicUsize,
+    limits: Limits,
+    pub stats: ClusterStats,
+}
+
+struct PeerTls {
+    server_name: ServerName<'static>,
+    h2: TlsConnector,
+    http1: TlsConnector,
+    tcp: TlsConnector,
+}
+
+#[derive(Clone)]
+struct H2Conn {
+    sender: http2::SendRequest<Body>,
+    peer: Option<Arc<str>>,
+}
+
+pub struct ClusterStats {
+    pub upstream_cx_total: Stat,
+    pub upstream_cx_active: Stat,
+    pub upstream_cx_connect_fail: Stat,
+    pub upstream_rq_total: Stat,
+    pub upstream_rq_timeout: Stat,
+}
+
+/// An upstream connection for a byte stream (TCP proxy, upgrades).
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// What a sent request came back with.
+pub struct Sent {
+    pub response: http::Response<hyper::body::Incoming>,
+    pub endpoint: SocketAddr,
+    /// The verified SPIFFE ID of the peer, for mTLS upstreams.
+    pub peer: Option<Arc<str>>,
+}
+
+// === impl ClusterRt ===
+
+impl ClusterRt {
+    pub fn new(
+        config: Cluster,
+        creds: &CredentialsRx,
+        limits: &Limits,
+        stats: &EnvoyStats,
+    ) -> Result<Self, rustls::Error> {
+        let tls = match &config.transport_socket {
+            None => None,
+            Some(t) => {
+                let expected: Arc<[SpiffeId]> = t.match_spiffe_ids.clone().into();
+                let connector = |alpn| -> Result<TlsConnector, rustls::Error> {
+                    let cfg = identity::tls::client_config(creds.clone(), expected.clone(), alpn)?;
+                    Ok(TlsConnector::from(Arc::new(cfg)))
+                };
+                let server_name = ServerName::try_from(t.sni.clone()).map_err(|_| {
+                    rustls::Error::General(format!("cluster {}: invalid SNI {:?}", config.name, t.sni))
+                })?;
+                Some(PeerTls {
+                    server_name,
+                    h2: connector(ALPN_H2)?,
+                    http1: connector(ALPN_HTTP1)?,
+                    tcp: connector(ALPN_TCP)?,
+                })
+            }
+        };
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_nodelay(true);
+        let h1 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .build(http);
+        let s = |n: &str| stats.stat(&format!("cluster.{}.{n}", config.name));
+        let cstats = ClusterStats {
+            upstream_cx_total: s("upstream_cx_total"),
+            upstream_cx_active: s("upstream_cx_active"),
+            upstream_cx_connect_fail: s("upstream_cx_connect_fail"),
+            upstream_rq_total: s("upstream_rq_total"),
+            upstream_rq_timeout: s("upstream_rq_timeout"),
+        };
+        Ok(Self {
+            config,
+            tls,
+            pool: Mutex::default(),
+            h1,
+            next: AtomicUsize::new(0),
+            limits: limits.clone(),
+            stats: cstats,
+        })
+    }
+
+    pub fn is_mtls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Round-robin over the endpoints.
+    fn pick(&self) -> Result<SocketAddr, ProxyError> {
+        let eps = &self.config.endpoints;
+        if eps.is_empty() {
+            return Err(ProxyError::NoHealthyUpstream {
+                cluster: self.config.name.clone(),
+            });
+        }
+        Ok(eps[self.next.fetch_add(1, Ordering::Relaxed) % eps.len()])
+    }
+
+    /// Sends a request. mTLS clusters get HTTP/2 on a pooled connection; plaintext clusters get
+    /// HTTP/1.1 or HTTP/2 by the cluster's protocol (AUTO: HTTP/2 for gRPC).
+    pub async fn send(&self, mut req: http::Request<Body>, grpc: bool) -> Result<Sent, ProxyError> {
+        let endpoint = self.pick()?;
+        self.stats.upstream_rq_total.inc();
+        let use_h2 = self.tls.is_some()
+            || match self.config.protocol {
+                UpstreamProtocol::Http1 => false,
+                UpstreamProtocol::Http2 => true,
+                UpstreamProtocol::Auto => grpc,
+            };
+        if !use_h2 {
+            // HTTP/1.1 to the local app: the URI names the endpoint; Host keeps the authority.
+            set_host_from_uri(&mut req);
+            *req.version_mut() = http::Version::HTTP_11;
+            *req.uri_mut() = endpoint_uri(endpoint, req.uri())?;
+            let response = self.h1.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    self.stats.upstream_cx_connect_fail.inc();
+                    ProxyError::UpstreamConnect {
+                        endpoint: endpoint.to_string(),
+                        reason: error_chain(&e),
+                    }
+                } else {
+                    ProxyError::UpstreamReset(error_chain(&e))
+                }
+            })?;
+            return Ok(Sent {
+                response,
+                endpoint,
+                peer: None,
+            });
+        }
+        *req.version_mut() = http::Version::HTTP_2;
+        req.headers_mut().remove(http::header::HOST);
+        // A request the peer refused unprocessed (GOAWAY, closed connection) is retried once on a
+        // fresh connection; anything else is returned as is.
+        let mut req = req;
+        for attempt in 0..2 {
+            let mut conn = self.h2_conn(endpoint).await?;
+            match conn.sender.ready().await {
+                Ok(()) => {}
+                Err(_) if attempt == 0 => {
+                    self.evict(endpoint);
+                    continue;
+                }
+                Err(e) => return Err(ProxyError::UpstreamReset(error_chain(&e))),
+            }
+            match conn.sender.try_send_request(req).await {
+                Ok(response) => {
+                    return Ok(Sent {
+                        response,
+                        endpoint,
+                        peer: conn.peer,
+                    });
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(r) if attempt == 0 => {
+                        self.evict(endpoint);
+                        req = r;
+                    }
+                    _ => return Err(ProxyError::UpstreamReset(error_chain(e.error()))),
+                },
+            }
+        }
+        Err(ProxyError::UpstreamReset("connection refused the request twice".into()))
+    }
+
+    fn slot(&self, endpoint: SocketAddr) -> Arc<tokio::sync::Mutex<Option<H2Conn>>> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.entry(endpoint).or_default().clone()
+    }
+
+    fn evict(&self, endpoint: SocketAddr) {
+        let slot = self.slot(endpoint);
+        if let Ok(mut s) = slot.try_lock() {
+            *s = None;
+        }
+    }
+
+    /// The pooled HTTP/2 connection to `endpoint`, connecting if there is none (one connect at a
+    /// time per endpoint: the async mutex is held across the connect on purpose, so concurrent
+    /// requests wait for it instead of opening connections of their own).
+    async fn h2_conn(&self, endpoint: SocketAddr) -> Result<H2Conn, ProxyError> {
+        let slot = self.slot(endpoint);
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref()
+            && !c.sender.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let (io, peer) = self.connect(endpoint, StreamKind::H2).await?;
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(self.limits.initial_stream_window_size)
+            .initial_connection_window_size(self.limits.initial_connection_window_size)
+            .max_header_list_size(self.limits.max_request_headers_kb * 1024)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let (sender, conn) = builder
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::UpstreamConnect {
+            endpoint: endpoint.to_string(),
+            reason: error_chain(&e),
+        })?;
+        let active = self.stats.upstream_cx_active.clone();
+        active.inc();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %endpoint, "upstream HTTP/2 connection ended");
+            }
+            active.dec();
+        });
+        let c = H2Conn { sender, peer };
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// A fresh stream to an endpoint: TCP, then mTLS for peer clusters (with the ALPN that says
+    /// what will be spoken). Returns the verified peer SPIFFE ID for mTLS.
+    pub async fn connect(
+        &self,
+        endpoint: SocketAddr,
+        kind: StreamKind,
+    ) -> Result<(Stream, Option<Arc<str>>), ProxyError> {
+        self.stats.upstream_cx_total.inc();
+        let connect_fail = |reason: String| {
+            self.stats.upstream_cx_connect_fail.inc();
+            ProxyError::UpstreamConnect {
+                endpoint: endpoint.to_string(),
+                reason,
+            }
+        };
+        let tcp = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(endpoint))
+            .await
+            .map_err(|_| connect_fail("connect timeout".into()))?
+            .map_err(|e| connect_fail(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &self.tls else {
+            return Ok((Stream::Plain(tcp), None));
+        };
+        let connector = match kind {
+            StreamKind::H2 => &tls.h2,
+            StreamKind::Http1 => &tls.http1,
+            StreamKind::Tcp => &tls.tcp,
+        };
+        let stream = tokio::time::timeout(
+            self.config.connect_timeout,
+            connector.connect(tls.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| connect_fail("TLS handshake timeout".into()))?
+        .map_err(|e| {
+            self.stats.upstream_cx_connect_fail.inc();
+            ProxyError::UpstreamTls {
+                endpoint: endpoint.to_string(),
+                reason: error_chain(&e),
+            }
+        })?;
+        let peer = identity::tls::peer_spiffe_id(stream.get_ref().1.peer_certificates())
+            .map(|id| Arc::<str>::from(id.as_str()));
+        Ok((Stream::Tls(Box::new(stream)), peer))
+    }
+
+    /// A one-off HTTP/1.1 connection for an upgrade (WebSocket): sends `req` and returns the
+    /// response, whose upgrade the caller takes.
+    pub async fn send_upgrade(&self, mut req: http::Request<Body>) -> Result<Sent, ProxyError> {
+        let endpoint = self.pick()?;
+        self.stats.upstream_rq_total.inc();
+        let (io, peer) = self.connect(endpoint, StreamKind::Http1).await?;
+        let handshake = |e: hyper::Error| ProxyError::Upgrade(error_chain(&e));
+        set_host_from_uri(&mut req);
+        *req.version_mut() = http::Version::HTTP_11;
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        *req.uri_mut() = path.parse().map_err(|_| ProxyError::BadRequest("bad path"))?;
+        let (mut sender, conn) = http1::handshake(TokioIo::new(io)).await.map_err(handshake)?;
+        tokio::spawn(conn.with_upgrades());
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ProxyError::UpstreamReset(error_chain(&e)))?;
+        Ok(Sent {
+            response,
+            endpoint,
+            peer,
+        })
+    }
+
+    /// Picks an endpoint and opens a byte stream to it (TCP proxy).
+    pub async fn open_tcp(&self) -> Result<(Stream, SocketAddr, Option<Arc<str>>), ProxyError> {
+        let endpoint = self.pick()?;
+        let (s, peer) = self.connect(endpoint, StreamKind::Tcp).await?;
+        Ok((s, endpoint, peer))
+    }
+}
+
+// === impl Stream ===
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// What a fresh connection will carry (selects the ALPN offered to a peer).
+#[derive(Debug, Clone, Copy)]
+pub enum StreamKind {
+    H2,
+    Http1,
+    Tcp,
+}
+
+/// `http://<endpoint><path?query>`.
+fn endpoint_uri(endpoint: SocketAddr, uri: &http::Uri) -> Result<http::Uri, ProxyError> {
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    format!("http://{endpoint}{pq}")
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
+}
+
+/// HTTP/2 carries the authority in the URI; HTTP/1.1 needs it in Host.
+fn set_host_from_uri(req: &mut http::Request<Body>) {
+    if !req.headers().contains_key(http::header::HOST)
+        && let Some(a) = req.uri().authority()
+        && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+    {
+        req.headers_mut().insert(http::header::HOST, v);
+    }
+}
+
+/// An error and its sources, joined: hyper's top-level messages alone say little.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

@@ -1,1 +1,112 @@
-fn main() {}
+//! `eastguard`: the command line. Each subcommand is a thin shell over a library crate.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "eastguard", version, about = "Service-mesh sidecar proxy for east-west API security")]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `eastguard_proxy=debug`).
+    #[arg(long, global = true, default_value = "info", env = "EASTGUARD_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar proxy from a static config file (Envoy-shaped YAML).
+    Proxy {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Check the config and exit without starting.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run a dev CA, three sample services with their sidecars on loopback, and scripted traffic.
+    Demo {
+        /// Run the script once, print the table and exit: 0 only if every expectation held.
+        #[arg(long)]
+        once: bool,
+        /// Where to write the demo's SVIDs, configs and access logs (default: a new temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let log_control = init_logging(&cli.log_level)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Proxy { config, check } => {
+            let bootstrap = proxy::Bootstrap::from_file(&config)
+                .with_context(|| format!("refusing to start with config {}", config.display()))?;
+            if check {
+                println!("{}: OK", config.display());
+                return Ok(());
+            }
+            let opts = proxy::RunOptions {
+                log_control: Some(log_control),
+                command_line: std::env::args().collect(),
+            };
+            runtime.block_on(async { proxy::run(bootstrap, shutdown_signal(), opts).await })?;
+            Ok(())
+        }
+        Command::Demo { once, dir } => runtime.block_on(demo::run(once, dir)),
+    }
+}
+
+/// Logs to stderr; returns the switch `/logging` uses to change the level at run time.
+fn init_logging(level: &str) -> anyhow::Result<proxy::LogControl> {
+    let filter = EnvFilter::try_new(level).with_context(|| format!("bad --log-level {level:?}"))?;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .init();
+    Ok(Arc::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }))
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = term => {}
+        r = tokio::signal::ctrl_c() => {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "cannot listen for Ctrl-C");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}

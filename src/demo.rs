@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use identity::{DevCa, SpiffeId, TrustDomain};
 use proxy::config::{
-    AccessLogConfig, AccessLogFormat, Admin, Bootstrap, Cluster, DestinationMetadata, Direction, DrainConfig,
+    AccessLogConfig, AccessLogFormat, Admin, Bootstrap, Cluster, DestinationMetadata, Direction, DrainConfig, FileIdentity,
     FilterChain, FilterChainMatch, ForwardClientCertDetails, HttpConnectionManager, IdentityConfig, Limits,
     Listener, Node, Route, RouteAction, RouteConfiguration, RouteMatch, TcpProxy, UpstreamProtocol, UpstreamTls,
     VirtualHost,
@@ -481,12 +481,14 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path) -> Bootstrap {
             health_address: None,
             prometheus_address: None,
         },
-        identity: IdentityConfig::Files {
-            cert: file(".cert.pem"),
-            key: file(".key.pem"),
-            bundle: dir.join("bundle.pem"),
-            federated_bundles: Default::default(),
-            poll_interval: Duration::from_millis(500),
+        identity: IdentityConfig {
+            files: Some(FileIdentity {
+                cert: file(".cert.pem"),
+                key: file(".key.pem"),
+                bundle: dir.join("bundle.pem"),
+                federated_bundles: Default::default(),
+                poll_interval: Duration::from_millis(500),
+            }),
         },
         listeners,
         clusters,

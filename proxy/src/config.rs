@@ -78,19 +78,26 @@ pub struct Admin {
     pub prometheus_address: Option<SocketAddr>,
 }
 
+/// Where the SVID comes from. Exactly one source is given.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum IdentityConfig {
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
     /// PEM files, re-read when they change.
-    Files {
-        cert: PathBuf,
-        key: PathBuf,
-        bundle: PathBuf,
-        #[serde(default)]
-        federated_bundles: BTreeMap<String, PathBuf>,
-        #[serde(default = "default_poll", with = "duration")]
-        poll_interval: Duration,
-    },
+    #[serde(default)]
+    pub files: Option<FileIdentity>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIdentity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle: PathBuf,
+    /// Bundles of other trust domains (trust domain → PEM file).
+    #[serde(default)]
+    pub federated_bundles: BTreeMap<String, PathBuf>,
+    #[serde(default = "default_poll", with = "duration")]
+    pub poll_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -439,6 +446,13 @@ impl Bootstrap {
             field,
             message,
         };
+        if self.identity.files.is_none() {
+            return Err(invalid(
+                "identity".into(),
+                "an identity source is required (identity.files)".into(),
+                "identity:",
+            ));
+        }
         if !self.admin.address.ip().is_loopback() {
             return Err(invalid(
                 "admin.address".into(),

@@ -166,7 +166,7 @@ fn describe_request(guard: &mut CallGuard, ctx: &ConnCtx, req: &Request<Incoming
     let r = &mut guard.record;
     r.method = Some(req.method().as_str().to_owned());
     r.path = Some(req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned());
-    r.protocol = format!("{:?}", req.version());
+    r.protocol = protocol_name(req.version()).to_owned();
     r.authority = authority(req);
     r.user_agent = header_str(h, &header::USER_AGENT).map(Into::into);
     r.x_forwarded_for = header_str(h, &HeaderName::from_static("x-forwarded-for")).map(Into::into);
@@ -298,6 +298,18 @@ fn authority<B>(req: &Request<B>) -> Option<String> {
         .authority()
         .map(|a| a.as_str().to_owned())
         .or_else(|| header_str(req.headers(), &header::HOST).map(Into::into))
+}
+
+/// Envoy's `%PROTOCOL%` spelling.
+fn protocol_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "-",
+    }
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {

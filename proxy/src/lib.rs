@@ -59,6 +59,8 @@ pub enum StartError {
         #[source]
         source: identity::SpiffeIdError,
     },
+    #[error("identity: no identity source configured")]
+    NoIdentitySource,
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
     #[error("listener {name} cannot bind {addr}: {source}")]
@@ -186,30 +188,25 @@ pub async fn run(config: Bootstrap, shutdown: impl Future<Output = ()>, opts: Ru
 }
 
 fn credentials(config: &Bootstrap) -> Result<CredentialsRx, StartError> {
-    match &config.identity {
-        config::IdentityConfig::Files {
-            cert,
-            key,
-            bundle,
-            federated_bundles,
-            poll_interval,
-        } => {
-            let federated = federated_bundles
-                .iter()
-                .map(|(td, path)| {
-                    TrustDomain::parse(td)
-                        .map(|td| (td, path.clone()))
-                        .map_err(|source| StartError::TrustDomain { name: td.clone(), source })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let source = FileSource {
-                cert: cert.clone(),
-                key: key.clone(),
-                bundle: bundle.clone(),
-                federated,
-                poll_interval: *poll_interval,
-            };
-            Ok(source.watch()?)
-        }
-    }
+    let Some(files) = &config.identity.files else {
+        // Validation requires a source; without one there is nothing to present, so refuse.
+        return Err(StartError::NoIdentitySource);
+    };
+    let federated = files
+        .federated_bundles
+        .iter()
+        .map(|(td, path)| {
+            TrustDomain::parse(td)
+                .map(|td| (td, path.clone()))
+                .map_err(|source| StartError::TrustDomain { name: td.clone(), source })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let source = FileSource {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        bundle: files.bundle.clone(),
+        federated,
+        poll_interval: files.poll_interval,
+    };
+    Ok(source.watch()?)
 }

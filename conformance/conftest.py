@@ -1,0 +1,356 @@
+"""Shared fixtures: the eastguard binary, a test PKI, an upstream app, and sidecar processes.
+
+Every test talks to real processes on 127.0.0.1 with real TLS and independent clients.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pki import CA
+
+ROOT = Path(__file__).resolve().parent.parent
+TD = "cluster.local"
+CLIENT_ID = f"spiffe://{TD}/ns/test/sa/client"
+SERVER_ID = f"spiffe://{TD}/ns/test/sa/server"
+
+
+def binary() -> str:
+    path = os.environ.get("EASTGUARD_BIN") or str(ROOT / "target" / "debug" / "eastguard")
+    if not Path(path).exists():
+        pytest.fail(f"eastguard binary not found at {path}; run `cargo build` first (scripts/test.sh does)")
+    return path
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI (scripts/test.sh installs it)")
+        pytest.skip(f"!!! SKIPPING: {name} not installed")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout=5.0):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+# === upstream app ===
+
+
+class EchoHandler(BaseHTTPRequestHandler):
+    """Answers JSON with what it received; `?size=N` pads the body, `?delay=S` sleeps first."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _serve(self):
+        length = int(self.headers.get("content-length") or 0)
+        body_in = self.rfile.read(length) if length else b""
+        query = dict(q.split("=", 1) for q in self.path.partition("?")[2].split("&") if "=" in q)
+        if "delay" in query:
+            time.sleep(float(query["delay"]))
+        out = {
+            "method": self.command,
+            "path": self.path,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "header_list": [[k.lower(), v] for k, v in self.headers.items()],
+            "body_len": len(body_in),
+            "canary": "ok",
+        }
+        data = json.dumps(out).encode()
+        if "size" in query:
+            data = b"x" * int(query["size"])
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+    def log_message(self, *args):
+        pass
+
+
+class Upstream:
+    def __init__(self):
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), EchoHandler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# === sidecars ===
+
+
+def route(cluster, timeout="15s"):
+    return {"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": timeout}}
+
+
+def inbound_listener(port, app_cluster="inbound|app||", extra_chains=()):
+    return {
+        "name": "virtualInbound",
+        "address": f"127.0.0.1:{port}",
+        "direction": "INBOUND",
+        "filter_chains": list(extra_chains)
+        + [
+            {
+                "name": "http",
+                "http_connection_manager": {
+                    "stat_prefix": "inbound_http",
+                    "route_config": {
+                        "virtual_hosts": [{"name": "inbound", "domains": ["*"], "routes": [route(app_cluster)]}]
+                    },
+                },
+            }
+        ],
+    }
+
+
+def outbound_listener(port, vhosts):
+    return {
+        "name": "virtualOutbound",
+        "address": f"127.0.0.1:{port}",
+        "direction": "OUTBOUND",
+        "filter_chains": [
+            {
+                "name": "http",
+                "http_connection_manager": {"stat_prefix": "outbound_http", "route_config": {"virtual_hosts": vhosts}},
+            }
+        ],
+    }
+
+
+def peer_cluster(name, port, expected_ids, sni="outbound_.80_._.server.test.svc.cluster.local", **extra):
+    c = {
+        "name": name,
+        "endpoints": [f"127.0.0.1:{port}"],
+        "transport_socket": {"sni": sni, "match_spiffe_ids": list(expected_ids)},
+        "metadata": {"service": "server.test.svc.cluster.local", "workload": "server", "namespace": "test"},
+    }
+    c.update(extra)
+    return c
+
+
+class Sidecar:
+    """An `eastguard proxy` process with its own config, SVID files, logs and admin port."""
+
+    def __init__(self, workdir: Path, name: str, cert: Path, key: Path, bundle: Path, listeners, clusters, **extra):
+        self.name = name
+        self.dir = workdir
+        self.admin_port = free_port()
+        self.access_log = workdir / f"{name}-access.log"
+        self.stderr_path = workdir / f"{name}.log"
+        self.config = {
+            "node": {"id": name, "workload": name, "namespace": "test"},
+            "admin": {"address": f"127.0.0.1:{self.admin_port}"},
+            "identity": {"files": {"cert": str(cert), "key": str(key), "bundle": str(bundle), "poll_interval": "200ms"}},
+            "access_log": {"path": str(self.access_log), "format": "JSON"},
+            "listeners": listeners,
+            "clusters": clusters,
+        }
+        self.config.update(extra)
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.proc = None
+
+    def start(self, wait=True):
+        self.stderr = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen(
+            [binary(), "--log-level", "info", "proxy", "--config", str(self.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, limit=20.0):
+        deadline = time.time() + limit
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {self.stderr_path.read_text()[-2000:]}")
+            try:
+                if http_get(self.admin("/ready"), timeout=1)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not ready: {self.stderr_path.read_text()[-2000:]}")
+
+    def admin(self, path):
+        return f"http://127.0.0.1:{self.admin_port}{path}"
+
+    def log_records(self):
+        if not self.access_log.exists():
+            return []
+        return [json.loads(line) for line in self.access_log.read_text().splitlines() if line.strip()]
+
+    def stop(self, timeout=15):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self.stderr.close()
+
+
+class Mesh:
+    """client sidecar (outbound) → mTLS → server sidecar (inbound) → upstream app."""
+
+    def __init__(self, workdir: Path, upstream_port: int, server_extra=None, client_extra=None, server_clusters=(), server_chains=()):
+        self.dir = workdir
+        self.ca = CA(TD)
+        self.bundle = workdir / "bundle.pem"
+        self.bundle.write_bytes(self.ca.pem())
+        self.client_cert, self.client_key = self.ca.write_svid(workdir, "client", CLIENT_ID)
+        self.server_cert, self.server_key = self.ca.write_svid(workdir, "server", SERVER_ID)
+        self.inbound_port = free_port()
+        self.outbound_port = free_port()
+        self.server = Sidecar(
+            workdir,
+            "server",
+            self.server_cert,
+            self.server_key,
+            self.bundle,
+            [inbound_listener(self.inbound_port, extra_chains=server_chains)],
+            [{"name": "inbound|app||", "endpoints": [f"127.0.0.1:{upstream_port}"]}] + list(server_clusters),
+            **(server_extra or {}),
+        )
+        vhosts = [
+            {"name": "server", "domains": ["server", "server:80", "server.test.svc.cluster.local"], "routes": [route("outbound|80||server")]},
+            {"name": "wrong-id", "domains": ["wrong-id"], "routes": [route("outbound|80||wrong-id")]},
+        ]
+        self.client = Sidecar(
+            workdir,
+            "client",
+            self.client_cert,
+            self.client_key,
+            self.bundle,
+            [outbound_listener(self.outbound_port, vhosts)],
+            [
+                peer_cluster("outbound|80||server", self.inbound_port, [SERVER_ID]),
+                peer_cluster("outbound|80||wrong-id", self.inbound_port, [f"spiffe://{TD}/ns/test/sa/someone-else"]),
+            ],
+            **(client_extra or {}),
+        )
+
+    def start(self):
+        self.server.start()
+        self.client.start()
+        return self
+
+    def url(self, path="/"):
+        return f"http://127.0.0.1:{self.outbound_port}{path}"
+
+    def stop(self):
+        self.client.stop()
+        self.server.stop()
+
+
+@pytest.fixture
+def upstream():
+    u = Upstream()
+    yield u
+    u.close()
+
+
+@pytest.fixture
+def mesh(tmp_path, upstream):
+    m = Mesh(tmp_path, upstream.port).start()
+    yield m
+    m.stop()
+
+
+# === steady load ===
+
+
+class Load:
+    """Bounded steady load: `workers` threads, each on its own keep-alive HTTP/1.1 connection,
+    sending GETs until stopped or `limit` seconds pass. Records every failure with its reason."""
+
+    def __init__(self, port, host="server", path="/", workers=4, limit=120.0, pause=0.005):
+        import http.client
+
+        self._http = http.client
+        self.port, self.host, self.path = port, host, path
+        self.workers, self.limit, self.pause = workers, limit, pause
+        self.ok = 0
+        self.failures = []
+        self.refused = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(workers)]
+
+    def start(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+        return self
+
+    def _run(self):
+        deadline = time.time() + self.limit
+        conn = None
+        while not self._stop.is_set() and time.time() < deadline:
+            try:
+                if conn is None:
+                    conn = self._http.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                    conn.connect()
+            except ConnectionRefusedError:
+                # Not in flight: the listener is closed (after a drain). Counted apart.
+                with self._lock:
+                    self.refused += 1
+                conn = None
+                time.sleep(0.05)
+                continue
+            try:
+                conn.request("GET", self.path, headers={"host": self.host})
+                r = conn.getresponse()
+                body = r.read()
+                with self._lock:
+                    if r.status == 200 and b"canary" in body:
+                        self.ok += 1
+                    else:
+                        self.failures.append(f"status {r.status}: {body[:200]!r}")
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except Exception as e:  # noqa: BLE001 - every failure is recorded, none hidden
+                with self._lock:
+                    self.failures.append(f"{type(e).__name__}: {e}")
+                conn = None
+            time.sleep(self.pause)

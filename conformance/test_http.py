@@ -1,0 +1,132 @@
+"""HTTP/1.1 (curl) and HTTP/2 (nghttp) through client sidecar → mTLS → server sidecar → upstream."""
+
+import json
+import subprocess
+import time
+
+from conftest import CLIENT_ID, SERVER_ID, require_tool
+
+
+def curl(*args):
+    out = subprocess.run(
+        [require_tool("curl"), "-sS", "--max-time", "10", *args], capture_output=True, text=True, timeout=20
+    )
+    return out
+
+
+def wait_for(pred, limit=5.0):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_curl_http1_reaches_upstream_with_caller_identity(mesh):
+    out = curl("-H", "host: server", mesh.url("/hello?x=1"))
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["path"] == "/hello?x=1"
+    xfcc = seen["headers"]["x-forwarded-client-cert"]
+    assert f"URI={CLIENT_ID}" in xfcc and f"By={SERVER_ID}" in xfcc
+    assert len(seen["headers"]["x-request-id"]) == 36
+    # The hop between the sidecars was HTTP/2 over mTLS, logged by both ends.
+    assert wait_for(lambda: len(mesh.server.log_records()) >= 1 and len(mesh.client.log_records()) >= 1)
+    srv = mesh.server.log_records()[-1]
+    assert srv["protocol"] == "HTTP/2" and srv["downstream_peer_uri_san"] == CLIENT_ID
+    cli = mesh.client.log_records()[-1]
+    assert cli["protocol"] == "HTTP/1.1" and cli["upstream_peer_uri_san"] == SERVER_ID
+    assert cli["response_code"] == 200 and cli["response_flags"] == "-"
+
+
+def test_nghttp_http2_reaches_upstream(mesh):
+    nghttp = require_tool("nghttp")
+    out = subprocess.run(
+        [nghttp, "-H", ":authority: server", mesh.url("/h2")], capture_output=True, text=True, timeout=20
+    )
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert f"URI={CLIENT_ID}" in seen["headers"]["x-forwarded-client-cert"]
+    assert wait_for(lambda: any(r["protocol"] == "HTTP/2" and r["path"] == "/h2" for r in mesh.client.log_records()))
+
+
+def test_forged_identity_headers_never_reach_upstream(mesh):
+    out = curl(
+        "-H", "host: server",
+        "-H", "x-forwarded-client-cert: By=spiffe://evil/x;URI=spiffe://cluster.local/ns/test/sa/admin",
+        "-H", "x-envoy-original-path: /admin",
+        "-H", "x-eastguard-source-workload: admin",
+        "-H", "x-request-id: keep-me",
+        mesh.url("/forged"),
+    )
+    seen = json.loads(out.stdout)
+    xfccs = [v for k, v in seen["header_list"] if k == "x-forwarded-client-cert"]
+    assert xfccs == [xfccs[0]] and "sa/admin" not in xfccs[0] and f"URI={CLIENT_ID}" in xfccs[0]
+    assert not any(k.startswith("x-envoy-") or k.startswith("x-eastguard-") for k, _ in seen["header_list"])
+    assert seen["headers"]["x-request-id"] == "keep-me"
+
+
+def test_unexpected_peer_identity_is_refused_with_503_uf(mesh):
+    out = curl("-o", "/dev/null", "-w", "%{http_code}", "-H", "host: wrong-id", mesh.url("/x"))
+    assert out.stdout == "503"
+    assert wait_for(lambda: any(r["authority"] == "wrong-id" for r in mesh.client.log_records()))
+    rec = [r for r in mesh.client.log_records() if r["authority"] == "wrong-id"][-1]
+    assert rec["response_flags"] == "UF"
+    assert "UnexpectedId" in rec["upstream_transport_failure_reason"]
+    assert SERVER_ID in rec["upstream_transport_failure_reason"]
+    # And nothing reached the server's app.
+    assert not any(r.get("path") == "/x" for r in mesh.server.log_records())
+
+
+def test_underscore_header_names_are_refused(mesh):
+    out = curl("-o", "/dev/null", "-w", "%{http_code}", "-H", "host: server", "-H", "x_user: admin", mesh.url("/u"))
+    assert out.stdout == "400"
+    assert wait_for(lambda: any(r["response_flags"] == "DPE" for r in mesh.client.log_records()))
+    assert not any(r.get("path") == "/u" for r in mesh.server.log_records())
+
+
+def test_content_length_with_transfer_encoding_cannot_smuggle(mesh):
+    """CL.TE: Transfer-Encoding wins, Content-Length is dropped and the connection is closed after
+    the response (RFC 9112 6.3), so the request hidden behind it is never forwarded."""
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", mesh.outbound_port), timeout=5)
+    s.sendall(
+        b"POST /first HTTP/1.1\r\nHost: server\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: server\r\n\r\n"
+    )
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    assert data.count(b"HTTP/1.1 ") == 1, data[:500]
+    time.sleep(0.3)
+    paths = [r.get("path") for r in mesh.server.log_records()]
+    assert "/smuggled" not in paths
+
+
+def test_no_route_is_404_nr(mesh):
+    out = curl("-o", "/dev/null", "-w", "%{http_code}", "-H", "host: nowhere", mesh.url("/"))
+    assert out.stdout == "404"
+    assert wait_for(lambda: any(r["response_flags"] == "NR" for r in mesh.client.log_records()))
+
+
+def test_one_access_log_record_per_request(mesh):
+    for i in range(5):
+        assert curl("-o", "/dev/null", "-H", "host: server", mesh.url(f"/count/{i}")).returncode == 0
+    assert wait_for(lambda: sum(1 for r in mesh.server.log_records() if r["path"].startswith("/count/")) == 5)
+    time.sleep(0.3)
+    assert sum(1 for r in mesh.client.log_records() if r["path"].startswith("/count/")) == 5
+    assert sum(1 for r in mesh.server.log_records() if r["path"].startswith("/count/")) == 5
+
+
+def test_large_body_both_ways(mesh):
+    out = curl("-H", "host: server", mesh.url("/big?size=3000000"), "-o", "-")
+    assert len(out.stdout) == 3_000_000
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.outbound_port, timeout=20)
+    conn.request("POST", "/upload", body=b"y" * 2_500_000, headers={"host": "server"})
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["body_len"] == 2_500_000

@@ -119,9 +119,6 @@ async fn route(state: &AdminState, port: Port, remote: Option<SocketAddr>, req: 
         }
         "/stats/prometheus" => {
             let mut s = state.telemetry.metrics.render();
-            if s.ends_with("# EOF\n") {
-                s.truncate(s.len() - "# EOF\n".len());
-            }
             s.push_str(&state.telemetry.stats.render_prometheus());
             Response::builder()
                 .header("content-type", "text/plain; version=0.0.4; charset=utf-8")

@@ -201,17 +201,60 @@ impl IstioMetrics {
         }
     }
 
-    /// Prometheus text exposition (without the trailing `# EOF` of OpenMetrics).
+    /// Prometheus text exposition format 0.0.4, as Envoy serves it: counter families are named
+    /// with their `_total` suffix in `# HELP` / `# TYPE`, and there is no OpenMetrics `# EOF`.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
-        out
+        let mut open_metrics = String::new();
+        let _ = prometheus_client::encoding::text::encode_registry(&mut open_metrics, &self.registry);
+        to_classic_text(&open_metrics)
     }
+}
+
+/// Rewrites OpenMetrics text into the classic format Prometheus and Envoy use.
+fn to_classic_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let meta = line.strip_prefix("# HELP ").map(|r| ("# HELP ", r)).or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) { "_total" } else { "" };
+                let _ = writeln!(out, "{kind}{name}{suffix} {tail}");
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 impl Default for IstioMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_in_classic_text() {
+        let m = IstioMetrics::new();
+        let text = m.render();
+        assert!(text.contains("# TYPE istio_requests_total counter"), "{text}");
+        assert!(text.contains("# TYPE istio_request_duration_milliseconds histogram"), "{text}");
+        assert!(!text.contains("# EOF"));
     }
 }
 

@@ -1,0 +1,115 @@
+"""The Envoy-compatible admin API, Istio metrics, config errors, and the demo."""
+
+import json
+import subprocess
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import CLIENT_ID, SERVER_ID, binary, http_get
+
+
+def post(url):
+    req = urllib.request.Request(url, method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_prometheus_parses_and_carries_istio_labels(mesh):
+    for _ in range(3):
+        req = urllib.request.Request(mesh.url("/m"), headers={"host": "server"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200 and b"canary" in r.read()
+    import time
+
+    time.sleep(0.3)
+    families = {}
+    for side, sidecar in [("client", mesh.client), ("server", mesh.server)]:
+        status, text = http_get(sidecar.admin("/stats/prometheus"))
+        assert status == 200
+        families[side] = {f.name: f for f in text_string_to_metric_families(text)}
+    out = families["client"]["istio_requests"].samples
+    inbound = families["server"]["istio_requests"].samples
+    assert [s.labels["response_code"] for s in out] == ["200"], out
+    o = out[0]
+    assert o.labels["reporter"] == "source" and o.value == 3
+    assert o.labels["source_principal"] == CLIENT_ID and o.labels["destination_principal"] == SERVER_ID
+    assert o.labels["destination_workload"] == "server" and o.labels["source_workload"] == "client"
+    i = [s for s in inbound if s.labels["response_code"] == "200"][0]
+    assert i.labels["reporter"] == "destination" and i.value == 3
+    assert i.labels["connection_security_policy"] == "mutual_tls"
+    assert i.labels["source_principal"] == CLIENT_ID and i.labels["source_workload"] == "client"
+    for name in ["istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"]:
+        assert name in families["server"], name
+    for label in ["response_flags", "grpc_response_status", "destination_service", "source_workload_namespace"]:
+        assert label in i.labels
+
+
+def test_config_dump_is_json_without_keys(mesh):
+    status, text = http_get(mesh.client.admin("/config_dump"))
+    assert status == 200
+    dump = json.loads(text)
+    types = [c["@type"] for c in dump["configs"]]
+    assert "type.googleapis.com/envoy.admin.v3.ListenersConfigDump" in types
+    assert "type.googleapis.com/envoy.admin.v3.ClustersConfigDump" in types
+    assert "PRIVATE KEY" not in text and mesh.client_key.read_text().splitlines()[1] not in text
+
+
+def test_listeners_clusters_server_info_ready(mesh):
+    status, text = http_get(mesh.client.admin("/listeners?format=json"))
+    ls = json.loads(text)["listener_statuses"]
+    assert ls[0]["name"] == "virtualOutbound"
+    assert ls[0]["local_address"]["socket_address"]["port_value"] == mesh.outbound_port
+    status, text = http_get(mesh.client.admin("/listeners"))
+    assert f"virtualOutbound::127.0.0.1:{mesh.outbound_port}" in text
+    status, text = http_get(mesh.client.admin("/clusters"))
+    assert f"outbound|80||server::127.0.0.1:{mesh.inbound_port}::health_flags::healthy" in text
+    info = json.loads(http_get(mesh.client.admin("/server_info"))[1])
+    assert info["state"] == "LIVE"
+    assert http_get(mesh.client.admin("/ready")) == (200, "LIVE\n")
+    stats = http_get(mesh.client.admin("/stats"))[1]
+    assert "cluster.outbound|80||server.upstream_rq_total:" in stats
+
+
+def test_mutations_are_post_only(mesh):
+    for path in ["/quitquitquit", "/healthcheck/fail", "/healthcheck/ok", "/logging"]:
+        assert http_get(mesh.client.admin(path))[0] == 405, path
+    assert post(mesh.client.admin("/healthcheck/fail"))[0] == 200
+    assert http_get(mesh.client.admin("/ready"))[0] == 503
+    assert post(mesh.client.admin("/healthcheck/ok"))[0] == 200
+    assert http_get(mesh.client.admin("/ready"))[0] == 200
+    assert post(mesh.client.admin("/logging?level=debug"))[0] == 200
+    assert post(mesh.client.admin("/logging?level=loud"))[0] == 400
+    assert post(mesh.client.admin("/quitquitquit"))[0] == 200
+    assert mesh.client.proc.wait(timeout=15) == 0
+
+
+def test_bad_config_names_field_and_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(
+        "node: {id: a, workload: a, namespace: n}\n"
+        "admin: {address: '127.0.0.1:1'}\n"
+        "identity: {files: {cert: c, key: k, bundle: b}}\n"
+        "listeners:\n"
+        "  - name: l\n"
+        "    address: '127.0.0.1:2'\n"
+        "    direction: SIDEWAYS\n"
+        "    filter_chains: []\n"
+    )
+    out = subprocess.run([binary(), "proxy", "--config", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "listeners[0].direction" in out.stderr and "line 7" in out.stderr, out.stderr
+    out = subprocess.run([binary(), "proxy", "--config", str(tmp_path / "missing.yaml")], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "missing.yaml" in out.stderr
+
+
+def test_demo_once_exits_zero_with_every_hop_mtls(tmp_path):
+    out = subprocess.run([binary(), "demo", "--once", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "all 6 expectations held" in out.stdout
+    assert out.stdout.count("admin: http://127.0.0.1:") == 3
+    rows = [line for line in out.stdout.splitlines() if "spiffe://" in line]
+    assert len(rows) == 6 and all(line.rstrip().endswith("ok") for line in rows)

@@ -37,6 +37,8 @@ pub struct ConnCtx {
     pub local_id: Arc<str>,
     pub local_workload: Arc<str>,
     pub local_app: Arc<str>,
+    /// Draining: HTTP/1.x responses get `Connection: close` so clients reconnect elsewhere.
+    pub drain: crate::drain::Watch,
 }
 
 /// Serves one request. Never fails: every error becomes a local reply.
@@ -65,7 +67,10 @@ pub async fn handle(
         guard.grpc_status = grpc_status(response.headers());
     }
     chain.count_status(guard.record.response_code);
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
+    if ctx.drain.is_draining() && guard.record.protocol.starts_with("HTTP/1") {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Ok(Response::from_parts(parts, Guarded::boxed(body, guard)))
 }
 

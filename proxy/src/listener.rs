@@ -71,6 +71,12 @@ struct ListenerStats {
     ssl_handshake_error: Stat,
 }
 
+/// The two drain signals a connection watches: drain started, and listeners stopped.
+struct Draining {
+    watch: drain::Watch,
+    stop: watch::Receiver<bool>,
+}
+
 /// What the first bytes from an app look like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sniffed {
@@ -154,11 +160,12 @@ impl ListenerRt {
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
             let watch = drain.watch();
+            let stop = stop.clone();
             tokio::spawn(async move {
                 this.stats.downstream_cx_total.inc();
                 this.stats.downstream_cx_active.inc();
                 this.shared.total_connections.inc();
-                this.serve_conn(tcp, remote, watch).await;
+                this.serve_conn(tcp, remote, Draining { watch, stop }).await;
                 this.shared.total_connections.dec();
                 this.stats.downstream_cx_active.dec();
                 drop(permit);
@@ -167,7 +174,7 @@ impl ListenerRt {
         tracing::info!(listener = %self.config.name, "listener closed");
     }
 
-    async fn serve_conn(&self, tcp: TcpStream, remote: SocketAddr, drain: drain::Watch) {
+    async fn serve_conn(&self, tcp: TcpStream, remote: SocketAddr, drain: Draining) {
         let local = tcp.local_addr().unwrap_or(self.config.address);
         match self.config.direction {
             Direction::Inbound => self.serve_inbound(tcp, remote, local, drain).await,
@@ -175,7 +182,7 @@ impl ListenerRt {
         }
     }
 
-    async fn serve_inbound(&self, tcp: TcpStream, remote: SocketAddr, local: SocketAddr, drain: drain::Watch) {
+    async fn serve_inbound(&self, tcp: TcpStream, remote: SocketAddr, local: SocketAddr, drain: Draining) {
         let Some(acceptor) = &self.tls else { return };
         let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
@@ -217,15 +224,17 @@ impl ListenerRt {
             local_id: self.shared.local_id.clone(),
             local_workload: self.shared.local_workload.clone(),
             local_app: self.shared.local_app.clone(),
+            drain: drain.watch.clone(),
         });
         tracing::trace!(chain = %chain.name, "inbound connection");
+        let h2 = matches!(alpn.as_deref(), Some("h2" | "istio-h2"));
         match &chain.kind {
-            ChainKind::Http(http) => self.serve_http(tls, ctx, http.clone(), drain).await,
+            ChainKind::Http(http) => self.serve_http(tls, ctx, http.clone(), drain, h2).await,
             ChainKind::Tcp { cluster } => crate::tcp::proxy(tls, &ctx, cluster, &self.shared.telemetry).await,
         }
     }
 
-    async fn serve_outbound(&self, tcp: TcpStream, remote: SocketAddr, local: SocketAddr, drain: drain::Watch) {
+    async fn serve_outbound(&self, tcp: TcpStream, remote: SocketAddr, local: SocketAddr, drain: Draining) {
         let sniffed = sniff(&tcp).await;
         let Some(chain) = self.chains.iter().find(|c| {
             let proto = match sniffed {
@@ -254,18 +263,25 @@ impl ListenerRt {
             local_id: self.shared.local_id.clone(),
             local_workload: self.shared.local_workload.clone(),
             local_app: self.shared.local_app.clone(),
+            drain: drain.watch.clone(),
         });
         match &chain.kind {
-            ChainKind::Http(http) => self.serve_http(tcp, ctx, http.clone(), drain).await,
+            ChainKind::Http(http) => self.serve_http(tcp, ctx, http.clone(), drain, sniffed == Sniffed::H2c).await,
             ChainKind::Tcp { cluster } => crate::tcp::proxy(tcp, &ctx, cluster, &self.shared.telemetry).await,
         }
     }
 
     /// Serves HTTP/1.1 or HTTP/2 (detected by preface) until the peer closes or a drain ends it.
-    async fn serve_http<I>(&self, io: I, ctx: Arc<ConnCtx>, chain: Arc<HttpChain>, mut drain: drain::Watch)
+    ///
+    /// Draining: HTTP/2 gets GOAWAY at once (in-flight streams finish; clients open a new
+    /// connection for new ones). HTTP/1.1 gets `Connection: close` on its next response (see
+    /// `http::handle`), and an idle keep-alive connection is closed only when the drain window
+    /// ends: closing it earlier races with a request the client may be sending on it.
+    async fn serve_http<I>(&self, io: I, ctx: Arc<ConnCtx>, chain: Arc<HttpChain>, drain: Draining, h2: bool)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let Draining { watch: mut drain, mut stop } = drain;
         let draining_at_accept = drain.is_draining();
         let builder = server_builder(&self.shared.limits, draining_at_accept);
         let clusters = self.shared.clusters.clone();
@@ -278,9 +294,13 @@ impl ListenerRt {
         let result = tokio::select! {
             r = conn.as_mut() => r,
             _ = async {
-                drain.signaled().await;
-                if draining_at_accept {
-                    tokio::time::sleep(DRAIN_GOAWAY_DELAY).await;
+                if h2 {
+                    drain.signaled().await;
+                    if draining_at_accept {
+                        tokio::time::sleep(DRAIN_GOAWAY_DELAY).await;
+                    }
+                } else {
+                    let _ = stop.wait_for(|s| *s).await;
                 }
             } => {
                 // HTTP/2: GOAWAY; HTTP/1.1: `Connection: close` on the response in flight.

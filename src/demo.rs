@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use identity::{DevCa, SpiffeId, TrustDomain};
 use proxy::config::{
-    AccessLogConfig, AccessLogFormat, Admin, Bootstrap, Cluster, DestinationMetadata, Direction, DrainConfig, FileIdentity,
-    FilterChain, FilterChainMatch, ForwardClientCertDetails, HttpConnectionManager, IdentityConfig, Limits,
-    Listener, Node, Route, RouteAction, RouteConfiguration, RouteMatch, TcpProxy, UpstreamProtocol, UpstreamTls,
-    VirtualHost,
+    AccessLogConfig, AccessLogFormat, Admin, Bootstrap, Cluster, DestinationMetadata, Direction,
+    DrainConfig, FileIdentity, FilterChain, FilterChainMatch, ForwardClientCertDetails,
+    HttpConnectionManager, IdentityConfig, Limits, Listener, Node, Route, RouteAction,
+    RouteConfiguration, RouteMatch, TcpProxy, UpstreamProtocol, UpstreamTls, VirtualHost,
 };
 
 mod apps;
@@ -50,7 +50,9 @@ struct Hop {
 }
 
 pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("eastguard-demo-{}", std::process::id())));
+    let dir = dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("eastguard-demo-{}", std::process::id()))
+    });
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     println!("eastguard demo — files in {}", dir.display());
 
@@ -102,7 +104,12 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
     for (i, w) in WORKLOADS.iter().enumerate() {
         client::wait_ready(mesh.ports[i].admin, Duration::from_secs(30))
             .await
-            .with_context(|| format!("{w}'s sidecar did not become ready (see {w}-sidecar.log in {})", dir.display()))?;
+            .with_context(|| {
+                format!(
+                    "{w}'s sidecar did not become ready (see {w}-sidecar.log in {})",
+                    dir.display()
+                )
+            })?;
         println!("{w:>9} sidecar admin: http://{}", mesh.ports[i].admin);
     }
 
@@ -110,9 +117,15 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
     print_table(&hops);
     let all_ok = hops.iter().all(|h| h.ok);
     if all_ok {
-        println!("\nall {} expectations held; every allowed hop was mutually authenticated (mTLS)", hops.len());
+        println!(
+            "\nall {} expectations held; every allowed hop was mutually authenticated (mTLS)",
+            hops.len()
+        );
     } else {
-        println!("\nSOME EXPECTATIONS FAILED (sidecar logs in {})", dir.display());
+        println!(
+            "\nSOME EXPECTATIONS FAILED (sidecar logs in {})",
+            dir.display()
+        );
     }
 
     if !once {
@@ -165,74 +178,91 @@ async fn script(mesh: &Mesh) -> Vec<Hop> {
     }
 
     // 2. HTTP/2 (h2c prior knowledge) frontend → orders.
-    hops.push(match client::get(frontend_out, "orders", "/orders/7", &[], true).await {
-        Ok((status, body)) => {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            let caller = v["caller"].as_str().unwrap_or("-").to_owned();
-            Hop {
-                ok: status == 200 && caller == id("frontend"),
-                mtls: yes_if(caller == id("frontend")),
-                caller,
-                callee: "orders".into(),
-                protocol: "HTTP/2 (h2c)",
-                status: status.to_string(),
-                expectation: "allowed, caller verified",
+    hops.push(
+        match client::get(frontend_out, "orders", "/orders/7", &[], true).await {
+            Ok((status, body)) => {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                let caller = v["caller"].as_str().unwrap_or("-").to_owned();
+                Hop {
+                    ok: status == 200 && caller == id("frontend"),
+                    mtls: yes_if(caller == id("frontend")),
+                    caller,
+                    callee: "orders".into(),
+                    protocol: "HTTP/2 (h2c)",
+                    status: status.to_string(),
+                    expectation: "allowed, caller verified",
+                }
             }
-        }
-        Err(e) => failed("orders", "HTTP/2 (h2c)", &e),
-    });
+            Err(e) => failed("orders", "HTTP/2 (h2c)", &e),
+        },
+    );
 
     // 3. A forged XFCC header claiming to be an admin service never reaches orders.
-    let forged = [("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/demo/sa/admin")];
-    hops.push(match client::get(frontend_out, "orders", "/orders/1", &forged, false).await {
-        Ok((status, body)) => {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            let caller = v["caller"].as_str().unwrap_or("-").to_owned();
-            let forged_seen = v["xfcc"].as_str().unwrap_or("").contains("sa/admin");
-            Hop {
-                ok: status == 200 && caller == id("frontend") && !forged_seen,
-                mtls: yes_if(caller == id("frontend")),
-                caller,
-                callee: "orders".into(),
-                protocol: "HTTP/1.1",
-                status: status.to_string(),
-                expectation: "forged XFCC stripped",
+    let forged = [(
+        "x-forwarded-client-cert",
+        "URI=spiffe://cluster.local/ns/demo/sa/admin",
+    )];
+    hops.push(
+        match client::get(frontend_out, "orders", "/orders/1", &forged, false).await {
+            Ok((status, body)) => {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                let caller = v["caller"].as_str().unwrap_or("-").to_owned();
+                let forged_seen = v["xfcc"].as_str().unwrap_or("").contains("sa/admin");
+                Hop {
+                    ok: status == 200 && caller == id("frontend") && !forged_seen,
+                    mtls: yes_if(caller == id("frontend")),
+                    caller,
+                    callee: "orders".into(),
+                    protocol: "HTTP/1.1",
+                    status: status.to_string(),
+                    expectation: "forged XFCC stripped",
+                }
             }
-        }
-        Err(e) => failed("orders", "HTTP/1.1", &e),
-    });
+            Err(e) => failed("orders", "HTTP/1.1", &e),
+        },
+    );
 
     // 4. Opaque TCP frontend → ledger; ledger's sidecar reports the verified caller.
-    hops.push(match client::tcp_roundtrip(mesh.frontend_tcp, b"ping").await {
-        Ok(reply) => {
-            let echoed = reply == "ledger-tcp:ping";
-            let caller = client::tcp_caller(mesh.ports[2].admin).await.unwrap_or_else(|_| "-".into());
-            Hop {
-                ok: echoed && caller == id("frontend"),
-                mtls: yes_if(caller == id("frontend")),
-                caller,
-                callee: "ledger".into(),
-                protocol: "TCP",
-                status: if echoed { "echoed".into() } else { format!("{reply:?}") },
-                expectation: "allowed, caller verified",
+    hops.push(
+        match client::tcp_roundtrip(mesh.frontend_tcp, b"ping").await {
+            Ok(reply) => {
+                let echoed = reply == "ledger-tcp:ping";
+                let caller = client::tcp_caller(mesh.ports[2].admin)
+                    .await
+                    .unwrap_or_else(|_| "-".into());
+                Hop {
+                    ok: echoed && caller == id("frontend"),
+                    mtls: yes_if(caller == id("frontend")),
+                    caller,
+                    callee: "ledger".into(),
+                    protocol: "TCP",
+                    status: if echoed {
+                        "echoed".into()
+                    } else {
+                        format!("{reply:?}")
+                    },
+                    expectation: "allowed, caller verified",
+                }
             }
-        }
-        Err(e) => failed("ledger", "TCP", &e),
-    });
+            Err(e) => failed("ledger", "TCP", &e),
+        },
+    );
 
     // 5. Identity binding: an endpoint that answers as ledger where orders is expected is refused.
-    hops.push(match client::get(frontend_out, "orders-impostor", "/orders/1", &[], false).await {
-        Ok((status, _)) => Hop {
-            caller: id("frontend"),
-            callee: "ledger posing as orders".into(),
-            protocol: "HTTP/1.1",
-            ok: status == 503,
-            status: status.to_string(),
-            mtls: "refused: wrong peer ID".into(),
-            expectation: "refused (503 UF)",
+    hops.push(
+        match client::get(frontend_out, "orders-impostor", "/orders/1", &[], false).await {
+            Ok((status, _)) => Hop {
+                caller: id("frontend"),
+                callee: "ledger posing as orders".into(),
+                protocol: "HTTP/1.1",
+                ok: status == 503,
+                status: status.to_string(),
+                mtls: "refused: wrong peer ID".into(),
+                expectation: "refused (503 UF)",
+            },
+            Err(e) => failed("orders-impostor", "HTTP/1.1", &e),
         },
-        Err(e) => failed("orders-impostor", "HTTP/1.1", &e),
-    });
+    );
     hops
 }
 
@@ -253,7 +283,15 @@ fn failed(callee: &str, protocol: &'static str, e: &anyhow::Error) -> Hop {
 }
 
 fn print_table(hops: &[Hop]) {
-    let header = ["caller SPIFFE ID", "callee", "protocol", "status", "mTLS", "expectation", "held"];
+    let header = [
+        "caller SPIFFE ID",
+        "callee",
+        "protocol",
+        "status",
+        "mTLS",
+        "expectation",
+        "held",
+    ];
     let rows: Vec<[String; 7]> = hops
         .iter()
         .map(|h| {
@@ -275,20 +313,38 @@ fn print_table(hops: &[Hop]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("  {}", parts.join("  "));
     };
     println!();
     line(header.to_vec());
-    line(widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().iter().map(String::as_str).collect());
+    line(
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect(),
+    );
     for r in &rows {
         line(r.iter().map(String::as_str).collect());
     }
 }
 
+#[expect(
+    clippy::expect_used,
+    reason = "called only with the demo's constant workload names"
+)]
 fn spiffe_id(workload: &str) -> SpiffeId {
-    SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{workload}"))
-        .expect("demo workload names are valid SPIFFE path segments")
+    SpiffeId::parse(&format!(
+        "spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{workload}"
+    ))
+    .expect("demo workload names are valid SPIFFE path segments")
 }
 
 fn free_port() -> anyhow::Result<SocketAddr> {
@@ -299,8 +355,15 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 async fn stop_child(child: &mut tokio::process::Child) {
     if let Some(pid) = child.id() {
         // SIGTERM first so the sidecar drains; SIGKILL if it does not exit.
-        let _ = tokio::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
-        if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_ok() {
+        let _ = tokio::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_ok()
+        {
             return;
         }
     }
@@ -338,7 +401,13 @@ fn hcm(stat_prefix: &str, virtual_hosts: Vec<VirtualHost>) -> HttpConnectionMana
     }
 }
 
-fn peer_cluster(name: &str, port: u16, workload: &str, endpoint: SocketAddr, expected: &str) -> Cluster {
+fn peer_cluster(
+    name: &str,
+    port: u16,
+    workload: &str,
+    endpoint: SocketAddr,
+    expected: &str,
+) -> Cluster {
     Cluster {
         name: name.into(),
         endpoints: vec![endpoint],
@@ -422,21 +491,38 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path) -> Bootstrap {
         clusters.push(peer_cluster(&name, 80, peer, mesh.ports[j].inbound, peer));
         vhosts.push(VirtualHost {
             name: format!("{}:80", service_host(peer)),
-            domains: vec![peer.to_string(), format!("{peer}:80"), service_host(peer), format!("{}:80", service_host(peer))],
+            domains: vec![
+                peer.to_string(),
+                format!("{peer}:80"),
+                service_host(peer),
+                format!("{}:80", service_host(peer)),
+            ],
             routes: vec![route_to(&name)],
         });
     }
     if w == "frontend" {
         // An endpoint that is really ledger, configured as if it were orders: must be refused.
         let name = "outbound|80||orders-impostor";
-        clusters.push(peer_cluster(name, 80, "orders", mesh.ports[2].inbound, "orders"));
+        clusters.push(peer_cluster(
+            name,
+            80,
+            "orders",
+            mesh.ports[2].inbound,
+            "orders",
+        ));
         vhosts.push(VirtualHost {
             name: "orders-impostor:80".into(),
             domains: vec!["orders-impostor".into()],
             routes: vec![route_to(name)],
         });
         let tcp_cluster = format!("outbound|9000||{}", service_host("ledger"));
-        clusters.push(peer_cluster(&tcp_cluster, 9000, "ledger", mesh.ports[2].inbound, "ledger"));
+        clusters.push(peer_cluster(
+            &tcp_cluster,
+            9000,
+            "ledger",
+            mesh.ports[2].inbound,
+            "ledger",
+        ));
         listeners.push(Listener {
             name: "outbound_9000_ledger".into(),
             address: mesh.frontend_tcp,

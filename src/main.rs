@@ -12,7 +12,11 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 mod demo;
 
 #[derive(Parser)]
-#[command(name = "eastguard", version, about = "Service-mesh sidecar proxy for east-west API security")]
+#[command(
+    name = "eastguard",
+    version,
+    about = "Service-mesh sidecar proxy for east-west API security"
+)]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `eastguard_proxy=debug`).
     #[arg(long, global = true, default_value = "info", env = "EASTGUARD_LOG")]

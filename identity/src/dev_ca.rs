@@ -47,9 +47,7 @@ impl DevCa {
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.subject_alt_names = vec![SanType::URI(
-            trust_domain.id().as_str().try_into()?,
-        )];
+        params.subject_alt_names = vec![SanType::URI(trust_domain.id().as_str().try_into()?)];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + time::Duration::days(365);
@@ -75,13 +73,19 @@ impl DevCa {
     }
 
     pub fn bundle(&self) -> Result<Bundle, DevCaError> {
-        Ok(Bundle::from_certs(self.trust_domain.clone(), vec![self.cert_der()])?)
+        Ok(Bundle::from_certs(
+            self.trust_domain.clone(),
+            vec![self.cert_der()],
+        )?)
     }
 
     /// Mints an SVID for `id`, valid from one minute ago for `ttl`.
     pub fn mint(&self, id: &SpiffeId, ttl: Duration) -> Result<MintedSvid, DevCaError> {
         if id.trust_domain_str() != self.trust_domain.as_str() {
-            return Err(DevCaError::WrongTrustDomain(id.clone(), self.trust_domain.clone()));
+            return Err(DevCaError::WrongTrustDomain(
+                id.clone(),
+                self.trust_domain.clone(),
+            ));
         }
         self.mint_with(id, ttl, |_| {})
     }
@@ -121,7 +125,12 @@ impl DevCa {
         ttl: Duration,
         edit: impl FnOnce(&mut CertificateParams),
     ) -> Result<
-        (String, String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+        (
+            String,
+            String,
+            Vec<CertificateDer<'static>>,
+            PrivateKeyDer<'static>,
+        ),
         DevCaError,
     > {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -142,7 +151,12 @@ impl DevCa {
         edit(&mut params);
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        Ok((cert.pem(), key.serialize_pem(), vec![cert.der().clone()], key_der))
+        Ok((
+            cert.pem(),
+            key.serialize_pem(),
+            vec![cert.der().clone()],
+            key_der,
+        ))
     }
 }
 

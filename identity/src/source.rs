@@ -123,9 +123,13 @@ impl FileSource {
     }
 
     fn paths(&self) -> impl Iterator<Item = &Path> {
-        [self.cert.as_path(), self.key.as_path(), self.bundle.as_path()]
-            .into_iter()
-            .chain(self.federated.iter().map(|(_, p)| p.as_path()))
+        [
+            self.cert.as_path(),
+            self.key.as_path(),
+            self.bundle.as_path(),
+        ]
+        .into_iter()
+        .chain(self.federated.iter().map(|(_, p)| p.as_path()))
     }
 
     fn read_all(&self) -> Result<Vec<Vec<u8>>, SourceError> {
@@ -140,12 +144,11 @@ impl FileSource {
     }
 
     fn parse(&self, contents: &[Vec<u8>]) -> Result<Credentials, SourceError> {
-        let svid = X509Svid::from_pem(&contents[0], &contents[1]).map_err(|source| {
-            SourceError::Svid {
+        let svid =
+            X509Svid::from_pem(&contents[0], &contents[1]).map_err(|source| SourceError::Svid {
                 path: self.cert.clone(),
                 source,
-            }
-        })?;
+            })?;
         let td = svid.spiffe_id().trust_domain();
         let own = Bundle::from_pem(td, &contents[2]).map_err(|source| SourceError::Bundle {
             path: self.bundle.clone(),

@@ -238,9 +238,21 @@ mod tests {
 
     #[test]
     fn named_errors() {
-        assert_eq!(SpiffeId::parse("spiffe://a/b/"), Err(SpiffeIdError::EmptySegment));
-        assert_eq!(SpiffeId::parse("spiffe://a/.."), Err(SpiffeIdError::DotSegment));
-        assert_eq!(SpiffeId::parse("spiffe://A/x"), Err(SpiffeIdError::BadTrustDomainChar('A')));
-        assert_eq!(TrustDomain::parse("spiffe://a/x"), Err(SpiffeIdError::TrustDomainHasPath));
+        assert_eq!(
+            SpiffeId::parse("spiffe://a/b/"),
+            Err(SpiffeIdError::EmptySegment)
+        );
+        assert_eq!(
+            SpiffeId::parse("spiffe://a/.."),
+            Err(SpiffeIdError::DotSegment)
+        );
+        assert_eq!(
+            SpiffeId::parse("spiffe://A/x"),
+            Err(SpiffeIdError::BadTrustDomainChar('A'))
+        );
+        assert_eq!(
+            TrustDomain::parse("spiffe://a/x"),
+            Err(SpiffeIdError::TrustDomainHasPath)
+        );
     }
 }

@@ -93,10 +93,11 @@ impl X509Svid {
         let spki = signing_key.public_key().ok_or_else(|| {
             SvidError::BadPrivateKey("key type cannot report its public key".into())
         })?;
-        let (_, cert) = parse_x509_certificate(&chain[0]).map_err(|e| SvidError::BadCertificate {
-            index: 0,
-            reason: e.to_string(),
-        })?;
+        let (_, cert) =
+            parse_x509_certificate(&chain[0]).map_err(|e| SvidError::BadCertificate {
+                index: 0,
+                reason: e.to_string(),
+            })?;
         if cert.public_key().raw != spki.as_ref() {
             return Err(SvidError::KeyMismatch);
         }
@@ -154,11 +155,17 @@ pub fn check_chain(chain: &[CertificateDer<'_>]) -> Result<LeafInfo, SvidError> 
             index,
             reason: e.to_string(),
         };
-        let is_ca = cert.basic_constraints().map_err(bad_ext)?.is_some_and(|bc| bc.value.ca);
+        let is_ca = cert
+            .basic_constraints()
+            .map_err(bad_ext)?
+            .is_some_and(|bc| bc.value.ca);
         if !is_ca {
             return Err(SvidError::IntermediateNotCa { index });
         }
-        let cert_sign = cert.key_usage().map_err(bad_ext)?.is_some_and(|ku| ku.value.key_cert_sign());
+        let cert_sign = cert
+            .key_usage()
+            .map_err(bad_ext)?
+            .is_some_and(|ku| ku.value.key_cert_sign());
         if !cert_sign {
             return Err(SvidError::IntermediateNoKeyCertSign { index });
         }
@@ -199,7 +206,11 @@ pub fn check_leaf(der: &[u8]) -> Result<LeafInfo, SvidError> {
     if spiffe_id.path().is_empty() {
         return Err(SvidError::TrustDomainOnlyId);
     }
-    if cert.basic_constraints().map_err(bad_ext)?.is_some_and(|bc| bc.value.ca) {
+    if cert
+        .basic_constraints()
+        .map_err(bad_ext)?
+        .is_some_and(|bc| bc.value.ca)
+    {
         return Err(SvidError::LeafIsCa);
     }
     // The standard requires the key usage extension on leaves, with digitalSignature set.

@@ -83,7 +83,9 @@ pub fn client_config(
 }
 
 /// The SPIFFE ID in the leaf a verified peer presented, if any.
-pub fn peer_spiffe_id(peer_certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> Option<SpiffeId> {
+pub fn peer_spiffe_id(
+    peer_certs: Option<&[rustls_pki_types::CertificateDer<'_>]>,
+) -> Option<SpiffeId> {
     let leaf = peer_certs?.first()?;
     crate::svid::check_leaf(leaf).ok().map(|l| l.spiffe_id)
 }

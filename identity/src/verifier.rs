@@ -24,7 +24,10 @@ pub enum VerifyError {
     #[error("no local credentials yet; refusing all peers")]
     NoCredentials,
     #[error("certificate chain does not verify against the {trust_domain} bundle: {reason}")]
-    Chain { trust_domain: String, reason: String },
+    Chain {
+        trust_domain: String,
+        reason: String,
+    },
     #[error("peer SPIFFE ID {got} is not one of the expected IDs [{expected}]")]
     UnexpectedId { got: SpiffeId, expected: String },
 }
@@ -88,7 +91,9 @@ fn algorithms() -> &'static WebPkiSupportedAlgorithms {
 
 fn to_rustls(e: VerifyError) -> rustls::Error {
     let cert_err = match &e {
-        VerifyError::Chain { reason, .. } if reason.contains("Expired") => CertificateError::Expired,
+        VerifyError::Chain { reason, .. } if reason.contains("Expired") => {
+            CertificateError::Expired
+        }
         VerifyError::Chain { reason, .. } if reason.contains("NotValidYet") => {
             CertificateError::NotValidYet
         }
@@ -139,8 +144,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        verify_peer_svid(end_entity, intermediates, &self.creds, now, PeerRole::Client)
-            .map_err(to_rustls)?;
+        verify_peer_svid(
+            end_entity,
+            intermediates,
+            &self.creds,
+            now,
+            PeerRole::Client,
+        )
+        .map_err(to_rustls)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -185,8 +196,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let id = verify_peer_svid(end_entity, intermediates, &self.creds, now, PeerRole::Server)
-            .map_err(to_rustls)?;
+        let id = verify_peer_svid(
+            end_entity,
+            intermediates,
+            &self.creds,
+            now,
+            PeerRole::Server,
+        )
+        .map_err(to_rustls)?;
         if !self.expected.contains(&id) {
             let expected = self
                 .expected

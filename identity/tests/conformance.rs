@@ -23,7 +23,10 @@ fn corpus() -> Option<PathBuf> {
         "conformance corpus missing at {} (set EASTGUARD_SHARED)",
         dir.display()
     );
-    eprintln!("!!! SKIPPING: conformance corpus not found at {}", dir.display());
+    eprintln!(
+        "!!! SKIPPING: conformance corpus not found at {}",
+        dir.display()
+    );
     None
 }
 
@@ -40,7 +43,10 @@ fn spiffe_ids_json_verdicts() {
         match SpiffeId::parse(id) {
             Ok(parsed) => {
                 assert!(valid, "accepted invalid ID {id:?} ({rule})");
-                assert_eq!(parsed.trust_domain_str(), case["trust_domain"].as_str().unwrap());
+                assert_eq!(
+                    parsed.trust_domain_str(),
+                    case["trust_domain"].as_str().unwrap()
+                );
                 assert_eq!(parsed.path(), case["path"].as_str().unwrap());
                 assert_eq!(parsed.as_str(), id);
             }
@@ -52,7 +58,12 @@ fn spiffe_ids_json_verdicts() {
         let td = case["trust_domain"].as_str().unwrap();
         let valid = case["valid"].as_bool().unwrap();
         let got = TrustDomain::parse(td);
-        assert_eq!(got.is_ok(), valid, "trust domain {td:?} ({}): {got:?}", case["rule"]);
+        assert_eq!(
+            got.is_ok(),
+            valid,
+            "trust domain {td:?} ({}): {got:?}",
+            case["rule"]
+        );
         checked += 1;
     }
     println!("spiffe-ids.json: {checked} cases agree");
@@ -80,13 +91,25 @@ fn go_spiffe_svid_vectors() {
     for name in ["good-cert-and-key.pem", "good-key-and-cert.pem"] {
         let pem = read(name);
         let svid = X509Svid::from_pem(&pem, &pem).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(svid.spiffe_id().as_str(), "spiffe://example.org/workload-1", "{name}");
+        assert_eq!(
+            svid.spiffe_id().as_str(),
+            "spiffe://example.org/workload-1",
+            "{name}"
+        );
     }
     // Good chains: the structural rules hold, the key go-spiffe pairs each with matches (the
     // leaf-only SVID has an RSA key, the leaf+intermediate one an ECDSA key), and the other does not.
     for (name, key, other) in [
-        ("good-leaf-only.pem", "key-pkcs8-rsa.pem", "key-pkcs8-ecdsa.pem"),
-        ("good-leaf-and-intermediate.pem", "key-pkcs8-ecdsa.pem", "key-pkcs8-rsa.pem"),
+        (
+            "good-leaf-only.pem",
+            "key-pkcs8-rsa.pem",
+            "key-pkcs8-ecdsa.pem",
+        ),
+        (
+            "good-leaf-and-intermediate.pem",
+            "key-pkcs8-ecdsa.pem",
+            "key-pkcs8-rsa.pem",
+        ),
     ] {
         let certs = read_certs(&td.join(name)).unwrap();
         let leaf = check_chain(&certs).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -104,8 +127,14 @@ fn go_spiffe_svid_vectors() {
         ("wrong-leaf-cert-sign.pem", SvidError::LeafKeyCertSign),
         ("wrong-leaf-crl-sign.pem", SvidError::LeafCrlSign),
         ("wrong-leaf-empty-id.pem", SvidError::NoUriSan),
-        ("wrong-leaf-no-digital-signature.pem", SvidError::LeafNoDigitalSignature),
-        ("wrong-intermediate-no-ca.pem", SvidError::IntermediateNotCa { index: 1 }),
+        (
+            "wrong-leaf-no-digital-signature.pem",
+            SvidError::LeafNoDigitalSignature,
+        ),
+        (
+            "wrong-intermediate-no-ca.pem",
+            SvidError::IntermediateNotCa { index: 1 },
+        ),
         (
             "wrong-intermediate-no-key-cert-sign.pem",
             SvidError::IntermediateNoKeyCertSign { index: 1 },
@@ -118,10 +147,16 @@ fn go_spiffe_svid_vectors() {
     // Unparseable input.
     let key = read("key-pkcs8-ecdsa.pem");
     assert!(X509Svid::from_pem(&read("corrupt-cert.pem"), &key).is_err());
-    assert_eq!(X509Svid::from_pem(&read("not-pem"), &key).unwrap_err(), SvidError::NoCertificates);
+    assert_eq!(
+        X509Svid::from_pem(&read("not-pem"), &key).unwrap_err(),
+        SvidError::NoCertificates
+    );
     let good = read("good-leaf-only.pem");
     assert!(X509Svid::from_pem(&good, &read("corrupt-key.pem")).is_err());
-    assert_eq!(X509Svid::from_pem(&good, b"").unwrap_err(), SvidError::NoPrivateKey);
+    assert_eq!(
+        X509Svid::from_pem(&good, b"").unwrap_err(),
+        SvidError::NoPrivateKey
+    );
     println!("go-spiffe x509svid: {} vectors agree", 4 + wrong.len() + 4);
 }
 
@@ -131,8 +166,20 @@ fn go_spiffe_bundle_vectors() {
     let td = TrustDomain::parse("example.org").unwrap();
     let pem = dir.join("spiffe-vectors/bundle/x509bundle/testdata");
     let read = |name: &str| std::fs::read(pem.join(name)).unwrap();
-    assert_eq!(Bundle::from_pem(td.clone(), &read("cert.pem")).unwrap().certs().len(), 1);
-    assert_eq!(Bundle::from_pem(td.clone(), &read("certs.pem")).unwrap().certs().len(), 2);
+    assert_eq!(
+        Bundle::from_pem(td.clone(), &read("cert.pem"))
+            .unwrap()
+            .certs()
+            .len(),
+        1
+    );
+    assert_eq!(
+        Bundle::from_pem(td.clone(), &read("certs.pem"))
+            .unwrap()
+            .certs()
+            .len(),
+        2
+    );
     assert!(Bundle::from_pem(td.clone(), &read("corrupted.pem")).is_err());
     for name in ["empty.pem", "not-pem.pem", "key.pem"] {
         assert_eq!(
@@ -149,7 +196,8 @@ fn go_spiffe_bundle_vectors() {
     let b = Bundle::from_spiffe_json(td.clone(), &read("spiffebundle_valid_2.json")).unwrap();
     assert_eq!((b.certs().len(), b.jwt_key_ids().count()), (1, 6));
     assert_eq!((b.refresh_hint(), b.sequence()), (Some(60), Some(1)));
-    let b = Bundle::from_spiffe_json(td.clone(), &read("spiffebundle_valid_with_wit.json")).unwrap();
+    let b =
+        Bundle::from_spiffe_json(td.clone(), &read("spiffebundle_valid_with_wit.json")).unwrap();
     assert_eq!((b.certs().len(), b.jwt_key_ids().count()), (1, 2));
     let b = Bundle::from_spiffe_json(td.clone(), &read("spiffebundle_no_keys.json")).unwrap();
     assert_eq!((b.certs().len(), b.jwt_key_ids().count()), (0, 0));

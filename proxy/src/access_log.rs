@@ -176,7 +176,10 @@ mod tests {
     fn time_format() {
         let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_764_389_409_123);
         assert_eq!(format_time(t), "2025-11-29T04:10:09.123Z");
-        assert_eq!(format_time(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_time(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000Z"
+        );
     }
 
     #[test]

@@ -83,10 +83,21 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, port: Port) {
     }
 }
 
-async fn route(state: &AdminState, port: Port, remote: Option<SocketAddr>, req: Request<Incoming>) -> Response<Body> {
+async fn route(
+    state: &AdminState,
+    port: Port,
+    remote: Option<SocketAddr>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
-    let post_only = ["/quitquitquit", "/healthcheck/fail", "/healthcheck/ok", "/logging", "/drain_listeners"];
+    let post_only = [
+        "/quitquitquit",
+        "/healthcheck/fail",
+        "/healthcheck/ok",
+        "/logging",
+        "/drain_listeners",
+    ];
     let allowed = match port {
         Port::Admin => true,
         Port::Health => path == "/healthz/ready",
@@ -97,7 +108,10 @@ async fn route(state: &AdminState, port: Port, remote: Option<SocketAddr>, req: 
     }
     if post_only.contains(&path.as_str()) {
         if req.method() != Method::POST {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "This endpoint requires POST\n");
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "This endpoint requires POST\n",
+            );
         }
         // Mutations only from loopback (the admin listener is loopback-only, but say so twice).
         if !remote.is_some_and(|r| r.ip().is_loopback()) {
@@ -113,8 +127,14 @@ async fn route(state: &AdminState, port: Port, remote: Option<SocketAddr>, req: 
         "/config_dump" => json_response(config_dump(state)),
         "/stats" => {
             let mut s = state.telemetry.stats.render_text();
-            s.push_str(&format!("server.live: {}\n", u8::from(state.is_ready().is_ok())));
-            s.push_str(&format!("server.uptime: {}\n", state.started.elapsed().as_secs()));
+            s.push_str(&format!(
+                "server.live: {}\n",
+                u8::from(state.is_ready().is_ok())
+            ));
+            s.push_str(&format!(
+                "server.uptime: {}\n",
+                state.started.elapsed().as_secs()
+            ));
             text(StatusCode::OK, &s)
         }
         "/stats/prometheus" => {
@@ -144,7 +164,10 @@ async fn route(state: &AdminState, port: Port, remote: Option<SocketAddr>, req: 
             text(StatusCode::OK, "OK\n")
         }
         "/logging" => logging(state, &query),
-        "/" => text(StatusCode::OK, "eastguard admin: /ready /server_info /config_dump /stats /stats/prometheus /listeners /clusters; POST /quitquitquit /healthcheck/fail /healthcheck/ok /logging\n"),
+        "/" => text(
+            StatusCode::OK,
+            "eastguard admin: /ready /server_info /config_dump /stats /stats/prometheus /listeners /clusters; POST /quitquitquit /healthcheck/fail /healthcheck/ok /logging\n",
+        ),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -152,14 +175,20 @@ async fn route(state: &AdminState, port: Port, remote: Option<SocketAddr>, req: 
 fn text(status: StatusCode, s: &str) -> Response<Body> {
     let mut r = Response::new(body::full(s.to_owned()));
     *r.status_mut() = status;
-    r.headers_mut().insert("content-type", http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
 fn json_response(v: Value) -> Response<Body> {
     let s = serde_json::to_string_pretty(&v).unwrap_or_else(|_| "{}".into());
     let mut r = Response::new(body::full(s));
-    r.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -300,7 +329,10 @@ fn listeners(state: &AdminState, query: &str) -> Response<Body> {
             })).collect::<Vec<_>>()
         }));
     }
-    let s: String = ls.iter().map(|l| format!("{}::{}\n", l.name, l.address)).collect();
+    let s: String = ls
+        .iter()
+        .map(|l| format!("{}::{}\n", l.name, l.address))
+        .collect();
     text(StatusCode::OK, &s)
 }
 
@@ -332,10 +364,20 @@ fn logging(state: &AdminState, query: &str) -> Response<Body> {
         .find_map(|kv| kv.strip_prefix("level="))
         .map(str::to_owned);
     let Some(level) = level else {
-        return text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<trace|debug|info|warn|error|off>\n");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "usage: POST /logging?level=<trace|debug|info|warn|error|off>\n",
+        );
     };
-    if !["trace", "debug", "info", "warn", "warning", "error", "critical", "off"].contains(&level.as_str()) {
-        return text(StatusCode::BAD_REQUEST, &format!("unknown level {level:?}\n"));
+    if ![
+        "trace", "debug", "info", "warn", "warning", "error", "critical", "off",
+    ]
+    .contains(&level.as_str())
+    {
+        return text(
+            StatusCode::BAD_REQUEST,
+            &format!("unknown level {level:?}\n"),
+        );
     }
     let level = match level.as_str() {
         "warning" => "warn",
@@ -347,6 +389,9 @@ fn logging(state: &AdminState, query: &str) -> Response<Body> {
             Ok(()) => text(StatusCode::OK, &format!("active loggers: all at {level}\n")),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
         },
-        None => text(StatusCode::NOT_IMPLEMENTED, "log level control is not available\n"),
+        None => text(
+            StatusCode::NOT_IMPLEMENTED,
+            "log level control is not available\n",
+        ),
     }
 }

@@ -120,7 +120,8 @@ impl http_body::Body for Guarded {
             Some(Ok(f)) => {
                 if let Some(g) = self.guard.as_mut() {
                     if let Some(d) = f.data_ref() {
-                        g.response_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                        g.response_bytes
+                            .fetch_add(d.len() as u64, Ordering::Relaxed);
                     } else if let Some(t) = f.trailers_ref()
                         && let Some(s) = t.get("grpc-status").and_then(|v| v.to_str().ok())
                     {

@@ -401,7 +401,11 @@ pub(crate) mod duration {
             "s" => value,
             "m" => value * 60.0,
             "h" => value * 3600.0,
-            _ => return Err(format!("duration {s:?} has unknown unit {unit:?} (ms, s, m, h)")),
+            _ => {
+                return Err(format!(
+                    "duration {s:?} has unknown unit {unit:?} (ms, s, m, h)"
+                ));
+            }
         };
         if !secs.is_finite() || !(0.0..=366.0 * 86400.0).contains(&secs) {
             return Err(format!("duration {s:?} is out of range"));
@@ -413,7 +417,9 @@ pub(crate) mod duration {
         s.serialize_str(&format!("{}s", d.as_secs_f64()))
     }
 
-    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Duration, D::Error> {
         let s = <String as serde::Deserialize>::deserialize(d)?;
         parse(&s).map_err(serde::de::Error::custom)
     }
@@ -464,17 +470,26 @@ impl Bootstrap {
         for (i, c) in self.clusters.iter().enumerate() {
             let field = |f: &str| format!("clusters[{i}].{f}");
             if !clusters.insert(c.name.as_str()) {
-                return Err(invalid(field("name"), format!("duplicate cluster {:?}", c.name), &c.name));
+                return Err(invalid(
+                    field("name"),
+                    format!("duplicate cluster {:?}", c.name),
+                    &c.name,
+                ));
             }
             if c.endpoints.is_empty() {
-                return Err(invalid(field("endpoints"), "a cluster needs at least one endpoint".into(), &c.name));
+                return Err(invalid(
+                    field("endpoints"),
+                    "a cluster needs at least one endpoint".into(),
+                    &c.name,
+                ));
             }
             if let Some(tls) = &c.transport_socket
                 && tls.match_spiffe_ids.is_empty()
             {
                 return Err(invalid(
                     field("transport_socket.match_spiffe_ids"),
-                    "an mTLS upstream needs at least one expected SPIFFE ID (never \"any ID\")".into(),
+                    "an mTLS upstream needs at least one expected SPIFFE ID (never \"any ID\")"
+                        .into(),
                     "match_spiffe_ids",
                 ));
             }
@@ -483,10 +498,18 @@ impl Bootstrap {
         for (li, l) in self.listeners.iter().enumerate() {
             let lfield = |f: &str| format!("listeners[{li}].{f}");
             if !names.insert(l.name.as_str()) {
-                return Err(invalid(lfield("name"), format!("duplicate listener {:?}", l.name), &l.name));
+                return Err(invalid(
+                    lfield("name"),
+                    format!("duplicate listener {:?}", l.name),
+                    &l.name,
+                ));
             }
             if l.filter_chains.is_empty() {
-                return Err(invalid(lfield("filter_chains"), "a listener needs a filter chain".into(), &l.name));
+                return Err(invalid(
+                    lfield("filter_chains"),
+                    "a listener needs a filter chain".into(),
+                    &l.name,
+                ));
             }
             for (ci, fc) in l.filter_chains.iter().enumerate() {
                 let cfield = |f: &str| lfield(&format!("filter_chains[{ci}].{f}"));
@@ -513,7 +536,11 @@ impl Bootstrap {
                 };
                 for (f, cluster) in cluster_refs {
                     if !clusters.contains(cluster) {
-                        return Err(invalid(cfield(&f), format!("unknown cluster {cluster:?}"), cluster));
+                        return Err(invalid(
+                            cfield(&f),
+                            format!("unknown cluster {cluster:?}"),
+                            cluster,
+                        ));
                     }
                     let upstream_tls = self
                         .clusters
@@ -523,7 +550,9 @@ impl Bootstrap {
                     if l.direction == Direction::Outbound && !upstream_tls {
                         return Err(invalid(
                             cfield(&f),
-                            format!("outbound traffic must go to an mTLS cluster; {cluster:?} has no transport_socket"),
+                            format!(
+                                "outbound traffic must go to an mTLS cluster; {cluster:?} has no transport_socket"
+                            ),
                             cluster,
                         ));
                     }
@@ -534,7 +563,9 @@ impl Bootstrap {
                             let m = &r.match_;
                             if m.prefix.is_some() == m.path.is_some() {
                                 return Err(invalid(
-                                    cfield(&format!("http_connection_manager.route_config.virtual_hosts[{vi}].routes[{ri}].match")),
+                                    cfield(&format!(
+                                        "http_connection_manager.route_config.virtual_hosts[{vi}].routes[{ri}].match"
+                                    )),
                                     "a route match needs exactly one of prefix and path".into(),
                                     &vh.name,
                                 ));

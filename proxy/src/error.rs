@@ -54,7 +54,9 @@ impl ProxyError {
         };
         match self {
             Self::NoRoute { .. } => r(404, UNIMPLEMENTED, "NR", "route_not_found", false),
-            Self::NoHealthyUpstream { .. } => r(503, UNAVAILABLE, "UH", "no_healthy_upstream", false),
+            Self::NoHealthyUpstream { .. } => {
+                r(503, UNAVAILABLE, "UH", "no_healthy_upstream", false)
+            }
             Self::UpstreamConnect { .. } => r(
                 503,
                 UNAVAILABLE,
@@ -99,18 +101,58 @@ mod tests {
     #[test]
     fn every_error_maps_to_a_response() {
         let table = [
-            (ProxyError::NoRoute { authority: "a".into(), path: "/".into() }, 404, 12, "NR"),
-            (ProxyError::NoHealthyUpstream { cluster: "c".into() }, 503, 14, "UH"),
-            (ProxyError::UpstreamConnect { endpoint: "e".into(), reason: "r".into() }, 503, 14, "UF"),
-            (ProxyError::UpstreamTls { endpoint: "e".into(), reason: "r".into() }, 503, 14, "UF"),
-            (ProxyError::UpstreamTimeout(Duration::from_secs(1)), 504, 4, "UT"),
+            (
+                ProxyError::NoRoute {
+                    authority: "a".into(),
+                    path: "/".into(),
+                },
+                404,
+                12,
+                "NR",
+            ),
+            (
+                ProxyError::NoHealthyUpstream {
+                    cluster: "c".into(),
+                },
+                503,
+                14,
+                "UH",
+            ),
+            (
+                ProxyError::UpstreamConnect {
+                    endpoint: "e".into(),
+                    reason: "r".into(),
+                },
+                503,
+                14,
+                "UF",
+            ),
+            (
+                ProxyError::UpstreamTls {
+                    endpoint: "e".into(),
+                    reason: "r".into(),
+                },
+                503,
+                14,
+                "UF",
+            ),
+            (
+                ProxyError::UpstreamTimeout(Duration::from_secs(1)),
+                504,
+                4,
+                "UT",
+            ),
             (ProxyError::UpstreamReset("x".into()), 503, 14, "UC"),
             (ProxyError::BadRequest("x"), 400, 13, "DPE"),
             (ProxyError::Upgrade("x".into()), 503, 14, "UF"),
         ];
         for (err, status, grpc, flag) in table {
             let r = err.response();
-            assert_eq!((r.status, r.grpc_status, r.flag), (status, grpc, flag), "{err}");
+            assert_eq!(
+                (r.status, r.grpc_status, r.flag),
+                (status, grpc, flag),
+                "{err}"
+            );
         }
     }
 }

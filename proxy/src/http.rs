@@ -8,13 +8,13 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::Clusters;
 use crate::body::{self, Body, Counting, Guarded};
 use crate::config::ForwardClientCertDetails;
 use crate::error::ProxyError;
 use crate::route::HttpChain;
 use crate::telemetry::{CallGuard, Peer, Reporter, Telemetry};
 use crate::upstream::ClusterRt;
-use crate::Clusters;
 
 static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -69,7 +69,9 @@ pub async fn handle(
     chain.count_status(guard.record.response_code);
     let (mut parts, body) = response.into_parts();
     if ctx.drain.is_draining() && guard.record.protocol.starts_with("HTTP/1") {
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(Response::from_parts(parts, Guarded::boxed(body, guard)))
 }
@@ -141,10 +143,12 @@ async fn forward(
     let sent = if timeout.is_zero() {
         send.await
     } else {
-        tokio::time::timeout(timeout, send).await.unwrap_or_else(|_| {
-            cluster.stats.upstream_rq_timeout.inc();
-            Err(ProxyError::UpstreamTimeout(timeout))
-        })
+        tokio::time::timeout(timeout, send)
+            .await
+            .unwrap_or_else(|_| {
+                cluster.stats.upstream_rq_timeout.inc();
+                Err(ProxyError::UpstreamTimeout(timeout))
+            })
     };
     let sent = sent.inspect_err(|e| note_upstream_failure(guard, &cluster, e))?;
     guard.record.upstream_service_time = Some(started.elapsed().as_millis() as u64);
@@ -160,7 +164,9 @@ async fn forward(
 }
 
 fn note_upstream_failure(guard: &mut CallGuard, cluster: &ClusterRt, e: &ProxyError) {
-    if let ProxyError::UpstreamConnect { endpoint, .. } | ProxyError::UpstreamTls { endpoint, .. } = e {
+    if let ProxyError::UpstreamConnect { endpoint, .. } | ProxyError::UpstreamTls { endpoint, .. } =
+        e
+    {
         guard.record.upstream_host = Some(endpoint.clone());
     }
     tracing::warn!(cluster = %cluster.config.name, error = %e, "upstream request failed");
@@ -170,7 +176,12 @@ fn describe_request(guard: &mut CallGuard, ctx: &ConnCtx, req: &Request<Incoming
     let h = req.headers();
     let r = &mut guard.record;
     r.method = Some(req.method().as_str().to_owned());
-    r.path = Some(req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned());
+    r.path = Some(
+        req.uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned(),
+    );
     r.protocol = protocol_name(req.version()).to_owned();
     r.authority = authority(req);
     r.user_agent = header_str(h, &header::USER_AGENT).map(Into::into);
@@ -194,7 +205,9 @@ fn check_request<B>(req: &Request<B>) -> Result<(), ProxyError> {
         return Err(ProxyError::BadRequest("header name with underscore"));
     }
     if h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING) {
-        return Err(ProxyError::BadRequest("both Content-Length and Transfer-Encoding"));
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
     }
     if req.method() == http::Method::CONNECT {
         return Err(ProxyError::BadRequest("CONNECT is not supported"));
@@ -214,7 +227,9 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    conn_upgrade.then(|| req.headers().get(header::UPGRADE).cloned()).flatten()
+    conn_upgrade
+        .then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
 }
 
 /// Removes hop-by-hop headers (and whatever `Connection` names), which never cross a proxy.
@@ -284,7 +299,14 @@ fn uuid_v4() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 /// Envoy's XFCC for SANITIZE_SET with Hash, Subject and URI: the verified peer, nothing the client said.
@@ -339,8 +361,13 @@ pub fn local_reply(e: &ProxyError, grpc: bool) -> Response<Body> {
         builder = builder.header(header::CONNECTION, "close");
     }
     let message = match e {
-        ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamTls { .. } | ProxyError::UpstreamReset(_) => {
-            format!("upstream connect error or disconnect/reset before headers. reset reason: {}", r.details)
+        ProxyError::UpstreamConnect { .. }
+        | ProxyError::UpstreamTls { .. }
+        | ProxyError::UpstreamReset(_) => {
+            format!(
+                "upstream connect error or disconnect/reset before headers. reset reason: {}",
+                r.details
+            )
         }
         ProxyError::UpstreamTimeout(_) => "upstream request timeout".to_owned(),
         ProxyError::NoHealthyUpstream { .. } => "no healthy upstream".to_owned(),
@@ -377,7 +404,10 @@ mod tests {
     fn strips_internal_and_hop_by_hop_headers() {
         let mut h = HeaderMap::new();
         for (k, v) in [
-            ("x-forwarded-client-cert", "By=spiffe://evil/x;URI=spiffe://cluster.local/ns/a/sa/admin"),
+            (
+                "x-forwarded-client-cert",
+                "By=spiffe://evil/x;URI=spiffe://cluster.local/ns/a/sa/admin",
+            ),
             ("x-envoy-original-path", "/admin"),
             ("x-eastguard-source-workload", "admin"),
             ("connection", "keep-alive, x-secret"),

@@ -43,7 +43,14 @@ use crate::listener::{ListenerRt, Shared};
 use crate::upstream::ClusterRt;
 
 /// ALPN the inbound listener accepts: HTTP/2 and HTTP/1.1, with Istio's names, and Istio's TCP value.
-const INBOUND_ALPN: &[&[u8]] = &[b"h2", b"istio-h2", b"http/1.1", b"istio-http/1.1", b"istio", b"istio-peer-exchange"];
+const INBOUND_ALPN: &[&[u8]] = &[
+    b"h2",
+    b"istio-h2",
+    b"http/1.1",
+    b"istio-http/1.1",
+    b"istio",
+    b"istio-peer-exchange",
+];
 
 /// Clusters by name, shared by every listener.
 pub(crate) type Clusters = Arc<HashMap<String, Arc<ClusterRt>>>;
@@ -84,16 +91,26 @@ pub struct RunOptions {
 /// Starts the proxy and runs until `shutdown` resolves (SIGTERM) or `/quitquitquit`, then drains:
 /// not ready at once, connections told to close (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`),
 /// listeners open for `drain.duration`, in-flight requests given `drain.grace` more, then return.
-pub async fn run(config: Bootstrap, shutdown: impl Future<Output = ()>, opts: RunOptions) -> Result<(), StartError> {
+pub async fn run(
+    config: Bootstrap,
+    shutdown: impl Future<Output = ()>,
+    opts: RunOptions,
+) -> Result<(), StartError> {
     let creds = credentials(&config)?;
     let local_id: Arc<str> = creds
         .borrow()
         .as_ref()
         .map_or_else(|| "unknown".into(), |c| c.svid.spiffe_id().as_str().into());
     let stats = stats::EnvoyStats::default();
-    let access_log = access_log::AccessLog::open(config.access_log.as_ref(), stats.stat("access_log.dropped"))
-        .map_err(StartError::AccessLog)?;
-    let telemetry = Arc::new(telemetry::Telemetry::new(&config.node, &local_id, access_log, stats));
+    let access_log =
+        access_log::AccessLog::open(config.access_log.as_ref(), stats.stat("access_log.dropped"))
+            .map_err(StartError::AccessLog)?;
+    let telemetry = Arc::new(telemetry::Telemetry::new(
+        &config.node,
+        &local_id,
+        access_log,
+        stats,
+    ));
 
     let mut clusters = HashMap::new();
     for c in &config.clusters {
@@ -106,7 +123,12 @@ pub async fn run(config: Bootstrap, shutdown: impl Future<Output = ()>, opts: Ru
         limits: config.limits.clone(),
         local_id,
         local_workload: config.node.workload.as_str().into(),
-        local_app: config.node.app.as_deref().unwrap_or(&config.node.workload).into(),
+        local_app: config
+            .node
+            .app
+            .as_deref()
+            .unwrap_or(&config.node.workload)
+            .into(),
         total_connections: telemetry.stats.stat("server.total_connections"),
     });
     let server_tls = Arc::new(identity::tls::server_config(creds.clone(), INBOUND_ALPN)?);
@@ -115,8 +137,17 @@ pub async fn run(config: Bootstrap, shutdown: impl Future<Output = ()>, opts: Ru
     let mut bound = Vec::new();
     for l in &config.listeners {
         let tcp = listener::bind(&l.name, l.address)?;
-        let tls = (l.direction == config::Direction::Inbound).then(|| tokio_rustls::TlsAcceptor::from(server_tls.clone()));
-        bound.push((Arc::new(ListenerRt::new(l.clone(), tls, shared.clone(), &telemetry.stats)), tcp));
+        let tls = (l.direction == config::Direction::Inbound)
+            .then(|| tokio_rustls::TlsAcceptor::from(server_tls.clone()));
+        bound.push((
+            Arc::new(ListenerRt::new(
+                l.clone(),
+                tls,
+                shared.clone(),
+                &telemetry.stats,
+            )),
+            tcp,
+        ));
     }
     let admin_ports = [
         (Some(config.admin.address), Port::Admin),
@@ -174,7 +205,10 @@ pub async fn run(config: Bootstrap, shutdown: impl Future<Output = ()>, opts: Ru
     for t in listener_tasks {
         let _ = t.await;
     }
-    if tokio::time::timeout(drain_cfg.grace, drain_signal.finished()).await.is_err() {
+    if tokio::time::timeout(drain_cfg.grace, drain_signal.finished())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             open = shared.total_connections.get(),
             "drain grace period over; closing remaining connections"
@@ -198,7 +232,10 @@ fn credentials(config: &Bootstrap) -> Result<CredentialsRx, StartError> {
         .map(|(td, path)| {
             TrustDomain::parse(td)
                 .map(|td| (td, path.clone()))
-                .map_err(|source| StartError::TrustDomain { name: td.clone(), source })
+                .map_err(|source| StartError::TrustDomain {
+                    name: td.clone(),
+                    source,
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let source = FileSource {

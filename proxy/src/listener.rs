@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::Clusters;
 use crate::config::{Direction, FilterChainMatch, Limits, Listener};
 use crate::drain;
 use crate::http::ConnCtx;
@@ -21,7 +22,6 @@ use crate::route::HttpChain;
 use crate::stats::{EnvoyStats, Stat};
 use crate::telemetry::{Reporter, Telemetry};
 use crate::upstream::{ClusterRt, error_chain};
-use crate::Clusters;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the outbound side waits for a client's first bytes before calling it opaque TCP
@@ -182,7 +182,13 @@ impl ListenerRt {
         }
     }
 
-    async fn serve_inbound(&self, tcp: TcpStream, remote: SocketAddr, local: SocketAddr, drain: Draining) {
+    async fn serve_inbound(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        local: SocketAddr,
+        drain: Draining,
+    ) {
         let Some(acceptor) = &self.tls else { return };
         let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
@@ -198,16 +204,23 @@ impl ListenerRt {
         };
         let (_, session) = tls.get_ref();
         let sni = session.server_name().map(str::to_owned);
-        let alpn = session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+        let alpn = session
+            .alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned());
         let leaf = session.peer_certificates().and_then(|c| c.first());
-        let peer_cert_hash = leaf.map(|c| hex(ring::digest::digest(&ring::digest::SHA256, c).as_ref()));
+        let peer_cert_hash =
+            leaf.map(|c| hex(ring::digest::digest(&ring::digest::SHA256, c).as_ref()));
         let peer_id = identity::tls::peer_spiffe_id(session.peer_certificates())
             .map(|id| Arc::<str>::from(id.as_str()));
         let Some(chain) = self.chains.iter().find(|c| {
             let names_ok = c.matcher.server_names.is_empty()
-                || sni.as_ref().is_some_and(|s| c.matcher.server_names.iter().any(|n| n == s));
+                || sni
+                    .as_ref()
+                    .is_some_and(|s| c.matcher.server_names.iter().any(|n| n == s));
             let alpn_ok = c.matcher.application_protocols.is_empty()
-                || alpn.as_ref().is_some_and(|a| c.matcher.application_protocols.contains(a));
+                || alpn
+                    .as_ref()
+                    .is_some_and(|a| c.matcher.application_protocols.contains(a));
             names_ok && alpn_ok
         }) else {
             self.stats.no_filter_chain_match.inc();
@@ -230,11 +243,19 @@ impl ListenerRt {
         let h2 = matches!(alpn.as_deref(), Some("h2" | "istio-h2"));
         match &chain.kind {
             ChainKind::Http(http) => self.serve_http(tls, ctx, http.clone(), drain, h2).await,
-            ChainKind::Tcp { cluster } => crate::tcp::proxy(tls, &ctx, cluster, &self.shared.telemetry).await,
+            ChainKind::Tcp { cluster } => {
+                crate::tcp::proxy(tls, &ctx, cluster, &self.shared.telemetry).await
+            }
         }
     }
 
-    async fn serve_outbound(&self, tcp: TcpStream, remote: SocketAddr, local: SocketAddr, drain: Draining) {
+    async fn serve_outbound(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        local: SocketAddr,
+        drain: Draining,
+    ) {
         let sniffed = sniff(&tcp).await;
         let Some(chain) = self.chains.iter().find(|c| {
             let proto = match sniffed {
@@ -244,7 +265,11 @@ impl ListenerRt {
             };
             if c.matcher.application_protocols.is_empty() {
                 // Unconstrained chains take what their filter can speak.
-                matches!((&c.kind, sniffed), (ChainKind::Tcp { .. }, _) | (ChainKind::Http(_), Sniffed::Http1 | Sniffed::H2c))
+                matches!(
+                    (&c.kind, sniffed),
+                    (ChainKind::Tcp { .. }, _)
+                        | (ChainKind::Http(_), Sniffed::Http1 | Sniffed::H2c)
+                )
             } else {
                 c.matcher.application_protocols.iter().any(|p| p == proto)
             }
@@ -266,8 +291,13 @@ impl ListenerRt {
             drain: drain.watch.clone(),
         });
         match &chain.kind {
-            ChainKind::Http(http) => self.serve_http(tcp, ctx, http.clone(), drain, sniffed == Sniffed::H2c).await,
-            ChainKind::Tcp { cluster } => crate::tcp::proxy(tcp, &ctx, cluster, &self.shared.telemetry).await,
+            ChainKind::Http(http) => {
+                self.serve_http(tcp, ctx, http.clone(), drain, sniffed == Sniffed::H2c)
+                    .await
+            }
+            ChainKind::Tcp { cluster } => {
+                crate::tcp::proxy(tcp, &ctx, cluster, &self.shared.telemetry).await
+            }
         }
     }
 
@@ -277,17 +307,32 @@ impl ListenerRt {
     /// connection for new ones). HTTP/1.1 gets `Connection: close` on its next response (see
     /// `http::handle`), and an idle keep-alive connection is closed only when the drain window
     /// ends: closing it earlier races with a request the client may be sending on it.
-    async fn serve_http<I>(&self, io: I, ctx: Arc<ConnCtx>, chain: Arc<HttpChain>, drain: Draining, h2: bool)
-    where
+    async fn serve_http<I>(
+        &self,
+        io: I,
+        ctx: Arc<ConnCtx>,
+        chain: Arc<HttpChain>,
+        drain: Draining,
+        h2: bool,
+    ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Draining { watch: mut drain, mut stop } = drain;
+        let Draining {
+            watch: mut drain,
+            mut stop,
+        } = drain;
         let draining_at_accept = drain.is_draining();
         let builder = server_builder(&self.shared.limits, draining_at_accept);
         let clusters = self.shared.clusters.clone();
         let telemetry = self.shared.telemetry.clone();
         let svc = hyper::service::service_fn(move |req| {
-            crate::http::handle(ctx.clone(), chain.clone(), clusters.clone(), telemetry.clone(), req)
+            crate::http::handle(
+                ctx.clone(),
+                chain.clone(),
+                clusters.clone(),
+                telemetry.clone(),
+                req,
+            )
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(conn);
@@ -339,7 +384,15 @@ fn server_builder(limits: &Limits, draining: bool) -> auto::Builder<TokioExecuto
 async fn sniff(tcp: &TcpStream) -> Sniffed {
     const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     const METHODS: &[&[u8]] = &[
-        b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT ",
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"HEAD ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"TRACE ",
+        b"CONNECT ",
     ];
     let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
     let mut buf = [0u8; 24];
@@ -378,15 +431,15 @@ pub fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, crate::StartErr
         addr,
         source,
     })?;
-    std.set_nonblocking(true).map_err(|source| crate::StartError::Bind {
-        name: name.to_owned(),
-        addr,
-        source,
-    })?;
+    std.set_nonblocking(true)
+        .map_err(|source| crate::StartError::Bind {
+            name: name.to_owned(),
+            addr,
+            source,
+        })?;
     TcpListener::from_std(std).map_err(|source| crate::StartError::Bind {
         name: name.to_owned(),
         addr,
         source,
     })
 }
-

@@ -72,7 +72,12 @@ impl HttpChain {
     }
 
     /// Picks the route for a request; `None` is "no route" (404 NR).
-    pub fn select(&self, authority: &str, path: &str, headers: &http::HeaderMap) -> Option<Selected<'_>> {
+    pub fn select(
+        &self,
+        authority: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Option<Selected<'_>> {
         let vh = self.virtual_host(authority)?;
         let path = path.split(['?', '#']).next().unwrap_or(path);
         let route = vh.routes.iter().find(|r| {
@@ -85,7 +90,11 @@ impl HttpChain {
             path_ok && m.headers.iter().all(|h| header_matches(h, headers))
         })?;
         Some(Selected {
-            route_name: if route.name.is_empty() { &vh.name } else { &route.name },
+            route_name: if route.name.is_empty() {
+                &vh.name
+            } else {
+                &route.name
+            },
             cluster: &route.route.cluster,
             timeout: route.route.timeout,
         })
@@ -137,7 +146,9 @@ fn domain_score(pattern: &str, host: &str) -> Option<(u8, usize)> {
 
 fn strip_port(authority: &str) -> &str {
     if authority.starts_with('[') {
-        return authority.split_once(']').map_or(authority, |(h, _)| &authority[..=h.len()]);
+        return authority
+            .split_once(']')
+            .map_or(authority, |(h, _)| &authority[..=h.len()]);
     }
     match authority.rsplit_once(':') {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
@@ -146,7 +157,11 @@ fn strip_port(authority: &str) -> &str {
 }
 
 fn header_matches(m: &HeaderMatcher, headers: &http::HeaderMap) -> bool {
-    let values: Vec<&[u8]> = headers.get_all(m.name.as_str()).iter().map(|v| v.as_bytes()).collect();
+    let values: Vec<&[u8]> = headers
+        .get_all(m.name.as_str())
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
     let joined = values.join(&b","[..]);
     let present = !values.is_empty();
     let result = if let Some(exact) = &m.exact_match {
@@ -191,7 +206,11 @@ mod tests {
                     name: "r".into(),
                     virtual_hosts: vec![
                         vh("any", &["*"], vec![route("/", "default")]),
-                        vh("ledger", &["ledger", "ledger:80"], vec![route("/api", "ledger-api"), route("/", "ledger")]),
+                        vh(
+                            "ledger",
+                            &["ledger", "ledger:80"],
+                            vec![route("/api", "ledger-api"), route("/", "ledger")],
+                        ),
                         vh("wild", &["*.svc.cluster.local"], vec![route("/", "wild")]),
                     ],
                 },
@@ -217,12 +236,14 @@ mod tests {
     fn header_matcher_kinds() {
         let mut h = http::HeaderMap::new();
         h.insert("x-a", "hello".parse().unwrap());
-        let m = |exact: Option<&str>, prefix: Option<&str>, present: Option<bool>, invert| HeaderMatcher {
-            name: "x-a".into(),
-            exact_match: exact.map(Into::into),
-            prefix_match: prefix.map(Into::into),
-            present_match: present,
-            invert_match: invert,
+        let m = |exact: Option<&str>, prefix: Option<&str>, present: Option<bool>, invert| {
+            HeaderMatcher {
+                name: "x-a".into(),
+                exact_match: exact.map(Into::into),
+                prefix_match: prefix.map(Into::into),
+                present_match: present,
+                invert_match: invert,
+            }
         };
         assert!(header_matches(&m(Some("hello"), None, None, false), &h));
         assert!(!header_matches(&m(Some("hell"), None, None, false), &h));

@@ -143,7 +143,9 @@ fn duration_histogram() -> Histogram {
 }
 
 fn bytes_histogram() -> Histogram {
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 10.0, 9))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1.0, 10.0, 9,
+    ))
 }
 
 impl IstioMetrics {
@@ -154,25 +156,43 @@ impl IstioMetrics {
             Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
                 duration_histogram as fn() -> Histogram,
             );
-        let request_bytes = Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            bytes_histogram as fn() -> Histogram,
-        );
-        let response_bytes = Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            bytes_histogram as fn() -> Histogram,
-        );
+        let request_bytes =
+            Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                bytes_histogram as fn() -> Histogram,
+            );
+        let response_bytes =
+            Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                bytes_histogram as fn() -> Histogram,
+            );
         let tcp_sent_bytes = Family::<RequestLabels, Counter>::default();
         let tcp_received_bytes = Family::<RequestLabels, Counter>::default();
         let tcp_connections_opened = Family::<RequestLabels, Counter>::default();
         let tcp_connections_closed = Family::<RequestLabels, Counter>::default();
-        registry.register("istio_requests", "Requests processed", requests_total.clone());
+        registry.register(
+            "istio_requests",
+            "Requests processed",
+            requests_total.clone(),
+        );
         registry.register(
             "istio_request_duration_milliseconds",
             "Request duration",
             request_duration_ms.clone(),
         );
-        registry.register("istio_request_bytes", "Request sizes", request_bytes.clone());
-        registry.register("istio_response_bytes", "Response sizes", response_bytes.clone());
-        registry.register("istio_tcp_sent_bytes", "Bytes sent on TCP connections", tcp_sent_bytes.clone());
+        registry.register(
+            "istio_request_bytes",
+            "Request sizes",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response sizes",
+            response_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent on TCP connections",
+            tcp_sent_bytes.clone(),
+        );
         registry.register(
             "istio_tcp_received_bytes",
             "Bytes received on TCP connections",
@@ -205,7 +225,8 @@ impl IstioMetrics {
     /// with their `_total` suffix in `# HELP` / `# TYPE`, and there is no OpenMetrics `# EOF`.
     pub fn render(&self) -> String {
         let mut open_metrics = String::new();
-        let _ = prometheus_client::encoding::text::encode_registry(&mut open_metrics, &self.registry);
+        let _ =
+            prometheus_client::encoding::text::encode_registry(&mut open_metrics, &self.registry);
         to_classic_text(&open_metrics)
     }
 }
@@ -222,11 +243,18 @@ fn to_classic_text(open_metrics: &str) -> String {
         if line == "# EOF" {
             continue;
         }
-        let meta = line.strip_prefix("# HELP ").map(|r| ("# HELP ", r)).or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
         match meta {
             Some((kind, rest)) => {
                 let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                let suffix = if counters.contains(name) { "_total" } else { "" };
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
                 let _ = writeln!(out, "{kind}{name}{suffix} {tail}");
             }
             None => {
@@ -244,6 +272,12 @@ impl Default for IstioMetrics {
     }
 }
 
+impl std::fmt::Debug for IstioMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IstioMetrics")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,14 +286,14 @@ mod tests {
     fn counters_are_named_with_total_in_classic_text() {
         let m = IstioMetrics::new();
         let text = m.render();
-        assert!(text.contains("# TYPE istio_requests_total counter"), "{text}");
-        assert!(text.contains("# TYPE istio_request_duration_milliseconds histogram"), "{text}");
+        assert!(
+            text.contains("# TYPE istio_requests_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE istio_request_duration_milliseconds histogram"),
+            "{text}"
+        );
         assert!(!text.contains("# EOF"));
-    }
-}
-
-impl std::fmt::Debug for IstioMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("IstioMetrics")
     }
 }

@@ -71,7 +71,12 @@ pub struct CallGuard {
 // === impl Telemetry ===
 
 impl Telemetry {
-    pub fn new(node: &Node, local_principal: &str, access_log: AccessLog, stats: EnvoyStats) -> Self {
+    pub fn new(
+        node: &Node,
+        local_principal: &str,
+        access_log: AccessLog,
+        stats: EnvoyStats,
+    ) -> Self {
         let lv = |s: &str| Lv::from(s);
         Self {
             metrics: IstioMetrics::new(),
@@ -157,41 +162,52 @@ impl CallGuard {
     fn labels(&self) -> RequestLabels {
         let t = &self.telemetry.local;
         let peer = &self.peer;
-        let (src_wl, src_ns, src_principal, src_app, src_cluster, dst_wl, dst_ns, dst_principal, dst_app, dst_cluster, dst_service) =
-            match self.reporter {
-                Reporter::Source => (
-                    t.workload.clone(),
-                    t.namespace.clone(),
-                    t.principal.clone(),
-                    t.app.clone(),
-                    t.cluster.clone(),
-                    unknown(&peer.workload),
-                    unknown(&peer.namespace),
-                    unknown(&peer.principal),
-                    unknown(&peer.app),
-                    t.cluster.clone(),
-                    unknown(&peer.service),
-                ),
-                Reporter::Destination => (
-                    unknown(&peer.workload),
-                    unknown(&peer.namespace),
-                    unknown(&peer.principal),
-                    unknown(&peer.app),
-                    t.cluster.clone(),
-                    t.workload.clone(),
-                    t.namespace.clone(),
-                    t.principal.clone(),
-                    t.app.clone(),
-                    t.cluster.clone(),
-                    Lv(self
-                        .record
-                        .authority
-                        .as_deref()
-                        .map(|a| a.split(':').next().unwrap_or(a))
-                        .unwrap_or("unknown")
-                        .into()),
-                ),
-            };
+        let (
+            src_wl,
+            src_ns,
+            src_principal,
+            src_app,
+            src_cluster,
+            dst_wl,
+            dst_ns,
+            dst_principal,
+            dst_app,
+            dst_cluster,
+            dst_service,
+        ) = match self.reporter {
+            Reporter::Source => (
+                t.workload.clone(),
+                t.namespace.clone(),
+                t.principal.clone(),
+                t.app.clone(),
+                t.cluster.clone(),
+                unknown(&peer.workload),
+                unknown(&peer.namespace),
+                unknown(&peer.principal),
+                unknown(&peer.app),
+                t.cluster.clone(),
+                unknown(&peer.service),
+            ),
+            Reporter::Destination => (
+                unknown(&peer.workload),
+                unknown(&peer.namespace),
+                unknown(&peer.principal),
+                unknown(&peer.app),
+                t.cluster.clone(),
+                t.workload.clone(),
+                t.namespace.clone(),
+                t.principal.clone(),
+                t.app.clone(),
+                t.cluster.clone(),
+                Lv(self
+                    .record
+                    .authority
+                    .as_deref()
+                    .map(|a| a.split(':').next().unwrap_or(a))
+                    .unwrap_or("unknown")
+                    .into()),
+            ),
+        };
         let service_name: Lv = Lv(dst_service.0.split('.').next().unwrap_or("unknown").into());
         RequestLabels {
             reporter: Lv::from(match self.reporter {
@@ -226,7 +242,11 @@ impl CallGuard {
             } else {
                 "http"
             }),
-            response_code: Lv(if self.tcp { "0".into() } else { self.record.response_code.to_string().into() }),
+            response_code: Lv(if self.tcp {
+                "0".into()
+            } else {
+                self.record.response_code.to_string().into()
+            }),
             grpc_response_status: Lv(self.grpc_status.clone().unwrap_or_default().into()),
             response_flags: Lv(self.record.response_flags.as_str().into()),
             connection_security_policy: Lv::from(match (self.reporter, self.mtls) {
@@ -250,16 +270,24 @@ impl Drop for CallGuard {
         let labels = self.labels();
         let m = &self.telemetry.metrics;
         if self.tcp {
-            m.tcp_received_bytes.get_or_create(&labels).inc_by(self.record.bytes_received);
-            m.tcp_sent_bytes.get_or_create(&labels).inc_by(self.record.bytes_sent);
+            m.tcp_received_bytes
+                .get_or_create(&labels)
+                .inc_by(self.record.bytes_received);
+            m.tcp_sent_bytes
+                .get_or_create(&labels)
+                .inc_by(self.record.bytes_sent);
             m.tcp_connections_closed.get_or_create(&labels).inc();
         } else {
             m.requests_total.get_or_create(&labels).inc();
             m.request_duration_ms
                 .get_or_create(&labels)
                 .observe(self.started.elapsed().as_secs_f64() * 1000.0);
-            m.request_bytes.get_or_create(&labels).observe(self.record.bytes_received as f64);
-            m.response_bytes.get_or_create(&labels).observe(self.record.bytes_sent as f64);
+            m.request_bytes
+                .get_or_create(&labels)
+                .observe(self.record.bytes_received as f64);
+            m.response_bytes
+                .get_or_create(&labels)
+                .observe(self.record.bytes_sent as f64);
         }
         self.telemetry.access_log.write(&self.record);
     }
@@ -270,6 +298,10 @@ impl CallGuard {
     pub fn tcp_opened(&mut self) {
         self.tcp = true;
         let labels = self.labels();
-        self.telemetry.metrics.tcp_connections_opened.get_or_create(&labels).inc();
+        self.telemetry
+            .metrics
+            .tcp_connections_opened
+            .get_or_create(&labels)
+            .inc();
     }
 }

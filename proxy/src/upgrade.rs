@@ -17,7 +17,8 @@ pub async fn forward(
     guard: &mut CallGuard,
 ) -> Result<Response<Body>, ProxyError> {
     let downstream = hyper::upgrade::on(&mut req);
-    req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    req.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     req.headers_mut().insert(header::UPGRADE, protocol.clone());
     let mut sent = cluster.send_upgrade(req).await?;
     guard.record.upstream_host = Some(sent.endpoint.to_string());

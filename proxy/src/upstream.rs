@@ -33,7 +33,10 @@ pub struct ClusterRt {
     pub config: Cluster,
     tls: Option<PeerTls>,
     pool: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<H2Conn>>>>>,
-    h1: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
+    h1: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Body,
+    >,
     next: AtomicUsize,
     limits: Limits,
     pub stats: ClusterStats,
@@ -92,7 +95,10 @@ impl ClusterRt {
                     Ok(TlsConnector::from(Arc::new(cfg)))
                 };
                 let server_name = ServerName::try_from(t.sni.clone()).map_err(|_| {
-                    rustls::Error::General(format!("cluster {}: invalid SNI {:?}", config.name, t.sni))
+                    rustls::Error::General(format!(
+                        "cluster {}: invalid SNI {:?}",
+                        config.name, t.sni
+                    ))
                 })?;
                 Some(PeerTls {
                     server_name,
@@ -208,7 +214,9 @@ impl ClusterRt {
                 },
             }
         }
-        Err(ProxyError::UpstreamReset("connection refused the request twice".into()))
+        Err(ProxyError::UpstreamReset(
+            "connection refused the request twice".into(),
+        ))
     }
 
     fn slot(&self, endpoint: SocketAddr) -> Arc<tokio::sync::Mutex<Option<H2Conn>>> {
@@ -244,13 +252,14 @@ impl ClusterRt {
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        let (sender, conn) = builder
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| ProxyError::UpstreamConnect {
-            endpoint: endpoint.to_string(),
-            reason: error_chain(&e),
-        })?;
+        let (sender, conn) =
+            builder
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| ProxyError::UpstreamConnect {
+                    endpoint: endpoint.to_string(),
+                    reason: error_chain(&e),
+                })?;
         let active = self.stats.upstream_cx_active.clone();
         active.inc();
         tokio::spawn(async move {
@@ -319,9 +328,17 @@ impl ClusterRt {
         let handshake = |e: hyper::Error| ProxyError::Upgrade(error_chain(&e));
         set_host_from_uri(&mut req);
         *req.version_mut() = http::Version::HTTP_11;
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-        *req.uri_mut() = path.parse().map_err(|_| ProxyError::BadRequest("bad path"))?;
-        let (mut sender, conn) = http1::handshake(TokioIo::new(io)).await.map_err(handshake)?;
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *req.uri_mut() = path
+            .parse()
+            .map_err(|_| ProxyError::BadRequest("bad path"))?;
+        let (mut sender, conn) = http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(handshake)?;
         tokio::spawn(conn.with_upgrades());
         let response = sender
             .send_request(req)
@@ -369,14 +386,20 @@ impl tokio::io::AsyncWrite for Stream {
         }
     }
 
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),

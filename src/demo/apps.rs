@@ -18,38 +18,51 @@ fn xfcc_uri(xfcc: &str) -> Option<&str> {
 
 /// An HTTP app (HTTP/1.1 and HTTP/2) answering JSON. With `upstream`, it calls ledger through that
 /// sidecar outbound address first and includes what ledger said.
-pub async fn spawn_http(name: &'static str, addr: SocketAddr, upstream: Option<SocketAddr>) -> anyhow::Result<()> {
+pub async fn spawn_http(
+    name: &'static str,
+    addr: SocketAddr,
+    upstream: Option<SocketAddr>,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
-                    let xfcc = req
-                        .headers()
-                        .get("x-forwarded-client-cert")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_owned();
-                    let mut body = serde_json::json!({
-                        "service": name,
-                        "path": req.uri().path(),
-                        "protocol": format!("{:?}", req.version()),
-                        "caller": xfcc_uri(&xfcc),
-                        "xfcc": xfcc,
-                    });
-                    if let Some(up) = upstream {
-                        let (status, text) = super::client::get(up, "ledger", "/ledger/entries", &[], false)
-                            .await
-                            .unwrap_or((0, String::new()));
-                        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-                        body["upstream"] = serde_json::json!({ "status": status, "caller": v["caller"] });
-                    }
-                    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-                    resp.headers_mut()
-                        .insert("content-type", http::HeaderValue::from_static("application/json"));
-                    Ok::<_, Infallible>(resp)
-                });
+                let svc = hyper::service::service_fn(
+                    move |req: Request<hyper::body::Incoming>| async move {
+                        let xfcc = req
+                            .headers()
+                            .get("x-forwarded-client-cert")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let mut body = serde_json::json!({
+                            "service": name,
+                            "path": req.uri().path(),
+                            "protocol": format!("{:?}", req.version()),
+                            "caller": xfcc_uri(&xfcc),
+                            "xfcc": xfcc,
+                        });
+                        if let Some(up) = upstream {
+                            let (status, text) =
+                                super::client::get(up, "ledger", "/ledger/entries", &[], false)
+                                    .await
+                                    .unwrap_or((0, String::new()));
+                            let v: serde_json::Value =
+                                serde_json::from_str(&text).unwrap_or_default();
+                            body["upstream"] =
+                                serde_json::json!({ "status": status, "caller": v["caller"] });
+                        }
+                        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+                        resp.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, Infallible>(resp)
+                    },
+                );
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), svc)
                     .await;
@@ -64,7 +77,9 @@ pub async fn spawn_tcp_echo(addr: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         loop {
-            let Ok((mut tcp, _)) = listener.accept().await else { continue };
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 while let Ok(n) = tcp.read(&mut buf).await {

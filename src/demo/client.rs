@@ -32,8 +32,14 @@ async fn get_inner(
     headers: &[(&str, &str)],
     h2: bool,
 ) -> anyhow::Result<(u16, String)> {
-    let tcp = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    let mut req = http::Request::get(if h2 { format!("http://{host}{path}") } else { path.to_owned() });
+    let tcp = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let mut req = http::Request::get(if h2 {
+        format!("http://{host}{path}")
+    } else {
+        path.to_owned()
+    });
     if !h2 {
         req = req.header("host", host);
     }
@@ -42,7 +48,8 @@ async fn get_inner(
     }
     let req = req.body(Empty::<Bytes>::new())?;
     let resp = if h2 {
-        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
         send.send_request(req).await?
     } else {
@@ -73,9 +80,10 @@ pub async fn tcp_caller(admin: SocketAddr) -> anyhow::Result<String> {
     // The TCP connection closes after the round trip; its metrics are written when it does.
     for _ in 0..50 {
         let (_, text) = get(admin, "admin", "/stats/prometheus", &[], false).await?;
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("istio_tcp_connections_opened_total{") && l.contains("reporter=\"destination\""));
+        let line = text.lines().find(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+        });
         if let Some(principal) = line
             .and_then(|l| l.split("source_principal=\"").nth(1))
             .and_then(|r| r.split('"').next())

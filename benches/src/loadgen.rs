@@ -1,0 +1,184 @@
+//! Fixed-rate HTTP/1.1 load generator (fortio's and wrk2's method) and a fixed-size upstream.
+//!
+//! `loadgen run`: `connections` keep-alive connections share the target rate; each request has a
+//! scheduled send time, and its latency is measured from that time, so a stalled server is charged
+//! for the requests it delayed (no coordinated omission). Prints JSON with percentiles.
+//! `loadgen serve`: an HTTP/1.1 server answering every request with `size` bytes.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Send GETs at a fixed rate and print latency percentiles as JSON.
+    Run {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "server")]
+        host: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 16)]
+        connections: u32,
+        /// Seconds of measured load (after a 2 s warm-up that is not recorded).
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+    },
+    /// Answer every request with `size` bytes.
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Run { target, host, path, rate, connections, duration } => {
+            rt.block_on(run(target, host, path, rate, connections, Duration::from_secs(duration)))
+        }
+        Command::Serve { listen, size } => rt.block_on(serve(listen, size)),
+    }
+}
+
+async fn serve(listen: SocketAddr, size: usize) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let body = Bytes::from(vec![b'x'; size]);
+    println!("serving {size} bytes on {}", listener.local_addr()?);
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |_req| {
+                let body = body.clone();
+                async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+        });
+    }
+}
+
+struct ConnResult {
+    latencies_us: Vec<u64>,
+    errors: u64,
+}
+
+async fn run(
+    target: SocketAddr,
+    host: String,
+    path: String,
+    rate: u32,
+    connections: u32,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    if rate == 0 || connections == 0 {
+        bail!("rate and connections must be positive");
+    }
+    let warmup = Duration::from_secs(2);
+    let interval = Duration::from_secs_f64(connections as f64 / rate as f64);
+    let start = Instant::now() + Duration::from_millis(100);
+    let mut tasks = Vec::new();
+    for i in 0..connections {
+        let (host, path) = (host.clone(), path.clone());
+        // Stagger the connections evenly across one interval.
+        let offset = interval.mul_f64(i as f64 / connections as f64);
+        tasks.push(tokio::spawn(async move {
+            one_connection(target, host, path, start + offset, interval, warmup, duration).await
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let r = t.await??;
+        all.extend(r.latencies_us);
+        errors += r.errors;
+    }
+    all.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if all.is_empty() {
+            return f64::NAN;
+        }
+        let idx = ((p / 100.0) * (all.len() - 1) as f64).round() as usize;
+        all[idx] as f64 / 1000.0
+    };
+    let out = serde_json::json!({
+        "target": target.to_string(),
+        "rate": rate,
+        "connections": connections,
+        "duration_s": duration.as_secs(),
+        "requests": all.len(),
+        "errors": errors,
+        "achieved_rps": all.len() as f64 / duration.as_secs_f64(),
+        "p50_ms": pct(50.0),
+        "p90_ms": pct(90.0),
+        "p99_ms": pct(99.0),
+        "max_ms": pct(100.0),
+    });
+    println!("{out}");
+    Ok(())
+}
+
+async fn one_connection(
+    target: SocketAddr,
+    host: String,
+    path: String,
+    first: Instant,
+    interval: Duration,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<ConnResult> {
+    let measure_from = first + warmup;
+    let end = measure_from + duration;
+    let mut sender = None;
+    let mut result = ConnResult { latencies_us: Vec::new(), errors: 0 };
+    let mut scheduled = first;
+    while scheduled < end {
+        tokio::time::sleep_until(scheduled).await;
+        if sender.is_none() {
+            let tcp = TcpStream::connect(target).await?;
+            tcp.set_nodelay(true)?;
+            let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            tokio::spawn(conn);
+            sender = Some(s);
+        }
+        let Some(s) = sender.as_mut() else { continue };
+        let req = http::Request::get(path.as_str()).header("host", host.as_str()).body(Empty::<Bytes>::new())?;
+        let ok = match s.send_request(req).await {
+            Ok(resp) => resp.status().is_success() && resp.into_body().collect().await.is_ok(),
+            Err(_) => false,
+        };
+        if scheduled >= measure_from {
+            if ok {
+                result.latencies_us.push(scheduled.elapsed().as_micros() as u64);
+            } else {
+                result.errors += 1;
+            }
+        }
+        if !ok {
+            sender = None;
+        }
+        scheduled += interval;
+    }
+    Ok(result)
+}

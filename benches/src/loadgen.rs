@@ -52,17 +52,33 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
-        Command::Run { target, host, path, rate, connections, duration } => {
-            rt.block_on(run(target, host, path, rate, connections, Duration::from_secs(duration)))
-        }
+        Command::Run {
+            target,
+            host,
+            path,
+            rate,
+            connections,
+            duration,
+        } => rt.block_on(run(
+            target,
+            host,
+            path,
+            rate,
+            connections,
+            Duration::from_secs(duration),
+        )),
         Command::Serve { listen, size } => rt.block_on(serve(listen, size)),
     }
 }
 
 async fn serve(listen: SocketAddr, size: usize) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
     let body = Bytes::from(vec![b'x'; size]);
     println!("serving {size} bytes on {}", listener.local_addr()?);
     loop {
@@ -74,7 +90,9 @@ async fn serve(listen: SocketAddr, size: usize) -> anyhow::Result<()> {
                 let body = body.clone();
                 async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
         });
     }
 }
@@ -104,7 +122,16 @@ async fn run(
         // Stagger the connections evenly across one interval.
         let offset = interval.mul_f64(i as f64 / connections as f64);
         tasks.push(tokio::spawn(async move {
-            one_connection(target, host, path, start + offset, interval, warmup, duration).await
+            one_connection(
+                target,
+                host,
+                path,
+                start + offset,
+                interval,
+                warmup,
+                duration,
+            )
+            .await
         }));
     }
     let mut all = Vec::new();
@@ -151,7 +178,10 @@ async fn one_connection(
     let measure_from = first + warmup;
     let end = measure_from + duration;
     let mut sender = None;
-    let mut result = ConnResult { latencies_us: Vec::new(), errors: 0 };
+    let mut result = ConnResult {
+        latencies_us: Vec::new(),
+        errors: 0,
+    };
     let mut scheduled = first;
     while scheduled < end {
         tokio::time::sleep_until(scheduled).await;
@@ -163,14 +193,18 @@ async fn one_connection(
             sender = Some(s);
         }
         let Some(s) = sender.as_mut() else { continue };
-        let req = http::Request::get(path.as_str()).header("host", host.as_str()).body(Empty::<Bytes>::new())?;
+        let req = http::Request::get(path.as_str())
+            .header("host", host.as_str())
+            .body(Empty::<Bytes>::new())?;
         let ok = match s.send_request(req).await {
             Ok(resp) => resp.status().is_success() && resp.into_body().collect().await.is_ok(),
             Err(_) => false,
         };
         if scheduled >= measure_from {
             if ok {
-                result.latencies_us.push(scheduled.elapsed().as_micros() as u64);
+                result
+                    .latencies_us
+                    .push(scheduled.elapsed().as_micros() as u64);
             } else {
                 result.errors += 1;
             }

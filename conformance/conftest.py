@@ -180,6 +180,10 @@ class Sidecar:
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.proc = None
 
+    def rewrite(self):
+        """Writes `self.config` again (after a test changed it, before `start`)."""
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
     def start(self, wait=True):
         self.stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(

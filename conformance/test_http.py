@@ -4,7 +4,9 @@ import json
 import subprocess
 import time
 
-from conftest import CLIENT_ID, SERVER_ID, require_tool
+import pytest
+
+from conftest import CLIENT_ID, SERVER_ID, Mesh, require_tool
 
 
 def curl(*args):
@@ -130,3 +132,40 @@ def test_large_body_both_ways(mesh):
     conn.request("POST", "/upload", body=b"y" * 2_500_000, headers={"host": "server"})
     r = conn.getresponse()
     assert r.status == 200 and json.loads(r.read())["body_len"] == 2_500_000
+
+
+@pytest.fixture
+def short_timeouts_mesh(tmp_path, upstream):
+    limits = {"limits": {"connection_idle_timeout": "1s", "stream_idle_timeout": "1s"}}
+    m = Mesh(tmp_path, upstream.port, client_extra=limits, server_extra=limits).start()
+    yield m
+    m.stop()
+
+
+def test_idle_connection_is_closed_after_connection_idle_timeout(short_timeouts_mesh):
+    import socket
+
+    mesh = short_timeouts_mesh
+    s = socket.create_connection(("127.0.0.1", mesh.outbound_port), timeout=10)
+    s.sendall(b"GET /idle HTTP/1.1\r\nHost: server\r\n\r\n")
+    first = b""
+    while b'"canary": "ok"}' not in first:
+        chunk = s.recv(65536)
+        assert chunk, first
+        first += chunk
+    assert first.startswith(b"HTTP/1.1 200")
+    started = time.time()
+    rest = s.recv(65536)  # blocks until the proxy closes the idle connection
+    assert rest == b"" and 0.8 < time.time() - started < 5
+
+
+def test_stalled_request_body_is_reset_after_stream_idle_timeout(short_timeouts_mesh):
+    import socket
+
+    mesh = short_timeouts_mesh
+    s = socket.create_connection(("127.0.0.1", mesh.outbound_port), timeout=10)
+    s.sendall(b"POST /stall HTTP/1.1\r\nHost: server\r\nContent-Length: 100\r\n\r\n0123456789")
+    started = time.time()
+    data = s.recv(65536)  # a response or a close, not a hang
+    assert time.time() - started < 6
+    assert data == b"" or data.startswith(b"HTTP/1.1 5"), data[:200]

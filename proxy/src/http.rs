@@ -12,6 +12,7 @@ use crate::Clusters;
 use crate::body::{self, Body, Counting, Guarded};
 use crate::config::ForwardClientCertDetails;
 use crate::error::ProxyError;
+use crate::idle::StreamIdleTimeout;
 use crate::route::HttpChain;
 use crate::telemetry::{CallGuard, Peer, Reporter, Telemetry};
 use crate::upstream::ClusterRt;
@@ -39,6 +40,9 @@ pub struct ConnCtx {
     pub local_app: Arc<str>,
     /// Draining: HTTP/1.x responses get `Connection: close` so clients reconnect elsewhere.
     pub drain: crate::drain::Watch,
+    /// Bytes and requests in flight, for the connection idle timeout.
+    pub activity: std::sync::Arc<crate::idle::Activity>,
+    pub stream_idle_timeout: std::time::Duration,
 }
 
 /// Serves one request. Never fails: every error becomes a local reply.
@@ -50,9 +54,13 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let mut guard = telemetry.start(ctx.reporter);
+    guard.inflight = Some(crate::idle::InFlight::new(&ctx.activity));
     describe_request(&mut guard, &ctx, &req);
     let (parts, incoming) = req.into_parts();
-    let counted = Counting::boxed(incoming, guard.request_bytes.clone());
+    let counted = StreamIdleTimeout::wrap(
+        Counting::boxed(incoming, guard.request_bytes.clone()),
+        ctx.stream_idle_timeout,
+    );
     let req = Request::from_parts(parts, counted);
     let response = match forward(&ctx, &chain, &clusters, &mut guard, req).await {
         Ok(resp) => resp,
@@ -73,6 +81,7 @@ pub async fn handle(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    let body = StreamIdleTimeout::wrap(body, ctx.stream_idle_timeout);
     Ok(Response::from_parts(parts, Guarded::boxed(body, guard)))
 }
 

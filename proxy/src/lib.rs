@@ -16,6 +16,7 @@ pub mod config;
 mod drain;
 mod error;
 mod http;
+mod idle;
 mod listener;
 mod route;
 mod stats;

@@ -238,6 +238,8 @@ impl ListenerRt {
             local_workload: self.shared.local_workload.clone(),
             local_app: self.shared.local_app.clone(),
             drain: drain.watch.clone(),
+            activity: crate::idle::Activity::new(),
+            stream_idle_timeout: self.shared.limits.stream_idle_timeout,
         });
         tracing::trace!(chain = %chain.name, "inbound connection");
         let h2 = matches!(alpn.as_deref(), Some("h2" | "istio-h2"));
@@ -289,6 +291,8 @@ impl ListenerRt {
             local_workload: self.shared.local_workload.clone(),
             local_app: self.shared.local_app.clone(),
             drain: drain.watch.clone(),
+            activity: crate::idle::Activity::new(),
+            stream_idle_timeout: self.shared.limits.stream_idle_timeout,
         });
         match &chain.kind {
             ChainKind::Http(http) => {
@@ -325,6 +329,9 @@ impl ListenerRt {
         let builder = server_builder(&self.shared.limits, draining_at_accept);
         let clusters = self.shared.clusters.clone();
         let telemetry = self.shared.telemetry.clone();
+        let activity = ctx.activity.clone();
+        let io = crate::idle::ActivityIo::new(io, activity.clone());
+        let idle_timeout = self.shared.limits.connection_idle_timeout;
         let svc = hyper::service::service_fn(move |req| {
             crate::http::handle(
                 ctx.clone(),
@@ -338,6 +345,11 @@ impl ListenerRt {
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
+            () = activity.idle(idle_timeout) => {
+                tracing::debug!(timeout = ?idle_timeout, "closing idle connection");
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
             _ = async {
                 if h2 {
                     drain.signaled().await;

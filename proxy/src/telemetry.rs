@@ -66,6 +66,8 @@ pub struct CallGuard {
     pub completed: bool,
     /// TCP calls report to the istio_tcp_* metrics instead.
     pub tcp: bool,
+    /// Keeps the connection from counting as idle while this call lives.
+    pub inflight: Option<crate::idle::InFlight>,
 }
 
 // === impl Telemetry ===
@@ -111,6 +113,7 @@ impl Telemetry {
             response_bytes: Arc::default(),
             completed: false,
             tcp: false,
+            inflight: None,
         }
     }
 }

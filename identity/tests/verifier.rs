@@ -1,4 +1,5 @@
 //! The verifier's trust rules, with certificates minted by the dev CA at test time.
+#![expect(clippy::unwrap_used, reason = "test helpers panic on broken fixtures")]
 
 use std::sync::Arc;
 use std::time::Duration;

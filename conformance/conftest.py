@@ -187,7 +187,7 @@ class Sidecar:
     def start(self, wait=True):
         self.stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
-            [binary(), "--log-level", "info", "proxy", "--config", str(self.config_path)],
+            [binary(), "--log-level", os.environ.get("EASTGUARD_TEST_LOG", "info"), "proxy", "--config", str(self.config_path)],
             stdout=subprocess.DEVNULL,
             stderr=self.stderr,
         )

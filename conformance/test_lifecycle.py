@@ -102,3 +102,38 @@ def test_sigterm_under_load_finishes_in_flight_requests(drain_mesh, which):
     assert load.failures == []
     assert load.ok > ok_before
     assert exited_after < 3 + 4 + 1
+
+
+def upstream_cx_total(sidecar, cluster="outbound|80||server"):
+    stats = http_get(sidecar.admin("/stats"))[1]
+    line = [l for l in stats.splitlines() if l.startswith(f"cluster.{cluster}.upstream_cx_total:")][0]
+    return int(line.rsplit(" ", 1)[1])
+
+
+def test_pooled_connection_is_not_used_past_its_certificates_expiry(tmp_path, upstream):
+    import datetime
+
+    mesh = Mesh(tmp_path, upstream.port)
+    # The server starts with an SVID that expires in 5 s; the files are then replaced by a long one.
+    cert, key = mesh.ca.mint(SERVER_ID, not_after=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=5))
+    mesh.server_cert.write_bytes(cert)
+    mesh.server_key.write_bytes(key)
+    mesh.start()
+    try:
+        def get():
+            req = urllib.request.Request(mesh.url("/pool"), headers={"host": "server"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                assert r.status == 200 and b"canary" in r.read()
+
+        for _ in range(3):
+            get()
+        assert upstream_cx_total(mesh.client) == 1
+        replace_svid(mesh, "server", SERVER_ID)
+        get()
+        assert upstream_cx_total(mesh.client) == 1, "the live connection is kept while its certificates are valid"
+        time.sleep(5)
+        get()
+        get()
+        assert upstream_cx_total(mesh.client) == 2, "a new connection, authenticated with the new SVID"
+    finally:
+        mesh.stop()

@@ -85,3 +85,15 @@ def test_alpn_h2_and_istio_names_are_offered(mesh):
             input=b"", capture_output=True, timeout=20,
         ).stdout.decode(errors="replace")
         assert f"ALPN protocol: {proto}" in out, out[-800:]
+
+
+@pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
+def test_sessions_are_never_resumed(mesh, version):
+    """Every connection verifies the client SVID in full: a resumed session would skip it."""
+    sess = mesh.dir / f"session{version}.pem"
+    first = s_client(mesh, version, "-sess_out", str(sess), cert=mesh.client_cert, key=mesh.client_key)
+    assert served(first)
+    if not sess.exists():
+        return  # nothing to resume with: the server issued no ticket
+    second = s_client(mesh, version, "-sess_in", str(sess), cert=mesh.client_cert, key=mesh.client_key)
+    assert "Reused," not in second and "New," in second, second[-1500:]

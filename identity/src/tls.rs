@@ -61,6 +61,7 @@ pub fn server_config(creds: CredentialsRx, alpn: &[&[u8]]) -> Result<ServerConfi
         .with_cert_resolver(Arc::new(CurrentSvid(creds)));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.ignore_client_order = true;
+    no_resumption_server(&mut config);
     Ok(config)
 }
 
@@ -79,7 +80,16 @@ pub fn client_config(
         )))
         .with_client_cert_resolver(Arc::new(CurrentSvid(creds)));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // A resumed session skips certificate verification and keeps the first session's
+    // certificates, so an expired or rotated-out SVID would keep authenticating. Every
+    // connection verifies both SVIDs in full; connections are pooled, so this costs little.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
+}
+
+fn no_resumption_server(config: &mut ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
 }
 
 /// The SPIFFE ID in the leaf a verified peer presented, if any.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use identity::{CredentialsRx, SpiffeId};
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -31,6 +31,7 @@ const ALPN_TCP: &[&[u8]] = &[b"istio"];
 /// A cluster ready to send to: its config, TLS settings, pool and stats.
 pub struct ClusterRt {
     pub config: Cluster,
+    creds: CredentialsRx,
     tls: Option<PeerTls>,
     pool: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<H2Conn>>>>>,
     h1: hyper_util::client::legacy::Client<
@@ -53,6 +54,9 @@ struct PeerTls {
 struct H2Conn {
     sender: http2::SendRequest<Body>,
     peer: Option<Arc<str>>,
+    /// When the first of the two certificates it was authenticated with expires; the pool opens a
+    /// new connection from then on, so no request rides on an expired identity.
+    expires: Option<UnixTime>,
 }
 
 pub struct ClusterStats {
@@ -125,6 +129,7 @@ impl ClusterRt {
         };
         Ok(Self {
             config,
+            creds: creds.clone(),
             tls,
             pool: Mutex::default(),
             h1,
@@ -239,10 +244,20 @@ impl ClusterRt {
         let mut slot = slot.lock().await;
         if let Some(c) = slot.as_ref()
             && !c.sender.is_closed()
+            && c.expires.is_none_or(|t| UnixTime::now() < t)
         {
             return Ok(c.clone());
         }
+        if let Some(c) = slot.as_ref() {
+            tracing::debug!(
+                %endpoint,
+                closed = c.sender.is_closed(),
+                expired = c.expires.is_some_and(|t| UnixTime::now() >= t),
+                "replacing pooled upstream connection"
+            );
+        }
         let (io, peer) = self.connect(endpoint, StreamKind::H2).await?;
+        let expires = self.identity_expiry(&io);
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -268,9 +283,34 @@ impl ClusterRt {
             }
             active.dec();
         });
-        let c = H2Conn { sender, peer };
+        let c = H2Conn {
+            sender,
+            peer,
+            expires,
+        };
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    /// The earlier of our SVID's and the peer's leaf expiry, for an mTLS stream.
+    fn identity_expiry(&self, io: &Stream) -> Option<UnixTime> {
+        let Stream::Tls(s) = io else { return None };
+        let peer = s
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| identity::check_leaf(leaf).ok())
+            .map(|l| l.not_after);
+        let own = self
+            .creds
+            .borrow()
+            .as_ref()
+            .map(|c| c.svid.leaf().not_after);
+        match (peer, own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// A fresh stream to an endpoint: TCP, then mTLS for peer clusters (with the ALPN that says

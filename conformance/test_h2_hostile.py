@@ -1,0 +1,161 @@
+"""Hostile HTTP/2 from the app side (h2c on the outbound port), with Python h2: the sidecar refuses
+what breaks its limits, keeps serving everyone else, and never crashes."""
+
+import json
+import socket
+import time
+import urllib.request
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from conftest import CLIENT_ID
+
+
+def h2_client(port):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    return sock, conn
+
+
+def pump(sock, conn, until, limit=10.0):
+    """Reads frames until `until(events)` is true, the peer closes, or `limit` passes."""
+    seen = []
+    deadline = time.time() + limit
+    sock.settimeout(0.5)
+    while time.time() < deadline:
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            if until(seen):
+                break
+            continue
+        except ConnectionResetError:
+            seen.append("reset")
+            break
+        if not data:
+            seen.append("closed")
+            break
+        try:
+            seen.extend(conn.receive_data(data))
+        except h2.exceptions.ProtocolError as e:
+            seen.append(e)
+            break
+        out = conn.data_to_send()
+        if out:
+            try:
+                sock.sendall(out)
+            except OSError:
+                seen.append("closed")
+                break
+        if until(seen):
+            break
+    return seen
+
+
+def headers(path="/", extra=()):
+    return [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", "server"), *extra]
+
+
+def still_serving(mesh):
+    req = urllib.request.Request(mesh.url("/after"), headers={"host": "server"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+        assert f"URI={CLIENT_ID}" in json.loads(r.read())["headers"]["x-forwarded-client-cert"]
+    assert mesh.client.proc.poll() is None and mesh.server.proc.poll() is None
+
+
+def test_settings_advertise_design_limits(mesh):
+    sock, conn = h2_client(mesh.outbound_port)
+    events = pump(sock, conn, lambda ev: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in ev))
+    changed = [e for e in events if isinstance(e, h2.events.RemoteSettingsChanged)][0].changed_settings
+    assert changed[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS].new_value == 100
+    assert changed[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE].new_value == 65536
+    assert changed[h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE].new_value == 60 * 1024
+    sock.close()
+
+
+def test_rapid_reset_gets_goaway_and_others_are_served(mesh):
+    sock, conn = h2_client(mesh.outbound_port)
+    pump(sock, conn, lambda ev: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in ev), limit=2)
+    goaway = False
+    try:
+        for i in range(2000):
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, headers(f"/rr/{i}"), end_stream=True)
+            conn.reset_stream(sid)
+            sock.sendall(conn.data_to_send())
+    except (OSError, h2.exceptions.ProtocolError):
+        goaway = True  # the server closed the connection mid-flood
+    events = pump(sock, conn, lambda ev: any(isinstance(e, h2.events.ConnectionTerminated) for e in ev), limit=5)
+    goaway = goaway or any(isinstance(e, h2.events.ConnectionTerminated) or e in ("closed", "reset") for e in events)
+    assert goaway, "a rapid-reset flood must end the connection"
+    sock.close()
+    still_serving(mesh)
+
+
+def test_stream_flood_beyond_max_concurrent_is_refused(mesh):
+    sock, conn = h2_client(mesh.outbound_port)
+    pump(sock, conn, lambda ev: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in ev), limit=2)
+    # Ignore our own copy of the peer's limit to open more streams than allowed, each left open.
+    conn.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 1000
+    conn.remote_settings.acknowledge()
+    opened = []
+    for i in range(150):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "POST"), (":path", f"/flood/{i}"), (":scheme", "http"), (":authority", "server")])
+        opened.append(sid)
+    sock.sendall(conn.data_to_send())
+    events = pump(sock, conn, lambda ev: sum(isinstance(e, h2.events.StreamReset) for e in ev) >= 50, limit=5)
+    refused = [e for e in events if isinstance(e, h2.events.StreamReset)]
+    terminated = any(isinstance(e, h2.events.ConnectionTerminated) or e in ("closed", "reset") for e in events)
+    assert len(refused) >= 50 or terminated, events[:10]
+    sock.close()
+    still_serving(mesh)
+
+
+def test_oversized_headers_are_refused(mesh):
+    sock, conn = h2_client(mesh.outbound_port)
+    pump(sock, conn, lambda ev: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in ev), limit=2)
+    conn.max_outbound_frame_size = 16384
+    sid = conn.get_next_available_stream_id()
+    big = [(f"x-big-{i}", "v" * 1000) for i in range(80)]  # ~80 KiB > 60 KiB
+    conn.send_headers(sid, headers("/big", big), end_stream=True)
+    sock.sendall(conn.data_to_send())
+    events = pump(
+        sock,
+        conn,
+        lambda ev: any(isinstance(e, (h2.events.StreamReset, h2.events.ResponseReceived, h2.events.ConnectionTerminated)) for e in ev),
+    )
+    responses = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert not responses or dict(responses[0].headers)[":status"] in ("431", "400"), events
+    sock.close()
+    still_serving(mesh)
+
+
+def test_garbage_after_preface_ends_only_that_connection(mesh):
+    sock = socket.create_connection(("127.0.0.1", mesh.outbound_port), timeout=10)
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x04\x09\xff\xff\xff\xff" + b"\xde\xad\xbe\xef" * 64)
+    sock.settimeout(5)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, socket.timeout):
+        pass
+    sock.close()
+    still_serving(mesh)
+
+
+def test_many_headers_count_over_limit_on_http1(mesh):
+    s = socket.create_connection(("127.0.0.1", mesh.outbound_port), timeout=10)
+    hdrs = "".join(f"x-h{i}: v\r\n" for i in range(150))
+    s.sendall(f"GET /many HTTP/1.1\r\nHost: server\r\n{hdrs}\r\n".encode())
+    data = s.recv(65536)
+    s.close()
+    assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:200]
+    still_serving(mesh)

@@ -1,0 +1,279 @@
+//! Compiled leaf matchers: strings (exact, prefix, suffix, contains, RE2-style regex, ignore-case),
+//! CIDR ranges, and URI templates.
+
+use std::net::IpAddr;
+
+use crate::CompileError;
+use crate::rbac;
+
+/// Regexes larger than this (compiled) are refused: a policy must not be a memory bomb.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub(crate) enum StrMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    Regex(regex::Regex),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct StringMatcher {
+    kind: StrMatch,
+    ignore_case: bool,
+}
+
+impl StringMatcher {
+    pub(crate) fn compile(m: &rbac::StringMatcher, at: &str) -> Result<Self, CompileError> {
+        let set = [
+            m.exact.is_some(),
+            m.prefix.is_some(),
+            m.suffix.is_some(),
+            m.contains.is_some(),
+            m.safe_regex.is_some(),
+        ];
+        if set.iter().filter(|b| **b).count() != 1 {
+            return Err(CompileError::invalid(
+                at,
+                "a string matcher needs exactly one of exact, prefix, suffix, contains, safeRegex",
+            ));
+        }
+        let fold = |s: &String| {
+            if m.ignore_case {
+                s.to_ascii_lowercase()
+            } else {
+                s.clone()
+            }
+        };
+        let kind = if let Some(s) = &m.exact {
+            StrMatch::Exact(fold(s))
+        } else if let Some(s) = &m.prefix {
+            StrMatch::Prefix(fold(s))
+        } else if let Some(s) = &m.suffix {
+            StrMatch::Suffix(fold(s))
+        } else if let Some(s) = &m.contains {
+            StrMatch::Contains(fold(s))
+        } else if let Some(r) = &m.safe_regex {
+            StrMatch::Regex(compile_regex(&r.regex, m.ignore_case, at)?)
+        } else {
+            return Err(CompileError::invalid(at, "empty string matcher"));
+        };
+        Ok(Self {
+            kind,
+            ignore_case: m.ignore_case,
+        })
+    }
+
+    pub(crate) fn matches(&self, value: &[u8]) -> bool {
+        let Ok(value) = std::str::from_utf8(value) else {
+            // Non-UTF-8 (obs-text) never equals a UTF-8 pattern; a regex cannot run on it.
+            return false;
+        };
+        let folded;
+        let v = if self.ignore_case && !matches!(self.kind, StrMatch::Regex(_)) {
+            folded = value.to_ascii_lowercase();
+            folded.as_str()
+        } else {
+            value
+        };
+        match &self.kind {
+            StrMatch::Exact(s) => v == s,
+            StrMatch::Prefix(s) => v.starts_with(s.as_str()),
+            StrMatch::Suffix(s) => v.ends_with(s.as_str()),
+            StrMatch::Contains(s) => v.contains(s.as_str()),
+            StrMatch::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+/// Envoy's safe_regex matches the whole value.
+fn compile_regex(pattern: &str, ignore_case: bool, at: &str) -> Result<regex::Regex, CompileError> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .case_insensitive(ignore_case)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| CompileError::invalid(at, &format!("bad regex {pattern:?}: {e}")))
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cidr {
+    addr: IpAddr,
+    len: u32,
+}
+
+impl Cidr {
+    pub(crate) fn compile(c: &rbac::CidrRange, at: &str) -> Result<Self, CompileError> {
+        let addr: IpAddr = c.address_prefix.parse().map_err(|_| {
+            CompileError::invalid(at, &format!("bad IP address {:?}", c.address_prefix))
+        })?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if c.prefix_len > max {
+            return Err(CompileError::invalid(
+                at,
+                &format!("prefix length {} > {max}", c.prefix_len),
+            ));
+        }
+        Ok(Self {
+            addr,
+            len: c.prefix_len,
+        })
+    }
+
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            _ => ip,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => mask_eq(&net.octets(), &a.octets(), self.len),
+            (IpAddr::V6(net), IpAddr::V6(a)) => mask_eq(&net.octets(), &a.octets(), self.len),
+            _ => false,
+        }
+    }
+}
+
+fn mask_eq(net: &[u8], a: &[u8], len: u32) -> bool {
+    let full = (len / 8) as usize;
+    if net[..full] != a[..full] {
+        return false;
+    }
+    let rem = len % 8;
+    if rem == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rem);
+    (net[full] & mask) == (a[full] & mask)
+}
+
+/// Envoy's URI template matcher: `*` is one path segment, `**` is any number of segments.
+#[derive(Debug, Clone)]
+pub(crate) struct UriTemplate {
+    segments: Vec<String>,
+}
+
+impl UriTemplate {
+    pub(crate) fn compile(t: &rbac::TypedExtensionConfig, at: &str) -> Result<Self, CompileError> {
+        if t.typed_config.type_url != rbac::URI_TEMPLATE_TYPE {
+            return Err(CompileError::Unsupported {
+                at: at.to_owned(),
+                what: format!("uriTemplate of type {}", t.typed_config.type_url),
+            });
+        }
+        let tpl = &t.typed_config.path_template;
+        if !tpl.starts_with('/') {
+            return Err(CompileError::invalid(at, "a path template starts with '/'"));
+        }
+        Ok(Self {
+            segments: tpl[1..].split('/').map(str::to_owned).collect(),
+        })
+    }
+
+    pub(crate) fn matches(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix('/') else {
+            return false;
+        };
+        let segs: Vec<&str> = rest.split('/').collect();
+        match_segments(&self.segments, &segs)
+    }
+}
+
+fn match_segments(tpl: &[String], segs: &[&str]) -> bool {
+    match tpl.split_first() {
+        None => segs.is_empty(),
+        Some((t, rest)) if t == "**" => (0..=segs.len()).any(|k| match_segments(rest, &segs[k..])),
+        Some((t, rest)) => match segs.split_first() {
+            Some((s, srest)) if (t == "*" && !s.is_empty()) || t == s => {
+                match_segments(rest, srest)
+            }
+            _ => false,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sm(m: rbac::StringMatcher) -> StringMatcher {
+        StringMatcher::compile(&m, "t").unwrap()
+    }
+
+    #[test]
+    fn strings() {
+        let m = sm(rbac::StringMatcher {
+            exact: Some("Admin".into()),
+            ignore_case: true,
+            ..Default::default()
+        });
+        assert!(m.matches(b"ADMIN") && !m.matches(b"admins"));
+        let m = sm(rbac::StringMatcher {
+            safe_regex: Some(rbac::RegexMatcher {
+                regex: ".*/ns/foo/.*".into(),
+                google_re2: None,
+            }),
+            ..Default::default()
+        });
+        assert!(m.matches(b"spiffe://td/ns/foo/sa/x") && !m.matches(b"spiffe://td/ns/foobar/sa/x"));
+        assert!(
+            !sm(rbac::StringMatcher {
+                exact: Some("a".into()),
+                ..Default::default()
+            })
+            .matches(&[0x61, 0xff])
+        );
+        assert!(StringMatcher::compile(&rbac::StringMatcher::default(), "t").is_err());
+        assert!(
+            StringMatcher::compile(
+                &rbac::StringMatcher {
+                    safe_regex: Some(rbac::RegexMatcher {
+                        regex: "(".into(),
+                        google_re2: None
+                    }),
+                    ..Default::default()
+                },
+                "t"
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn cidrs() {
+        let c = Cidr::compile(
+            &rbac::CidrRange {
+                address_prefix: "10.80.64.0".into(),
+                prefix_len: 18,
+            },
+            "t",
+        )
+        .unwrap();
+        assert!(
+            c.contains("10.80.127.255".parse().unwrap())
+                && !c.contains("10.80.128.0".parse().unwrap())
+        );
+        assert!(c.contains("::ffff:10.80.64.1".parse().unwrap()));
+        assert!(
+            Cidr::compile(
+                &rbac::CidrRange {
+                    address_prefix: "10.0.0.0".into(),
+                    prefix_len: 33
+                },
+                "t"
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn templates() {
+        let t = |p: &str| UriTemplate {
+            segments: p[1..].split('/').map(str::to_owned).collect(),
+        };
+        assert!(t("/path/template/*").matches("/path/template/x"));
+        assert!(!t("/path/template/*").matches("/path/template/x/y"));
+        assert!(t("/**/path/template").matches("/a/b/path/template"));
+        assert!(t("/**/path/template").matches("/path/template"));
+        assert!(!t("/**/path/template").matches("/a/path/templatex"));
+    }
+}

@@ -1,0 +1,229 @@
+//! The one normalized view of a request path (DESIGN §7), used by routing, RBAC and apisec.
+//!
+//! Steps, in Envoy's order with Istio's `DECODE_AND_MERGE_SLASHES`: drop the fragment; split off the
+//! query; percent-decode unreserved characters and escaped slashes (`%2F`, `%5C`); turn `\` into `/`;
+//! merge repeated slashes; remove `.` and `..` segments (RFC 3986 §5.2.4). Other escapes stay
+//! encoded (uppercased). A path that cannot be normalized safely (NUL, bad escapes, not starting
+//! with `/`) is an error: the request is refused, never passed through.
+
+/// Why a path was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path must start with '/'")]
+    NotAbsolute,
+    #[error("path has a malformed percent-escape")]
+    BadEscape,
+    #[error("path has a control character")]
+    ControlChar,
+}
+
+/// A normalized path and query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormalizedPath {
+    /// The normalized path, no query, no fragment.
+    pub path: String,
+    /// The query, without '?', as received.
+    pub query: Option<String>,
+}
+
+impl NormalizedPath {
+    /// The path and query to forward upstream.
+    pub fn path_and_query(&self) -> String {
+        match &self.query {
+            Some(q) => format!("{}?{q}", self.path),
+            None => self.path.clone(),
+        }
+    }
+
+    /// The path with `;parameters` removed from every segment: how many servers (Tomcat, Jetty)
+    /// read `/admin;x=y`. Policy matching considers this view too (see `eval`).
+    pub fn without_params(&self) -> Option<String> {
+        if !self.path.contains(';') {
+            return None;
+        }
+        let stripped: Vec<&str> = self
+            .path
+            .split('/')
+            .map(|s| s.split(';').next().unwrap_or(""))
+            .collect();
+        Some(merge_and_resolve(&stripped.join("/")))
+    }
+}
+
+/// Normalizes a request target's path (`origin-form`: `/a/b?q#f`).
+pub fn normalize(target: &str) -> Result<NormalizedPath, PathError> {
+    let target = target.split('#').next().unwrap_or("");
+    let (raw_path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_owned())),
+        None => (target, None),
+    };
+    if !raw_path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let decoded = decode(raw_path)?;
+    Ok(NormalizedPath {
+        path: merge_and_resolve(&decoded),
+        query,
+    })
+}
+
+/// Percent-decodes unreserved characters and `/` `\`; keeps other escapes (uppercased).
+fn decode(raw: &str) -> Result<String, PathError> {
+    let bytes = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b < 0x20 || b == 0x7f {
+            return Err(PathError::ControlChar);
+        }
+        if b != b'%' {
+            out.push(if b == b'\\' { '/' } else { b as char });
+            i += 1;
+            continue;
+        }
+        let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
+        let v = std::str::from_utf8(hex)
+            .ok()
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .ok_or(PathError::BadEscape)?;
+        match v {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(v as char)
+            }
+            b'/' | b'\\' => out.push('/'),
+            0x00..=0x1f | 0x7f => return Err(PathError::ControlChar),
+            _ => {
+                out.push('%');
+                out.push_str(&format!("{v:02X}"));
+            }
+        }
+        i += 3;
+    }
+    Ok(out)
+}
+
+/// Merges repeated slashes and removes dot segments; keeps a trailing slash.
+fn merge_and_resolve(path: &str) -> String {
+    let mut stack: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing_slash = false;
+    for (i, seg) in segments.iter().enumerate().skip(1) {
+        match *seg {
+            "" => trailing_slash = i == last,
+            "." => trailing_slash = i == last,
+            ".." => {
+                stack.pop();
+                trailing_slash = i == last;
+            }
+            s => {
+                stack.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for s in &stack {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || trailing_slash {
+        out.push('/');
+    }
+    out
+}
+
+/// Authority as matched by routing and policy: lowercase, no trailing dot on the host.
+pub fn normalize_authority(authority: &str) -> String {
+    let lower = authority.to_ascii_lowercase();
+    let (host, port) = split_port(&lower);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    match port {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
+    }
+}
+
+fn split_port(a: &str) -> (&str, Option<&str>) {
+    if a.starts_with('[') {
+        return match a.rfind("]:") {
+            Some(i) => (&a[..=i], Some(&a[i + 2..])),
+            None => (a, None),
+        };
+    }
+    match a.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
+        _ => (a, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(p: &str) -> String {
+        normalize(p).unwrap().path
+    }
+
+    #[test]
+    fn bypass_shapes_normalize_to_the_plain_path() {
+        assert_eq!(n("/public/../admin"), "/admin");
+        assert_eq!(n("/admin/./x"), "/admin/x");
+        assert_eq!(n("//admin"), "/admin");
+        assert_eq!(n("/%61dmin"), "/admin");
+        assert_eq!(n("/admin%2Fx"), "/admin/x");
+        assert_eq!(n("/admin%2fx"), "/admin/x");
+        assert_eq!(n("/admin%5Cx"), "/admin/x");
+        assert_eq!(n("/admin\\x"), "/admin/x");
+        assert_eq!(n("/admin#x"), "/admin");
+        assert_eq!(n("/admin?x"), "/admin");
+        assert_eq!(n("/a/b/../../../admin"), "/admin");
+        assert_eq!(n("/%2e%2e/admin"), "/admin");
+        assert_eq!(n("/admin/"), "/admin/");
+        assert_eq!(n("/"), "/");
+        assert_eq!(n("/a%20b"), "/a%20b");
+        assert_eq!(n("/a%c3%a9"), "/a%C3%A9");
+    }
+
+    #[test]
+    fn path_params_view() {
+        let p = normalize("/admin;x=y").unwrap();
+        assert_eq!(p.path, "/admin;x=y");
+        assert_eq!(p.without_params().as_deref(), Some("/admin"));
+        let p = normalize("/public;a/..;b/admin").unwrap();
+        assert_eq!(p.without_params().as_deref(), Some("/admin"));
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(normalize("admin"), Err(PathError::NotAbsolute));
+        assert_eq!(normalize("/a%2"), Err(PathError::BadEscape));
+        assert_eq!(normalize("/a%zz"), Err(PathError::BadEscape));
+        assert_eq!(normalize("/a%00"), Err(PathError::ControlChar));
+        assert_eq!(normalize("/a\u{0}"), Err(PathError::ControlChar));
+    }
+
+    #[test]
+    fn idempotent() {
+        for p in [
+            "/public/../admin",
+            "/a//b/./c/..",
+            "/%61%2F%2e%2e/x;y/../z",
+            "/x/%41%2541",
+        ] {
+            let once = normalize(p).unwrap().path;
+            assert_eq!(normalize(&once).unwrap().path, once, "{p}");
+        }
+    }
+
+    #[test]
+    fn authority() {
+        assert_eq!(normalize_authority("ADMIN.Internal."), "admin.internal");
+        assert_eq!(
+            normalize_authority("Admin.internal.:8080"),
+            "admin.internal:8080"
+        );
+        assert_eq!(normalize_authority("[::1]:80"), "[::1]:80");
+    }
+}

@@ -1,0 +1,166 @@
+use super::*;
+
+fn engine(yaml: &str) -> Engine {
+    Engine::compile(&parse_filters(yaml).unwrap()).unwrap()
+}
+
+const DENY_ADMIN_ALLOW_FRONTEND: &str = r#"
+- name: envoy.filters.http.rbac
+  typedConfig:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+    rules:
+      action: DENY
+      policies:
+        deny-admin:
+          permissions:
+            - orRules: { rules: [ { urlPath: { path: { prefix: /admin } } }, { header: { name: x-user, stringMatch: { exact: admin } } } ] }
+          principals: [ { any: true } ]
+- name: envoy.filters.http.rbac
+  typedConfig:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+    rules:
+      policies:
+        allow-frontend:
+          permissions: [ { any: true } ]
+          principals: [ { authenticated: { principalName: { exact: "spiffe://td/ns/a/sa/frontend" } } } ]
+        allow-role:
+          permissions: [ { header: { name: x-role, stringMatch: { exact: reader } } } ]
+          principals: [ { any: true } ]
+"#;
+
+fn req<'a>(
+    principal: Option<&'a str>,
+    path: &'a str,
+    alt: Option<&'a str>,
+    headers: &'a [(&'a str, &'a [u8])],
+) -> Request<'a> {
+    Request {
+        principal,
+        path,
+        path_without_params: alt,
+        headers,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn deny_then_allow_in_order() {
+    let e = engine(DENY_ADMIN_ALLOW_FRONTEND);
+    let fe = Some("spiffe://td/ns/a/sa/frontend");
+    let d = e.evaluate(&req(fe, "/orders", None, &[]));
+    assert!(d.allowed);
+    assert_eq!(d.policy.as_deref(), Some("allow-frontend"));
+    let d = e.evaluate(&req(fe, "/admin/x", None, &[]));
+    assert!(!d.allowed);
+    assert_eq!(d.policy.as_deref(), Some("deny-admin"));
+    let d = e.evaluate(&req(
+        Some("spiffe://td/ns/a/sa/other"),
+        "/orders",
+        None,
+        &[],
+    ));
+    assert!(!d.allowed && d.policy.is_none(), "no ALLOW policy matched");
+}
+
+#[test]
+fn duplicate_headers_cannot_sidestep_deny_or_widen_allow() {
+    let e = engine(DENY_ADMIN_ALLOW_FRONTEND);
+    let fe = Some("spiffe://td/ns/a/sa/frontend");
+    // DENY on x-user: admin, sent twice or joined: denied either way.
+    let h: &[(&str, &[u8])] = &[("x-user", b"guest"), ("x-user", b"admin")];
+    assert!(!e.evaluate(&req(fe, "/orders", None, h)).allowed);
+    let h: &[(&str, &[u8])] = &[("x-user", b"admin")];
+    assert!(!e.evaluate(&req(fe, "/orders", None, h)).allowed);
+    // ALLOW on x-role: reader must hold for every value.
+    let other = Some("spiffe://td/ns/a/sa/other");
+    let h: &[(&str, &[u8])] = &[("x-role", b"reader")];
+    assert!(e.evaluate(&req(other, "/orders", None, h)).allowed);
+    let h: &[(&str, &[u8])] = &[("x-role", b"reader"), ("x-role", b"writer")];
+    assert!(!e.evaluate(&req(other, "/orders", None, h)).allowed);
+}
+
+#[test]
+fn path_parameters_cannot_sidestep_deny() {
+    let e = engine(DENY_ADMIN_ALLOW_FRONTEND);
+    let fe = Some("spiffe://td/ns/a/sa/frontend");
+    let p = path::normalize("/x;a/../admin;x=y").unwrap();
+    let alt = p.without_params();
+    assert!(!e.evaluate(&req(fe, &p.path, alt.as_deref(), &[])).allowed);
+}
+
+#[test]
+fn not_flips_the_mode() {
+    // ALLOW unless x-user is admin (under any reading).
+    let e = engine(
+        r#"
+- name: envoy.filters.http.rbac
+  typedConfig:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+    rules:
+      policies:
+        not-admin:
+          permissions: [ { notRule: { header: { name: x-user, stringMatch: { exact: admin } } } } ]
+          principals: [ { any: true } ]
+"#,
+    );
+    let h: &[(&str, &[u8])] = &[("x-user", b"guest"), ("x-user", b"admin")];
+    assert!(!e.evaluate(&req(None, "/", None, h)).allowed);
+    let h: &[(&str, &[u8])] = &[("x-user", b"guest")];
+    assert!(e.evaluate(&req(None, "/", None, h)).allowed);
+}
+
+#[test]
+fn log_and_shadow_never_change_the_decision() {
+    let e = engine(
+        r#"
+- name: envoy.filters.http.rbac
+  typedConfig:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+    rules:
+      action: LOG
+      policies:
+        audit: { permissions: [ { any: true } ], principals: [ { any: true } ] }
+    shadowRules:
+      action: DENY
+      policies:
+        would-deny: { permissions: [ { any: true } ], principals: [ { any: true } ] }
+"#,
+    );
+    let d = e.evaluate(&req(None, "/", None, &[]));
+    assert!(d.allowed && d.logged);
+    assert_eq!(d.shadow, Some((false, Some("would-deny".into()))));
+}
+
+#[test]
+fn bad_config_is_refused_not_partly_applied() {
+    for (bad, why) in [
+        (
+            r#"[{name: x, typedConfig: {"@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC, rules: {policies: {p: {permissions: [{any: true}], principals: [{authenticated: {principalName: {safeRegex: {regex: "("}}}}]}}}}}]"#,
+            "bad regex",
+        ),
+        (
+            r#"[{name: x, typedConfig: {"@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC, rules: {policies: {p: {permissions: [{orRules: {rules: []}}], principals: [{any: true}]}}}}}]"#,
+            "orRules is empty",
+        ),
+        (
+            r#"[{name: x, typedConfig: {"@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC, rules: {policies: {p: {permissions: [{destinationIp: {addressPrefix: "10.0.0.0", prefixLen: 40}}], principals: [{any: true}]}}}}}]"#,
+            "prefix length",
+        ),
+        (
+            r#"[{name: x, typedConfig: {"@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz, rules: {}}}]"#,
+            "unsupported",
+        ),
+        (
+            r#"[{name: x, typedConfig: {"@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC, rules: {policies: {p: {permissions: [{any: false}], principals: [{any: true}]}}}}}]"#,
+            "any must be true",
+        ),
+    ] {
+        let err = Engine::compile(&parse_filters(bad).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(why), "{why}: {err}");
+    }
+    // Unknown fields are errors, never silently dropped.
+    let err = parse_filters(r#"[{name: x, typedConfig: {"@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC, rules: {policies: {p: {permissions: [{any: true}], principals: [{any: true}], condition: {}}}}}}]"#).unwrap_err();
+    assert!(err.contains("condition"), "{err}");
+}

@@ -398,6 +398,7 @@ fn hcm(stat_prefix: &str, virtual_hosts: Vec<VirtualHost>) -> HttpConnectionMana
             virtual_hosts,
         },
         forward_client_cert_details: ForwardClientCertDetails::SanitizeSet,
+        http_filters: vec![],
     }
 }
 
@@ -454,6 +455,7 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path) -> Bootstrap {
                 stat_prefix: "inbound_9000".into(),
                 cluster: "inbound|9000||".into(),
             }),
+            rbac_filters: vec![],
         });
         clusters.push(local_cluster("inbound|9000||", mesh.ledger_tcp_app));
     }
@@ -469,6 +471,7 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path) -> Bootstrap {
             }],
         )),
         tcp_proxy: None,
+        rbac_filters: vec![],
     });
     let mut listeners = vec![Listener {
         name: "virtualInbound".into(),
@@ -535,6 +538,7 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path) -> Bootstrap {
                     stat_prefix: "outbound_9000_ledger".into(),
                     cluster: tcp_cluster,
                 }),
+                rbac_filters: vec![],
             }],
             max_connections: 10_000,
         });
@@ -549,6 +553,7 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path) -> Bootstrap {
                 filter_chain_match: FilterChainMatch::default(),
                 http_connection_manager: Some(hcm("outbound_http", vhosts)),
                 tcp_proxy: None,
+                rbac_filters: vec![],
             }],
             max_connections: 10_000,
         });

@@ -60,6 +60,7 @@ pub(crate) enum ValueM {
     Present(bool),
     Bool(bool),
     ListOneOf(Box<ValueM>),
+    Or(Vec<ValueM>),
 }
 
 #[derive(Debug, Clone)]
@@ -338,5 +339,8 @@ fn value(v: &rbac::ValueMatcher, at: &str) -> Result<ValueM, CompileError> {
         rbac::ValueMatcher::PresentMatch(p) => ValueM::Present(*p),
         rbac::ValueMatcher::BoolMatch(b) => ValueM::Bool(*b),
         rbac::ValueMatcher::ListMatch(l) => ValueM::ListOneOf(Box::new(value(&l.one_of, at)?)),
+        rbac::ValueMatcher::OrMatch(o) => {
+            ValueM::Or(list(&o.value_matchers, at, "orMatch", value)?)
+        }
     })
 }

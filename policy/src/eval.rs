@@ -191,16 +191,58 @@ fn header(h: &HeaderM, req: &Request<'_>, mode: Mode) -> bool {
     let matched = match &h.kind {
         HeaderKind::Present(want) => values.is_empty() != *want,
         HeaderKind::Str(m) if values.is_empty() => h.missing_as_empty && m.matches(b""),
-        HeaderKind::Str(m) if values.len() == 1 => m.matches(values[0]),
+        // The authority is also read without its port: `admin.internal:8080` is admin.internal.
+        HeaderKind::Str(m) if h.name == ":authority" => {
+            let host = values.first().copied().unwrap_or_default();
+            let readings = [host, strip_port(host)];
+            match inner_mode {
+                Mode::Lenient => readings.iter().any(|v| m.matches(v)),
+                Mode::Strict => readings.iter().all(|v| m.matches(v)),
+            }
+        }
+        HeaderKind::Str(m) if values.len() == 1 => match inner_mode {
+            // `x-user: guest, admin` means the same as two `x-user` lines (RFC 9110 §5.3).
+            Mode::Lenient => m.matches(values[0]) || comma_parts(values[0], m),
+            Mode::Strict => m.matches(values[0]),
+        },
         HeaderKind::Str(m) => {
             let joined = values.join(&b","[..]);
             match inner_mode {
-                Mode::Lenient => m.matches(&joined) || values.iter().any(|v| m.matches(v)),
+                Mode::Lenient => {
+                    m.matches(&joined) || values.iter().any(|v| m.matches(v) || comma_parts(v, m))
+                }
                 Mode::Strict => m.matches(&joined) && values.iter().all(|v| m.matches(v)),
             }
         }
     };
     matched != h.invert
+}
+
+/// `host:port` → `host` (IPv6 literals keep their brackets).
+fn strip_port(authority: &[u8]) -> &[u8] {
+    match authority.iter().rposition(|b| *b == b':') {
+        Some(i)
+            if authority[i + 1..].iter().all(u8::is_ascii_digit)
+                && !authority[i + 1..].is_empty() =>
+        {
+            let host = &authority[..i];
+            // `[::1]` has colons inside brackets; only strip after the closing bracket.
+            if host.first() == Some(&b'[') && host.last() != Some(&b']') {
+                authority
+            } else {
+                host
+            }
+        }
+        _ => authority,
+    }
+}
+
+/// Whether any comma-separated element of a header value matches.
+fn comma_parts(value: &[u8], m: &crate::matcher::StringMatcher) -> bool {
+    value.contains(&b',')
+        && value
+            .split(|b| *b == b',')
+            .any(|part| m.matches(part.trim_ascii()))
 }
 
 fn metadata(m: &MetaM, req: &Request<'_>) -> bool {
@@ -223,5 +265,6 @@ fn value(m: &ValueM, v: &serde_json::Value) -> bool {
         ValueM::ListOneOf(inner) => v
             .as_array()
             .is_some_and(|xs| xs.iter().any(|x| value(inner, x))),
+        ValueM::Or(ms) => ms.iter().any(|m| value(m, v)),
     }
 }

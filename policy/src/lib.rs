@@ -36,7 +36,56 @@ impl CompileError {
 /// Parses RBAC filters from YAML or JSON in proto3 JSON form (a list of `{name, typedConfig}`).
 pub fn parse_filters(text: &str) -> Result<Vec<rbac::Filter>, String> {
     let value: serde_json::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
-    serde_json::from_value(value).map_err(|e| e.to_string())
+    serde_json::from_value(proto_json_keys(value)).map_err(|e| e.to_string())
+}
+
+/// Proto3 JSON accepts a field's original `snake_case` name as well as `lowerCamelCase`; this
+/// rewrites keys to the camelCase form the typed model reads. Keys under `policies` are names,
+/// not fields, and are kept.
+pub fn proto_json_keys(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let v = if k == "policies" {
+                        match v {
+                            Value::Object(m) => Value::Object(
+                                m.into_iter()
+                                    .map(|(n, p)| (n, proto_json_keys(p)))
+                                    .collect(),
+                            ),
+                            other => other,
+                        }
+                    } else {
+                        proto_json_keys(v)
+                    };
+                    (camel(&k), v)
+                })
+                .collect(),
+        ),
+        Value::Array(xs) => Value::Array(xs.into_iter().map(proto_json_keys).collect()),
+        other => other,
+    }
+}
+
+fn camel(k: &str) -> String {
+    if k.starts_with('@') || !k.contains('_') {
+        return k.to_owned();
+    }
+    let mut out = String::with_capacity(k.len());
+    let mut upper = false;
+    for c in k.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.push(c.to_ascii_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -221,6 +221,13 @@ pub enum ValueMatcher {
     PresentMatch(bool),
     BoolMatch(bool),
     ListMatch(ListMatcher),
+    OrMatch(OrMatcher),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OrMatcher {
+    pub value_matchers: Vec<ValueMatcher>,
 }
 
 impl Default for ValueMatcher {

@@ -71,6 +71,8 @@ fn duplicate_headers_cannot_sidestep_deny_or_widen_allow() {
     assert!(!e.evaluate(&req(fe, "/orders", None, h)).allowed);
     let h: &[(&str, &[u8])] = &[("x-user", b"admin")];
     assert!(!e.evaluate(&req(fe, "/orders", None, h)).allowed);
+    let h: &[(&str, &[u8])] = &[("x-user", b"guest, admin")];
+    assert!(!e.evaluate(&req(fe, "/orders", None, h)).allowed);
     // ALLOW on x-role: reader must hold for every value.
     let other = Some("spiffe://td/ns/a/sa/other");
     let h: &[(&str, &[u8])] = &[("x-role", b"reader")];

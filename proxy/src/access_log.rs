@@ -40,6 +40,12 @@ pub struct Record {
     pub upstream_peer_uri_san: Option<String>,
     pub requested_server_name: Option<String>,
     pub route_name: Option<String>,
+    /// RBAC outcome (`allowed` / `denied`) and the deciding policy, when RBAC ran.
+    pub rbac_decision: Option<String>,
+    pub rbac_policy: Option<String>,
+    /// What the dry-run (shadow) rules would have done, and by which policy.
+    pub rbac_shadow_decision: Option<String>,
+    pub rbac_shadow_policy: Option<String>,
 }
 
 /// Where records go.

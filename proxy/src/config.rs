@@ -133,6 +133,45 @@ pub struct FilterChain {
     pub http_connection_manager: Option<HttpConnectionManager>,
     #[serde(default)]
     pub tcp_proxy: Option<TcpProxy>,
+    /// Network RBAC filters (`envoy.filters.network.rbac`), checked when a connection starts.
+    #[serde(default)]
+    pub rbac_filters: Vec<FilterConfig>,
+}
+
+/// An Envoy filter entry: `name` and `typed_config` (proto3 JSON, camelCase or snake_case keys).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    pub name: String,
+    #[serde(default, alias = "typedConfig")]
+    pub typed_config: Option<serde_json::Value>,
+}
+
+/// The filter names this proxy runs.
+pub const ROUTER_FILTER: &str = "envoy.filters.http.router";
+
+/// Compiles the RBAC filters of a chain, in order; any other filter (but the router) is refused.
+pub fn compile_rbac(filters: &[FilterConfig]) -> Result<Option<policy::Engine>, String> {
+    let mut rbac = Vec::new();
+    for (i, f) in filters.iter().enumerate() {
+        if f.name == ROUTER_FILTER {
+            continue;
+        }
+        let Some(tc) = &f.typed_config else {
+            return Err(format!("[{i}] {}: typed_config is required", f.name));
+        };
+        let value =
+            policy::proto_json_keys(serde_json::json!({ "name": f.name, "typedConfig": tc }));
+        let parsed: policy::rbac::Filter =
+            serde_json::from_value(value).map_err(|e| format!("[{i}] {}: {e}", f.name))?;
+        rbac.push(parsed);
+    }
+    if rbac.is_empty() {
+        return Ok(None);
+    }
+    policy::Engine::compile(&rbac)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// Selects a chain. The first chain (in file order) whose every given criterion matches is used.
@@ -155,6 +194,9 @@ pub struct HttpConnectionManager {
     /// Envoy's `forward_client_cert_details`; inbound default SANITIZE_SET.
     #[serde(default)]
     pub forward_client_cert_details: ForwardClientCertDetails,
+    /// HTTP filters in order: `envoy.filters.http.rbac` (any number) and the router.
+    #[serde(default)]
+    pub http_filters: Vec<FilterConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -557,7 +599,16 @@ impl Bootstrap {
                         ));
                     }
                 }
+                compile_rbac(&fc.rbac_filters)
+                    .map_err(|e| invalid(cfield("rbac_filters"), e, "rbac_filters"))?;
                 if let Some(hcm) = &fc.http_connection_manager {
+                    compile_rbac(&hcm.http_filters).map_err(|e| {
+                        invalid(
+                            cfield("http_connection_manager.http_filters"),
+                            e,
+                            "http_filters",
+                        )
+                    })?;
                     for (vi, vh) in hcm.route_config.virtual_hosts.iter().enumerate() {
                         for (ri, r) in vh.routes.iter().enumerate() {
                             let m = &r.match_;

@@ -21,6 +21,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("protocol upgrade failed: {0}")]
     Upgrade(String),
+    #[error("denied by RBAC policy {}", policy.as_deref().unwrap_or("(no ALLOW policy matched)"))]
+    RbacDenied { policy: Option<String> },
 }
 
 /// What a [`ProxyError`] becomes on the wire and in the logs.
@@ -42,6 +44,7 @@ const INTERNAL: u8 = 13;
 const UNIMPLEMENTED: u8 = 12;
 const UNAVAILABLE: u8 = 14;
 const DEADLINE_EXCEEDED: u8 = 4;
+const PERMISSION_DENIED: u8 = 7;
 
 impl ProxyError {
     pub fn response(&self) -> ErrorResponse {
@@ -81,6 +84,9 @@ impl ProxyError {
             ),
             Self::BadRequest(_) => r(400, INTERNAL, "DPE", "http1.codec_error", true),
             Self::Upgrade(_) => r(503, UNAVAILABLE, "UF", "upgrade_failed", false),
+            Self::RbacDenied { .. } => {
+                r(403, PERMISSION_DENIED, "RBAC", "rbac_access_denied", false)
+            }
         }
     }
 
@@ -145,6 +151,7 @@ mod tests {
             (ProxyError::UpstreamReset("x".into()), 503, 14, "UC"),
             (ProxyError::BadRequest("x"), 400, 13, "DPE"),
             (ProxyError::Upgrade("x".into()), 503, 14, "UF"),
+            (ProxyError::RbacDenied { policy: None }, 403, 7, "RBAC"),
         ];
         for (err, status, grpc, flag) in table {
             let r = err.response();

@@ -105,17 +105,35 @@ async fn forward(
     strip_request_headers(req.headers_mut());
     ensure_request_id(req.headers_mut(), guard);
 
-    let authority = authority(&req).ok_or(ProxyError::BadRequest("request has no authority"))?;
-    let path = req.uri().path().to_owned();
-    let selected = chain
-        .select(&authority, &path, req.headers())
-        .ok_or_else(|| ProxyError::NoRoute {
-            authority: authority.clone(),
-            path: path.clone(),
-        })?;
+    // One view of the request for routing, policy and the upstream (DESIGN §7).
+    let raw_authority =
+        authority(&req).ok_or(ProxyError::BadRequest("request has no authority"))?;
+    let authority = policy::path::normalize_authority(&raw_authority);
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let normalized = policy::path::normalize(target)
+        .map_err(|_| ProxyError::BadRequest("path cannot be normalized"))?;
+    let selected = chain.select(&authority, &normalized.path, req.headers());
+    let routed = selected.as_ref().and_then(|s| clusters.get(s.cluster));
+    // Authorization runs before a missing route is reported: an unauthorized caller must not be
+    // able to tell which routes exist.
+    if let Some(engine) = &chain.rbac {
+        authorize(
+            engine,
+            ctx,
+            chain,
+            guard,
+            &req,
+            &authority,
+            &normalized,
+            routed.map(|c| &**c),
+        )?;
+    }
+    let selected = selected.ok_or_else(|| ProxyError::NoRoute {
+        authority: authority.clone(),
+        path: normalized.path.clone(),
+    })?;
     guard.record.route_name = Some(selected.route_name.to_owned());
-    let cluster = clusters
-        .get(selected.cluster)
+    let cluster = routed
         .ok_or_else(|| ProxyError::NoHealthyUpstream {
             cluster: selected.cluster.to_owned(),
         })?
@@ -138,11 +156,15 @@ async fn forward(
         insert_str(req.headers_mut(), &SOURCE_WORKLOAD, &ctx.local_workload);
         insert_str(req.headers_mut(), &SOURCE_APP, &ctx.local_app);
     }
-    // Absolute form: HTTP/2 upstreams need scheme and authority.
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    *req.uri_mut() = format!("http://{authority}{pq}")
+    // Absolute form (HTTP/2 upstreams need scheme and authority), with the normalized view.
+    *req.uri_mut() = format!("http://{authority}{}", normalized.path_and_query())
         .parse()
         .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+    if req.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(&authority)
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
 
     if let Some(proto) = upgrade {
         return crate::upgrade::forward(req, proto, &cluster, guard).await;
@@ -170,6 +192,83 @@ async fn forward(
     let (mut parts, incoming) = sent.response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body::boxed(incoming)))
+}
+
+/// Runs the connection manager's RBAC filters; a denial is a 403 (`RBAC: access denied`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the request's parts, each needed by policy"
+)]
+fn authorize(
+    engine: &policy::Engine,
+    ctx: &ConnCtx,
+    chain: &HttpChain,
+    guard: &mut CallGuard,
+    req: &Request<Body>,
+    authority: &str,
+    normalized: &policy::path::NormalizedPath,
+    cluster: Option<&ClusterRt>,
+) -> Result<(), ProxyError> {
+    let full_path = normalized.path_and_query();
+    let without_params = normalized.without_params();
+    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(req.headers().len() + 4);
+    headers.push((":authority", authority.as_bytes()));
+    headers.push((":method", req.method().as_str().as_bytes()));
+    headers.push((":path", full_path.as_bytes()));
+    headers.push((":scheme", b"http"));
+    headers.extend(
+        req.headers()
+            .iter()
+            .filter(|(k, _)| **k != header::HOST)
+            .map(|(k, v)| (k.as_str(), v.as_bytes())),
+    );
+    let decision = engine.evaluate(&policy::Request {
+        principal: ctx.peer_id.as_deref(),
+        path: &normalized.path,
+        path_without_params: without_params.as_deref(),
+        headers: &headers,
+        direct_remote_ip: Some(ctx.remote.ip()),
+        remote_ip: Some(ctx.remote.ip()),
+        destination_ip: Some(ctx.local.ip()),
+        destination_port: cluster.map_or(ctx.local.port(), |c| destination_port(ctx, c)),
+        sni: ctx.sni.as_deref(),
+        metadata: None,
+    });
+    if let Some((shadow_allowed, shadow_policy)) = &decision.shadow {
+        let stat = if *shadow_allowed {
+            &chain.stats.rbac_shadow_allowed
+        } else {
+            &chain.stats.rbac_shadow_denied
+        };
+        stat.inc();
+        guard.record.rbac_shadow_decision =
+            Some(if *shadow_allowed { "allowed" } else { "denied" }.into());
+        guard.record.rbac_shadow_policy = shadow_policy.as_deref().map(Into::into);
+    }
+    guard.record.rbac_policy = decision.policy.as_deref().map(Into::into);
+    if decision.allowed {
+        chain.stats.rbac_allowed.inc();
+        guard.record.rbac_decision = Some("allowed".into());
+        return Ok(());
+    }
+    chain.stats.rbac_denied.inc();
+    guard.record.rbac_decision = Some("denied".into());
+    Err(ProxyError::RbacDenied {
+        policy: decision.policy.as_deref().map(Into::into),
+    })
+}
+
+/// The port a request is for: on the inbound side, the app port it is delivered to (Istio's
+/// `destination.port`); on the outbound side, the listener's.
+pub(crate) fn destination_port(ctx: &ConnCtx, cluster: &ClusterRt) -> u16 {
+    match ctx.reporter {
+        Reporter::Destination => cluster
+            .config
+            .endpoints
+            .first()
+            .map_or(ctx.local.port(), |e| e.port()),
+        Reporter::Source => ctx.local.port(),
+    }
 }
 
 fn note_upstream_failure(guard: &mut CallGuard, cluster: &ClusterRt, e: &ProxyError) {
@@ -383,6 +482,7 @@ pub fn local_reply(e: &ProxyError, grpc: bool) -> Response<Body> {
         ProxyError::NoRoute { .. } => String::new(),
         ProxyError::BadRequest(why) => format!("Bad Request: {why}"),
         ProxyError::Upgrade(_) => "upgrade failed".to_owned(),
+        ProxyError::RbacDenied { .. } => "RBAC: access denied".to_owned(),
     };
     let built = if grpc {
         // gRPC: a trailers-only response carrying the status.

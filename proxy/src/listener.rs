@@ -60,7 +60,10 @@ struct ChainRt {
 
 enum ChainKind {
     Http(Arc<HttpChain>),
-    Tcp { cluster: Arc<ClusterRt> },
+    Tcp {
+        cluster: Arc<ClusterRt>,
+        rbac: Option<Arc<policy::Engine>>,
+    },
 }
 
 struct ListenerStats {
@@ -98,11 +101,14 @@ impl ListenerRt {
             .filter_chains
             .iter()
             .filter_map(|fc| {
+                // Validated at load: RBAC compiles and every referenced cluster exists.
                 let kind = match (&fc.http_connection_manager, &fc.tcp_proxy) {
-                    (Some(hcm), _) => ChainKind::Http(HttpChain::new(hcm, stats)),
+                    (Some(hcm), _) => ChainKind::Http(HttpChain::new(hcm, stats).ok()?),
                     (None, Some(tcp)) => ChainKind::Tcp {
-                        // Validated at load: every referenced cluster exists.
                         cluster: shared.clusters.get(&tcp.cluster)?.clone(),
+                        rbac: crate::config::compile_rbac(&fc.rbac_filters)
+                            .ok()?
+                            .map(Arc::new),
                     },
                     (None, None) => return None,
                 };
@@ -245,8 +251,8 @@ impl ListenerRt {
         let h2 = matches!(alpn.as_deref(), Some("h2" | "istio-h2"));
         match &chain.kind {
             ChainKind::Http(http) => self.serve_http(tls, ctx, http.clone(), drain, h2).await,
-            ChainKind::Tcp { cluster } => {
-                crate::tcp::proxy(tls, &ctx, cluster, &self.shared.telemetry).await
+            ChainKind::Tcp { cluster, rbac } => {
+                crate::tcp::proxy(tls, &ctx, cluster, rbac.as_deref(), &self.shared.telemetry).await
             }
         }
     }
@@ -299,8 +305,8 @@ impl ListenerRt {
                 self.serve_http(tcp, ctx, http.clone(), drain, sniffed == Sniffed::H2c)
                     .await
             }
-            ChainKind::Tcp { cluster } => {
-                crate::tcp::proxy(tcp, &ctx, cluster, &self.shared.telemetry).await
+            ChainKind::Tcp { cluster, rbac } => {
+                crate::tcp::proxy(tcp, &ctx, cluster, rbac.as_deref(), &self.shared.telemetry).await
             }
         }
     }

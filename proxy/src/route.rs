@@ -9,12 +9,18 @@ use crate::stats::{EnvoyStats, Stat};
 
 /// One HTTP filter chain, ready to route.
 pub struct HttpChain {
+    /// The RBAC filters of this connection manager, compiled; `None` = no authorization filter.
+    pub rbac: Option<policy::Engine>,
     pub forward_client_cert: ForwardClientCertDetails,
     virtual_hosts: Vec<VirtualHostRt>,
     pub stats: HttpStats,
 }
 
 pub struct HttpStats {
+    pub rbac_allowed: Stat,
+    pub rbac_denied: Stat,
+    pub rbac_shadow_allowed: Stat,
+    pub rbac_shadow_denied: Stat,
     pub downstream_rq_total: Stat,
     pub downstream_rq_2xx: Stat,
     pub downstream_rq_3xx: Stat,
@@ -36,9 +42,12 @@ pub struct Selected<'a> {
 }
 
 impl HttpChain {
-    pub fn new(hcm: &HttpConnectionManager, stats: &EnvoyStats) -> Arc<Self> {
+    /// Builds the chain; fails only if its RBAC filters do not compile (validated at load).
+    pub fn new(hcm: &HttpConnectionManager, stats: &EnvoyStats) -> Result<Arc<Self>, String> {
         let s = |n: &str| stats.stat(&format!("http.{}.{n}", hcm.stat_prefix));
-        Arc::new(Self {
+        let rbac = crate::config::compile_rbac(&hcm.http_filters)?;
+        Ok(Arc::new(Self {
+            rbac,
             forward_client_cert: hcm.forward_client_cert_details,
             virtual_hosts: hcm
                 .route_config
@@ -51,13 +60,17 @@ impl HttpChain {
                 })
                 .collect(),
             stats: HttpStats {
+                rbac_allowed: s("rbac.allowed"),
+                rbac_denied: s("rbac.denied"),
+                rbac_shadow_allowed: s("rbac.shadow_allowed"),
+                rbac_shadow_denied: s("rbac.shadow_denied"),
                 downstream_rq_total: s("downstream_rq_total"),
                 downstream_rq_2xx: s("downstream_rq_2xx"),
                 downstream_rq_3xx: s("downstream_rq_3xx"),
                 downstream_rq_4xx: s("downstream_rq_4xx"),
                 downstream_rq_5xx: s("downstream_rq_5xx"),
             },
-        })
+        }))
     }
 
     pub fn count_status(&self, status: u16) {
@@ -202,6 +215,7 @@ mod tests {
             &HttpConnectionManager {
                 stat_prefix: "t".into(),
                 forward_client_cert_details: ForwardClientCertDetails::SanitizeSet,
+                http_filters: vec![],
                 route_config: RouteConfiguration {
                     name: "r".into(),
                     virtual_hosts: vec![
@@ -217,6 +231,7 @@ mod tests {
             },
             &EnvoyStats::default(),
         )
+        .unwrap()
     }
 
     #[test]

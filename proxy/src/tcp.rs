@@ -9,8 +9,13 @@ use crate::http::ConnCtx;
 use crate::telemetry::{Peer, Reporter, Telemetry};
 use crate::upstream::ClusterRt;
 
-pub async fn proxy<D>(mut down: D, ctx: &ConnCtx, cluster: &ClusterRt, telemetry: &Arc<Telemetry>)
-where
+pub async fn proxy<D>(
+    mut down: D,
+    ctx: &ConnCtx,
+    cluster: &ClusterRt,
+    rbac: Option<&policy::Engine>,
+    telemetry: &Arc<Telemetry>,
+) where
     D: AsyncRead + AsyncWrite + Unpin,
 {
     let mut guard = telemetry.start(ctx.reporter);
@@ -27,6 +32,27 @@ where
     r.requested_server_name = ctx.sni.clone();
     r.upstream_cluster = Some(cluster.config.name.clone());
     guard.tcp_opened();
+    if let Some(engine) = rbac {
+        let decision = engine.evaluate(&policy::Request {
+            principal: ctx.peer_id.as_deref(),
+            direct_remote_ip: Some(ctx.remote.ip()),
+            remote_ip: Some(ctx.remote.ip()),
+            destination_ip: Some(ctx.local.ip()),
+            destination_port: crate::http::destination_port(ctx, cluster),
+            sni: ctx.sni.as_deref(),
+            ..Default::default()
+        });
+        guard.record.rbac_policy = decision.policy.as_deref().map(Into::into);
+        if !decision.allowed {
+            // Envoy's network RBAC: a denied connection is closed, nothing reaches the upstream.
+            tracing::debug!(policy = ?decision.policy, "TCP connection denied by RBAC");
+            guard.record.response_flags = "RBAC".into();
+            guard.record.rbac_decision = Some("denied".into());
+            guard.completed = true;
+            return;
+        }
+        guard.record.rbac_decision = Some("allowed".into());
+    }
     let (up, endpoint, peer) = match cluster.open_tcp().await {
         Ok(c) => c,
         Err(e) => {

@@ -1,0 +1,230 @@
+"""Authorization bypass regression suite: path, host and header tricks against a DENY rule, sent
+over HTTP/1.1 and HTTP/2 straight to the enforcing sidecar's mTLS port (and through the client
+sidecar). The canary upstream is as lenient as the sloppiest real backend; its secret must never
+come back."""
+
+import posixpath
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from conftest import CLIENT_ID, TD, Mesh, free_port
+
+SECRET = b"CANARY-SECRET-7f3a"
+RBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+
+HTTP_FILTERS = [
+    {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": RBAC,
+            "rules": {
+                "action": "DENY",
+                "policies": {
+                    "deny-admin": {
+                        "permissions": [
+                            {
+                                "or_rules": {
+                                    "rules": [
+                                        {"url_path": {"path": {"exact": "/admin"}}},
+                                        {"url_path": {"path": {"prefix": "/admin/"}}},
+                                        {"header": {"name": "x-user", "string_match": {"exact": "admin"}}},
+                                        {"header": {"name": ":authority", "string_match": {"exact": "admin.internal", "ignore_case": True}}},
+                                    ]
+                                }
+                            }
+                        ],
+                        "principals": [{"any": True}],
+                    }
+                },
+            },
+        },
+    },
+    {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": RBAC,
+            "rules": {
+                "policies": {
+                    "allow-client": {
+                        "permissions": [{"any": True}],
+                        "principals": [{"authenticated": {"principal_name": {"exact": CLIENT_ID}}}],
+                    }
+                }
+            },
+        },
+    },
+    {"name": "envoy.filters.http.router"},
+]
+
+
+class Canary(BaseHTTPRequestHandler):
+    """Leaks the secret to anything that a lenient backend would read as admin."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        path = self.path.split("#")[0].split("?")[0]
+        path = urllib.parse.unquote(path).replace("\\", "/")
+        path = "/".join(seg.split(";")[0] for seg in path.split("/"))
+        path = posixpath.normpath("/" + path.lstrip("/"))
+        users = [u.strip() for v in self.headers.get_all("x-user") or [] for u in v.split(",")]
+        host = (self.headers.get("host") or "").lower().split(":")[0].rstrip(".")
+        admin = path == "/admin" or path.startswith("/admin/") or "admin" in users or host == "admin.internal"
+        body = SECRET if admin else b"public"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rbac")
+    canary = ThreadingHTTPServer(("127.0.0.1", free_port()), Canary)
+    canary.daemon_threads = True
+    threading.Thread(target=canary.serve_forever, daemon=True).start()
+    m = Mesh(tmp, canary.server_address[1])
+    m.server.config["listeners"][0]["filter_chains"][-1]["http_connection_manager"]["http_filters"] = HTTP_FILTERS
+    m.server.rewrite()
+    # The client sidecar routes `admin.internal` to the server as well.
+    m.client.config["listeners"][0]["filter_chains"][0]["http_connection_manager"]["route_config"]["virtual_hosts"][0]["domains"] += ["admin.internal", "ADMIN.internal."]
+    m.client.rewrite()
+    m.stranger_cert, m.stranger_key = m.ca.write_svid(tmp, "stranger", f"spiffe://{TD}/ns/test/sa/stranger")
+    m.start()
+    yield m
+    m.stop()
+    canary.shutdown()
+
+
+def tls(mesh, alpn, cert=None, key=None):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(str(mesh.bundle))
+    ctx.load_cert_chain(str(cert or mesh.client_cert), str(key or mesh.client_key))
+    ctx.set_alpn_protocols([alpn])
+    raw = socket.create_connection(("127.0.0.1", mesh.inbound_port), timeout=10)
+    return ctx.wrap_socket(raw)
+
+
+def h1_raw(sock, target: bytes, headers: list) -> bytes:
+    head = b"GET " + target + b" HTTP/1.1\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+    sock.sendall(head + b"connection: close\r\n\r\n")
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, ssl.SSLError, socket.timeout):
+        pass
+    sock.close()
+    return data
+
+
+def h2_raw(sock, path: bytes, authority: bytes, extra: list) -> tuple:
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False)
+    )
+    conn.initiate_connection()
+    conn.send_headers(1, [(b":method", b"GET"), (b":path", path), (b":scheme", b"https"), (b":authority", authority), *extra], end_stream=True)
+    sock.sendall(conn.data_to_send())
+    status, body = None, b""
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            data = sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLError, socket.timeout):
+            break
+        if not data:
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                status = dict(ev.headers)[b":status"]
+            elif isinstance(ev, h2.events.DataReceived):
+                body += ev.data
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                deadline = 0
+        out = conn.data_to_send()
+        if out:
+            sock.sendall(out)
+    sock.close()
+    return status, body
+
+
+# (name, path, headers, host)
+ATTACKS = [
+    ("dotdot", b"/public/../admin", [], b"server"),
+    ("dot", b"/admin/./x", [], b"server"),
+    ("double-slash", b"//admin", [], b"server"),
+    ("encoded-letter", b"/%61dmin", [], b"server"),
+    ("encoded-slash", b"/admin%2Fx", [], b"server"),
+    ("encoded-backslash", b"/admin%5Cx", [], b"server"),
+    ("encoded-dots", b"/%2e%2e/admin", [], b"server"),
+    ("fragment", b"/admin#x", [], b"server"),
+    ("path-params", b"/admin;x=y", [], b"server"),
+    ("params-dotdot", b"/public;x/../admin", [], b"server"),
+    ("query", b"/admin?x", [], b"server"),
+    ("host-case-dot", b"/public", [], b"ADMIN.internal."),
+    ("host-port", b"/public", [], b"Admin.Internal.:8080"),
+    ("dup-header", b"/public", [(b"x-user", b"guest"), (b"x-user", b"admin")], b"server"),
+    ("comma-header", b"/public", [(b"x-user", b"guest, admin")], b"server"),
+    ("nul-header", b"/public", [(b"x-user", b"admin\x00")], b"server"),
+    ("obs-text-header", b"/public", [(b"x-user", b"admin\xff")], b"server"),
+    ("nul-path", b"/admin%00", [], b"server"),
+    ("case", b"/Admin", [], b"server"),
+]
+
+
+@pytest.mark.parametrize("name,path,headers,host", ATTACKS, ids=[a[0] for a in ATTACKS])
+def test_http1_attacks_never_reach_the_secret(guarded, name, path, headers, host):
+    data = h1_raw(tls(guarded, "http/1.1"), path, [(b"host", host), *headers])
+    assert SECRET not in data, data[:300]
+    assert data == b"" or data.startswith(b"HTTP/1.1 "), data[:100]
+
+
+@pytest.mark.parametrize("name,path,headers,host", ATTACKS, ids=[a[0] for a in ATTACKS])
+def test_http2_attacks_never_reach_the_secret(guarded, name, path, headers, host):
+    status, body = h2_raw(tls(guarded, "h2"), path, host, headers)
+    assert SECRET not in body, (status, body[:300])
+
+
+@pytest.mark.parametrize("name,path,headers,host", ATTACKS, ids=[a[0] for a in ATTACKS])
+def test_attacks_through_the_client_sidecar(guarded, name, path, headers, host):
+    s = socket.create_connection(("127.0.0.1", guarded.outbound_port), timeout=10)
+    data = h1_raw(s, path, [(b"host", host), *headers])
+    assert SECRET not in data, data[:300]
+
+
+def test_denials_are_403_rbac_and_allowed_calls_pass(guarded):
+    data = h1_raw(tls(guarded, "http/1.1"), b"/admin", [(b"host", b"server")])
+    assert data.startswith(b"HTTP/1.1 403") and data.endswith(b"RBAC: access denied"), data
+    data = h1_raw(tls(guarded, "http/1.1"), b"/public", [(b"host", b"server")])
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"public"), data
+    status, body = h2_raw(tls(guarded, "h2"), b"/public", b"server", [])
+    assert status == b"200" and body == b"public"
+    # A caller with a valid SVID but not the allowed identity.
+    data = h1_raw(tls(guarded, "http/1.1", guarded.stranger_cert, guarded.stranger_key), b"/public", [(b"host", b"server")])
+    assert data.startswith(b"HTTP/1.1 403"), data[:200]
+    recs = [r for r in guarded.server.log_records() if r.get("rbac_decision")]
+    assert any(r["rbac_decision"] == "denied" and r["rbac_policy"] == "deny-admin" and r["response_flags"] == "RBAC" for r in recs)
+    stats = urllib_get(guarded.server.admin("/stats"))
+    assert "http.inbound_http.rbac.denied:" in stats and "http.inbound_http.rbac.allowed:" in stats
+    denied = int(stats.split("http.inbound_http.rbac.denied: ")[1].split()[0])
+    assert denied > 0
+
+
+def urllib_get(url):
+    import urllib.request
+
+    return urllib.request.urlopen(url, timeout=5).read().decode()

@@ -10,6 +10,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 mod demo;
+mod policy_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -45,11 +46,14 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Offline policy tools: translate Istio AuthorizationPolicy to Envoy RBAC; check a request.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
 }
 
 fn main() -> std::process::ExitCode {
     match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -57,7 +61,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run() -> anyhow::Result<()> {
+fn run() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     let log_control = init_logging(&cli.log_level)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -70,16 +74,20 @@ fn run() -> anyhow::Result<()> {
                 .with_context(|| format!("refusing to start with config {}", config.display()))?;
             if check {
                 println!("{}: OK", config.display());
-                return Ok(());
+                return Ok(std::process::ExitCode::SUCCESS);
             }
             let opts = proxy::RunOptions {
                 log_control: Some(log_control),
                 command_line: std::env::args().collect(),
             };
             runtime.block_on(async { proxy::run(bootstrap, shutdown_signal(), opts).await })?;
-            Ok(())
+            Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Demo { once, dir } => runtime.block_on(demo::run(once, dir)),
+        Command::Demo { once, dir } => {
+            runtime.block_on(demo::run(once, dir))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Policy(cmd) => policy_cmd::run(cmd),
     }
 }
 

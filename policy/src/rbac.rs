@@ -33,7 +33,8 @@ pub struct RbacFilter {
 pub struct Rbac {
     #[serde(default, skip_serializing_if = "Action::is_allow")]
     pub action: Action,
-    #[serde(default)]
+    /// Proto3 JSON omits an empty map.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub policies: BTreeMap<String, Policy>,
 }
 

@@ -48,7 +48,7 @@ enum Command {
     },
     /// Offline policy tools: translate Istio AuthorizationPolicy to Envoy RBAC; check a request.
     #[command(subcommand)]
-    Policy(policy_cmd::PolicyCommand),
+    Policy(Box<policy_cmd::PolicyCommand>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -87,7 +87,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             runtime.block_on(demo::run(once, dir))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::Policy(cmd) => policy_cmd::run(*cmd),
     }
 }
 

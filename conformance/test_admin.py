@@ -109,7 +109,9 @@ def test_bad_config_names_field_and_line(tmp_path):
 def test_demo_once_exits_zero_with_every_hop_mtls(tmp_path):
     out = subprocess.run([binary(), "demo", "--once", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "all 6 expectations held" in out.stdout
+    assert "all 10 expectations held" in out.stdout
     assert out.stdout.count("admin: http://127.0.0.1:") == 3
     rows = [line for line in out.stdout.splitlines() if "spiffe://" in line]
-    assert len(rows) == 6 and all(line.rstrip().endswith("ok") for line in rows)
+    assert len(rows) == 10 and all(line.rstrip().endswith("ok") for line in rows)
+    denied = [r for r in rows if " 403 " in r]
+    assert len(denied) == 4 and sum("ledger-deny-admin" in r for r in denied) == 3

@@ -9,15 +9,36 @@ use anyhow::{Context as _, bail};
 use identity::{DevCa, SpiffeId, TrustDomain};
 use proxy::config::{
     AccessLogConfig, AccessLogFormat, Admin, Bootstrap, Cluster, DestinationMetadata, Direction,
-    DrainConfig, FileIdentity, FilterChain, FilterChainMatch, ForwardClientCertDetails,
-    HttpConnectionManager, IdentityConfig, Limits, Listener, Node, Route, RouteAction,
-    RouteConfiguration, RouteMatch, TcpProxy, UpstreamProtocol, UpstreamTls, VirtualHost,
+    DrainConfig, FileIdentity, FilterChain, FilterChainMatch, FilterConfig,
+    ForwardClientCertDetails, HttpConnectionManager, IdentityConfig, Limits, Listener, Node, Route,
+    RouteAction, RouteConfiguration, RouteMatch, TcpProxy, UpstreamProtocol, UpstreamTls,
+    VirtualHost,
 };
 
 mod apps;
 mod client;
 
 const TRUST_DOMAIN: &str = "cluster.local";
+
+/// Ledger's authorization, as an Istio user writes it; the demo translates it like istiod does.
+const LEDGER_POLICIES: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ledger-deny-admin, namespace: demo}
+spec:
+  selector: {matchLabels: {app: ledger}}
+  action: DENY
+  rules:
+    - to: [{operation: {paths: ["/admin", "/admin/*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ledger-allow-orders, namespace: demo}
+spec:
+  selector: {matchLabels: {app: ledger}}
+  action: ALLOW
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/demo/sa/orders"]}}]
+"#;
 const NAMESPACE: &str = "demo";
 const WORKLOADS: [&str; 3] = ["frontend", "orders", "ledger"];
 
@@ -85,9 +106,22 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
     apps::spawn_tcp_echo(mesh.ledger_tcp_app).await?;
 
     let exe = std::env::current_exe().context("finding the eastguard binary")?;
+    std::fs::write(dir.join("ledger-authz.yaml"), LEDGER_POLICIES)?;
+    let ledger_filters = ledger_http_filters()?;
     let mut sidecars = Vec::new();
     for (i, w) in WORKLOADS.iter().enumerate() {
-        let config = sidecar_config(w, i, &mesh, &dir);
+        let mut config = sidecar_config(w, i, &mesh, &dir);
+        if *w == "ledger" {
+            for fc in config
+                .listeners
+                .iter_mut()
+                .flat_map(|l| l.filter_chains.iter_mut())
+            {
+                if let Some(hcm) = fc.http_connection_manager.as_mut() {
+                    hcm.http_filters = ledger_filters.clone();
+                }
+            }
+        }
         let path = dir.join(format!("{w}-sidecar.yaml"));
         std::fs::write(&path, serde_yaml::to_string(&config)?)?;
         let log = std::fs::File::create(dir.join(format!("{w}-sidecar.log")))?;
@@ -113,7 +147,7 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
         println!("{w:>9} sidecar admin: http://{}", mesh.ports[i].admin);
     }
 
-    let hops = script(&mesh).await;
+    let hops = script(&mesh, &dir).await;
     print_table(&hops);
     let all_ok = hops.iter().all(|h| h.ok);
     if all_ok {
@@ -142,8 +176,75 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Ledger's Istio policies as the HTTP filters istiod would give ledger, plus the router.
+fn ledger_http_filters() -> anyhow::Result<Vec<FilterConfig>> {
+    let target = policy::istio::Target {
+        namespace: NAMESPACE.into(),
+        labels: [("app".to_owned(), "ledger".to_owned())].into(),
+        root_namespace: "istio-system".into(),
+        trust_domain: TRUST_DOMAIN.into(),
+        trust_domain_aliases: vec![],
+    };
+    let policies = policy::istio::parse(LEDGER_POLICIES)?;
+    let mut filters = Vec::new();
+    for f in policy::istio::translate(&policies, &target, false)? {
+        filters.push(FilterConfig {
+            name: f.name.clone(),
+            typed_config: Some(serde_json::to_value(&f.typed_config)?),
+        });
+    }
+    filters.push(FilterConfig {
+        name: proxy::config::ROUTER_FILTER.into(),
+        typed_config: None,
+    });
+    Ok(filters)
+}
+
+/// The newest record in a sidecar's access log for `path`.
+fn access_record(dir: &Path, workload: &str, path: &str) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join(format!("{workload}-access.log"))).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|r| r["path"].as_str() == Some(path))
+}
+
+/// A call that ledger's policy must refuse with 403; the row names the deciding policy.
+async fn denied_hop(
+    dir: &Path,
+    from_outbound: SocketAddr,
+    caller: &str,
+    path: &str,
+    expectation: &'static str,
+) -> Hop {
+    match client::get(from_outbound, "ledger", path, &[], false).await {
+        Ok((status, body)) => {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let normalized = policy::path::normalize(path)
+                .map(|p| p.path)
+                .unwrap_or_default();
+            let policy = access_record(dir, "ledger", &normalized)
+                .or_else(|| access_record(dir, "ledger", path))
+                .and_then(|r| r["rbac_policy"].as_str().map(str::to_owned));
+            Hop {
+                caller: spiffe_id(caller).to_string(),
+                callee: format!("ledger {path}"),
+                protocol: "HTTP/1.1",
+                ok: status == 403 && body == "RBAC: access denied",
+                status: status.to_string(),
+                mtls: match policy {
+                    Some(p) => format!("yes; denied by {p}"),
+                    None => "yes; denied (no ALLOW matched)".into(),
+                },
+                expectation,
+            }
+        }
+        Err(e) => failed("ledger", "HTTP/1.1", &e),
+    }
+}
+
 /// The scripted traffic. Each hop says what it expects; the table says whether it held.
-async fn script(mesh: &Mesh) -> Vec<Hop> {
+async fn script(mesh: &Mesh, dir: &Path) -> Vec<Hop> {
     let frontend_out = mesh.ports[0].outbound;
     let id = |w: &str| spiffe_id(w).to_string();
     let mut hops = Vec::new();
@@ -263,6 +364,23 @@ async fn script(mesh: &Mesh) -> Vec<Hop> {
             Err(e) => failed("orders-impostor", "HTTP/1.1", &e),
         },
     );
+
+    // 6. Authorization: ledger admits only orders; frontend's valid SVID is not enough.
+    hops.push(
+        denied_hop(
+            dir,
+            frontend_out,
+            "frontend",
+            "/ledger/entries",
+            "denied: wrong identity",
+        )
+        .await,
+    );
+    // 7. A DENY rule on /admin that path tricks cannot sidestep (sent as orders, which is allowed).
+    let orders_out = mesh.ports[1].outbound;
+    for trick in ["/public/../admin", "/%61dmin/keys", "//admin"] {
+        hops.push(denied_hop(dir, orders_out, "orders", trick, "denied: path trick").await);
+    }
     hops
 }
 

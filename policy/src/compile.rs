@@ -24,6 +24,10 @@ pub(crate) struct CompiledFilter {
 pub(crate) struct Rules {
     pub(crate) action: Action,
     pub(crate) policies: Vec<(Arc<str>, CompiledPolicy)>,
+    /// Policies that can only match callers with one of a few exact SPIFFE IDs, by ID
+    /// (indices into `policies`, ascending); the rest are in `unindexed`.
+    pub(crate) by_principal: std::collections::HashMap<Arc<str>, Vec<usize>>,
+    pub(crate) unindexed: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -187,10 +191,55 @@ fn compile_rules(r: &rbac::Rbac, at: &str) -> Result<Rules, CompileError> {
             },
         ));
     }
+    let mut by_principal: std::collections::HashMap<Arc<str>, Vec<usize>> =
+        std::collections::HashMap::new();
+    let mut unindexed = Vec::new();
+    for (i, (_, p)) in policies.iter().enumerate() {
+        match required_principals(&p.principals) {
+            Some(ids) => {
+                for id in ids {
+                    let slot = by_principal.entry(id.into()).or_default();
+                    if slot.last() != Some(&i) {
+                        slot.push(i);
+                    }
+                }
+            }
+            None => unindexed.push(i),
+        }
+    }
     Ok(Rules {
         action: r.action,
         policies,
+        by_principal,
+        unindexed,
     })
+}
+
+/// The exact SPIFFE IDs a caller must have for any of `principals` (an OR) to match, or `None`
+/// when that cannot be shown. Conservative: `None` only costs speed, never correctness.
+fn required_principals(principals: &[Id]) -> Option<Vec<&str>> {
+    let mut all = Vec::new();
+    for p in principals {
+        all.extend(required(p)?);
+    }
+    Some(all)
+}
+
+fn required(p: &Id) -> Option<Vec<&str>> {
+    match p {
+        Id::Authenticated(Some(m)) => m.exact_case_sensitive().map(|s| vec![s]),
+        // Every child must hold, so any child's requirement is the and's requirement.
+        Id::And(xs) => xs.iter().filter_map(required).min_by_key(Vec::len),
+        // Some child must hold, so the or needs the union, and only if every child has one.
+        Id::Or(xs) => {
+            let mut all = Vec::new();
+            for x in xs {
+                all.extend(required(x)?);
+            }
+            Some(all)
+        }
+        _ => None,
+    }
 }
 
 fn perm(p: &rbac::Permission, at: &str) -> Result<Perm, CompileError> {

@@ -112,9 +112,21 @@ impl Engine {
 /// (allowed, deciding policy, logged) for one rule set.
 fn outcome(rules: &Rules, req: &Request<'_>) -> (bool, Option<Arc<str>>, bool) {
     let mode = Mode::for_action(rules.action);
-    let matched = rules
-        .policies
-        .iter()
+    // Candidates in name order: the policies indexed under the caller's ID, merged with those that
+    // are not indexed. A policy indexed under other IDs cannot match this caller.
+    let indexed: &[usize] = req
+        .principal
+        .and_then(|p| rules.by_principal.get(p))
+        .map_or(&[], Vec::as_slice);
+    let (mut a, mut b) = (indexed.iter().peekable(), rules.unindexed.iter().peekable());
+    let candidates = std::iter::from_fn(|| match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if x < y => a.next(),
+        (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+        (Some(_), None) => a.next(),
+        (None, None) => None,
+    });
+    let matched = candidates
+        .map(|&i| &rules.policies[i])
         .find(|(_, p)| policy_matches(p, req, mode))
         .map(|(name, _)| name.clone());
     match rules.action {
@@ -122,6 +134,22 @@ fn outcome(rules: &Rules, req: &Request<'_>) -> (bool, Option<Arc<str>>, bool) {
         Action::Deny => (matched.is_none(), matched, false),
         Action::Log => (true, matched.clone(), matched.is_some()),
     }
+}
+
+/// The same outcome by scanning every policy: the reference the index is tested against.
+#[cfg(test)]
+pub(crate) fn outcome_by_scan(rules: &Rules, req: &Request<'_>) -> Option<Arc<str>> {
+    let mode = Mode::for_action(rules.action);
+    rules
+        .policies
+        .iter()
+        .find(|(_, p)| policy_matches(p, req, mode))
+        .map(|(n, _)| n.clone())
+}
+
+#[cfg(test)]
+pub(crate) fn outcome_indexed(rules: &Rules, req: &Request<'_>) -> Option<Arc<str>> {
+    outcome(rules, req).1
 }
 
 fn policy_matches(p: &CompiledPolicy, req: &Request<'_>, mode: Mode) -> bool {

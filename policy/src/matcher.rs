@@ -15,6 +15,9 @@ pub(crate) enum StrMatch {
     Prefix(String),
     Suffix(String),
     Contains(String),
+    /// A regex of the form `.*LITERAL.*` (Istio's namespace matcher): the value contains LITERAL
+    /// and, since `.` does not match it, no newline.
+    ContainsNoNewline(String),
     Regex(regex::Regex),
 }
 
@@ -55,7 +58,12 @@ impl StringMatcher {
         } else if let Some(s) = &m.contains {
             StrMatch::Contains(fold(s))
         } else if let Some(r) = &m.safe_regex {
-            StrMatch::Regex(compile_regex(&r.regex, m.ignore_case, at)?)
+            // Validate as a regex in every case, then take the literal fast path when it applies.
+            let compiled = compile_regex(&r.regex, m.ignore_case, at)?;
+            match dot_star_literal(&r.regex) {
+                Some(lit) if !m.ignore_case => StrMatch::ContainsNoNewline(lit),
+                _ => StrMatch::Regex(compiled),
+            }
         } else {
             return Err(CompileError::invalid(at, "empty string matcher"));
         };
@@ -63,6 +71,14 @@ impl StringMatcher {
             kind,
             ignore_case: m.ignore_case,
         })
+    }
+
+    /// The exact value this matcher accepts, when it accepts only that one value.
+    pub(crate) fn exact_case_sensitive(&self) -> Option<&str> {
+        match &self.kind {
+            StrMatch::Exact(s) if !self.ignore_case => Some(s),
+            _ => None,
+        }
     }
 
     pub(crate) fn matches(&self, value: &[u8]) -> bool {
@@ -82,9 +98,33 @@ impl StringMatcher {
             StrMatch::Prefix(s) => v.starts_with(s.as_str()),
             StrMatch::Suffix(s) => v.ends_with(s.as_str()),
             StrMatch::Contains(s) => v.contains(s.as_str()),
+            StrMatch::ContainsNoNewline(s) => !v.contains('\n') && v.contains(s.as_str()),
             StrMatch::Regex(r) => r.is_match(v),
         }
     }
+}
+
+/// `.*LIT.*` where LIT has only literal characters (escaped metacharacters allowed) → LIT.
+fn dot_star_literal(pattern: &str) -> Option<String> {
+    let inner = pattern.strip_prefix(".*")?.strip_suffix(".*")?;
+    let mut lit = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                let next = chars.next()?;
+                if !"\\.+*?()|[]{}^$#&-~".contains(next) {
+                    return None; // \d, \w, \b …: a class, not a literal
+                }
+                lit.push(next);
+            }
+            '.' | '+' | '*' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^' | '$' => {
+                return None;
+            }
+            c => lit.push(c),
+        }
+    }
+    (!lit.is_empty()).then_some(lit)
 }
 
 /// Envoy's safe_regex matches the whole value.
@@ -236,6 +276,46 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn dot_star_literal_is_the_same_as_the_regex() {
+        let re = |r: &str| {
+            sm(rbac::StringMatcher {
+                safe_regex: Some(rbac::RegexMatcher {
+                    regex: r.into(),
+                    google_re2: None,
+                }),
+                ..Default::default()
+            })
+        };
+        for pattern in [
+            ".*/ns/foo/.*",
+            r".*/ns/rule\[0\]/.*",
+            ".*/ns/a.b/.*",
+            r".*\d.*",
+            ".*(a|b).*",
+            ".*",
+        ] {
+            let fast = re(pattern);
+            let slow = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();
+            for v in [
+                "spiffe://td/ns/foo/sa/x",
+                "spiffe://td/ns/foo/sa/x\n",
+                "/ns/rule[0]/",
+                "x/ns/aXb/y",
+                "/ns/a.b/",
+                "7",
+                "a",
+                "",
+            ] {
+                assert_eq!(
+                    fast.matches(v.as_bytes()),
+                    slow.is_match(v),
+                    "{pattern} on {v:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -166,3 +166,53 @@ fn bad_config_is_refused_not_partly_applied() {
     let err = parse_filters(r#"[{name: x, typedConfig: {"@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC, rules: {policies: {p: {permissions: [{any: true}], principals: [{any: true}], condition: {}}}}}}]"#).unwrap_err();
     assert!(err.contains("condition"), "{err}");
 }
+
+#[test]
+fn principal_index_never_changes_a_decision() {
+    // Policies of every principal shape: exact, or of exacts, and with a regex, not, any, prefix.
+    let shapes = [
+        r#"{ authenticated: { principalName: { exact: "spiffe://td/a" } } }"#,
+        r#"{ orIds: { ids: [ { authenticated: { principalName: { exact: "spiffe://td/a" } } }, { authenticated: { principalName: { exact: "spiffe://td/b" } } } ] } }"#,
+        r#"{ andIds: { ids: [ { authenticated: { principalName: { exact: "spiffe://td/b" } } }, { header: { name: x, presentMatch: true } } ] } }"#,
+        r#"{ notId: { authenticated: { principalName: { exact: "spiffe://td/a" } } } }"#,
+        r#"{ authenticated: { principalName: { prefix: "spiffe://td/" } } }"#,
+        r#"{ authenticated: { principalName: { exact: "SPIFFE://TD/A", ignoreCase: true } } }"#,
+        r#"{ any: true }"#,
+        r#"{ orIds: { ids: [ { authenticated: { principalName: { exact: "spiffe://td/c" } } }, { any: true } ] } }"#,
+    ];
+    for action in ["ALLOW", "DENY"] {
+        let mut yaml = format!(
+            "- name: f\n  typedConfig:\n    \"@type\": {}\n    rules:\n      action: {action}\n      policies:\n",
+            rbac::HTTP_RBAC_TYPE
+        );
+        for (i, shape) in shapes.iter().enumerate() {
+            yaml.push_str(&format!("        p{i}: {{ permissions: [ {{ header: {{ name: y, exactMatch: \"{i}\" }} }} ], principals: [ {shape} ] }}\n"));
+        }
+        let engine = engine(&yaml);
+        let rules = engine.filters[0].rules.as_ref().unwrap();
+        assert!(!rules.by_principal.is_empty() && !rules.unindexed.is_empty());
+        for principal in [
+            None,
+            Some("spiffe://td/a"),
+            Some("spiffe://td/b"),
+            Some("spiffe://td/c"),
+            Some("spiffe://other/z"),
+        ] {
+            for y in 0..shapes.len() + 1 {
+                let ys = y.to_string();
+                for with_x in [false, true] {
+                    let mut h: Vec<(&str, &[u8])> = vec![("y", ys.as_bytes())];
+                    if with_x {
+                        h.push(("x", b"1"));
+                    }
+                    let r = req(principal, "/", None, &h);
+                    assert_eq!(
+                        eval::outcome_indexed(rules, &r),
+                        eval::outcome_by_scan(rules, &r),
+                        "{action} {principal:?} y={y} x={with_x}"
+                    );
+                }
+            }
+        }
+    }
+}

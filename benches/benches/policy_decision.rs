@@ -4,7 +4,10 @@
 //! caller principal, methods, a path prefix; plus one DENY policy on `/admin`. The request comes
 //! from the caller named by the middle policy, with a path that policy allows (so the DENY filter
 //! is checked, then the ALLOW filter finds its match).
-#![expect(clippy::expect_used, reason = "benchmark setup: a broken fixture must stop the run")]
+#![expect(
+    clippy::expect_used,
+    reason = "benchmark setup: a broken fixture must stop the run"
+)]
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use policy::istio::{self, Target};

@@ -48,7 +48,7 @@ pub struct Decision {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub(crate) enum Mode {
     /// Match if any reading of the request matches.
     Lenient,
     /// Match only if every reading matches.
@@ -152,7 +152,7 @@ pub(crate) fn outcome_indexed(rules: &Rules, req: &Request<'_>) -> Option<Arc<st
     outcome(rules, req).1
 }
 
-fn policy_matches(p: &CompiledPolicy, req: &Request<'_>, mode: Mode) -> bool {
+pub(crate) fn policy_matches(p: &CompiledPolicy, req: &Request<'_>, mode: Mode) -> bool {
     p.permissions.iter().any(|x| perm(x, req, mode))
         && p.principals.iter().any(|x| id(x, req, mode))
 }

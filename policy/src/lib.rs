@@ -7,6 +7,8 @@
 
 mod compile;
 mod eval;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod istio;
 mod matcher;
 pub mod path;

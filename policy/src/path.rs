@@ -77,6 +77,12 @@ fn decode(raw: &str) -> Result<String, PathError> {
         if b < 0x20 || b == 0x7f {
             return Err(PathError::ControlChar);
         }
+        if b >= 0x80 {
+            // A URI is ASCII: raw non-ASCII bytes are percent-encoded, as their escape would be.
+            out.push_str(&format!("%{b:02X}"));
+            i += 1;
+            continue;
+        }
         if b != b'%' {
             out.push(if b == b'\\' { '/' } else { b as char });
             i += 1;
@@ -184,6 +190,7 @@ mod tests {
         assert_eq!(n("/"), "/");
         assert_eq!(n("/a%20b"), "/a%20b");
         assert_eq!(n("/a%c3%a9"), "/a%C3%A9");
+        assert_eq!(n("/aé"), "/a%C3%A9");
     }
 
     #[test]

@@ -1,0 +1,6 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Err(e) = eastguard_policy::fuzzing::check_normalize(data) {
+        panic!("{e}");
+    }
+});

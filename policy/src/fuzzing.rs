@@ -1,0 +1,109 @@
+//! The checks behind the fuzz targets (`policy/fuzz`), shared with `cargo test`, which replays the
+//! committed corpora through them. Each returns `Err` with a reason when an invariant breaks.
+
+use crate::eval::{Mode, policy_matches};
+use crate::{Engine, Request, path, rbac};
+
+/// Normalization never panics, and a normalized path is a fixed point: absolute, no empty, `.` or
+/// `..` segments, and normalizing it again changes nothing.
+pub fn check_normalize(input: &[u8]) -> Result<(), String> {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return Ok(());
+    };
+    let Ok(n) = path::normalize(text) else {
+        return Ok(());
+    };
+    if !n.path.starts_with('/') {
+        return Err(format!("{text:?} → {:?} is not absolute", n.path));
+    }
+    if n.path.contains("//") || n.path.split('/').any(|s| s == "." || s == "..") {
+        return Err(format!(
+            "{text:?} → {:?} keeps an empty or dot segment",
+            n.path
+        ));
+    }
+    match path::normalize(&n.path) {
+        Ok(again) if again.path == n.path => {}
+        other => {
+            return Err(format!(
+                "{text:?} → {:?} → {other:?}: not idempotent",
+                n.path
+            ));
+        }
+    }
+    if let Some(stripped) = n.without_params()
+        && stripped.contains(';')
+    {
+        return Err(format!(
+            "{text:?}: without_params kept a ';' in {stripped:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Compile and evaluate never panic, and a request that a DENY policy matches is never allowed.
+///
+/// Input: RBAC filters as YAML/JSON, then a line `---`, then request lines: `principal=…`,
+/// `path=…` (a request target), `h=name:value` (repeatable), `port=…`.
+pub fn check_compile_evaluate(input: &[u8]) -> Result<(), String> {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return Ok(());
+    };
+    let (filters_text, request_text) = text.split_once("\n---\n").unwrap_or((text, ""));
+    let Ok(filters) = crate::parse_filters(filters_text) else {
+        return Ok(());
+    };
+    let Ok(engine) = Engine::compile(&filters) else {
+        return Ok(());
+    };
+    let mut principal = None;
+    let mut target = "/";
+    let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut port = 8080u16;
+    for line in request_text.lines() {
+        match line.split_once('=') {
+            Some(("principal", v)) => principal = Some(v),
+            Some(("path", v)) => target = v,
+            Some(("h", v)) => {
+                if let Some((k, val)) = v.split_once(':') {
+                    headers.push((k.to_ascii_lowercase(), val.as_bytes().to_vec()));
+                }
+            }
+            Some(("port", v)) => port = v.parse().unwrap_or(port),
+            _ => {}
+        }
+    }
+    let Ok(n) = path::normalize(target) else {
+        return Ok(());
+    };
+    let without = n.without_params();
+    let full = n.path_and_query();
+    let mut hs: Vec<(&str, &[u8])> = vec![(":path", full.as_bytes()), (":method", b"GET")];
+    hs.extend(headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+    let req = Request {
+        principal,
+        path: &n.path,
+        path_without_params: without.as_deref(),
+        headers: &hs,
+        destination_port: port,
+        ..Default::default()
+    };
+    let decision = engine.evaluate(&req);
+    for f in &engine.filters {
+        let Some(rules) = &f.rules else { continue };
+        if rules.action != rbac::Action::Deny {
+            continue;
+        }
+        if let Some((name, _)) = rules
+            .policies
+            .iter()
+            .find(|(_, p)| policy_matches(p, &req, Mode::Lenient))
+            && decision.allowed
+        {
+            return Err(format!(
+                "DENY policy {name} matches but the request was allowed"
+            ));
+        }
+    }
+    Ok(())
+}

@@ -567,6 +567,7 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path) -> Bootstrap {
             filter_chain_match: FilterChainMatch {
                 server_names: vec![format!("outbound_.9000_._.{}", service_host("ledger"))],
                 application_protocols: vec![],
+                transport_protocol: None,
             },
             http_connection_manager: None,
             tcp_proxy: Some(TcpProxy {

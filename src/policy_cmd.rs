@@ -24,6 +24,14 @@ pub enum PolicyCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print the mTLS mode PeerAuthentications give a workload (istiod's precedence), per port.
+    Mtls {
+        #[command(flatten)]
+        workload: Workload,
+        /// Istio YAML files (multi-document), or `-` for standard input.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Decide one request: prints the decision and the deciding policy; exit 0 allow, 3 deny.
     Check {
         /// A directory of Istio YAML files (every *.yaml / *.yml in it).
@@ -98,6 +106,21 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        PolicyCommand::Mtls { workload, files } => {
+            let mut all = Vec::new();
+            for f in &files {
+                all.extend(
+                    istio::peer_authn::parse(&read_text(f)?)
+                        .with_context(|| f.display().to_string())?,
+                );
+            }
+            let settings = istio::peer_authn::effective(&all, &workload.target()?);
+            print!(
+                "{}",
+                serde_yaml::to_string(&serde_json::to_value(&settings)?)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         PolicyCommand::Check {
             policies,
             workload,
@@ -166,14 +189,17 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
 fn read_policies(files: &[PathBuf]) -> anyhow::Result<Vec<istio::AuthorizationPolicy>> {
     let mut all = Vec::new();
     for f in files {
-        let text = if f.as_os_str() == "-" {
-            std::io::read_to_string(std::io::stdin()).context("reading standard input")?
-        } else {
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
-        };
-        all.extend(istio::parse(&text).with_context(|| f.display().to_string())?);
+        all.extend(istio::parse(&read_text(f)?).with_context(|| f.display().to_string())?);
     }
     Ok(all)
+}
+
+fn read_text(f: &Path) -> anyhow::Result<String> {
+    if f.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")
+    } else {
+        std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))
+    }
 }
 
 fn yaml_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {

@@ -7,6 +7,7 @@
 //! a DENY rule must never widen access.
 
 mod generate;
+pub mod peer_authn;
 
 use std::collections::BTreeMap;
 

@@ -184,6 +184,10 @@ pub struct FilterChainMatch {
     /// Negotiated ALPN (inbound) or sniffed protocol (outbound: `http/1.1`, `h2c`, `tcp`).
     #[serde(default)]
     pub application_protocols: Vec<String>,
+    /// Inbound only: `tls` (the default: mTLS required) or `raw_buffer` (plaintext, no peer
+    /// identity). Istio's PERMISSIVE is a `tls` chain plus a `raw_buffer` chain; STRICT has none.
+    #[serde(default)]
+    pub transport_protocol: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -555,6 +559,28 @@ impl Bootstrap {
             }
             for (ci, fc) in l.filter_chains.iter().enumerate() {
                 let cfield = |f: &str| lfield(&format!("filter_chains[{ci}].{f}"));
+                let m = &fc.filter_chain_match;
+                match (l.direction, m.transport_protocol.as_deref()) {
+                    (_, None) | (Direction::Inbound, Some("tls")) => {}
+                    (Direction::Inbound, Some("raw_buffer")) => {
+                        if !m.server_names.is_empty() || !m.application_protocols.is_empty() {
+                            return Err(invalid(
+                                cfield("filter_chain_match"),
+                                "a raw_buffer chain has no SNI or ALPN to match".into(),
+                                "raw_buffer",
+                            ));
+                        }
+                    }
+                    (_, Some(other)) => {
+                        return Err(invalid(
+                            cfield("filter_chain_match.transport_protocol"),
+                            format!(
+                                "{other:?}: inbound listeners take \"tls\" or \"raw_buffer\"; outbound listeners none"
+                            ),
+                            other,
+                        ));
+                    }
+                }
                 let cluster_refs: Vec<(String, &str)> = match (&fc.http_connection_manager, &fc.tcp_proxy) {
                     (Some(hcm), None) => hcm
                         .route_config

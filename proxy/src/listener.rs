@@ -196,6 +196,17 @@ impl ListenerRt {
         drain: Draining,
     ) {
         let Some(acceptor) = &self.tls else { return };
+        // Envoy's tls_inspector: a TLS connection starts with a handshake record (0x16).
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] == 0x16 => {}
+            Ok(Ok(1)) => {
+                return self
+                    .serve_plaintext_inbound(tcp, remote, local, drain)
+                    .await;
+            }
+            _ => return,
+        }
         let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -219,6 +230,7 @@ impl ListenerRt {
         let peer_id = identity::tls::peer_spiffe_id(session.peer_certificates())
             .map(|id| Arc::<str>::from(id.as_str()));
         let Some(chain) = self.chains.iter().find(|c| {
+            let tls_ok = c.matcher.transport_protocol.as_deref() != Some("raw_buffer");
             let names_ok = c.matcher.server_names.is_empty()
                 || sni
                     .as_ref()
@@ -227,7 +239,7 @@ impl ListenerRt {
                 || alpn
                     .as_ref()
                     .is_some_and(|a| c.matcher.application_protocols.contains(a));
-            names_ok && alpn_ok
+            tls_ok && names_ok && alpn_ok
         }) else {
             self.stats.no_filter_chain_match.inc();
             tracing::debug!(%remote, ?sni, ?alpn, "no inbound filter chain matches");
@@ -253,6 +265,46 @@ impl ListenerRt {
             ChainKind::Http(http) => self.serve_http(tls, ctx, http.clone(), drain, h2).await,
             ChainKind::Tcp { cluster, rbac } => {
                 crate::tcp::proxy(tls, &ctx, cluster, rbac.as_deref(), &self.shared.telemetry).await
+            }
+        }
+    }
+
+    /// Plaintext on an inbound listener: only a `raw_buffer` chain (Istio PERMISSIVE / DISABLE)
+    /// takes it, and the caller has no identity. Without such a chain (STRICT) it is closed.
+    async fn serve_plaintext_inbound(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        local: SocketAddr,
+        drain: Draining,
+    ) {
+        let Some(chain) = self
+            .chains
+            .iter()
+            .find(|c| c.matcher.transport_protocol.as_deref() == Some("raw_buffer"))
+        else {
+            self.stats.no_filter_chain_match.inc();
+            tracing::debug!(%remote, "plaintext on an mTLS-only inbound listener; closing");
+            return;
+        };
+        let ctx = Arc::new(ConnCtx {
+            reporter: Reporter::Destination,
+            remote,
+            local,
+            peer_id: None,
+            peer_cert_hash: None,
+            sni: None,
+            local_id: self.shared.local_id.clone(),
+            local_workload: self.shared.local_workload.clone(),
+            local_app: self.shared.local_app.clone(),
+            drain: drain.watch.clone(),
+            activity: crate::idle::Activity::new(),
+            stream_idle_timeout: self.shared.limits.stream_idle_timeout,
+        });
+        match &chain.kind {
+            ChainKind::Http(http) => self.serve_http(tcp, ctx, http.clone(), drain, false).await,
+            ChainKind::Tcp { cluster, rbac } => {
+                crate::tcp::proxy(tcp, &ctx, cluster, rbac.as_deref(), &self.shared.telemetry).await
             }
         }
     }

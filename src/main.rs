@@ -79,6 +79,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             let opts = proxy::RunOptions {
                 log_control: Some(log_control),
                 command_line: std::env::args().collect(),
+                authz_hook: None,
             };
             runtime.block_on(async { proxy::run(bootstrap, shutdown_signal(), opts).await })?;
             Ok(std::process::ExitCode::SUCCESS)

@@ -51,6 +51,7 @@ pub async fn handle(
     chain: Arc<HttpChain>,
     clusters: Clusters,
     telemetry: Arc<Telemetry>,
+    hook: Option<crate::AuthzHook>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let mut guard = telemetry.start(ctx.reporter);
@@ -62,7 +63,7 @@ pub async fn handle(
         ctx.stream_idle_timeout,
     );
     let req = Request::from_parts(parts, counted);
-    let response = match forward(&ctx, &chain, &clusters, &mut guard, req).await {
+    let response = match forward(&ctx, &chain, &clusters, &mut guard, hook.as_ref(), req).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(error = %e, "local reply");
@@ -90,6 +91,7 @@ async fn forward(
     chain: &HttpChain,
     clusters: &Clusters,
     guard: &mut CallGuard,
+    hook: Option<&crate::AuthzHook>,
     mut req: Request<Body>,
 ) -> Result<Response<Body>, ProxyError> {
     check_request(&req)?;
@@ -122,6 +124,7 @@ async fn forward(
             ctx,
             chain,
             guard,
+            hook,
             &req,
             &authority,
             &normalized,
@@ -204,6 +207,7 @@ fn authorize(
     ctx: &ConnCtx,
     chain: &HttpChain,
     guard: &mut CallGuard,
+    hook: Option<&crate::AuthzHook>,
     req: &Request<Body>,
     authority: &str,
     normalized: &policy::path::NormalizedPath,
@@ -246,6 +250,20 @@ fn authorize(
         guard.record.rbac_shadow_policy = shadow_policy.as_deref().map(Into::into);
     }
     guard.record.rbac_policy = decision.policy.as_deref().map(Into::into);
+    if let Some(hook) = hook {
+        hook(&crate::AuthzEvent {
+            allowed: decision.allowed,
+            policy: decision.policy.as_deref().map(Into::into),
+            principal: ctx.peer_id.as_deref().map(Into::into),
+            method: req.method().as_str().to_owned(),
+            path: normalized.path.clone(),
+            authority: authority.to_owned(),
+            dry_run: decision
+                .shadow
+                .as_ref()
+                .map(|(a, p)| (*a, p.as_deref().map(Into::into))),
+        });
+    }
     if decision.allowed {
         chain.stats.rbac_allowed.inc();
         guard.record.rbac_decision = Some("allowed".into());

@@ -87,7 +87,27 @@ pub enum StartError {
 pub struct RunOptions {
     pub log_control: Option<LogControl>,
     pub command_line: Vec<String>,
+    /// Called with every authorization decision (audit events build on this).
+    pub authz_hook: Option<AuthzHook>,
 }
+
+/// One authorization decision, as the decision hook sees it.
+#[derive(Debug, Clone)]
+pub struct AuthzEvent {
+    pub allowed: bool,
+    /// The deciding policy, if one decided.
+    pub policy: Option<String>,
+    /// The verified caller SPIFFE ID (`None` for a plaintext caller).
+    pub principal: Option<String>,
+    pub method: String,
+    /// The normalized path the decision was made on.
+    pub path: String,
+    pub authority: String,
+    pub dry_run: Option<(bool, Option<String>)>,
+}
+
+/// Receives every authorization decision; must be quick (it runs on the request path).
+pub type AuthzHook = std::sync::Arc<dyn Fn(&AuthzEvent) + Send + Sync>;
 
 /// Starts the proxy and runs until `shutdown` resolves (SIGTERM) or `/quitquitquit`, then drains:
 /// not ready at once, connections told to close (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`),
@@ -131,6 +151,7 @@ pub async fn run(
             .unwrap_or(&config.node.workload)
             .into(),
         total_connections: telemetry.stats.stat("server.total_connections"),
+        authz_hook: opts.authz_hook,
     });
     let server_tls = Arc::new(identity::tls::server_config(creds.clone(), INBOUND_ALPN)?);
 

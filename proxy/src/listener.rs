@@ -50,6 +50,7 @@ pub struct Shared {
     pub local_app: Arc<str>,
     /// Connections open across all listeners (Envoy's `server.total_connections`).
     pub total_connections: Stat,
+    pub authz_hook: Option<crate::AuthzHook>,
 }
 
 struct ChainRt {
@@ -387,6 +388,7 @@ impl ListenerRt {
         let builder = server_builder(&self.shared.limits, draining_at_accept);
         let clusters = self.shared.clusters.clone();
         let telemetry = self.shared.telemetry.clone();
+        let hook = self.shared.authz_hook.clone();
         let activity = ctx.activity.clone();
         let io = crate::idle::ActivityIo::new(io, activity.clone());
         let idle_timeout = self.shared.limits.connection_idle_timeout;
@@ -396,6 +398,7 @@ impl ListenerRt {
                 chain.clone(),
                 clusters.clone(),
                 telemetry.clone(),
+                hook.clone(),
                 req,
             )
         });

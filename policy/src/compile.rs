@@ -27,7 +27,17 @@ pub(crate) struct Rules {
     /// Policies that can only match callers with one of a few exact SPIFFE IDs, by ID
     /// (indices into `policies`, ascending); the rest are in `unindexed`.
     pub(crate) by_principal: std::collections::HashMap<Arc<str>, Vec<usize>>,
+    /// Policies that can only match callers whose ID contains `/ns/<key>/`, by namespace.
+    pub(crate) by_namespace: std::collections::HashMap<Arc<str>, Vec<usize>>,
     pub(crate) unindexed: Vec<usize>,
+}
+
+/// What a policy requires of the caller's SPIFFE ID, for the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Requirement<'a> {
+    Exact(&'a str),
+    /// The ID contains `/ns/<namespace>/`.
+    Namespace(&'a str),
 }
 
 #[derive(Debug, Clone)]
@@ -193,12 +203,18 @@ fn compile_rules(r: &rbac::Rbac, at: &str) -> Result<Rules, CompileError> {
     }
     let mut by_principal: std::collections::HashMap<Arc<str>, Vec<usize>> =
         std::collections::HashMap::new();
+    let mut by_namespace: std::collections::HashMap<Arc<str>, Vec<usize>> =
+        std::collections::HashMap::new();
     let mut unindexed = Vec::new();
     for (i, (_, p)) in policies.iter().enumerate() {
         match required_principals(&p.principals) {
-            Some(ids) => {
-                for id in ids {
-                    let slot = by_principal.entry(id.into()).or_default();
+            Some(reqs) => {
+                for r in reqs {
+                    let (map, key) = match r {
+                        Requirement::Exact(id) => (&mut by_principal, id),
+                        Requirement::Namespace(ns) => (&mut by_namespace, ns),
+                    };
+                    let slot = map.entry(key.into()).or_default();
                     if slot.last() != Some(&i) {
                         slot.push(i);
                     }
@@ -211,13 +227,14 @@ fn compile_rules(r: &rbac::Rbac, at: &str) -> Result<Rules, CompileError> {
         action: r.action,
         policies,
         by_principal,
+        by_namespace,
         unindexed,
     })
 }
 
 /// The exact SPIFFE IDs a caller must have for any of `principals` (an OR) to match, or `None`
 /// when that cannot be shown. Conservative: `None` only costs speed, never correctness.
-fn required_principals(principals: &[Id]) -> Option<Vec<&str>> {
+fn required_principals(principals: &[Id]) -> Option<Vec<Requirement<'_>>> {
     let mut all = Vec::new();
     for p in principals {
         all.extend(required(p)?);
@@ -225,9 +242,13 @@ fn required_principals(principals: &[Id]) -> Option<Vec<&str>> {
     Some(all)
 }
 
-fn required(p: &Id) -> Option<Vec<&str>> {
+fn required(p: &Id) -> Option<Vec<Requirement<'_>>> {
     match p {
-        Id::Authenticated(Some(m)) => m.exact_case_sensitive().map(|s| vec![s]),
+        Id::Authenticated(Some(m)) => m
+            .exact_case_sensitive()
+            .map(Requirement::Exact)
+            .or_else(|| m.namespace_segment().map(Requirement::Namespace))
+            .map(|r| vec![r]),
         // Every child must hold, so any child's requirement is the and's requirement.
         Id::And(xs) => xs.iter().filter_map(required).min_by_key(Vec::len),
         // Some child must hold, so the or needs the union, and only if every child has one.

@@ -112,28 +112,59 @@ impl Engine {
 /// (allowed, deciding policy, logged) for one rule set.
 fn outcome(rules: &Rules, req: &Request<'_>) -> (bool, Option<Arc<str>>, bool) {
     let mode = Mode::for_action(rules.action);
-    // Candidates in name order: the policies indexed under the caller's ID, merged with those that
-    // are not indexed. A policy indexed under other IDs cannot match this caller.
-    let indexed: &[usize] = req
+    // Candidates in name order: the policies indexed under the caller's ID or under a namespace
+    // `X` whose `/ns/X/` occurs anywhere in it, merged with those not indexed. A policy indexed
+    // only under other keys cannot match this caller.
+    let try_policy = |&i: &usize| {
+        let (name, p) = &rules.policies[i];
+        policy_matches(p, req, mode).then(|| name.clone())
+    };
+    let exact: &[usize] = req
         .principal
         .and_then(|p| rules.by_principal.get(p))
         .map_or(&[], Vec::as_slice);
-    let (mut a, mut b) = (indexed.iter().peekable(), rules.unindexed.iter().peekable());
-    let candidates = std::iter::from_fn(|| match (a.peek(), b.peek()) {
-        (Some(x), Some(y)) if x < y => a.next(),
-        (Some(_), Some(_)) | (None, Some(_)) => b.next(),
-        (Some(_), None) => a.next(),
-        (None, None) => None,
-    });
-    let matched = candidates
-        .map(|&i| &rules.policies[i])
-        .find(|(_, p)| policy_matches(p, req, mode))
-        .map(|(name, _)| name.clone());
+    let namespaced: Vec<&[usize]> = match req.principal {
+        Some(p) if !rules.by_namespace.is_empty() => namespace_segments(p)
+            .filter_map(|ns| rules.by_namespace.get(ns).map(Vec::as_slice))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let matched = if namespaced.is_empty() {
+        // The common case, without allocating: a two-way merge of sorted index lists.
+        let (mut a, mut b) = (exact.iter().peekable(), rules.unindexed.iter().peekable());
+        std::iter::from_fn(|| match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x < y => a.next(),
+            (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, None) => None,
+        })
+        .find_map(try_policy)
+    } else {
+        let mut all: Vec<usize> = [exact, &rules.unindexed]
+            .into_iter()
+            .chain(namespaced)
+            .flatten()
+            .copied()
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all.iter().find_map(try_policy)
+    };
     match rules.action {
         Action::Allow => (matched.is_some(), matched, false),
         Action::Deny => (matched.is_none(), matched, false),
         Action::Log => (true, matched.clone(), matched.is_some()),
     }
+}
+
+/// Every `X` such that `/ns/X/` occurs in `id` (at any position: a namespace matcher is a
+/// "contains", so an ID with several `/ns/` segments must be looked up under each).
+fn namespace_segments(id: &str) -> impl Iterator<Item = &str> {
+    id.match_indices("/ns/").filter_map(move |(i, _)| {
+        let rest = &id[i + 4..];
+        let end = rest.find('/')?;
+        (end > 0).then(|| &rest[..end])
+    })
 }
 
 /// The same outcome by scanning every policy: the reference the index is tested against.

@@ -81,6 +81,17 @@ impl StringMatcher {
         }
     }
 
+    /// `X` when this matcher is Istio's namespace matcher `.*/ns/X/.*` (X without '/').
+    pub(crate) fn namespace_segment(&self) -> Option<&str> {
+        match &self.kind {
+            StrMatch::ContainsNoNewline(lit) => lit
+                .strip_prefix("/ns/")?
+                .strip_suffix('/')
+                .filter(|ns| !ns.is_empty() && !ns.contains('/')),
+            _ => None,
+        }
+    }
+
     pub(crate) fn matches(&self, value: &[u8]) -> bool {
         let Ok(value) = std::str::from_utf8(value) else {
             // Non-UTF-8 (obs-text) never equals a UTF-8 pattern; a regex cannot run on it.

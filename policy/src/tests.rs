@@ -179,6 +179,8 @@ fn principal_index_never_changes_a_decision() {
         r#"{ authenticated: { principalName: { exact: "SPIFFE://TD/A", ignoreCase: true } } }"#,
         r#"{ any: true }"#,
         r#"{ orIds: { ids: [ { authenticated: { principalName: { exact: "spiffe://td/c" } } }, { any: true } ] } }"#,
+        r#"{ authenticated: { principalName: { safeRegex: { regex: ".*/ns/team/.*" } } } }"#,
+        r#"{ orIds: { ids: [ { authenticated: { principalName: { safeRegex: { regex: ".*/ns/x/.*" } } } }, { authenticated: { principalName: { exact: "spiffe://td/a" } } } ] } }"#,
     ];
     for action in ["ALLOW", "DENY"] {
         let mut yaml = format!(
@@ -190,13 +192,21 @@ fn principal_index_never_changes_a_decision() {
         }
         let engine = engine(&yaml);
         let rules = engine.filters[0].rules.as_ref().unwrap();
-        assert!(!rules.by_principal.is_empty() && !rules.unindexed.is_empty());
+        assert!(
+            !rules.by_principal.is_empty()
+                && !rules.by_namespace.is_empty()
+                && !rules.unindexed.is_empty()
+        );
         for principal in [
             None,
             Some("spiffe://td/a"),
             Some("spiffe://td/b"),
             Some("spiffe://td/c"),
             Some("spiffe://other/z"),
+            Some("spiffe://td/ns/team/sa/x"),
+            Some("spiffe://td/ns/evil/sa/ns/team/y"),
+            Some("spiffe://td/ns/x/sa/y"),
+            Some("spiffe://td/ns/teams/sa/x"),
         ] {
             for y in 0..shapes.len() + 1 {
                 let ys = y.to_string();

@@ -46,6 +46,15 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Serve the SPIFFE Workload API on a unix socket (X509-SVIDs for attested local workloads).
+    NodeAgent {
+        /// Where to create the Workload API socket.
+        #[arg(long)]
+        workload_api_socket: PathBuf,
+        /// Registration entries (YAML: trust_domain, entries with spiffe_id and selectors).
+        #[arg(long)]
+        entries: PathBuf,
+    },
     /// Offline policy tools: translate Istio AuthorizationPolicy to Envoy RBAC; check a request.
     #[command(subcommand)]
     Policy(Box<policy_cmd::PolicyCommand>),
@@ -89,6 +98,18 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Policy(cmd) => policy_cmd::run(*cmd),
+        Command::NodeAgent {
+            workload_api_socket,
+            entries,
+        } => {
+            let config = identity::agent::AgentConfig {
+                socket: workload_api_socket,
+                entries,
+                poll: std::time::Duration::from_millis(500),
+            };
+            runtime.block_on(identity::agent::run(config, shutdown_signal()))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
     }
 }
 

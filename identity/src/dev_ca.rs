@@ -136,7 +136,10 @@ impl DevCa {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.is_ca = IsCa::ExplicitNoCa;
+        // basicConstraints with cA false, in DER: an empty SEQUENCE, marked critical. (rcgen's
+        // ExplicitNoCa encodes `cA: FALSE`, a default value, which is not DER and strict parsers
+        // refuse; leaving the extension out breaks the X509-SVID rule that it be present.)
+        params.is_ca = IsCa::NoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -149,6 +152,12 @@ impl DevCa {
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         edit(&mut params);
+        if matches!(params.is_ca, IsCa::NoCa) {
+            let mut bc =
+                rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 19], vec![0x30, 0x00]);
+            bc.set_criticality(true);
+            params.custom_extensions.push(bc);
+        }
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok((

@@ -5,6 +5,7 @@
 //! This crate must never accept a peer it cannot tie to a bundle of the trust domain named in the
 //! peer's own certificate, and never hands out a TLS config that falls back to "any certificate".
 
+pub mod agent;
 mod bundle;
 mod dev_ca;
 mod source;
@@ -21,3 +22,4 @@ pub use svid::{LeafInfo, SvidError, X509Svid, check_chain, check_leaf};
 
 /// Re-exported so callers can edit dev-CA certificate parameters in tests.
 pub use rcgen;
+pub mod workload_api;

@@ -1,0 +1,288 @@
+//! eastguard's node agent: serves the SPIFFE Workload API on a unix socket. Each caller is
+//! attested from the socket's peer credentials (never from anything it says about itself) and
+//! gets the SVIDs of the registration entries whose selectors it has.
+
+pub mod entries;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::PrivateKeyDer;
+use rustls_pki_types::pem::PemObject as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::{Request, Response, Status};
+
+use crate::DevCa;
+use crate::workload_api as api;
+use entries::{Entries, EntriesError, Selector};
+
+/// The metadata header every Workload API call must carry (SPIFFE Workload API standard).
+const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("entries: {0}")]
+    Entries(#[from] EntriesError),
+    #[error("CA: {0}")]
+    Ca(#[from] crate::DevCaError),
+    #[error("socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving the Workload API: {0}")]
+    Serve(String),
+}
+
+pub struct AgentConfig {
+    pub socket: PathBuf,
+    pub entries: PathBuf,
+    /// How often the entries file is checked for changes.
+    pub poll: Duration,
+}
+
+type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+struct WorkloadApi {
+    entries: watch::Receiver<Arc<Entries>>,
+    ca: Arc<DevCa>,
+}
+
+/// Runs the agent until `shutdown` resolves. The CA is generated at start (not yet persisted).
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    let entries = Entries::load(&config.entries)?;
+    let ca = Arc::new(DevCa::new(entries.trust_domain.clone())?);
+    let (tx, rx) = watch::channel(Arc::new(entries));
+    tokio::spawn(watch_entries(config.entries.clone(), config.poll, tx));
+
+    let _ = std::fs::remove_file(&config.socket);
+    let socket_err = |source| AgentError::Socket {
+        path: config.socket.clone(),
+        source,
+    };
+    let listener = tokio::net::UnixListener::bind(&config.socket).map_err(socket_err)?;
+    // Any local process may ask; what it gets is decided by attestation, not by file permissions.
+    set_mode(&config.socket, 0o777).map_err(socket_err)?;
+    tracing::info!(socket = %config.socket.display(), "Workload API listening");
+    tonic::transport::Server::builder()
+        .add_service(
+            api::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(WorkloadApi {
+                entries: rx,
+                ca,
+            }),
+        )
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| AgentError::Serve(e.to_string()))?;
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+}
+
+/// Re-reads the entries file when it changes; a bad file is logged and the old entries stay.
+async fn watch_entries(path: PathBuf, poll: Duration, tx: watch::Sender<Arc<Entries>>) {
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        tokio::time::sleep(poll).await;
+        if tx.is_closed() {
+            return;
+        }
+        let now = std::fs::read(&path).ok();
+        if now == last {
+            continue;
+        }
+        match Entries::load(&path) {
+            Ok(e) => {
+                tracing::info!(entries = e.entries.len(), "registration entries reloaded");
+                tx.send_replace(Arc::new(e));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "registration entries file is not valid; keeping the previous entries")
+            }
+        }
+        last = now;
+    }
+}
+
+impl WorkloadApi {
+    /// The security header, then attestation from the socket's peer credentials.
+    fn caller<T>(&self, req: &Request<T>) -> Result<BTreeSet<Selector>, Status> {
+        if req
+            .metadata()
+            .get(SECURITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            != Some("true")
+        {
+            return Err(Status::invalid_argument(
+                "security header missing from request",
+            ));
+        }
+        let cred = req
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .ok_or_else(|| {
+                Status::permission_denied("caller cannot be attested (no peer credentials)")
+            })?;
+        Ok(entries::attest(cred.uid(), cred.gid(), cred.pid()))
+    }
+
+    fn x509_response(
+        &self,
+        entries: &Entries,
+        selectors: &BTreeSet<Selector>,
+    ) -> Result<(api::X509svidResponse, Duration), Status> {
+        let matching = entries.matching(selectors);
+        if matching.is_empty() {
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        let bundle = self.ca.cert_der().to_vec();
+        let mut svids = Vec::with_capacity(matching.len());
+        for e in &matching {
+            let minted = self
+                .ca
+                .mint(&e.spiffe_id, e.ttl)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let key = PrivateKeyDer::from_pem_slice(minted.key_pem.as_bytes())
+                .map_err(|e| Status::internal(e.to_string()))?;
+            svids.push(api::X509svid {
+                spiffe_id: e.spiffe_id.to_string(),
+                x509_svid: minted
+                    .svid
+                    .chain()
+                    .iter()
+                    .flat_map(|c| c.to_vec())
+                    .collect(),
+                x509_svid_key: key.secret_der().to_vec(),
+                bundle: bundle.clone(),
+                hint: String::new(),
+            });
+        }
+        let renew = matching
+            .iter()
+            .map(|e| e.ttl)
+            .min()
+            .unwrap_or(Duration::from_secs(60))
+            / 2;
+        Ok((
+            api::X509svidResponse {
+                svids,
+                crl: vec![],
+                federated_bundles: Default::default(),
+            },
+            renew,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Stream<api::X509svidResponse>;
+    type FetchX509BundlesStream = Stream<api::X509BundlesResponse>;
+    type FetchJWTBundlesStream = Stream<api::JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<api::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let selectors = self.caller(&req)?;
+        let mut entries_rx = self.entries.clone();
+        let (first, mut renew) = self.x509_response(&entries_rx.borrow_and_update(), &selectors)?;
+        let (tx, rx) = mpsc::channel(4);
+        let this = WorkloadApi {
+            entries: entries_rx.clone(),
+            ca: self.ca.clone(),
+        };
+        tokio::spawn(async move {
+            let mut next = Ok(first);
+            loop {
+                let failed = next.is_err();
+                if tx.send(next).await.is_err() || failed {
+                    return;
+                }
+                // Renew at half-life, or at once when the entries change.
+                tokio::select! {
+                    () = tokio::time::sleep(renew) => {}
+                    changed = entries_rx.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                }
+                next = this
+                    .x509_response(&entries_rx.borrow_and_update(), &selectors)
+                    .map(|(r, d)| {
+                        renew = d;
+                        r
+                    });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<api::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let selectors = self.caller(&req)?;
+        let entries = self.entries.borrow().clone();
+        if entries.matching(&selectors).is_empty() {
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        let bundles = [(
+            entries.trust_domain.to_string(),
+            self.ca.cert_der().to_vec(),
+        )]
+        .into();
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            if tx
+                .send(Ok(api::X509BundlesResponse {
+                    crl: vec![],
+                    bundles,
+                }))
+                .await
+                .is_ok()
+            {
+                // The bundle does not change yet; keep the stream open until the caller leaves.
+                tx.closed().await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<api::JwtsvidRequest>,
+    ) -> Result<Response<api::JwtsvidResponse>, Status> {
+        self.caller(&req)?;
+        Err(Status::unimplemented("JWT-SVIDs are not issued yet"))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<api::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        self.caller(&req)?;
+        Err(Status::unimplemented("JWT bundles are not served yet"))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<api::ValidateJwtsvidRequest>,
+    ) -> Result<Response<api::ValidateJwtsvidResponse>, Status> {
+        self.caller(&req)?;
+        Err(Status::unimplemented(
+            "JWT-SVID validation is not available yet",
+        ))
+    }
+}

@@ -699,6 +699,7 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path) -> Bootstrap {
                 federated_bundles: Default::default(),
                 poll_interval: Duration::from_millis(500),
             }),
+            workload_api: None,
         },
         listeners,
         clusters,

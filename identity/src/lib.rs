@@ -23,3 +23,5 @@ pub use svid::{LeafInfo, SvidError, X509Svid, check_chain, check_leaf};
 /// Re-exported so callers can edit dev-CA certificate parameters in tests.
 pub use rcgen;
 pub mod workload_api;
+mod workload_source;
+pub use workload_source::WorkloadApiSource;

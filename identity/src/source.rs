@@ -63,6 +63,11 @@ impl Credentials {
         Self { svid, bundles }
     }
 
+    /// Whether these credentials may be used at `now`: the SVID is inside its validity window.
+    pub fn usable(&self, now: rustls_pki_types::UnixTime) -> bool {
+        self.svid.is_valid_at(now)
+    }
+
     /// A channel that always holds these credentials.
     pub fn fixed(self) -> (CredentialsTx, CredentialsRx) {
         watch::channel(Some(Arc::new(self)))

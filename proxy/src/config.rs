@@ -85,6 +85,17 @@ pub struct IdentityConfig {
     /// PEM files, re-read when they change.
     #[serde(default)]
     pub files: Option<FileIdentity>,
+    /// The SPIFFE Workload API (SPIRE or `eastguard node-agent`).
+    #[serde(default)]
+    pub workload_api: Option<WorkloadApiIdentity>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadApiIdentity {
+    /// The unix socket (`unix:///path` or a path); default `SPIFFE_ENDPOINT_SOCKET`.
+    #[serde(default)]
+    pub socket: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -498,10 +509,11 @@ impl Bootstrap {
             field,
             message,
         };
-        if self.identity.files.is_none() {
+        if self.identity.files.is_some() == self.identity.workload_api.is_some() {
             return Err(invalid(
                 "identity".into(),
-                "an identity source is required (identity.files)".into(),
+                "exactly one identity source is required (identity.files or identity.workload_api)"
+                    .into(),
                 "identity:",
             ));
         }

@@ -67,7 +67,9 @@ pub enum StartError {
         #[source]
         source: identity::SpiffeIdError,
     },
-    #[error("identity: no identity source configured")]
+    #[error(
+        "identity: no identity source configured (identity.files, or identity.workload_api with a socket or SPIFFE_ENDPOINT_SOCKET)"
+    )]
     NoIdentitySource,
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
@@ -142,7 +144,6 @@ pub async fn run(
         clusters: Arc::new(clusters),
         telemetry: telemetry.clone(),
         limits: config.limits.clone(),
-        local_id,
         local_workload: config.node.workload.as_str().into(),
         local_app: config
             .node
@@ -151,6 +152,7 @@ pub async fn run(
             .unwrap_or(&config.node.workload)
             .into(),
         total_connections: telemetry.stats.stat("server.total_connections"),
+        creds: creds.clone(),
         authz_hook: opts.authz_hook,
     });
     let server_tls = Arc::new(identity::tls::server_config(creds.clone(), INBOUND_ALPN)?);
@@ -244,6 +246,25 @@ pub async fn run(
 }
 
 fn credentials(config: &Bootstrap) -> Result<CredentialsRx, StartError> {
+    if let Some(api) = &config.identity.workload_api {
+        let socket = api
+            .socket
+            .clone()
+            .or_else(|| std::env::var("SPIFFE_ENDPOINT_SOCKET").ok())
+            .ok_or(StartError::NoIdentitySource)?;
+        let path = socket
+            .strip_prefix("unix://")
+            .or_else(|| socket.strip_prefix("unix:"))
+            .unwrap_or(&socket);
+        tracing::info!(
+            socket = path,
+            "identity from the SPIFFE Workload API; not ready until the first SVID"
+        );
+        return Ok(identity::WorkloadApiSource {
+            socket: path.into(),
+        }
+        .watch());
+    }
     let Some(files) = &config.identity.files else {
         // Validation requires a source; without one there is nothing to present, so refuse.
         return Err(StartError::NoIdentitySource);

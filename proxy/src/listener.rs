@@ -45,12 +45,23 @@ pub struct Shared {
     pub clusters: Clusters,
     pub telemetry: Arc<Telemetry>,
     pub limits: Limits,
-    pub local_id: Arc<str>,
     pub local_workload: Arc<str>,
     pub local_app: Arc<str>,
     /// Connections open across all listeners (Envoy's `server.total_connections`).
     pub total_connections: Stat,
     pub authz_hook: Option<crate::AuthzHook>,
+    /// The current SVID (rotates); connections are refused while there is no usable one.
+    pub creds: identity::CredentialsRx,
+}
+
+impl Shared {
+    /// This proxy's SPIFFE ID now, if it holds a usable SVID.
+    fn usable_id(&self) -> Option<Arc<str>> {
+        let creds = self.creds.borrow();
+        let c = creds.as_ref()?;
+        c.usable(rustls_pki_types::UnixTime::now())
+            .then(|| c.svid.spiffe_id().as_str().into())
+    }
 }
 
 struct ChainRt {
@@ -73,6 +84,7 @@ struct ListenerStats {
     downstream_cx_overflow: Stat,
     no_filter_chain_match: Stat,
     ssl_handshake_error: Stat,
+    downstream_cx_no_svid: Stat,
 }
 
 /// The two drain signals a connection watches: drain started, and listeners stopped.
@@ -127,6 +139,7 @@ impl ListenerRt {
             downstream_cx_overflow: s("downstream_cx_overflow"),
             no_filter_chain_match: s("no_filter_chain_match"),
             ssl_handshake_error: s("ssl.handshake_error"),
+            downstream_cx_no_svid: s("downstream_cx_no_svid"),
         };
         Self {
             slots: Arc::new(Semaphore::new(config.max_connections)),
@@ -159,6 +172,12 @@ impl ListenerRt {
                     continue;
                 }
             };
+            // Fail closed: no usable SVID (none yet, or expired without renewal) → no traffic.
+            let Some(local_id) = self.shared.usable_id() else {
+                self.stats.downstream_cx_no_svid.inc();
+                drop(tcp);
+                continue;
+            };
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 self.stats.downstream_cx_overflow.inc();
                 drop(tcp);
@@ -172,7 +191,8 @@ impl ListenerRt {
                 this.stats.downstream_cx_total.inc();
                 this.stats.downstream_cx_active.inc();
                 this.shared.total_connections.inc();
-                this.serve_conn(tcp, remote, Draining { watch, stop }).await;
+                this.serve_conn(tcp, remote, local_id, Draining { watch, stop })
+                    .await;
                 this.shared.total_connections.dec();
                 this.stats.downstream_cx_active.dec();
                 drop(permit);
@@ -181,11 +201,23 @@ impl ListenerRt {
         tracing::info!(listener = %self.config.name, "listener closed");
     }
 
-    async fn serve_conn(&self, tcp: TcpStream, remote: SocketAddr, drain: Draining) {
+    async fn serve_conn(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        local_id: Arc<str>,
+        drain: Draining,
+    ) {
         let local = tcp.local_addr().unwrap_or(self.config.address);
         match self.config.direction {
-            Direction::Inbound => self.serve_inbound(tcp, remote, local, drain).await,
-            Direction::Outbound => self.serve_outbound(tcp, remote, local, drain).await,
+            Direction::Inbound => {
+                self.serve_inbound(tcp, remote, local, local_id, drain)
+                    .await
+            }
+            Direction::Outbound => {
+                self.serve_outbound(tcp, remote, local, local_id, drain)
+                    .await
+            }
         }
     }
 
@@ -194,6 +226,7 @@ impl ListenerRt {
         tcp: TcpStream,
         remote: SocketAddr,
         local: SocketAddr,
+        local_id: Arc<str>,
         drain: Draining,
     ) {
         let Some(acceptor) = &self.tls else { return };
@@ -203,7 +236,7 @@ impl ListenerRt {
             Ok(Ok(1)) if first[0] == 0x16 => {}
             Ok(Ok(1)) => {
                 return self
-                    .serve_plaintext_inbound(tcp, remote, local, drain)
+                    .serve_plaintext_inbound(tcp, remote, local, local_id, drain)
                     .await;
             }
             _ => return,
@@ -253,7 +286,7 @@ impl ListenerRt {
             peer_id,
             peer_cert_hash,
             sni,
-            local_id: self.shared.local_id.clone(),
+            local_id: local_id.clone(),
             local_workload: self.shared.local_workload.clone(),
             local_app: self.shared.local_app.clone(),
             drain: drain.watch.clone(),
@@ -277,6 +310,7 @@ impl ListenerRt {
         tcp: TcpStream,
         remote: SocketAddr,
         local: SocketAddr,
+        local_id: Arc<str>,
         drain: Draining,
     ) {
         let Some(chain) = self
@@ -295,7 +329,7 @@ impl ListenerRt {
             peer_id: None,
             peer_cert_hash: None,
             sni: None,
-            local_id: self.shared.local_id.clone(),
+            local_id: local_id.clone(),
             local_workload: self.shared.local_workload.clone(),
             local_app: self.shared.local_app.clone(),
             drain: drain.watch.clone(),
@@ -315,6 +349,7 @@ impl ListenerRt {
         tcp: TcpStream,
         remote: SocketAddr,
         local: SocketAddr,
+        local_id: Arc<str>,
         drain: Draining,
     ) {
         let sniffed = sniff(&tcp).await;
@@ -346,7 +381,7 @@ impl ListenerRt {
             peer_id: None,
             peer_cert_hash: None,
             sni: None,
-            local_id: self.shared.local_id.clone(),
+            local_id: local_id.clone(),
             local_workload: self.shared.local_workload.clone(),
             local_app: self.shared.local_app.clone(),
             drain: drain.watch.clone(),

@@ -112,3 +112,25 @@ def test_entries_hot_reload_and_bad_file_keeps_previous(agent):
         with pytest.raises(Exception) as err:
             c.fetch_x509_svid()
         assert "permission" in str(err.value).lower() or "no identity" in str(err.value).lower(), err.value
+
+
+def test_jwt_svid_fetch_and_validate_both_ways(agent):
+    sock, _, _ = agent
+    with client(sock) as c:
+        jwt_svid = c.fetch_jwt_svid(audience={"orders"})
+        assert str(jwt_svid.spiffe_id) == ID
+        bundles = c.fetch_jwt_bundles()
+        bundle = bundles.get_bundle_for_trust_domain(spiffe.TrustDomain("cluster.local"))
+        # py-spiffe verifies the ES256 signature itself, against the JWKS we serve.
+        checked = spiffe.JwtSvid.parse_and_validate(jwt_svid.token, bundle, {"orders"})
+        assert str(checked.spiffe_id) == ID and "orders" in checked.audience
+        with pytest.raises(Exception):
+            spiffe.JwtSvid.parse_and_validate(jwt_svid.token, bundle, {"ledger"})
+        # And the agent validates it too.
+        validated = c.validate_jwt_svid(jwt_svid.token, "orders")
+        assert str(validated.spiffe_id) == ID
+        with pytest.raises(Exception):
+            c.validate_jwt_svid(jwt_svid.token, "ledger")
+        tampered = jwt_svid.token[:-4] + ("AAAA" if not jwt_svid.token.endswith("AAAA") else "BBBB")
+        with pytest.raises(Exception):
+            c.validate_jwt_svid(tampered, "orders")

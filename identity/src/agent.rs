@@ -3,6 +3,7 @@
 //! gets the SVIDs of the registration entries whose selectors it has.
 
 pub mod entries;
+pub mod jwt;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -52,6 +53,7 @@ type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Se
 struct WorkloadApi {
     entries: watch::Receiver<Arc<Entries>>,
     ca: Arc<DevCa>,
+    jwt: Arc<jwt::JwtAuthority>,
 }
 
 /// Runs the agent until `shutdown` resolves. The CA is generated at start (not yet persisted).
@@ -61,6 +63,8 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let entries = Entries::load(&config.entries)?;
     let ca = Arc::new(DevCa::new(entries.trust_domain.clone())?);
+    let jwt =
+        Arc::new(jwt::JwtAuthority::generate().map_err(|e| AgentError::Serve(e.to_string()))?);
     let (tx, rx) = watch::channel(Arc::new(entries));
     tokio::spawn(watch_entries(config.entries.clone(), config.poll, tx));
 
@@ -78,6 +82,7 @@ pub async fn run(
             api::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(WorkloadApi {
                 entries: rx,
                 ca,
+                jwt,
             }),
         )
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
@@ -204,6 +209,7 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let this = WorkloadApi {
             entries: entries_rx.clone(),
             ca: self.ca.clone(),
+            jwt: self.jwt.clone(),
         };
         tokio::spawn(async move {
             let mut next = Ok(first);
@@ -264,16 +270,56 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<api::JwtsvidRequest>,
     ) -> Result<Response<api::JwtsvidResponse>, Status> {
-        self.caller(&req)?;
-        Err(Status::unimplemented("JWT-SVIDs are not issued yet"))
+        let selectors = self.caller(&req)?;
+        let req = req.into_inner();
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience must be set"));
+        }
+        let entries = self.entries.borrow().clone();
+        let matching = entries.matching(&selectors);
+        let chosen: Vec<_> = matching
+            .iter()
+            .filter(|e| req.spiffe_id.is_empty() || e.spiffe_id.as_str() == req.spiffe_id)
+            .collect();
+        if chosen.is_empty() {
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        let mut svids = Vec::with_capacity(chosen.len());
+        for e in chosen {
+            let token = self
+                .jwt
+                .sign(&e.spiffe_id, &req.audience)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            svids.push(api::Jwtsvid {
+                spiffe_id: e.spiffe_id.to_string(),
+                svid: token,
+                hint: String::new(),
+            });
+        }
+        Ok(Response::new(api::JwtsvidResponse { svids }))
     }
 
     async fn fetch_jwt_bundles(
         &self,
         req: Request<api::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        self.caller(&req)?;
-        Err(Status::unimplemented("JWT bundles are not served yet"))
+        let selectors = self.caller(&req)?;
+        let entries = self.entries.borrow().clone();
+        if entries.matching(&selectors).is_empty() {
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        let bundles = [(entries.trust_domain.to_string(), self.jwt.jwks())].into();
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            if tx
+                .send(Ok(api::JwtBundlesResponse { bundles }))
+                .await
+                .is_ok()
+            {
+                tx.closed().await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn validate_jwtsvid(
@@ -281,8 +327,18 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         req: Request<api::ValidateJwtsvidRequest>,
     ) -> Result<Response<api::ValidateJwtsvidResponse>, Status> {
         self.caller(&req)?;
-        Err(Status::unimplemented(
-            "JWT-SVID validation is not available yet",
-        ))
+        let req = req.into_inner();
+        if req.audience.is_empty() || req.svid.is_empty() {
+            return Err(Status::invalid_argument("audience and svid must be set"));
+        }
+        let td = self.entries.borrow().trust_domain.clone();
+        let (id, claims) = self
+            .jwt
+            .validate(&req.svid, &req.audience, &td)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(api::ValidateJwtsvidResponse {
+            spiffe_id: id.to_string(),
+            claims: Some(jwt::to_struct(&claims)),
+        }))
     }
 }

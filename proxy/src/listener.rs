@@ -87,6 +87,14 @@ struct ListenerStats {
     downstream_cx_no_svid: Stat,
 }
 
+/// What the TLS handshake established about the downstream peer (nothing, for plaintext).
+#[derive(Default)]
+struct Peer {
+    id: Option<Arc<str>>,
+    cert_hash: Option<String>,
+    sni: Option<String>,
+}
+
 /// The two drain signals a connection watches: drain started, and listeners stopped.
 struct Draining {
     watch: drain::Watch,
@@ -279,28 +287,21 @@ impl ListenerRt {
             tracing::debug!(%remote, ?sni, ?alpn, "no inbound filter chain matches");
             return;
         };
-        let ctx = Arc::new(ConnCtx {
-            reporter: Reporter::Destination,
+        let ctx = self.conn_ctx(
+            Reporter::Destination,
             remote,
             local,
-            peer_id,
-            peer_cert_hash,
-            sni,
-            local_id: local_id.clone(),
-            local_workload: self.shared.local_workload.clone(),
-            local_app: self.shared.local_app.clone(),
-            drain: drain.watch.clone(),
-            activity: crate::idle::Activity::new(),
-            stream_idle_timeout: self.shared.limits.stream_idle_timeout,
-        });
+            local_id,
+            Peer {
+                id: peer_id,
+                cert_hash: peer_cert_hash,
+                sni,
+            },
+            &drain,
+        );
         tracing::trace!(chain = %chain.name, "inbound connection");
         let h2 = matches!(alpn.as_deref(), Some("h2" | "istio-h2"));
-        match &chain.kind {
-            ChainKind::Http(http) => self.serve_http(tls, ctx, http.clone(), drain, h2).await,
-            ChainKind::Tcp { cluster, rbac } => {
-                crate::tcp::proxy(tls, &ctx, cluster, rbac.as_deref(), &self.shared.telemetry).await
-            }
-        }
+        self.serve_chain(tls, ctx, &chain.kind, drain, h2).await;
     }
 
     /// Plaintext on an inbound listener: only a `raw_buffer` chain (Istio PERMISSIVE / DISABLE)
@@ -322,26 +323,15 @@ impl ListenerRt {
             tracing::debug!(%remote, "plaintext on an mTLS-only inbound listener; closing");
             return;
         };
-        let ctx = Arc::new(ConnCtx {
-            reporter: Reporter::Destination,
+        let ctx = self.conn_ctx(
+            Reporter::Destination,
             remote,
             local,
-            peer_id: None,
-            peer_cert_hash: None,
-            sni: None,
-            local_id: local_id.clone(),
-            local_workload: self.shared.local_workload.clone(),
-            local_app: self.shared.local_app.clone(),
-            drain: drain.watch.clone(),
-            activity: crate::idle::Activity::new(),
-            stream_idle_timeout: self.shared.limits.stream_idle_timeout,
-        });
-        match &chain.kind {
-            ChainKind::Http(http) => self.serve_http(tcp, ctx, http.clone(), drain, false).await,
-            ChainKind::Tcp { cluster, rbac } => {
-                crate::tcp::proxy(tcp, &ctx, cluster, rbac.as_deref(), &self.shared.telemetry).await
-            }
-        }
+            local_id,
+            Peer::default(),
+            &drain,
+        );
+        self.serve_chain(tcp, ctx, &chain.kind, drain, false).await;
     }
 
     async fn serve_outbound(
@@ -374,27 +364,58 @@ impl ListenerRt {
             tracing::debug!(%remote, ?sniffed, "no outbound filter chain matches");
             return;
         };
-        let ctx = Arc::new(ConnCtx {
-            reporter: Reporter::Source,
+        let ctx = self.conn_ctx(
+            Reporter::Source,
             remote,
             local,
-            peer_id: None,
-            peer_cert_hash: None,
-            sni: None,
-            local_id: local_id.clone(),
+            local_id,
+            Peer::default(),
+            &drain,
+        );
+        self.serve_chain(tcp, ctx, &chain.kind, drain, sniffed == Sniffed::H2c)
+            .await;
+    }
+
+    fn conn_ctx(
+        &self,
+        reporter: Reporter,
+        remote: SocketAddr,
+        local: SocketAddr,
+        local_id: Arc<str>,
+        peer: Peer,
+        drain: &Draining,
+    ) -> Arc<ConnCtx> {
+        Arc::new(ConnCtx {
+            reporter,
+            remote,
+            local,
+            peer_id: peer.id,
+            peer_cert_hash: peer.cert_hash,
+            sni: peer.sni,
+            local_id,
             local_workload: self.shared.local_workload.clone(),
             local_app: self.shared.local_app.clone(),
             drain: drain.watch.clone(),
             activity: crate::idle::Activity::new(),
             stream_idle_timeout: self.shared.limits.stream_idle_timeout,
-        });
-        match &chain.kind {
-            ChainKind::Http(http) => {
-                self.serve_http(tcp, ctx, http.clone(), drain, sniffed == Sniffed::H2c)
-                    .await
-            }
+        })
+    }
+
+    /// Runs a chain's network filter on the connection: HTTP or TCP proxy.
+    async fn serve_chain<I>(
+        &self,
+        io: I,
+        ctx: Arc<ConnCtx>,
+        kind: &ChainKind,
+        drain: Draining,
+        h2: bool,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match kind {
+            ChainKind::Http(http) => self.serve_http(io, ctx, http.clone(), drain, h2).await,
             ChainKind::Tcp { cluster, rbac } => {
-                crate::tcp::proxy(tcp, &ctx, cluster, rbac.as_deref(), &self.shared.telemetry).await
+                crate::tcp::proxy(io, &ctx, cluster, rbac.as_deref(), &self.shared.telemetry).await
             }
         }
     }

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use identity::{DevCa, SpiffeId, TrustDomain};
+use identity::SpiffeId;
 use proxy::config::{
     AccessLogConfig, AccessLogFormat, Admin, Bootstrap, Cluster, DestinationMetadata, Direction,
-    DrainConfig, FileIdentity, FilterChain, FilterChainMatch, FilterConfig,
-    ForwardClientCertDetails, HttpConnectionManager, IdentityConfig, Limits, Listener, Node, Route,
-    RouteAction, RouteConfiguration, RouteMatch, TcpProxy, UpstreamProtocol, UpstreamTls,
-    VirtualHost,
+    DrainConfig, FilterChain, FilterChainMatch, FilterConfig, ForwardClientCertDetails,
+    HttpConnectionManager, IdentityConfig, Limits, Listener, Node, Route, RouteAction,
+    RouteConfiguration, RouteMatch, TcpProxy, UpstreamProtocol, UpstreamTls, VirtualHost,
+    WorkloadApiIdentity,
 };
 
 mod apps;
@@ -77,13 +77,44 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     println!("eastguard demo — files in {}", dir.display());
 
-    let ca = DevCa::new(TrustDomain::parse(TRUST_DOMAIN)?)?;
-    std::fs::write(dir.join("bundle.pem"), ca.cert_pem())?;
+    // Identity: a node agent serving the SPIFFE Workload API. Every sidecar runs from its own copy
+    // of the binary, and the agent tells them apart by uid and executable path, which the kernel
+    // reports; nothing a workload says about itself counts.
+    let exe = std::env::current_exe().context("finding the eastguard binary")?;
+    let uid = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata("/proc/self").context("reading /proc/self")?,
+    );
+    let mut entries = format!("trust_domain: {TRUST_DOMAIN}\nentries:\n");
+    let mut binaries = Vec::new();
     for w in WORKLOADS {
-        let minted = ca.mint(&spiffe_id(w), Duration::from_secs(3600))?;
-        std::fs::write(dir.join(format!("{w}.cert.pem")), &minted.cert_pem)?;
-        std::fs::write(dir.join(format!("{w}.key.pem")), &minted.key_pem)?;
+        let copy = dir.join(format!("{w}-eastguard"));
+        std::fs::copy(&exe, &copy).with_context(|| format!("copying the binary for {w}"))?;
+        let copy = std::fs::canonicalize(&copy)?;
+        entries.push_str(&format!(
+            "  - spiffe_id: {}\n    selectors: [\"unix:uid:{uid}\", \"unix:path:{}\"]\n    x509_svid_ttl: 1h\n",
+            spiffe_id(w),
+            copy.display()
+        ));
+        binaries.push(copy);
     }
+    let entries_path = dir.join("entries.yaml");
+    std::fs::write(&entries_path, entries)?;
+    let agent_socket = dir.join("agent.sock");
+    let (agent_stop, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(identity::agent::run(
+        identity::agent::AgentConfig {
+            socket: agent_socket.clone(),
+            entries: entries_path,
+            poll: Duration::from_millis(500),
+        },
+        async move {
+            let _ = agent_stopped.await;
+        },
+    ));
+    println!(
+        "node agent (SPIFFE Workload API): unix://{}",
+        agent_socket.display()
+    );
 
     let mut ports = Vec::new();
     for _ in WORKLOADS {
@@ -105,12 +136,11 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
     apps::spawn_http("ledger", mesh.ports[2].app, None).await?;
     apps::spawn_tcp_echo(mesh.ledger_tcp_app).await?;
 
-    let exe = std::env::current_exe().context("finding the eastguard binary")?;
     std::fs::write(dir.join("ledger-authz.yaml"), LEDGER_POLICIES)?;
     let ledger_filters = ledger_http_filters()?;
     let mut sidecars = Vec::new();
     for (i, w) in WORKLOADS.iter().enumerate() {
-        let mut config = sidecar_config(w, i, &mesh, &dir);
+        let mut config = sidecar_config(w, i, &mesh, &dir, &agent_socket);
         if *w == "ledger" {
             for fc in config
                 .listeners
@@ -125,7 +155,7 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
         let path = dir.join(format!("{w}-sidecar.yaml"));
         std::fs::write(&path, serde_yaml::to_string(&config)?)?;
         let log = std::fs::File::create(dir.join(format!("{w}-sidecar.log")))?;
-        let child = tokio::process::Command::new(&exe)
+        let child = tokio::process::Command::new(&binaries[i])
             .args(["--log-level", "info", "proxy", "--config"])
             .arg(&path)
             .stdout(std::process::Stdio::null())
@@ -169,6 +199,10 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
     for (w, mut child) in sidecars {
         stop_child(&mut child).await;
         tracing::debug!(workload = w, "sidecar stopped");
+    }
+    let _ = agent_stop.send(());
+    if let Ok(Err(e)) = agent.await {
+        tracing::warn!(error = %e, "node agent ended with an error");
     }
     if !all_ok {
         bail!("demo expectations failed");
@@ -556,7 +590,7 @@ fn local_cluster(name: &str, endpoint: SocketAddr) -> Cluster {
     }
 }
 
-fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path) -> Bootstrap {
+fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path, agent_socket: &Path) -> Bootstrap {
     let p = mesh.ports[i];
     let file = |suffix: &str| dir.join(format!("{w}{suffix}"));
     let mut inbound_chains = Vec::new();
@@ -692,14 +726,10 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path) -> Bootstrap {
             prometheus_address: None,
         },
         identity: IdentityConfig {
-            files: Some(FileIdentity {
-                cert: file(".cert.pem"),
-                key: file(".key.pem"),
-                bundle: dir.join("bundle.pem"),
-                federated_bundles: Default::default(),
-                poll_interval: Duration::from_millis(500),
+            files: None,
+            workload_api: Some(WorkloadApiIdentity {
+                socket: Some(format!("unix://{}", agent_socket.display())),
             }),
-            workload_api: None,
         },
         listeners,
         clusters,

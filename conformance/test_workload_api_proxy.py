@@ -141,6 +141,11 @@ def test_identity_by_executable_path_and_rotation_under_load(pair):
     req = urllib.request.Request(f"http://127.0.0.1:{outbound}/who", headers={"host": "server"})
     seen = json.loads(urllib.request.urlopen(req, timeout=5).read())
     assert f"URI={CLIENT}" in seen["headers"]["x-forwarded-client-cert"]
+    # Istio metrics name the local side by the SVID it holds now (there was none at startup).
+    time.sleep(0.3)
+    metrics = http_get(client.admin("/stats/prometheus"))[1]
+    line = [l for l in metrics.splitlines() if l.startswith("istio_requests_total{")][0]
+    assert f'source_principal="{CLIENT}"' in line and f'destination_principal="{SERVER}"' in line, line
     # 60 s of load with 10 s SVIDs: renewal at half-life, so about 12 rotations per sidecar.
     serials = {"server": set(), "client": set()}
     load = Load(outbound, workers=4, limit=90).start()

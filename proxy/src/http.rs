@@ -54,7 +54,7 @@ pub async fn handle(
     hook: Option<crate::AuthzHook>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
-    let mut guard = telemetry.start(ctx.reporter);
+    let mut guard = telemetry.start(ctx.reporter, ctx.local_id.clone());
     guard.inflight = Some(crate::idle::InFlight::new(&ctx.activity));
     describe_request(&mut guard, &ctx, &req);
     let (parts, incoming) = req.into_parts();

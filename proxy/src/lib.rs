@@ -120,20 +120,11 @@ pub async fn run(
     opts: RunOptions,
 ) -> Result<(), StartError> {
     let creds = credentials(&config)?;
-    let local_id: Arc<str> = creds
-        .borrow()
-        .as_ref()
-        .map_or_else(|| "unknown".into(), |c| c.svid.spiffe_id().as_str().into());
     let stats = stats::EnvoyStats::default();
     let access_log =
         access_log::AccessLog::open(config.access_log.as_ref(), stats.stat("access_log.dropped"))
             .map_err(StartError::AccessLog)?;
-    let telemetry = Arc::new(telemetry::Telemetry::new(
-        &config.node,
-        &local_id,
-        access_log,
-        stats,
-    ));
+    let telemetry = Arc::new(telemetry::Telemetry::new(&config.node, access_log, stats));
 
     let mut clusters = HashMap::new();
     for c in &config.clusters {

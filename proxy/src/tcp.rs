@@ -18,7 +18,7 @@ pub async fn proxy<D>(
 ) where
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut guard = telemetry.start(ctx.reporter);
+    let mut guard = telemetry.start(ctx.reporter, ctx.local_id.clone());
     guard.mtls = ctx.peer_id.is_some();
     guard.peer = match ctx.reporter {
         Reporter::Source => Peer::from_metadata(&cluster.config.metadata),

@@ -27,7 +27,6 @@ struct LocalLabels {
     app: Lv,
     version: Lv,
     cluster: Lv,
-    principal: Lv,
 }
 
 /// Which side of the call this proxy reports for (Istio's `reporter` label).
@@ -68,17 +67,14 @@ pub struct CallGuard {
     pub tcp: bool,
     /// Keeps the connection from counting as idle while this call lives.
     pub inflight: Option<crate::idle::InFlight>,
+    /// This proxy's SPIFFE ID on the call's connection.
+    local_id: Arc<str>,
 }
 
 // === impl Telemetry ===
 
 impl Telemetry {
-    pub fn new(
-        node: &Node,
-        local_principal: &str,
-        access_log: AccessLog,
-        stats: EnvoyStats,
-    ) -> Self {
+    pub fn new(node: &Node, access_log: AccessLog, stats: EnvoyStats) -> Self {
         let lv = |s: &str| Lv::from(s);
         Self {
             metrics: IstioMetrics::new(),
@@ -90,12 +86,13 @@ impl Telemetry {
                 app: lv(node.app.as_deref().unwrap_or(&node.workload)),
                 version: lv(node.version.as_deref().unwrap_or("unknown")),
                 cluster: lv(&node.cluster),
-                principal: lv(local_principal),
             },
         }
     }
 
-    pub fn start(self: &Arc<Self>, reporter: Reporter) -> CallGuard {
+    /// Starts a call's record; `local_id` is this proxy's SPIFFE ID for the connection (it can
+    /// rotate, and with the Workload API there is none at startup).
+    pub fn start(self: &Arc<Self>, reporter: Reporter, local_id: Arc<str>) -> CallGuard {
         CallGuard {
             telemetry: self.clone(),
             reporter,
@@ -114,6 +111,7 @@ impl Telemetry {
             completed: false,
             tcp: false,
             inflight: None,
+            local_id,
         }
     }
 }
@@ -181,7 +179,7 @@ impl CallGuard {
             Reporter::Source => (
                 t.workload.clone(),
                 t.namespace.clone(),
-                t.principal.clone(),
+                Lv(self.local_id.clone()),
                 t.app.clone(),
                 t.cluster.clone(),
                 unknown(&peer.workload),
@@ -199,7 +197,7 @@ impl CallGuard {
                 t.cluster.clone(),
                 t.workload.clone(),
                 t.namespace.clone(),
-                t.principal.clone(),
+                Lv(self.local_id.clone()),
                 t.app.clone(),
                 t.cluster.clone(),
                 Lv(self

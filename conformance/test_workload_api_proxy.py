@@ -26,9 +26,13 @@ class Agent:
         self.work = work
         self.proc = None
 
-    def start(self):
+    def start(self, admin_port=None):
         self.log = open(self.work / "agent.log", "ab")
-        self.proc = subprocess.Popen([binary(), "node-agent", "--workload-api-socket", str(self.sock), "--entries", str(self.entries)], stderr=self.log)
+        cmd = [binary(), "node-agent", "--workload-api-socket", str(self.sock), "--entries", str(self.entries)]
+        if admin_port:
+            cmd += ["--admin-address", f"127.0.0.1:{admin_port}"]
+            self.admin = f"http://127.0.0.1:{admin_port}"
+        self.proc = subprocess.Popen(cmd, stderr=self.log)
         for _ in range(200):
             if self.sock.exists():
                 return self
@@ -159,3 +163,76 @@ def test_identity_by_executable_path_and_rotation_under_load(pair):
     assert load.failures == []
     assert load.ok > 1000
     assert len(serials["server"]) >= 5 and len(serials["client"]) >= 5
+
+
+def post(url):
+    req = urllib.request.Request(url, method="POST", data=b"")
+    return urllib.request.urlopen(req, timeout=5).read().decode()
+
+
+def trusted_cas(sidecar):
+    dump = json.loads(http_get(sidecar.admin("/config_dump"))[1])
+    secrets = [c for c in dump["configs"] if c["@type"].endswith("SecretsConfigDump")][0]["dynamic_active_secrets"]
+    root = {s["name"]: s for s in secrets}["ROOTCA"]
+    return root["secret"]["validation_context"]["trust_domains"][0]["trusted_ca_count"]
+
+
+def served_with(cert, key, port):
+    """An mTLS request to the server sidecar's inbound port with this client SVID."""
+    import socket
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5)) as s:
+            s.sendall(b"GET /stale HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            return data.startswith(b"HTTP/1.1 200")
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        return False
+
+
+def test_bundle_rotation_under_load(pair):
+    agent, server, client, inbound, outbound = pair
+    # A uid-only entry last: the sidecars keep their own (first) SVID, the test process gets this one.
+    agent.entries.write_text(agent.entries.read_text() + f"  - spiffe_id: spiffe://{TD}/ns/test/sa/stale\n    selectors: [\"unix:uid:{os.getuid()}\"]\n")
+    agent.start(admin_port=free_port())
+    start(server)
+    start(client)
+    # A peer that took its SVID under the first CA and then stopped listening to the agent.
+    import spiffe
+    from cryptography.hazmat.primitives import serialization
+
+    os.chdir(agent.sock.parent)
+    with spiffe.WorkloadApiClient(socket_path=f"unix:{agent.sock.name}") as c:
+        stale = [s for s in c.fetch_x509_svids() if str(s.spiffe_id).endswith("/stale")][0]
+    cert, key = agent.work / "stale.pem", agent.work / "stale.key"
+    cert.write_bytes(b"".join(x.public_bytes(serialization.Encoding.PEM) for x in stale.cert_chain))
+    key.write_bytes(stale.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    assert served_with(cert, key, inbound)
+
+    load = Load(outbound, workers=4, limit=60).start()
+    time.sleep(1)
+    post(agent.admin + "/ca/prepare")
+    time.sleep(1.5)
+    assert trusted_cas(server) == 2 and trusted_cas(client) == 2
+    before = serial(server)["serial_number"]
+    post(agent.admin + "/ca/activate")
+    time.sleep(1.5)
+    assert serial(server)["serial_number"] != before, "new SVIDs come from the new CA"
+    assert served_with(cert, key, inbound), "the old CA is still published"
+    post(agent.admin + "/ca/taint")
+    time.sleep(1.5)
+    assert trusted_cas(server) == 1 and trusted_cas(client) == 1
+    time.sleep(1)
+    load.stop()
+    print(f"bundle rotation: {load.ok} ok, {len(load.failures)} failed")
+    assert load.failures == []
+    assert load.ok > 100
+    assert not served_with(cert, key, inbound), "a peer with an SVID from the removed CA is refused"

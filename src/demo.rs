@@ -106,6 +106,7 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
             socket: agent_socket.clone(),
             entries: entries_path,
             poll: Duration::from_millis(500),
+            admin: None,
         },
         async move {
             let _ = agent_stopped.await;

@@ -54,6 +54,9 @@ enum Command {
         /// Registration entries (YAML: trust_domain, entries with spiffe_id and selectors).
         #[arg(long)]
         entries: PathBuf,
+        /// Loopback address for the CA admin API (POST /ca/prepare, /ca/activate, /ca/taint).
+        #[arg(long)]
+        admin_address: Option<std::net::SocketAddr>,
     },
     /// Offline policy tools: translate Istio AuthorizationPolicy to Envoy RBAC; check a request.
     #[command(subcommand)]
@@ -101,11 +104,13 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
         Command::NodeAgent {
             workload_api_socket,
             entries,
+            admin_address,
         } => {
             let config = identity::agent::AgentConfig {
                 socket: workload_api_socket,
                 entries,
                 poll: std::time::Duration::from_millis(500),
+                admin: admin_address,
             };
             runtime.block_on(identity::agent::run(config, shutdown_signal()))?;
             Ok(std::process::ExitCode::SUCCESS)

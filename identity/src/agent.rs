@@ -2,6 +2,7 @@
 //! attested from the socket's peer credentials (never from anything it says about itself) and
 //! gets the SVIDs of the registration entries whose selectors it has.
 
+mod admin;
 pub mod entries;
 pub mod jwt;
 
@@ -46,13 +47,31 @@ pub struct AgentConfig {
     pub entries: PathBuf,
     /// How often the entries file is checked for changes.
     pub poll: Duration,
+    /// Loopback address of the CA admin API (prepare / activate / taint), if any.
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+/// The agent's X.509 authorities: the one that signs, and every one published in the bundle
+/// (SPIRE's local authority model: prepare a new CA, activate it, taint the old ones).
+pub struct Authorities {
+    signing: Arc<DevCa>,
+    published: Vec<Arc<DevCa>>,
+}
+
+impl Authorities {
+    fn bundle_der(&self) -> Vec<u8> {
+        self.published
+            .iter()
+            .flat_map(|ca| ca.cert_der().to_vec())
+            .collect()
+    }
 }
 
 type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 struct WorkloadApi {
     entries: watch::Receiver<Arc<Entries>>,
-    ca: Arc<DevCa>,
+    ca: watch::Receiver<Arc<Authorities>>,
     jwt: Arc<jwt::JwtAuthority>,
 }
 
@@ -62,7 +81,25 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let entries = Entries::load(&config.entries)?;
-    let ca = Arc::new(DevCa::new(entries.trust_domain.clone())?);
+    let first = Arc::new(DevCa::new(entries.trust_domain.clone())?);
+    let (ca_tx, ca) = watch::channel(Arc::new(Authorities {
+        signing: first.clone(),
+        published: vec![first],
+    }));
+    if let Some(addr) = config.admin {
+        if !addr.ip().is_loopback() {
+            return Err(AgentError::Serve(format!(
+                "--admin-address {addr} must be a loopback address"
+            )));
+        }
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentError::Socket {
+                path: addr.to_string().into(),
+                source,
+            })?;
+        tokio::spawn(admin::serve(listener, ca_tx, entries.trust_domain.clone()));
+    }
     let jwt =
         Arc::new(jwt::JwtAuthority::generate().map_err(|e| AgentError::Serve(e.to_string()))?);
     let (tx, rx) = watch::channel(Arc::new(entries));
@@ -153,11 +190,12 @@ impl WorkloadApi {
         if matching.is_empty() {
             return Err(Status::permission_denied("no identity issued"));
         }
-        let bundle = self.ca.cert_der().to_vec();
+        let authorities = self.ca.borrow().clone();
+        let bundle = authorities.bundle_der();
         let mut svids = Vec::with_capacity(matching.len());
         for e in &matching {
-            let minted = self
-                .ca
+            let minted = authorities
+                .signing
                 .mint(&e.spiffe_id, e.ttl)
                 .map_err(|e| Status::internal(e.to_string()))?;
             let key = PrivateKeyDer::from_pem_slice(minted.key_pem.as_bytes())
@@ -204,6 +242,8 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let selectors = self.caller(&req)?;
         let mut entries_rx = self.entries.clone();
+        let mut ca_rx = self.ca.clone();
+        ca_rx.mark_unchanged();
         let (first, mut renew) = self.x509_response(&entries_rx.borrow_and_update(), &selectors)?;
         let (tx, rx) = mpsc::channel(4);
         let this = WorkloadApi {
@@ -218,12 +258,14 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                 if tx.send(next).await.is_err() || failed {
                     return;
                 }
-                // Renew at half-life, or at once when the entries change.
+                // Renew at half-life, or at once when the entries or the authorities change.
                 tokio::select! {
                     () = tokio::time::sleep(renew) => {}
                     changed = entries_rx.changed() => if changed.is_err() { return },
+                    changed = ca_rx.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
                 }
+                ca_rx.mark_unchanged();
                 next = this
                     .x509_response(&entries_rx.borrow_and_update(), &selectors)
                     .map(|(r, d)| {
@@ -244,23 +286,27 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         if entries.matching(&selectors).is_empty() {
             return Err(Status::permission_denied("no identity issued"));
         }
-        let bundles = [(
-            entries.trust_domain.to_string(),
-            self.ca.cert_der().to_vec(),
-        )]
-        .into();
+        let td = entries.trust_domain.to_string();
+        let mut ca_rx = self.ca.clone();
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(async move {
-            if tx
-                .send(Ok(api::X509BundlesResponse {
-                    crl: vec![],
-                    bundles,
-                }))
-                .await
-                .is_ok()
-            {
-                // The bundle does not change yet; keep the stream open until the caller leaves.
-                tx.closed().await;
+            loop {
+                let bundles = [(td.clone(), ca_rx.borrow_and_update().bundle_der())].into();
+                if tx
+                    .send(Ok(api::X509BundlesResponse {
+                        crl: vec![],
+                        bundles,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                // A new bundle whenever the published authorities change.
+                tokio::select! {
+                    changed = ca_rx.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -1,6 +1,5 @@
 //! The `spiffe` crate's `X509Source` (an independent Rust Workload API client) against
 //! eastguard's node agent, in-process, on a real unix socket.
-#![expect(clippy::unwrap_used, reason = "test fixture setup")]
 
 use std::time::Duration;
 

@@ -107,6 +107,7 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
             entries: entries_path,
             poll: Duration::from_millis(500),
             admin: None,
+            ca_dir: None,
         },
         async move {
             let _ = agent_stopped.await;

@@ -57,6 +57,9 @@ enum Command {
         /// Loopback address for the CA admin API (POST /ca/prepare, /ca/activate, /ca/taint).
         #[arg(long)]
         admin_address: Option<std::net::SocketAddr>,
+        /// Persist the CA here (created on first start, reused after); default: in memory only.
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
     },
     /// Offline policy tools: translate Istio AuthorizationPolicy to Envoy RBAC; check a request.
     #[command(subcommand)]
@@ -105,12 +108,14 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             workload_api_socket,
             entries,
             admin_address,
+            ca_dir,
         } => {
             let config = identity::agent::AgentConfig {
                 socket: workload_api_socket,
                 entries,
                 poll: std::time::Duration::from_millis(500),
                 admin: admin_address,
+                ca_dir,
             };
             runtime.block_on(identity::agent::run(config, shutdown_signal()))?;
             Ok(std::process::ExitCode::SUCCESS)

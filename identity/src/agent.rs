@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub poll: Duration,
     /// Loopback address of the CA admin API (prepare / activate / taint), if any.
     pub admin: Option<std::net::SocketAddr>,
+    /// Where the CA is persisted (created on first start); without it the CA lives in memory.
+    pub ca_dir: Option<PathBuf>,
 }
 
 /// The agent's X.509 authorities: the one that signs, and every one published in the bundle
@@ -81,7 +83,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let entries = Entries::load(&config.entries)?;
-    let first = Arc::new(DevCa::new(entries.trust_domain.clone())?);
+    let first = Arc::new(match &config.ca_dir {
+        Some(dir) => DevCa::load_or_create(entries.trust_domain.clone(), dir)?,
+        None => DevCa::new(entries.trust_domain.clone())?,
+    });
     let (ca_tx, ca) = watch::channel(Arc::new(Authorities {
         signing: first.clone(),
         published: vec![first],

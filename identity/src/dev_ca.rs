@@ -20,6 +20,8 @@ pub enum DevCaError {
     Bundle(#[from] crate::BundleError),
     #[error("{0} is not in the CA's trust domain {1}")]
     WrongTrustDomain(SpiffeId, TrustDomain),
+    #[error("persisted CA: {0}")]
+    Persist(String),
 }
 
 /// A self-signed CA for one trust domain.
@@ -27,6 +29,9 @@ pub struct DevCa {
     trust_domain: TrustDomain,
     cert: rcgen::Certificate,
     key: KeyPair,
+    serial: Vec<u8>,
+    not_before: i64,
+    not_after: i64,
 }
 
 /// What the CA hands out: an SVID with its PEM forms (for writing to disk).
@@ -38,9 +43,99 @@ pub struct MintedSvid {
 
 // === impl DevCa ===
 
+/// What is persisted of a CA besides its key: enough to re-create an equivalent certificate.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Persisted {
+    trust_domain: String,
+    serial: Vec<u8>,
+    not_before: i64,
+    not_after: i64,
+}
+
 impl DevCa {
     pub fn new(trust_domain: TrustDomain) -> Result<Self, DevCaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let now = time::OffsetDateTime::now_utc();
+        let serial = random_serial();
+        Self::build(
+            trust_domain,
+            key,
+            serial,
+            now - time::Duration::minutes(5),
+            now + time::Duration::days(365),
+        )
+    }
+
+    /// Loads the CA persisted in `dir` (`ca.key.pem`, `ca.json`), or creates and persists one.
+    /// rcgen cannot re-read a certificate, so the CA certificate is re-created from the persisted
+    /// key, subject, serial and validity: leaves issued before verify against it, since a
+    /// verifier checks the issuer's name and key.
+    pub fn load_or_create(
+        trust_domain: TrustDomain,
+        dir: &std::path::Path,
+    ) -> Result<Self, DevCaError> {
+        let (key_path, meta_path) = (dir.join("ca.key.pem"), dir.join("ca.json"));
+        if key_path.exists() || meta_path.exists() {
+            let key_pem = std::fs::read_to_string(&key_path)
+                .map_err(|e| DevCaError::Persist(format!("{}: {e}", key_path.display())))?;
+            let meta: Persisted = serde_json::from_slice(
+                &std::fs::read(&meta_path)
+                    .map_err(|e| DevCaError::Persist(format!("{}: {e}", meta_path.display())))?,
+            )
+            .map_err(|e| DevCaError::Persist(format!("{}: {e}", meta_path.display())))?;
+            if meta.trust_domain != trust_domain.as_str() {
+                return Err(DevCaError::Persist(format!(
+                    "{} holds a CA for {}, not {trust_domain}",
+                    dir.display(),
+                    meta.trust_domain
+                )));
+            }
+            let key = KeyPair::from_pem(&key_pem)?;
+            let at = |t: i64| {
+                time::OffsetDateTime::from_unix_timestamp(t)
+                    .map_err(|e| DevCaError::Persist(e.to_string()))
+            };
+            return Self::build(
+                trust_domain,
+                key,
+                SerialNumber::from_slice(&meta.serial),
+                at(meta.not_before)?,
+                at(meta.not_after)?,
+            );
+        }
+        let ca = Self::new(trust_domain)?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| DevCaError::Persist(format!("{}: {e}", dir.display())))?;
+        let meta = Persisted {
+            trust_domain: ca.trust_domain.to_string(),
+            serial: ca.serial.clone(),
+            not_before: ca.not_before,
+            not_after: ca.not_after,
+        };
+        let write = |path: &std::path::Path, data: &[u8]| {
+            std::fs::write(path, data)
+                .map_err(|e| DevCaError::Persist(format!("{}: {e}", path.display())))
+        };
+        write(&key_path, ca.key.serialize_pem().as_bytes())?;
+        std::fs::set_permissions(
+            &key_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .map_err(|e| DevCaError::Persist(format!("{}: {e}", key_path.display())))?;
+        write(
+            &meta_path,
+            &serde_json::to_vec(&meta).map_err(|e| DevCaError::Persist(e.to_string()))?,
+        )?;
+        Ok(ca)
+    }
+
+    fn build(
+        trust_domain: TrustDomain,
+        key: KeyPair,
+        serial: SerialNumber,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Result<Self, DevCaError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "eastguard dev CA");
@@ -48,15 +143,17 @@ impl DevCa {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.subject_alt_names = vec![SanType::URI(trust_domain.id().as_str().try_into()?)];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::days(365);
-        params.serial_number = Some(random_serial());
+        params.not_before = not_before;
+        params.not_after = not_after;
+        params.serial_number = Some(serial.clone());
         let cert = params.self_signed(&key)?;
         Ok(Self {
             trust_domain,
             cert,
             key,
+            serial: serial.to_bytes(),
+            not_before: not_before.unix_timestamp(),
+            not_after: not_after.unix_timestamp(),
         })
     }
 

@@ -147,3 +147,50 @@ fn no_credentials_refuses_everyone() {
     .unwrap_err();
     assert_eq!(err, VerifyError::NoCredentials);
 }
+
+#[test]
+fn a_persisted_ca_keeps_earlier_svids_valid_after_a_restart() {
+    let dir = std::env::temp_dir().join(format!("eastguard-persisted-ca-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = DevCa::load_or_create(td("a.test"), &dir).unwrap();
+    let issued = first
+        .mint(
+            &id("spiffe://a.test/ns/x/sa/peer"),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    drop(first);
+    // "Restart": the CA comes back from the directory; the SVID issued before verifies against it.
+    let again = DevCa::load_or_create(td("a.test"), &dir).unwrap();
+    let b = DevCa::new(td("b.test")).unwrap();
+    let rx = creds(&again, &b);
+    let got = verify_peer_svid(
+        &issued.svid.chain()[0],
+        &[],
+        &rx,
+        UnixTime::now(),
+        PeerRole::Client,
+    )
+    .unwrap();
+    assert_eq!(got.as_str(), "spiffe://a.test/ns/x/sa/peer");
+    // A fresh CA (another key) does not vouch for it.
+    let other = DevCa::new(td("a.test")).unwrap();
+    let rx = creds(&other, &b);
+    assert!(
+        verify_peer_svid(
+            &issued.svid.chain()[0],
+            &[],
+            &rx,
+            UnixTime::now(),
+            PeerRole::Client
+        )
+        .is_err()
+    );
+    // The directory belongs to a.test; another trust domain is refused.
+    let err = DevCa::load_or_create(td("c.test"), &dir)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not c.test"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -26,6 +26,7 @@ async fn spiffe_crate_x509_source_gets_svid_and_bundle() {
             entries,
             poll: Duration::from_millis(200),
             admin: None,
+            ca_dir: None,
         },
         async move {
             let _ = stop_rx.await;

@@ -236,3 +236,32 @@ def test_bundle_rotation_under_load(pair):
     assert load.failures == []
     assert load.ok > 100
     assert not served_with(cert, key, inbound), "a peer with an SVID from the removed CA is refused"
+
+
+def test_expiry_without_renewal_fails_closed_and_recovers(pair):
+    agent, server, client, inbound, outbound = pair
+    agent.entries.write_text(agent.entries.read_text().replace("x509_svid_ttl: 10s", "x509_svid_ttl: 3s"))
+    agent.start()
+    start(server)
+    agent.stop()  # the agent goes away; the sidecar keeps its SVID until it expires
+    assert http_get(server.admin("/ready"))[0] == 200
+    time.sleep(3.5)
+    assert http_get(server.admin("/ready")) == (503, "SVID_EXPIRED\n")
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", inbound), timeout=5)
+    try:
+        s.sendall(b"\x16\x03\x01\x00\x05hello")
+        assert s.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    s.close()
+    stats = http_get(server.admin("/stats"))[1]
+    refused = [l for l in stats.splitlines() if "downstream_cx_no_svid: " in l]
+    assert int(refused[0].rsplit(" ", 1)[1]) >= 1
+    # The agent comes back: a new SVID, ready again.
+    agent.start()
+    deadline = time.time() + 10
+    while http_get(server.admin("/ready"))[0] != 200:
+        assert time.time() < deadline, "not ready again after the agent returned"
+        time.sleep(0.1)

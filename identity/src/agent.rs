@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
-use crate::DevCa;
 use crate::workload_api as api;
+use crate::{DevCa, X509Authority};
 use entries::{Entries, EntriesError, Selector};
 
 /// The metadata header every Workload API call must carry (SPIFFE Workload API standard).
@@ -56,8 +56,8 @@ pub struct AgentConfig {
 /// The agent's X.509 authorities: the one that signs, and every one published in the bundle
 /// (SPIRE's local authority model: prepare a new CA, activate it, taint the old ones).
 pub struct Authorities {
-    signing: Arc<DevCa>,
-    published: Vec<Arc<DevCa>>,
+    signing: Arc<dyn X509Authority>,
+    published: Vec<Arc<dyn X509Authority>>,
 }
 
 impl Authorities {
@@ -72,6 +72,8 @@ impl Authorities {
 type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 struct WorkloadApi {
+    /// Flips to true when the agent shuts down: every open stream ends, so the server can.
+    stopping: watch::Receiver<bool>,
     entries: watch::Receiver<Arc<Entries>>,
     ca: watch::Receiver<Arc<Authorities>>,
     jwt: Arc<jwt::JwtAuthority>,
@@ -82,8 +84,13 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
+    let (stopping_tx, stopping_rx) = watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        stopping_tx.send_replace(true);
+    };
     let entries = Entries::load(&config.entries)?;
-    let first = Arc::new(match &config.ca_dir {
+    let first: Arc<dyn X509Authority> = Arc::new(match &config.ca_dir {
         Some(dir) => DevCa::load_or_create(entries.trust_domain.clone(), dir)?,
         None => DevCa::new(entries.trust_domain.clone())?,
     });
@@ -122,6 +129,7 @@ pub async fn run(
     tonic::transport::Server::builder()
         .add_service(
             api::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(WorkloadApi {
+                stopping: stopping_rx,
                 entries: rx,
                 ca,
                 jwt,
@@ -252,10 +260,12 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let (first, mut renew) = self.x509_response(&entries_rx.borrow_and_update(), &selectors)?;
         let (tx, rx) = mpsc::channel(4);
         let this = WorkloadApi {
+            stopping: self.stopping.clone(),
             entries: entries_rx.clone(),
             ca: self.ca.clone(),
             jwt: self.jwt.clone(),
         };
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             let mut next = Ok(first);
             loop {
@@ -269,6 +279,7 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                     changed = entries_rx.changed() => if changed.is_err() { return },
                     changed = ca_rx.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
+                    _ = stopping.wait_for(|s| *s) => return,
                 }
                 ca_rx.mark_unchanged();
                 next = this
@@ -294,6 +305,7 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let td = entries.trust_domain.to_string();
         let mut ca_rx = self.ca.clone();
         let (tx, rx) = mpsc::channel(1);
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             loop {
                 let bundles = [(td.clone(), ca_rx.borrow_and_update().bundle_der())].into();
@@ -311,6 +323,7 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                 tokio::select! {
                     changed = ca_rx.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
+                    _ = stopping.wait_for(|s| *s) => return,
                 }
             }
         });
@@ -361,13 +374,17 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         }
         let bundles = [(entries.trust_domain.to_string(), self.jwt.jwks())].into();
         let (tx, rx) = mpsc::channel(1);
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             if tx
                 .send(Ok(api::JwtBundlesResponse { bundles }))
                 .await
                 .is_ok()
             {
-                tx.closed().await;
+                tokio::select! {
+                    () = tx.closed() => {}
+                    _ = stopping.wait_for(|s| *s) => {}
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -24,6 +24,16 @@ pub enum DevCaError {
     Persist(String),
 }
 
+/// What signs X509-SVIDs. The node agent holds one per published CA; a control plane can later
+/// hold the root and give each node an intermediate behind the same trait (SPIRE's server/agent).
+pub trait X509Authority: Send + Sync {
+    fn trust_domain(&self) -> &TrustDomain;
+    /// The authority's certificate as published in the bundle.
+    fn cert_der(&self) -> CertificateDer<'static>;
+    /// Mints an SVID for `id` (in the authority's trust domain), valid for `ttl`.
+    fn mint(&self, id: &SpiffeId, ttl: Duration) -> Result<MintedSvid, DevCaError>;
+}
+
 /// A self-signed CA for one trust domain.
 pub struct DevCa {
     trust_domain: TrustDomain,
@@ -263,6 +273,20 @@ impl DevCa {
             vec![cert.der().clone()],
             key_der,
         ))
+    }
+}
+
+impl X509Authority for DevCa {
+    fn trust_domain(&self) -> &TrustDomain {
+        DevCa::trust_domain(self)
+    }
+
+    fn cert_der(&self) -> CertificateDer<'static> {
+        DevCa::cert_der(self)
+    }
+
+    fn mint(&self, id: &SpiffeId, ttl: Duration) -> Result<MintedSvid, DevCaError> {
+        DevCa::mint(self, id, ttl)
     }
 }
 

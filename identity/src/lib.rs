@@ -15,7 +15,7 @@ pub mod tls;
 pub mod verifier;
 
 pub use bundle::{Bundle, BundleError, BundleSet};
-pub use dev_ca::{DevCa, DevCaError, MintedSvid};
+pub use dev_ca::{DevCa, DevCaError, MintedSvid, X509Authority};
 pub use source::{Credentials, CredentialsRx, CredentialsTx, FileSource, SourceError};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use svid::{LeafInfo, SvidError, X509Svid, check_chain, check_leaf};

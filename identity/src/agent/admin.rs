@@ -58,7 +58,7 @@ fn route(
             Ok(new) => {
                 ca.send_modify(|a| {
                     let mut published = a.published.clone();
-                    published.push(Arc::new(new));
+                    published.push(Arc::new(new) as Arc<dyn crate::X509Authority>);
                     *a = Arc::new(Authorities {
                         signing: a.signing.clone(),
                         published,

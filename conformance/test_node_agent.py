@@ -50,8 +50,7 @@ def agent(tmp_path):
 
 
 def client(sock):
-    os.chdir(sock.parent)
-    return spiffe.WorkloadApiClient(socket_path=f"unix:{sock.name}")
+    return spiffe.WorkloadApiClient(socket_path=f"unix://{sock}")
 
 
 def test_py_spiffe_fetches_svids_and_bundle(agent):
@@ -74,8 +73,7 @@ def test_py_spiffe_fetches_svids_and_bundle(agent):
 
 def test_missing_security_header_is_invalid_argument(agent):
     sock, _, _ = agent
-    os.chdir(sock.parent)
-    with grpc.insecure_channel(f"unix:{sock.name}") as ch:
+    with grpc.insecure_channel(f"unix://{sock}") as ch:
         call = ch.unary_stream("/SpiffeWorkloadAPI/FetchX509SVID", request_serializer=lambda b: b, response_deserializer=lambda b: b)
         with pytest.raises(grpc.RpcError) as err:
             next(iter(call(b"", timeout=5)))
@@ -90,6 +88,7 @@ def test_unregistered_uid_is_permission_denied(agent):
         pytest.skip("!!! SKIPPING: needs root to run a client as another uid")
     code = (
         "import os, spiffe\n"
+        # pytest's temp root is 0700: enter the socket's directory before dropping to uid 65534.
         f"os.chdir('{sock.parent}'); os.setgid(65534); os.setuid(65534)\n"
         f"c = spiffe.WorkloadApiClient(socket_path='unix:{sock.name}')\n"
         "try:\n    c.fetch_x509_svid(); print('GOT-SVID')\n"
@@ -134,3 +133,10 @@ def test_jwt_svid_fetch_and_validate_both_ways(agent):
         tampered = jwt_svid.token[:-4] + ("AAAA" if not jwt_svid.token.endswith("AAAA") else "BBBB")
         with pytest.raises(Exception):
             c.validate_jwt_svid(tampered, "orders")
+
+
+def test_relative_unix_target_works_too(agent):
+    sock, _, _ = agent
+    os.chdir(sock.parent)
+    with spiffe.WorkloadApiClient(socket_path=f"unix:{sock.name}") as c:
+        assert str(c.fetch_x509_svid().spiffe_id) == ID

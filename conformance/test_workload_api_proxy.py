@@ -209,8 +209,7 @@ def test_bundle_rotation_under_load(pair):
     import spiffe
     from cryptography.hazmat.primitives import serialization
 
-    os.chdir(agent.sock.parent)
-    with spiffe.WorkloadApiClient(socket_path=f"unix:{agent.sock.name}") as c:
+    with spiffe.WorkloadApiClient(socket_path=f"unix://{agent.sock}") as c:
         stale = [s for s in c.fetch_x509_svids() if str(s.spiffe_id).endswith("/stale")][0]
     cert, key = agent.work / "stale.pem", agent.work / "stale.key"
     cert.write_bytes(b"".join(x.public_bytes(serialization.Encoding.PEM) for x in stale.cert_chain))

@@ -3,6 +3,7 @@
 //! gets the SVIDs of the registration entries whose selectors it has.
 
 mod admin;
+mod authority_fix;
 pub mod entries;
 pub mod jwt;
 
@@ -135,7 +136,12 @@ pub async fn run(
                 jwt,
             }),
         )
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::StreamExt::map(UnixListenerStream::new(listener), |c| {
+                c.map(authority_fix::AuthorityFix::new)
+            }),
+            shutdown,
+        )
         .await
         .map_err(|e| AgentError::Serve(e.to_string()))?;
     let _ = std::fs::remove_file(&config.socket);

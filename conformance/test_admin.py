@@ -83,6 +83,9 @@ def test_mutations_are_post_only(mesh):
     assert http_get(mesh.client.admin("/ready"))[0] == 200
     assert post(mesh.client.admin("/logging?level=debug"))[0] == 200
     assert post(mesh.client.admin("/logging?level=loud"))[0] == 400
+    # Envoy's drain_listeners keeps the process; ours would exit, so it is refused, not faked.
+    assert post(mesh.client.admin("/drain_listeners"))[0] == 501
+    assert http_get(mesh.client.admin("/ready"))[0] == 200
     assert post(mesh.client.admin("/quitquitquit"))[0] == 200
     assert mesh.client.proc.wait(timeout=15) == 0
 

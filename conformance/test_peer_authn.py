@@ -44,6 +44,21 @@ def permissive(tmp_path, upstream):
     m.stop()
 
 
+def test_plaintext_caller_cannot_name_its_workload_in_metrics(permissive):
+    s = socket.create_connection(("127.0.0.1", permissive.inbound_port), timeout=10)
+    s.sendall(b"GET /m HTTP/1.1\r\nHost: server\r\nConnection: close\r\nX-Eastguard-Source-Workload: payments\r\n\r\n")
+    while s.recv(65536):
+        pass
+    s.close()
+    import time
+    import urllib.request
+
+    time.sleep(0.3)
+    text = urllib.request.urlopen(permissive.server.admin("/stats/prometheus"), timeout=5).read().decode()
+    line = [l for l in text.splitlines() if l.startswith("istio_requests_total{")][0]
+    assert 'source_workload="unknown"' in line and "payments" not in text, line
+
+
 def test_permissive_serves_plaintext_without_identity(permissive):
     data = plaintext_get(permissive.inbound_port)
     assert data.startswith(b"HTTP/1.1 200"), data[:200]

@@ -203,6 +203,9 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::debug!(workload = w, "sidecar stopped");
     }
     let _ = agent_stop.send(());
+    for copy in &binaries {
+        let _ = std::fs::remove_file(copy);
+    }
     if let Ok(Err(e)) = agent.await {
         tracing::warn!(error = %e, "node agent ended with an error");
     }

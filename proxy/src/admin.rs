@@ -159,10 +159,12 @@ async fn route(
             state.healthcheck_failed.store(false, Ordering::Relaxed);
             text(StatusCode::OK, "OK\n")
         }
-        "/drain_listeners" => {
-            state.quit.notify_one();
-            text(StatusCode::OK, "OK\n")
-        }
+        // Envoy's drain_listeners stops listeners but keeps the process; draining here always
+        // ends in exit, so say so instead of exiting on a call that should not.
+        "/drain_listeners" => text(
+            StatusCode::NOT_IMPLEMENTED,
+            "listener-only draining is not supported; POST /quitquitquit drains and exits\n",
+        ),
         "/logging" => logging(state, &query),
         "/" => text(
             StatusCode::OK,

@@ -97,9 +97,17 @@ async fn forward(
     check_request(&req)?;
     let upgrade = upgrade_protocol(&req);
     if ctx.reporter == Reporter::Destination {
+        // Peer metadata headers are a sidecar's word, so only an mTLS peer's count; a plaintext
+        // (raw_buffer) caller could write anything there. They are stripped below either way.
+        let from_peer = |name: &HeaderName| {
+            ctx.peer_id
+                .as_ref()
+                .and(header_str(req.headers(), name))
+                .map(Into::into)
+        };
         guard.peer = Peer {
-            workload: header_str(req.headers(), &SOURCE_WORKLOAD).map(Into::into),
-            app: header_str(req.headers(), &SOURCE_APP).map(Into::into),
+            workload: from_peer(&SOURCE_WORKLOAD),
+            app: from_peer(&SOURCE_APP),
             ..Peer::default()
         }
         .with_principal(ctx.peer_id.clone());

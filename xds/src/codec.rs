@@ -9,9 +9,9 @@
 
 use std::sync::OnceLock;
 
+use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, SerializeOptions};
-use envoy_types::pb::google::protobuf::Any;
 use serde_json::Value;
 
 static DESCRIPTORS: &[u8] = include_bytes!(env!("ENVOY_DESCRIPTOR_SET"));
@@ -152,7 +152,8 @@ fn wrap_unknown_anys(pool: &DescriptorPool, value: &mut Value) {
                 .get("@type")
                 .and_then(Value::as_str)
                 .filter(|t| {
-                    t.starts_with(TYPE_PREFIX) && pool.get_message_by_name(message_name(t)).is_none()
+                    t.starts_with(TYPE_PREFIX)
+                        && pool.get_message_by_name(message_name(t)).is_none()
                 })
                 .map(str::to_owned);
             if let Some(type_url) = unknown {
@@ -175,15 +176,12 @@ fn wrap_unknown_anys(pool: &DescriptorPool, value: &mut Value) {
 /// The type URL a typed config really holds: that of an unknown typed config kept as a Struct
 /// (see [`json_to_any`]), or its own.
 pub fn effective_type_url(any: &Any) -> String {
-    if any.type_url == STRUCT {
-        if let Ok(s) = envoy_types::pb::google::protobuf::Struct::decode(any.value.as_slice())
-            && let Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(url)) = s
-                .fields
-                .get(UNKNOWN_TYPE_KEY)
-                .and_then(|v| v.kind.as_ref())
-        {
-            return url.clone();
-        }
+    if any.type_url == STRUCT
+        && let Ok(s) = envoy_types::pb::google::protobuf::Struct::decode(any.value.as_slice())
+        && let Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(url)) =
+            s.fields.get(UNKNOWN_TYPE_KEY).and_then(|v| v.kind.as_ref())
+    {
+        return url.clone();
     }
     any.type_url.clone()
 }
@@ -244,6 +242,9 @@ mod tests {
             panic!("typed config lost");
         };
         assert_eq!(tc.type_url, STRUCT);
-        assert_eq!(effective_type_url(tc), "type.googleapis.com/stats.PluginConfig");
+        assert_eq!(
+            effective_type_url(tc),
+            "type.googleapis.com/stats.PluginConfig"
+        );
     }
 }

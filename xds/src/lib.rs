@@ -5,3 +5,6 @@
 pub mod codec;
 
 pub use envoy_types::pb;
+pub mod client;
+pub mod server;
+pub mod types;

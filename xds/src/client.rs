@@ -1,0 +1,272 @@
+//! ADS client, state of the world. The [`Handler`] owns the resources: it validates and applies a
+//! type's full state (an error is sent back as a NACK and the handler keeps what it had), and says
+//! which names it wants next (RDS and EDS names follow from listeners and clusters).
+//!
+//! Every response is answered: ACK with its version and nonce, or NACK with the last accepted
+//! version, the nonce and `error_detail`. A broken stream is reopened with exponential backoff and
+//! jitter, resubscribing to everything with the versions already held, so the server need not resend
+//! what is unchanged. HTTP/2 keepalive finds a dead control plane between pushes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::types;
+
+/// What the proxy does with resources.
+pub trait Handler: Send + 'static {
+    /// A type's complete state. `Ok` is ACKed; `Err(detail)` is NACKed and must leave the handler's
+    /// state as it was.
+    fn apply(&mut self, type_url: &str, version: &str, resources: Vec<Any>) -> Result<(), String>;
+    /// The names wanted per type now, in subscription order; `None` subscribes to all (LDS, CDS).
+    fn interest(&self) -> Vec<(&'static str, Option<BTreeSet<String>>)>;
+    /// The stream came up (`true`) or went down.
+    fn connection(&mut self, _up: bool) {}
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `http://host:port`.
+    pub server: String,
+    pub node: Node,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub keepalive: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(server: String, node: Node) -> Self {
+        Self {
+            server,
+            node,
+            backoff_base: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(15),
+            keepalive: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Per-type state of the client: what it asked for and what it holds.
+#[derive(Default, Clone)]
+struct Held {
+    names: Option<BTreeSet<String>>,
+    acked_version: String,
+    last_nonce: String,
+    requested: bool,
+}
+
+/// Runs until `shutdown` turns true: connect, subscribe, apply, reconnect.
+pub async fn run<H: Handler>(
+    config: ClientConfig,
+    mut handler: H,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut held: HashMap<&'static str, Held> = HashMap::new();
+    let mut attempt: u32 = 0;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let outcome = tokio::select! {
+            o = session(&config, &mut handler, &mut held) => o,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        handler.connection(false);
+        match outcome {
+            Ok(()) => {
+                tracing::warn!(server = %config.server, "xDS stream closed by the server; reconnecting");
+                attempt = 0;
+            }
+            Err(SessionError { message, received }) => {
+                if received {
+                    attempt = 0;
+                }
+                tracing::warn!(server = %config.server, error = %message, "xDS stream failed; keeping the last good configuration");
+            }
+        }
+        let delay = backoff(&config, attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Exponential backoff with full jitter in [d/2, d].
+fn backoff(config: &ClientConfig, attempt: u32) -> Duration {
+    let exp = config
+        .backoff_base
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(config.backoff_max);
+    let mut byte = [0u8; 2];
+    let jitter =
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte).is_ok() {
+            f64::from(u16::from_be_bytes(byte)) / f64::from(u16::MAX)
+        } else {
+            0.5
+        };
+    exp.mul_f64(0.5 + jitter / 2.0)
+}
+
+struct SessionError {
+    message: String,
+    /// Whether the stream got as far as a response (resets the backoff).
+    received: bool,
+}
+
+async fn connect(config: &ClientConfig) -> Result<Channel, String> {
+    Endpoint::from_shared(config.server.clone())
+        .map_err(|e| format!("bad xDS server address {:?}: {e}", config.server))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(config.keepalive)
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connect {}: {e}", config.server))
+}
+
+async fn session<H: Handler>(
+    config: &ClientConfig,
+    handler: &mut H,
+    held: &mut HashMap<&'static str, Held>,
+) -> Result<(), SessionError> {
+    let fail = |message: String, received: bool| SessionError { message, received };
+    let channel = connect(config).await.map_err(|m| fail(m, false))?;
+    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
+    // Resubscribe to everything, telling the server which versions are held.
+    for h in held.values_mut() {
+        h.last_nonce.clear();
+        h.requested = false;
+    }
+    let mut first = true;
+    send_interest(config, handler, held, &tx, &mut first).map_err(|m| fail(m, false))?;
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let mut responses = client
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| fail(format!("ADS: {} {}", s.code(), s.message()), false))?
+        .into_inner();
+    handler.connection(true);
+    tracing::info!(server = %config.server, "xDS stream open");
+    let mut received = false;
+    while let Some(item) = responses.next().await {
+        let response =
+            item.map_err(|s| fail(format!("ADS: {} {}", s.code(), s.message()), received))?;
+        received = true;
+        on_response(config, handler, held, &tx, &mut first, response).map_err(|m| fail(m, true))?;
+    }
+    Ok(())
+}
+
+fn on_response<H: Handler>(
+    config: &ClientConfig,
+    handler: &mut H,
+    held: &mut HashMap<&'static str, Held>,
+    tx: &mpsc::Sender<DiscoveryRequest>,
+    first: &mut bool,
+    response: DiscoveryResponse,
+) -> Result<(), String> {
+    let Some(type_url) = types::ALL.iter().copied().find(|t| *t == response.type_url) else {
+        tracing::warn!(type_url = %response.type_url, "response of an unknown type ignored");
+        return Ok(());
+    };
+    let outcome = match response.resources.iter().find(|r| r.type_url != type_url) {
+        Some(r) => Err(format!(
+            "a {} response carries a {} resource",
+            types::short(type_url),
+            r.type_url
+        )),
+        None => handler.apply(type_url, &response.version_info, response.resources),
+    };
+    let h = held.entry(type_url).or_default();
+    h.last_nonce = response.nonce.clone();
+    let error_detail = match outcome {
+        Ok(()) => {
+            tracing::info!(r#type = types::short(type_url), version = %response.version_info, "xDS ACK");
+            h.acked_version = response.version_info.clone();
+            None
+        }
+        Err(detail) => {
+            tracing::warn!(r#type = types::short(type_url), version = %response.version_info, error = %detail, "xDS NACK; keeping the previous configuration");
+            Some(RpcStatus {
+                code: tonic::Code::InvalidArgument as i32,
+                message: detail,
+                details: Vec::new(),
+            })
+        }
+    };
+    // The answer carries the current names for this type, so a changed interest rides on it.
+    let names = handler
+        .interest()
+        .into_iter()
+        .find(|(t, _)| *t == type_url)
+        .and_then(|(_, n)| n);
+    let h = held.entry(type_url).or_default();
+    h.names = names.clone();
+    let request = DiscoveryRequest {
+        version_info: h.acked_version.clone(),
+        node: first_node(config, first),
+        resource_names: names.map(|n| n.into_iter().collect()).unwrap_or_default(),
+        type_url: type_url.to_owned(),
+        response_nonce: response.nonce,
+        error_detail,
+        ..Default::default()
+    };
+    tx.try_send(request)
+        .map_err(|e| format!("request queue: {e}"))?;
+    send_interest(config, handler, held, tx, first)
+}
+
+/// Sends a request for every type whose wanted names differ from what was last asked.
+fn send_interest<H: Handler>(
+    config: &ClientConfig,
+    handler: &H,
+    held: &mut HashMap<&'static str, Held>,
+    tx: &mpsc::Sender<DiscoveryRequest>,
+    first: &mut bool,
+) -> Result<(), String> {
+    for (type_url, names) in handler.interest() {
+        let h = held.entry(type_url).or_default();
+        if h.requested && h.names == names {
+            continue;
+        }
+        // Nothing named and never asked: nothing to say for RDS / EDS.
+        if !h.requested
+            && !types::wildcard_by_default(type_url)
+            && names.as_ref().is_none_or(BTreeSet::is_empty)
+            && h.acked_version.is_empty()
+        {
+            continue;
+        }
+        h.requested = true;
+        h.names = names.clone();
+        let request = DiscoveryRequest {
+            version_info: h.acked_version.clone(),
+            node: first_node(config, first),
+            resource_names: names.map(|n| n.into_iter().collect()).unwrap_or_default(),
+            type_url: type_url.to_owned(),
+            response_nonce: h.last_nonce.clone(),
+            ..Default::default()
+        };
+        tx.try_send(request)
+            .map_err(|e| format!("request queue: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The node goes on the first request of a stream only.
+fn first_node(config: &ClientConfig, first: &mut bool) -> Option<Node> {
+    std::mem::take(first).then(|| config.node.clone())
+}

@@ -1,0 +1,351 @@
+//! ADS server, state of the world: each stream is one node; its resources come from a
+//! [`SnapshotSource`] that computes that node's configuration (so a proxy never receives another
+//! workload's), and are pushed again whenever the source announces a change.
+//!
+//! Versions are content hashes of exactly the resources sent, so they are the same across control
+//! plane restarts: a proxy that reconnects with the version it already holds is not sent it again.
+//! Nonces follow the protocol: a request whose nonce is not the latest one sent for its type is
+//! stale and ignored; `error_detail` marks a NACK, which is logged and not answered until the
+//! configuration changes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::Any;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::types;
+
+/// One type's resources for one node, by name.
+pub type Resources = BTreeMap<String, Any>;
+
+/// Everything one node is to receive, by type URL.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub resources: BTreeMap<String, Resources>,
+}
+
+/// Who is asking: the node as it describes itself, and the SPIFFE ID its mTLS certificate proved
+/// (`None` on the plaintext development port).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub node: Node,
+    pub peer_id: Option<String>,
+}
+
+/// The peer's verified SPIFFE ID, put in request extensions by the transport.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity(pub Option<String>);
+
+/// Computes each node's configuration.
+pub trait SnapshotSource: Send + Sync + 'static {
+    /// The caller's snapshot; an error refuses the stream (unknown workload, identity mismatch).
+    fn snapshot(&self, caller: &Caller) -> Result<Arc<Snapshot>, Status>;
+    /// Bumped whenever any snapshot may have changed.
+    fn changes(&self) -> watch::Receiver<u64>;
+    /// A NACK arrived (already logged here).
+    fn nacked(&self, _caller: &Caller, _type_url: &str, _version: &str, _detail: &str) {}
+}
+
+/// `envoy.service.discovery.v3.AggregatedDiscoveryService` over a [`SnapshotSource`].
+pub struct AdsServer<S> {
+    source: Arc<S>,
+    stats: Arc<ServerStats>,
+    closing: watch::Receiver<bool>,
+}
+
+/// Counters for tests and benchmarks.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub responses: std::sync::atomic::AtomicU64,
+    pub acks: std::sync::atomic::AtomicU64,
+    pub nacks: std::sync::atomic::AtomicU64,
+    pub streams: std::sync::atomic::AtomicU64,
+}
+
+impl<S: SnapshotSource> AdsServer<S> {
+    pub fn new(source: Arc<S>) -> Self {
+        Self {
+            source,
+            stats: Arc::default(),
+            closing: watch::channel(false).1,
+        }
+    }
+
+    /// Ends every stream when `closing` turns true (ADS streams never end on their own, so a
+    /// graceful server shutdown needs this).
+    pub fn with_shutdown(mut self, closing: watch::Receiver<bool>) -> Self {
+        self.closing = closing;
+        self
+    }
+
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.stats.clone()
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn futures_util::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: SnapshotSource> AggregatedDiscoveryService for AdsServer<S> {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer_id = request
+            .extensions()
+            .get::<PeerIdentity>()
+            .and_then(|p| p.0.clone());
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let stream = Stream {
+            source: self.source.clone(),
+            stats: self.stats.clone(),
+            peer_id,
+            caller: None,
+            snapshot: Arc::default(),
+            types: HashMap::new(),
+            nonce: 0,
+            tx,
+        };
+        tokio::spawn(stream.run(inbound, self.closing.clone()));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "delta xDS is not served; use the state-of-the-world ADS stream",
+        ))
+    }
+}
+
+/// Per-type state of one stream.
+#[derive(Default)]
+struct TypeState {
+    /// `None`: wildcard (LDS / CDS with no names).
+    names: Option<BTreeSet<String>>,
+    sent_version: String,
+    sent_nonce: String,
+    acked_version: String,
+}
+
+struct Stream<S> {
+    source: Arc<S>,
+    stats: Arc<ServerStats>,
+    peer_id: Option<String>,
+    caller: Option<Caller>,
+    snapshot: Arc<Snapshot>,
+    types: HashMap<String, TypeState>,
+    nonce: u64,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+}
+
+impl<S: SnapshotSource> Stream<S> {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<DiscoveryRequest>,
+        mut closing: watch::Receiver<bool>,
+    ) {
+        self.stats
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut changes = self.source.changes();
+        changes.mark_unchanged();
+        loop {
+            let result = tokio::select! {
+                req = inbound.next() => match req {
+                    Some(Ok(req)) => self.on_request(req).await,
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "xDS stream ended by the client");
+                        break;
+                    }
+                    None => break,
+                },
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.on_change().await
+                }
+                () = self.tx.closed() => break,
+                () = until_true(&mut closing) => break,
+            };
+            if let Err(status) = result {
+                let _ = self.tx.send(Err(status)).await;
+                break;
+            }
+        }
+        self.stats
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
+        if self.caller.is_none() {
+            let node = req
+                .node
+                .clone()
+                .ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
+            if node.id.is_empty() {
+                return Err(Status::invalid_argument("node.id is required"));
+            }
+            let caller = Caller {
+                node,
+                peer_id: self.peer_id.clone(),
+            };
+            self.snapshot = self.source.snapshot(&caller)?;
+            tracing::info!(node = %caller.node.id, peer = ?caller.peer_id, "xDS stream opened");
+            self.caller = Some(caller);
+        }
+        if !types::is_known(&req.type_url) {
+            tracing::warn!(type_url = %req.type_url, "request for an unknown type ignored");
+            return Ok(());
+        }
+        let type_url = req.type_url.clone();
+        let state = self.types.entry(type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() && req.response_nonce != state.sent_nonce {
+            // Stale: an answer to a response that a newer one superseded.
+            return Ok(());
+        }
+        if let Some(err) = &req.error_detail {
+            self.stats
+                .nacks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let node = self
+                .caller
+                .as_ref()
+                .map(|c| c.node.id.as_str())
+                .unwrap_or("");
+            tracing::warn!(
+                node,
+                type_url = %type_url,
+                rejected_version = %state.sent_version,
+                kept_version = %req.version_info,
+                error = %err.message,
+                "NACK: the proxy rejected the configuration and keeps its previous one"
+            );
+            if let Some(c) = &self.caller {
+                self.source
+                    .nacked(c, &type_url, &state.sent_version, &err.message);
+            }
+        } else if !req.response_nonce.is_empty() {
+            self.stats
+                .acks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state.acked_version = req.version_info.clone();
+        }
+        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        let new_names = if names.is_empty() && types::wildcard_by_default(&type_url) {
+            None
+        } else {
+            Some(names)
+        };
+        let names_changed = state.names != new_names;
+        state.names = new_names;
+        if req.response_nonce.is_empty() {
+            // A (re)subscription: the client says what it holds; do not send that again.
+            state.sent_version = req.version_info.clone();
+            self.respond(&type_url).await
+        } else if names_changed {
+            self.respond(&type_url).await
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn on_change(&mut self) -> Result<(), Status> {
+        let Some(caller) = &self.caller else {
+            return Ok(());
+        };
+        self.snapshot = self.source.snapshot(caller)?;
+        let types: Vec<String> = self.types.keys().cloned().collect();
+        for t in types {
+            self.respond(&t).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the type's current resources unless the client already has exactly them.
+    async fn respond(&mut self, type_url: &str) -> Result<(), Status> {
+        let empty = Resources::new();
+        let all = self.snapshot.resources.get(type_url).unwrap_or(&empty);
+        let Some(state) = self.types.get_mut(type_url) else {
+            return Ok(());
+        };
+        let items: Vec<&Any> = match &state.names {
+            None => all.values().collect(),
+            Some(names) => names.iter().filter_map(|n| all.get(n)).collect(),
+        };
+        let version = version_of(all, state.names.as_ref());
+        // A (re)subscription is answered unless the client already holds this version; a change
+        // that changes nothing for this client is not pushed.
+        if version == state.sent_version {
+            return Ok(());
+        }
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        state.sent_version = version.clone();
+        state.sent_nonce = nonce.clone();
+        let response = DiscoveryResponse {
+            version_info: version,
+            resources: items.into_iter().cloned().collect(),
+            type_url: type_url.to_owned(),
+            nonce,
+            ..Default::default()
+        };
+        self.stats
+            .responses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.tx
+            .send(Ok(response))
+            .await
+            .map_err(|_| Status::cancelled("stream closed"))
+    }
+}
+
+async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|c| *c).await;
+}
+
+/// A content hash of the resources a subscription selects (names and bytes), stable across runs.
+pub fn version_of(all: &Resources, names: Option<&BTreeSet<String>>) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut feed = |name: &str, any: &Any| {
+        for part in [
+            name.as_bytes(),
+            any.type_url.as_bytes(),
+            any.value.as_slice(),
+        ] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+    };
+    match names {
+        None => all.iter().for_each(|(n, a)| feed(n, a)),
+        Some(names) => names
+            .iter()
+            .filter_map(|n| all.get(n).map(|a| (n, a)))
+            .for_each(|(n, a)| feed(n, a)),
+    }
+    let digest = ctx.finish();
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -285,6 +285,9 @@ fn perm(p: &rbac::Permission, at: &str) -> Result<Perm, CompileError> {
     })
 }
 
+/// Istio's filter-state key for the authenticated peer principal.
+const PEER_PRINCIPAL_KEY: &str = "io.istio.peer_principal";
+
 fn id(p: &rbac::Principal, at: &str) -> Result<Id, CompileError> {
     use rbac::Principal as P;
     Ok(match p {
@@ -304,6 +307,20 @@ fn id(p: &rbac::Principal, at: &str) -> Result<Id, CompileError> {
         P::Header(h) => Id::Header(header(h, at)?),
         P::UrlPath(m) => Id::Path(StringMatcher::compile(&m.path, at)?),
         P::Metadata(m) => Id::Metadata(meta(m, at)?),
+        // The only filter state this proxy keeps is the verified peer's SPIFFE ID.
+        P::FilterState(f) => match (f.key.as_str(), &f.string_match) {
+            (PEER_PRINCIPAL_KEY, Some(m)) => {
+                Id::Authenticated(Some(StringMatcher::compile(m, at)?))
+            }
+            (key, _) => {
+                return Err(CompileError::invalid(
+                    at,
+                    &format!(
+                        "filterState {key:?} with a string match is not supported (only {PEER_PRINCIPAL_KEY:?})"
+                    ),
+                ));
+            }
+        },
         P::NotId(inner) => Id::Not(Box::new(id(inner, &format!("{at}.notId"))?)),
     })
 }

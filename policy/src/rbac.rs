@@ -109,7 +109,18 @@ pub enum Principal {
     Header(HeaderMatcher),
     UrlPath(PathMatcher),
     Metadata(MetadataMatcher),
+    /// Istio writes the peer's principal as filter state `io.istio.peer_principal`.
+    FilterState(FilterStateMatcher),
     NotId(Box<Principal>),
+}
+
+/// `envoy.type.matcher.v3.FilterStateMatcher` (its string form).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FilterStateMatcher {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub string_match: Option<StringMatcher>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

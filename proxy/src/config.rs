@@ -147,6 +147,10 @@ pub struct FilterChain {
     /// Network RBAC filters (`envoy.filters.network.rbac`), checked when a connection starts.
     #[serde(default)]
     pub rbac_filters: Vec<FilterConfig>,
+    /// A chain that closes every connection it matches, and why: what an xDS chain becomes when it
+    /// asks for something this proxy cannot do (so its traffic cannot fall through to a wider one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refuse: Option<String>,
 }
 
 /// An Envoy filter entry: `name` and `typed_config` (proto3 JSON, camelCase or snake_case keys).
@@ -199,6 +203,9 @@ pub struct FilterChainMatch {
     /// identity). Istio's PERMISSIVE is a `tls` chain plus a `raw_buffer` chain; STRICT has none.
     #[serde(default)]
     pub transport_protocol: Option<String>,
+    /// The local port the connection arrived on (Istio's virtualInbound chains per port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -206,6 +213,9 @@ pub struct FilterChainMatch {
 pub struct HttpConnectionManager {
     pub stat_prefix: String,
     pub route_config: RouteConfiguration,
+    /// xDS only: the RDS name `route_config` is filled from when the model is assembled.
+    #[serde(skip)]
+    pub rds: Option<String>,
     /// Envoy's `forward_client_cert_details`; inbound default SANITIZE_SET.
     #[serde(default)]
     pub forward_client_cert_details: ForwardClientCertDetails,
@@ -224,7 +234,7 @@ pub enum ForwardClientCertDetails {
     Sanitize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfiguration {
     #[serde(default)]
@@ -258,6 +268,12 @@ pub struct RouteMatch {
     pub prefix: Option<String>,
     #[serde(default)]
     pub path: Option<String>,
+    /// The whole path (query removed) must match this RE2-style regex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safe_regex: Option<String>,
+    /// The path equals this, or continues it with `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_separated_prefix: Option<String>,
     #[serde(default)]
     pub headers: Vec<HeaderMatcher>,
 }
@@ -279,10 +295,30 @@ pub struct HeaderMatcher {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteAction {
+    /// The cluster; or, when empty, a pick from `weighted_clusters` by weight.
+    #[serde(default)]
     pub cluster: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weighted_clusters: Vec<WeightedCluster>,
     /// Time to the upstream's response headers; default 15 s, `0s` disables.
     #[serde(default = "default_route_timeout", with = "duration")]
     pub timeout: Duration,
+}
+
+impl RouteAction {
+    /// Every cluster this action may send to.
+    pub fn cluster_names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.cluster.as_str())
+            .filter(|c| !c.is_empty())
+            .chain(self.weighted_clusters.iter().map(|w| w.name.as_str()))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedCluster {
+    pub name: String,
+    pub weight: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -297,6 +333,11 @@ pub struct TcpProxy {
 pub struct Cluster {
     pub name: String,
     pub endpoints: Vec<SocketAddr>,
+    /// xDS only: the EDS name `endpoints` is filled from when the model is assembled.
+    #[serde(skip)]
+    pub eds: Option<String>,
+    #[serde(default)]
+    pub lb_policy: LbPolicy,
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
     /// Protocol spoken to the endpoints when plaintext (the local app): `HTTP1`, `HTTP2`, or
@@ -309,6 +350,16 @@ pub struct Cluster {
     /// Who the destination is, for Istio metric labels.
     #[serde(default)]
     pub metadata: DestinationMetadata,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    Random,
+    /// Of two endpoints picked at random, the one with fewer requests in flight.
+    LeastRequest,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -600,8 +651,10 @@ impl Bootstrap {
                         .iter()
                         .enumerate()
                         .flat_map(|(vi, vh)| {
-                            vh.routes.iter().enumerate().map(move |(ri, r)| {
-                                (format!("http_connection_manager.route_config.virtual_hosts[{vi}].routes[{ri}].route.cluster"), r.route.cluster.as_str())
+                            vh.routes.iter().enumerate().flat_map(move |(ri, r)| {
+                                r.route.cluster_names().map(move |c| {
+                                    (format!("http_connection_manager.route_config.virtual_hosts[{vi}].routes[{ri}].route.cluster"), c)
+                                })
                             })
                         })
                         .collect(),
@@ -649,16 +702,12 @@ impl Bootstrap {
                     })?;
                     for (vi, vh) in hcm.route_config.virtual_hosts.iter().enumerate() {
                         for (ri, r) in vh.routes.iter().enumerate() {
-                            let m = &r.match_;
-                            if m.prefix.is_some() == m.path.is_some() {
-                                return Err(invalid(
-                                    cfield(&format!(
-                                        "http_connection_manager.route_config.virtual_hosts[{vi}].routes[{ri}].match"
-                                    )),
-                                    "a route match needs exactly one of prefix and path".into(),
-                                    &vh.name,
-                                ));
-                            }
+                            let rfield = |f: &str| {
+                                cfield(&format!(
+                                    "http_connection_manager.route_config.virtual_hosts[{vi}].routes[{ri}].{f}"
+                                ))
+                            };
+                            check_route(r).map_err(|(f, m)| invalid(rfield(f), m, &vh.name))?;
                         }
                     }
                 }
@@ -666,6 +715,51 @@ impl Bootstrap {
         }
         Ok(())
     }
+}
+
+/// A route's own rules: one path specifier that compiles, one kind of cluster choice.
+pub fn check_route(r: &Route) -> Result<(), (&'static str, String)> {
+    let m = &r.match_;
+    let specifiers = [
+        m.prefix.is_some(),
+        m.path.is_some(),
+        m.safe_regex.is_some(),
+        m.path_separated_prefix.is_some(),
+    ];
+    if specifiers.iter().filter(|s| **s).count() != 1 {
+        return Err((
+            "match",
+            "a route match needs exactly one of prefix, path, safe_regex and path_separated_prefix"
+                .into(),
+        ));
+    }
+    if let Some(re) = &m.safe_regex {
+        crate::route::compile_path_regex(re).map_err(|e| ("match.safe_regex", e))?;
+    }
+    if let Some(p) = &m.path_separated_prefix
+        && (!p.starts_with('/') || p.ends_with('/') || p.contains(['?', '#']))
+    {
+        return Err((
+            "match.path_separated_prefix",
+            format!("{p:?} must start with / and not end with / or hold ? or #"),
+        ));
+    }
+    let a = &r.route;
+    match (a.cluster.is_empty(), a.weighted_clusters.is_empty()) {
+        (false, true) => {}
+        (true, false) => {
+            if a.weighted_clusters.iter().all(|w| w.weight == 0) {
+                return Err(("route.weighted_clusters", "all weights are zero".into()));
+            }
+        }
+        _ => {
+            return Err((
+                "route",
+                "a route needs exactly one of cluster and weighted_clusters".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// 1-based line of the first occurrence of `needle`, to point a reader at a cross-reference error.

@@ -23,6 +23,12 @@ pub enum ProxyError {
     Upgrade(String),
     #[error("denied by RBAC policy {}", policy.as_deref().unwrap_or("(no ALLOW policy matched)"))]
     RbacDenied { policy: Option<String> },
+    #[error("cluster {cluster} does not exist")]
+    NoCluster { cluster: String },
+    #[error("outbound traffic to cluster {cluster}, which has no mTLS transport socket")]
+    PlaintextOutbound { cluster: String },
+    #[error("the filter chain this connection was accepted on has been removed")]
+    ChainRemoved,
 }
 
 /// What a [`ProxyError`] becomes on the wire and in the logs.
@@ -87,6 +93,11 @@ impl ProxyError {
             Self::RbacDenied { .. } => {
                 r(403, PERMISSION_DENIED, "RBAC", "rbac_access_denied", false)
             }
+            Self::NoCluster { .. } => r(503, UNAVAILABLE, "NC", "cluster_not_found", false),
+            Self::PlaintextOutbound { .. } => {
+                r(503, UNAVAILABLE, "UF", "outbound_requires_mtls", false)
+            }
+            Self::ChainRemoved => r(503, UNAVAILABLE, "NC", "filter_chain_not_found", true),
         }
     }
 

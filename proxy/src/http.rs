@@ -48,7 +48,7 @@ pub struct ConnCtx {
 /// Serves one request. Never fails: every error becomes a local reply.
 pub async fn handle(
     ctx: Arc<ConnCtx>,
-    chain: Arc<HttpChain>,
+    chain: Option<Arc<HttpChain>>,
     clusters: Clusters,
     telemetry: Arc<Telemetry>,
     hook: Option<crate::AuthzHook>,
@@ -63,7 +63,11 @@ pub async fn handle(
         ctx.stream_idle_timeout,
     );
     let req = Request::from_parts(parts, counted);
-    let response = match forward(&ctx, &chain, &clusters, &mut guard, hook.as_ref(), req).await {
+    let forwarded = match &chain {
+        Some(chain) => forward(&ctx, chain, &clusters, &mut guard, hook.as_ref(), req).await,
+        None => Err(ProxyError::ChainRemoved),
+    };
+    let response = match forwarded {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(error = %e, "local reply");
@@ -75,7 +79,9 @@ pub async fn handle(
     if guard.grpc && guard.grpc_status.is_none() {
         guard.grpc_status = grpc_status(response.headers());
     }
-    chain.count_status(guard.record.response_code);
+    if let Some(chain) = &chain {
+        chain.count_status(guard.record.response_code);
+    }
     let (mut parts, body) = response.into_parts();
     if ctx.drain.is_draining() && guard.record.protocol.starts_with("HTTP/1") {
         parts
@@ -145,10 +151,17 @@ async fn forward(
     })?;
     guard.record.route_name = Some(selected.route_name.to_owned());
     let cluster = routed
-        .ok_or_else(|| ProxyError::NoHealthyUpstream {
+        .ok_or_else(|| ProxyError::NoCluster {
             cluster: selected.cluster.to_owned(),
         })?
         .clone();
+    if ctx.reporter == Reporter::Source && !cluster.is_mtls() {
+        // The app's traffic leaves this pod only over mTLS (checked at load for static config;
+        // here for xDS, where a listener may name a cluster that arrives later).
+        return Err(ProxyError::PlaintextOutbound {
+            cluster: cluster.config.name.clone(),
+        });
+    }
     let timeout = selected.timeout;
     guard.record.upstream_cluster = Some(cluster.config.name.clone());
     if ctx.reporter == Reporter::Source {
@@ -505,6 +518,8 @@ pub fn local_reply(e: &ProxyError, grpc: bool) -> Response<Body> {
         }
         ProxyError::UpstreamTimeout(_) => "upstream request timeout".to_owned(),
         ProxyError::NoHealthyUpstream { .. } => "no healthy upstream".to_owned(),
+        ProxyError::NoCluster { .. } | ProxyError::ChainRemoved => "no cluster".to_owned(),
+        ProxyError::PlaintextOutbound { .. } => "outbound traffic requires mTLS".to_owned(),
         ProxyError::NoRoute { .. } => String::new(),
         ProxyError::BadRequest(why) => format!("Bad Request: {why}"),
         ProxyError::Upgrade(_) => "upgrade failed".to_owned(),

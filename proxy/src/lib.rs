@@ -14,6 +14,7 @@ pub mod admin;
 mod body;
 pub mod config;
 mod drain;
+pub mod envoy;
 mod error;
 mod http;
 mod idle;
@@ -131,8 +132,9 @@ pub async fn run(
         let rt = ClusterRt::new(c.clone(), &creds, &config.limits, &telemetry.stats)?;
         clusters.insert(c.name.clone(), Arc::new(rt));
     }
+    let live_clusters = Arc::new(clusters);
     let shared = Arc::new(Shared {
-        clusters: Arc::new(clusters),
+        clusters: listener::LiveClusters::default(),
         telemetry: telemetry.clone(),
         limits: config.limits.clone(),
         local_workload: config.node.workload.as_str().into(),
@@ -146,6 +148,7 @@ pub async fn run(
         creds: creds.clone(),
         authz_hook: opts.authz_hook,
     });
+    shared.clusters.set(live_clusters);
     let server_tls = Arc::new(identity::tls::server_config(creds.clone(), INBOUND_ALPN)?);
 
     // Bind everything before serving anything: a port in use is a start failure, not a half-up proxy.

@@ -21,7 +21,7 @@ use crate::http::ConnCtx;
 use crate::route::HttpChain;
 use crate::stats::{EnvoyStats, Stat};
 use crate::telemetry::{Reporter, Telemetry};
-use crate::upstream::{ClusterRt, error_chain};
+use crate::upstream::error_chain;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the outbound side waits for a client's first bytes before calling it opaque TCP
@@ -30,19 +30,70 @@ const SNIFF_TIMEOUT: Duration = Duration::from_millis(100);
 /// Connections accepted while draining get this long before their HTTP/2 GOAWAY.
 const DRAIN_GOAWAY_DELAY: Duration = Duration::from_secs(1);
 
-/// A listener with its compiled filter chains.
+/// A listener with its compiled filter chains. The chains are swapped whole when xDS changes the
+/// listener; a connection picks its chain at accept, and each HTTP request re-reads it (by name), so
+/// new policy applies to requests on connections that are already open.
 pub struct ListenerRt {
     pub config: Listener,
-    chains: Vec<ChainRt>,
+    chains: Arc<ChainTable>,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     stats: ListenerStats,
     slots: Arc<Semaphore>,
 }
 
+/// A listener's chains, replaceable as a whole.
+#[derive(Default)]
+pub struct ChainTable(std::sync::RwLock<Arc<Vec<ChainRt>>>);
+
+impl ChainTable {
+    fn get(&self) -> Arc<Vec<ChainRt>> {
+        match self.0.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    fn set(&self, chains: Vec<ChainRt>) {
+        let new = Arc::new(chains);
+        match self.0.write() {
+            Ok(mut g) => *g = new,
+            Err(p) => *p.into_inner() = new,
+        }
+    }
+
+    /// The HTTP chain of this name now, if there still is one.
+    fn http(&self, name: &str) -> Option<Arc<HttpChain>> {
+        self.get().iter().find_map(|c| match &c.kind {
+            ChainKind::Http(h) if c.name == name => Some(h.clone()),
+            _ => None,
+        })
+    }
+}
+
+/// The clusters in force, replaceable as a whole.
+#[derive(Default)]
+pub struct LiveClusters(std::sync::RwLock<Clusters>);
+
+impl LiveClusters {
+    pub fn get(&self) -> Clusters {
+        match self.0.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    pub fn set(&self, clusters: Clusters) {
+        match self.0.write() {
+            Ok(mut g) => *g = clusters,
+            Err(p) => *p.into_inner() = clusters,
+        }
+    }
+}
+
 /// What every connection of every listener needs.
 pub struct Shared {
-    pub clusters: Clusters,
+    pub clusters: LiveClusters,
     pub telemetry: Arc<Telemetry>,
     pub limits: Limits,
     pub local_workload: Arc<str>,
@@ -64,18 +115,68 @@ impl Shared {
     }
 }
 
-struct ChainRt {
+#[derive(Clone)]
+pub struct ChainRt {
     name: String,
     matcher: FilterChainMatch,
     kind: ChainKind,
 }
 
+#[derive(Clone)]
 enum ChainKind {
     Http(Arc<HttpChain>),
     Tcp {
-        cluster: Arc<ClusterRt>,
+        cluster: String,
         rbac: Option<Arc<policy::Engine>>,
     },
+    /// Closes the connection (an xDS chain asking for something unsupported).
+    Refuse(Arc<str>),
+}
+
+impl FilterChainMatch {
+    fn port_ok(&self, local: SocketAddr) -> bool {
+        self.destination_port.is_none_or(|p| p == local.port())
+    }
+}
+
+/// Compiles a listener's chains. Chains that fail to compile are left out (the config was validated
+/// before it got here; this only guards against a bug turning into a wider chain).
+pub fn build_chains(config: &Listener, stats: &EnvoyStats) -> Vec<ChainRt> {
+    config
+        .filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, fc)| {
+            let name = if fc.name.is_empty() {
+                format!("{}#{i}", config.name)
+            } else {
+                fc.name.clone()
+            };
+            let kind = if let Some(reason) = &fc.refuse {
+                ChainKind::Refuse(reason.as_str().into())
+            } else {
+                match (&fc.http_connection_manager, &fc.tcp_proxy) {
+                    (Some(hcm), _) => match HttpChain::new(hcm, stats) {
+                        Ok(h) => ChainKind::Http(h),
+                        Err(e) => ChainKind::Refuse(e.into()),
+                    },
+                    (None, Some(tcp)) => match crate::config::compile_rbac(&fc.rbac_filters) {
+                        Ok(rbac) => ChainKind::Tcp {
+                            cluster: tcp.cluster.clone(),
+                            rbac: rbac.map(Arc::new),
+                        },
+                        Err(e) => ChainKind::Refuse(e.into()),
+                    },
+                    (None, None) => ChainKind::Refuse("no network filter".into()),
+                }
+            };
+            ChainRt {
+                name,
+                matcher: fc.filter_chain_match.clone(),
+                kind,
+            }
+        })
+        .collect()
 }
 
 struct ListenerStats {
@@ -118,28 +219,8 @@ impl ListenerRt {
         shared: Arc<Shared>,
         stats: &EnvoyStats,
     ) -> Self {
-        let chains = config
-            .filter_chains
-            .iter()
-            .filter_map(|fc| {
-                // Validated at load: RBAC compiles and every referenced cluster exists.
-                let kind = match (&fc.http_connection_manager, &fc.tcp_proxy) {
-                    (Some(hcm), _) => ChainKind::Http(HttpChain::new(hcm, stats).ok()?),
-                    (None, Some(tcp)) => ChainKind::Tcp {
-                        cluster: shared.clusters.get(&tcp.cluster)?.clone(),
-                        rbac: crate::config::compile_rbac(&fc.rbac_filters)
-                            .ok()?
-                            .map(Arc::new),
-                    },
-                    (None, None) => return None,
-                };
-                Some(ChainRt {
-                    name: fc.name.clone(),
-                    matcher: fc.filter_chain_match.clone(),
-                    kind,
-                })
-            })
-            .collect();
+        let chains = Arc::new(ChainTable::default());
+        chains.set(build_chains(&config, stats));
         let s = |n: &str| stats.stat(&format!("listener.{}.{n}", config.address));
         let stats = ListenerStats {
             downstream_cx_total: s("downstream_cx_total"),
@@ -157,6 +238,11 @@ impl ListenerRt {
             shared,
             stats,
         }
+    }
+
+    /// Replaces the chains (same name, address and direction; xDS updates).
+    pub fn update(&self, config: &Listener, stats: &EnvoyStats) {
+        self.chains.set(build_chains(config, stats));
     }
 
     /// Accepts until `stop` flips; each connection watches `drain`.
@@ -271,8 +357,10 @@ impl ListenerRt {
             leaf.map(|c| hex(ring::digest::digest(&ring::digest::SHA256, c).as_ref()));
         let peer_id = identity::tls::peer_spiffe_id(session.peer_certificates())
             .map(|id| Arc::<str>::from(id.as_str()));
-        let Some(chain) = self.chains.iter().find(|c| {
-            let tls_ok = c.matcher.transport_protocol.as_deref() != Some("raw_buffer");
+        let chains = self.chains.get();
+        let Some(chain) = chains.iter().find(|c| {
+            let tls_ok = c.matcher.transport_protocol.as_deref() != Some("raw_buffer")
+                && c.matcher.port_ok(local);
             let names_ok = c.matcher.server_names.is_empty()
                 || sni
                     .as_ref()
@@ -301,7 +389,7 @@ impl ListenerRt {
         );
         tracing::trace!(chain = %chain.name, "inbound connection");
         let h2 = matches!(alpn.as_deref(), Some("h2" | "istio-h2"));
-        self.serve_chain(tls, ctx, &chain.kind, drain, h2).await;
+        self.serve_chain(tls, ctx, chain, drain, h2).await;
     }
 
     /// Plaintext on an inbound listener: only a `raw_buffer` chain (Istio PERMISSIVE / DISABLE)
@@ -314,11 +402,11 @@ impl ListenerRt {
         local_id: Arc<str>,
         drain: Draining,
     ) {
-        let Some(chain) = self
-            .chains
-            .iter()
-            .find(|c| c.matcher.transport_protocol.as_deref() == Some("raw_buffer"))
-        else {
+        let chains = self.chains.get();
+        let Some(chain) = chains.iter().find(|c| {
+            c.matcher.transport_protocol.as_deref() == Some("raw_buffer")
+                && c.matcher.port_ok(local)
+        }) else {
             self.stats.no_filter_chain_match.inc();
             tracing::debug!(%remote, "plaintext on an mTLS-only inbound listener; closing");
             return;
@@ -331,7 +419,7 @@ impl ListenerRt {
             Peer::default(),
             &drain,
         );
-        self.serve_chain(tcp, ctx, &chain.kind, drain, false).await;
+        self.serve_chain(tcp, ctx, chain, drain, false).await;
     }
 
     async fn serve_outbound(
@@ -343,7 +431,11 @@ impl ListenerRt {
         drain: Draining,
     ) {
         let sniffed = sniff(&tcp).await;
-        let Some(chain) = self.chains.iter().find(|c| {
+        let chains = self.chains.get();
+        let Some(chain) = chains.iter().find(|c| {
+            if !c.matcher.port_ok(local) {
+                return false;
+            }
             let proto = match sniffed {
                 Sniffed::Http1 => "http/1.1",
                 Sniffed::H2c => "h2c",
@@ -353,7 +445,7 @@ impl ListenerRt {
                 // Unconstrained chains take what their filter can speak.
                 matches!(
                     (&c.kind, sniffed),
-                    (ChainKind::Tcp { .. }, _)
+                    (ChainKind::Tcp { .. } | ChainKind::Refuse(_), _)
                         | (ChainKind::Http(_), Sniffed::Http1 | Sniffed::H2c)
                 )
             } else {
@@ -372,7 +464,7 @@ impl ListenerRt {
             Peer::default(),
             &drain,
         );
-        self.serve_chain(tcp, ctx, &chain.kind, drain, sniffed == Sniffed::H2c)
+        self.serve_chain(tcp, ctx, chain, drain, sniffed == Sniffed::H2c)
             .await;
     }
 
@@ -406,16 +498,26 @@ impl ListenerRt {
         &self,
         io: I,
         ctx: Arc<ConnCtx>,
-        kind: &ChainKind,
+        chain: &ChainRt,
         drain: Draining,
         h2: bool,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        match kind {
-            ChainKind::Http(http) => self.serve_http(io, ctx, http.clone(), drain, h2).await,
+        match &chain.kind {
+            ChainKind::Http(_) => {
+                self.serve_http(io, ctx, chain.name.clone(), drain, h2)
+                    .await
+            }
             ChainKind::Tcp { cluster, rbac } => {
-                crate::tcp::proxy(io, &ctx, cluster, rbac.as_deref(), &self.shared.telemetry).await
+                let Some(cluster) = self.shared.clusters.get().get(cluster).cloned() else {
+                    tracing::debug!(%cluster, "TCP proxy to a cluster that does not exist; closing");
+                    return;
+                };
+                crate::tcp::proxy(io, &ctx, &cluster, rbac.as_deref(), &self.shared.telemetry).await
+            }
+            ChainKind::Refuse(reason) => {
+                tracing::debug!(chain = %chain.name, %reason, "connection refused by chain");
             }
         }
     }
@@ -430,7 +532,7 @@ impl ListenerRt {
         &self,
         io: I,
         ctx: Arc<ConnCtx>,
-        chain: Arc<HttpChain>,
+        chain_name: String,
         drain: Draining,
         h2: bool,
     ) where
@@ -442,7 +544,8 @@ impl ListenerRt {
         } = drain;
         let draining_at_accept = drain.is_draining();
         let builder = server_builder(&self.shared.limits, draining_at_accept);
-        let clusters = self.shared.clusters.clone();
+        let shared = self.shared.clone();
+        let chains = self.chains.clone();
         let telemetry = self.shared.telemetry.clone();
         let hook = self.shared.authz_hook.clone();
         let activity = ctx.activity.clone();
@@ -451,8 +554,8 @@ impl ListenerRt {
         let svc = hyper::service::service_fn(move |req| {
             crate::http::handle(
                 ctx.clone(),
-                chain.clone(),
-                clusters.clone(),
+                chains.http(&chain_name),
+                shared.clusters.get(),
                 telemetry.clone(),
                 hook.clone(),
                 req,

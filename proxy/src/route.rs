@@ -31,7 +31,81 @@ pub struct HttpStats {
 struct VirtualHostRt {
     name: String,
     domains: Vec<String>,
-    routes: Vec<Route>,
+    routes: Vec<RouteRt>,
+}
+
+struct RouteRt {
+    route: Route,
+    regex: Option<regex::Regex>,
+    /// Weighted picks so far (a deterministic spread by weight).
+    picks: std::sync::atomic::AtomicU64,
+}
+
+/// Compiles a route's `safe_regex`: it must match the whole path; size-limited.
+pub fn compile_path_regex(re: &str) -> Result<regex::Regex, String> {
+    regex::RegexBuilder::new(&format!("^(?:{re})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("regex {re:?}: {e}"))
+}
+
+impl RouteRt {
+    fn new(route: &Route) -> Result<Self, String> {
+        let regex = route
+            .match_
+            .safe_regex
+            .as_deref()
+            .map(compile_path_regex)
+            .transpose()?;
+        Ok(Self {
+            route: route.clone(),
+            regex,
+            picks: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn path_matches(&self, path: &str) -> bool {
+        let m = &self.route.match_;
+        if let Some(p) = &m.prefix {
+            path.starts_with(p.as_str())
+        } else if let Some(exact) = &m.path {
+            path == exact
+        } else if let Some(re) = &self.regex {
+            re.is_match(path)
+        } else if let Some(p) = &m.path_separated_prefix {
+            path.strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        } else {
+            false
+        }
+    }
+
+    fn cluster(&self) -> &str {
+        let a = &self.route.route;
+        if !a.cluster.is_empty() {
+            return &a.cluster;
+        }
+        let total: u64 = a
+            .weighted_clusters
+            .iter()
+            .map(|w| u64::from(w.weight))
+            .sum();
+        if total == 0 {
+            return "";
+        }
+        let mut n = self
+            .picks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % total;
+        for w in &a.weighted_clusters {
+            let weight = u64::from(w.weight);
+            if n < weight {
+                return &w.name;
+            }
+            n -= weight;
+        }
+        ""
+    }
 }
 
 /// The route a request takes.
@@ -53,12 +127,18 @@ impl HttpChain {
                 .route_config
                 .virtual_hosts
                 .iter()
-                .map(|vh| VirtualHostRt {
-                    name: vh.name.clone(),
-                    domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
-                    routes: vh.routes.clone(),
+                .map(|vh| {
+                    Ok(VirtualHostRt {
+                        name: vh.name.clone(),
+                        domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+                        routes: vh
+                            .routes
+                            .iter()
+                            .map(RouteRt::new)
+                            .collect::<Result<_, String>>()?,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, String>>()?,
             stats: HttpStats {
                 rbac_allowed: s("rbac.allowed"),
                 rbac_denied: s("rbac.denied"),
@@ -93,22 +173,22 @@ impl HttpChain {
     ) -> Option<Selected<'_>> {
         let vh = self.virtual_host(authority)?;
         let path = path.split(['?', '#']).next().unwrap_or(path);
-        let route = vh.routes.iter().find(|r| {
-            let m = &r.match_;
-            let path_ok = match (&m.prefix, &m.path) {
-                (Some(p), _) => path.starts_with(p.as_str()),
-                (None, Some(exact)) => path == exact,
-                (None, None) => false,
-            };
-            path_ok && m.headers.iter().all(|h| header_matches(h, headers))
+        let rt = vh.routes.iter().find(|r| {
+            r.path_matches(path)
+                && r.route
+                    .match_
+                    .headers
+                    .iter()
+                    .all(|h| header_matches(h, headers))
         })?;
+        let route = &rt.route;
         Some(Selected {
             route_name: if route.name.is_empty() {
                 &vh.name
             } else {
                 &route.name
             },
-            cluster: &route.route.cluster,
+            cluster: rt.cluster(),
             timeout: route.route.timeout,
         })
     }
@@ -203,6 +283,7 @@ mod tests {
             },
             route: RouteAction {
                 cluster: cluster.into(),
+                weighted_clusters: vec![],
                 timeout: Duration::from_secs(1),
             },
         };
@@ -216,6 +297,7 @@ mod tests {
                 stat_prefix: "t".into(),
                 forward_client_cert_details: ForwardClientCertDetails::SanitizeSet,
                 http_filters: vec![],
+                rds: None,
                 route_config: RouteConfiguration {
                     name: "r".into(),
                     virtual_hosts: vec![

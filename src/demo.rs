@@ -542,6 +542,7 @@ fn route_to(cluster: &str) -> Route {
         },
         route: RouteAction {
             cluster: cluster.into(),
+            weighted_clusters: vec![],
             timeout: Duration::from_secs(15),
         },
     }
@@ -554,6 +555,7 @@ fn hcm(stat_prefix: &str, virtual_hosts: Vec<VirtualHost>) -> HttpConnectionMana
             name: stat_prefix.into(),
             virtual_hosts,
         },
+        rds: None,
         forward_client_cert_details: ForwardClientCertDetails::SanitizeSet,
         http_filters: vec![],
     }
@@ -569,6 +571,8 @@ fn peer_cluster(
     Cluster {
         name: name.into(),
         endpoints: vec![endpoint],
+        eds: None,
+        lb_policy: Default::default(),
         connect_timeout: Duration::from_secs(5),
         protocol: UpstreamProtocol::Auto,
         transport_socket: Some(UpstreamTls {
@@ -588,6 +592,8 @@ fn local_cluster(name: &str, endpoint: SocketAddr) -> Cluster {
     Cluster {
         name: name.into(),
         endpoints: vec![endpoint],
+        eds: None,
+        lb_policy: Default::default(),
         connect_timeout: Duration::from_secs(5),
         protocol: UpstreamProtocol::Auto,
         transport_socket: None,
@@ -607,6 +613,7 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path, agent_socket: &Pat
                 server_names: vec![format!("outbound_.9000_._.{}", service_host("ledger"))],
                 application_protocols: vec![],
                 transport_protocol: None,
+                destination_port: None,
             },
             http_connection_manager: None,
             tcp_proxy: Some(TcpProxy {
@@ -614,6 +621,7 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path, agent_socket: &Pat
                 cluster: "inbound|9000||".into(),
             }),
             rbac_filters: vec![],
+            refuse: None,
         });
         clusters.push(local_cluster("inbound|9000||", mesh.ledger_tcp_app));
     }
@@ -630,6 +638,7 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path, agent_socket: &Pat
         )),
         tcp_proxy: None,
         rbac_filters: vec![],
+        refuse: None,
     });
     let mut listeners = vec![Listener {
         name: "virtualInbound".into(),
@@ -697,6 +706,7 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path, agent_socket: &Pat
                     cluster: tcp_cluster,
                 }),
                 rbac_filters: vec![],
+                refuse: None,
             }],
             max_connections: 10_000,
         });
@@ -712,6 +722,7 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path, agent_socket: &Pat
                 http_connection_manager: Some(hcm("outbound_http", vhosts)),
                 tcp_proxy: None,
                 rbac_filters: vec![],
+                refuse: None,
             }],
             max_connections: 10_000,
         });
@@ -747,5 +758,6 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path, agent_socket: &Pat
             duration: Duration::from_secs(1),
             grace: Duration::from_secs(2),
         },
+        xds: None,
     }
 }

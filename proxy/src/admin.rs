@@ -32,6 +32,9 @@ pub struct AdminState {
     pub quit: Notify,
     pub log_control: Option<LogControl>,
     pub command_line: Vec<String>,
+    pub runtime: Arc<crate::runtime::Runtime>,
+    /// Present when configuration comes from xDS.
+    pub xds: Option<Arc<crate::ads::XdsState>>,
 }
 
 /// Which routes a port serves.
@@ -53,6 +56,11 @@ impl AdminState {
         }
         if self.healthcheck_failed.load(Ordering::Relaxed) {
             return Err("HEALTHCHECK_FAILED");
+        }
+        if let Some(x) = &self.xds
+            && !x.synced.load(Ordering::Relaxed)
+        {
+            return Err("WAITING_FOR_XDS");
         }
         let creds = self.creds.borrow();
         match creds.as_ref() {

@@ -48,6 +48,16 @@ pub struct Bootstrap {
     pub limits: Limits,
     #[serde(default)]
     pub drain: DrainConfig,
+    /// Listeners, routes, clusters and endpoints from an ADS server, besides the static ones.
+    #[serde(default)]
+    pub xds: Option<XdsConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdsConfig {
+    /// `host:port` (plaintext gRPC, the development port 15010) or `http://host:port`.
+    pub address: String,
 }
 
 /// Who this proxy is; feeds Istio metric labels.
@@ -328,7 +338,7 @@ pub struct TcpProxy {
     pub cluster: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     pub name: String,
@@ -371,7 +381,7 @@ pub enum UpstreamProtocol {
     Auto,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTls {
     /// SNI sent to the peer; the peer's inbound listener selects a filter chain by it.
@@ -380,7 +390,7 @@ pub struct UpstreamTls {
     pub match_spiffe_ids: Vec<SpiffeId>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationMetadata {
     #[serde(default)]

@@ -10,6 +10,7 @@
 //! anything a peer sends.
 
 mod access_log;
+mod ads;
 pub mod admin;
 mod body;
 pub mod config;
@@ -20,6 +21,7 @@ mod http;
 mod idle;
 mod listener;
 mod route;
+pub mod runtime;
 mod stats;
 mod tcp;
 mod telemetry;
@@ -41,7 +43,7 @@ pub use config::{Bootstrap, ConfigError};
 pub use error::{ErrorResponse, ProxyError};
 
 use crate::admin::{AdminState, Port};
-use crate::listener::{ListenerRt, Shared};
+use crate::listener::Shared;
 use crate::upstream::ClusterRt;
 
 /// ALPN the inbound listener accepts: HTTP/2 and HTTP/1.1, with Istio's names, and Istio's TCP value.
@@ -83,6 +85,8 @@ pub enum StartError {
     },
     #[error("access log: {0}")]
     AccessLog(std::io::Error),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// Knobs the binary passes in.
@@ -127,12 +131,6 @@ pub async fn run(
             .map_err(StartError::AccessLog)?;
     let telemetry = Arc::new(telemetry::Telemetry::new(&config.node, access_log, stats));
 
-    let mut clusters = HashMap::new();
-    for c in &config.clusters {
-        let rt = ClusterRt::new(c.clone(), &creds, &config.limits, &telemetry.stats)?;
-        clusters.insert(c.name.clone(), Arc::new(rt));
-    }
-    let live_clusters = Arc::new(clusters);
     let shared = Arc::new(Shared {
         clusters: listener::LiveClusters::default(),
         telemetry: telemetry.clone(),
@@ -148,25 +146,17 @@ pub async fn run(
         creds: creds.clone(),
         authz_hook: opts.authz_hook,
     });
-    shared.clusters.set(live_clusters);
     let server_tls = Arc::new(identity::tls::server_config(creds.clone(), INBOUND_ALPN)?);
+    let (drain_signal, drain_watch) = drain::channel();
+    let drain_signal = Arc::new(drain_signal);
+    let runtime = Arc::new(runtime::Runtime::new(
+        shared.clone(),
+        telemetry.clone(),
+        server_tls,
+        drain_signal.clone(),
+    ));
 
     // Bind everything before serving anything: a port in use is a start failure, not a half-up proxy.
-    let mut bound = Vec::new();
-    for l in &config.listeners {
-        let tcp = listener::bind(&l.name, l.address)?;
-        let tls = (l.direction == config::Direction::Inbound)
-            .then(|| tokio_rustls::TlsAcceptor::from(server_tls.clone()));
-        bound.push((
-            Arc::new(ListenerRt::new(
-                l.clone(),
-                tls,
-                shared.clone(),
-                &telemetry.stats,
-            )),
-            tcp,
-        ));
-    }
     let admin_ports = [
         (Some(config.admin.address), Port::Admin),
         (config.admin.health_address, Port::Health),
@@ -177,6 +167,28 @@ pub async fn run(
         if let Some(addr) = addr {
             admin_bound.push((listener::bind("admin", addr)?, port));
         }
+    }
+    let base = runtime::Model {
+        listeners: config.listeners.clone(),
+        clusters: config.clusters.clone(),
+    };
+    runtime.apply(&base).map_err(StartError::Config)?;
+
+    let xds_state = config.xds.as_ref().map(|_| Arc::new(ads::XdsState::default()));
+    let (xds_stop, xds_stop_rx) = watch::channel(false);
+    if let (Some(x), Some(state)) = (&config.xds, &xds_state) {
+        let server = if x.address.contains("://") {
+            x.address.clone()
+        } else {
+            format!("http://{}", x.address)
+        };
+        tracing::info!(%server, node = %config.node.id, "configuration from xDS (ADS); not ready until the first listeners and clusters");
+        let handler = ads::Handler::new(runtime.clone(), base.clone(), state.clone());
+        tokio::spawn(xds::client::run(
+            xds::client::ClientConfig::new(server, xds_node(&config.node)),
+            handler,
+            xds_stop_rx,
+        ));
     }
 
     let config = Arc::new(config);
@@ -190,19 +202,12 @@ pub async fn run(
         quit: tokio::sync::Notify::new(),
         log_control: opts.log_control,
         command_line: opts.command_line,
+        runtime: runtime.clone(),
+        xds: xds_state,
     });
     let mut admin_tasks = Vec::new();
     for (tcp, port) in admin_bound {
         admin_tasks.push(tokio::spawn(admin::serve(tcp, state.clone(), port)));
-    }
-
-    let (drain_signal, drain_watch) = drain::channel();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut listener_tasks = Vec::new();
-    for (rt, tcp) in bound {
-        tracing::info!(listener = %rt.config.name, address = %rt.config.address, direction = ?rt.config.direction, "listening");
-        let signal = drain::Signal::from_watch(&drain_signal);
-        listener_tasks.push(tokio::spawn(rt.serve(tcp, stop_rx.clone(), signal)));
     }
     drop(drain_watch);
     tracing::info!(admin = %config.admin.address, "eastguard proxy started");
@@ -212,6 +217,7 @@ pub async fn run(
         () = state.quit.notified() => tracing::info!("/quitquitquit received; draining"),
     }
     state.draining.store(true, Ordering::Relaxed);
+    xds_stop.send_replace(true);
     drain_signal.start();
     let drain_cfg = &config.drain;
     // Keep accepting (each new connection told to close) for the drain window, or until idle.
@@ -219,10 +225,7 @@ pub async fn run(
     while tokio::time::Instant::now() < window_end && shared.total_connections.get() > 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop_tx.send_replace(true);
-    for t in listener_tasks {
-        let _ = t.await;
-    }
+    runtime.stop().await;
     if tokio::time::timeout(drain_cfg.grace, drain_signal.finished())
         .await
         .is_err()
@@ -237,6 +240,30 @@ pub async fn run(
     }
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// The node as xDS servers expect it (Istio's metadata keys).
+fn xds_node(n: &config::Node) -> xds::pb::envoy::config::core::v3::Node {
+    use xds::pb::google::protobuf::{Struct, Value, value::Kind};
+    let s = |v: &str| Value {
+        kind: Some(Kind::StringValue(v.to_owned())),
+    };
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert("NAMESPACE".to_owned(), s(&n.namespace));
+    fields.insert("WORKLOAD_NAME".to_owned(), s(&n.workload));
+    fields.insert("CLUSTER_ID".to_owned(), s(&n.cluster));
+    if let Some(app) = &n.app {
+        fields.insert("APP".to_owned(), s(app));
+    }
+    xds::pb::envoy::config::core::v3::Node {
+        id: n.id.clone(),
+        cluster: format!("{}.{}", n.workload, n.namespace),
+        metadata: Some(Struct {
+            fields: fields.into_iter().collect(),
+        }),
+        user_agent_name: "eastguard".into(),
+        ..Default::default()
+    }
 }
 
 fn credentials(config: &Bootstrap) -> Result<CredentialsRx, StartError> {

@@ -1,0 +1,409 @@
+//! The proxy's side of ADS: holds the accepted resources of each type, turns them into the model
+//! (with warming: a listener waits for its routes, a cluster for its endpoints, and until then the
+//! previous version keeps serving), and installs it through the [`Runtime`]. An update that does
+//! not translate or cannot be installed is NACKed and changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use prost::Message;
+use xds::pb::envoy::admin::v3::{
+    ClustersConfigDump, EndpointsConfigDump, ListenersConfigDump, RoutesConfigDump,
+    UpdateFailureState, clusters_config_dump, endpoints_config_dump, listeners_config_dump,
+    routes_config_dump,
+};
+use xds::pb::envoy::config::cluster::v3::Cluster;
+use xds::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use xds::pb::envoy::config::listener::v3::Listener;
+use xds::pb::envoy::config::route::v3::RouteConfiguration;
+use xds::pb::google::protobuf::{Any, Timestamp};
+use xds::{codec, types};
+
+use crate::config;
+use crate::envoy;
+use crate::runtime::{Model, Runtime};
+
+/// What the admin API shows of xDS, and whether the first configuration has arrived.
+#[derive(Default)]
+pub struct XdsState {
+    /// LDS and CDS have each been applied once (readiness waits for it).
+    pub synced: AtomicBool,
+    /// The ADS stream is up.
+    pub connected: AtomicBool,
+    types: Mutex<BTreeMap<&'static str, TypeState>>,
+    /// Optional items the last translation skipped.
+    notes: Mutex<Vec<String>>,
+}
+
+#[derive(Default, Clone)]
+struct TypeState {
+    version: String,
+    updated: Option<SystemTime>,
+    resources: BTreeMap<String, Any>,
+    error: Option<Failure>,
+}
+
+#[derive(Clone)]
+struct Failure {
+    version: String,
+    details: String,
+    at: SystemTime,
+    resources: BTreeMap<String, Any>,
+}
+
+pub struct Handler {
+    runtime: Arc<Runtime>,
+    base: Model,
+    state: Arc<XdsState>,
+    accepted: HashMap<&'static str, BTreeMap<String, Any>>,
+    /// The dynamic part installed last (warming keeps its versions).
+    active: Model,
+    eds_names: BTreeSet<String>,
+    rds_names: BTreeSet<String>,
+}
+
+impl Handler {
+    /// `base`: the bootstrap's static listeners and clusters, installed alongside.
+    pub fn new(runtime: Arc<Runtime>, base: Model, state: Arc<XdsState>) -> Self {
+        Self {
+            runtime,
+            base,
+            state,
+            accepted: HashMap::new(),
+            active: Model::default(),
+            eds_names: BTreeSet::new(),
+            rds_names: BTreeSet::new(),
+        }
+    }
+
+    fn try_apply(
+        &mut self,
+        type_url: &'static str,
+        resources: &[Any],
+    ) -> Result<BTreeMap<String, Any>, String> {
+        let mut by_name = BTreeMap::new();
+        for (i, r) in resources.iter().enumerate() {
+            let name = resource_name(type_url, r).map_err(|e| format!("resources[{i}]: {e}"))?;
+            if name.is_empty() {
+                return Err(format!("resources[{i}]: a {} resource needs a name", types::short(type_url)));
+            }
+            if by_name.insert(name.clone(), r.clone()).is_some() {
+                return Err(format!("resources[{i}]: {name} appears twice"));
+            }
+        }
+        let mut candidate = self.accepted.clone();
+        candidate.insert(type_url, by_name.clone());
+        let mut notes = Vec::new();
+        let built = build(&candidate, &self.active, &mut notes)?;
+        let mut all = self.base.clone();
+        for l in &built.model.listeners {
+            if all.listeners.iter().any(|s| s.name == l.name) {
+                return Err(format!("listener {}: the name of a static listener", l.name));
+            }
+        }
+        for c in &built.model.clusters {
+            if all.clusters.iter().any(|s| s.name == c.name) {
+                return Err(format!("cluster {}: the name of a static cluster", c.name));
+            }
+        }
+        all.listeners.extend(built.model.listeners.iter().cloned());
+        all.clusters.extend(built.model.clusters.iter().cloned());
+        self.runtime.apply(&all)?;
+        self.accepted = candidate;
+        self.active = built.model;
+        self.eds_names = built.eds_names;
+        self.rds_names = built.rds_names;
+        for n in &notes {
+            tracing::debug!(note = %n, "xDS: optional item not applied");
+        }
+        *lock(&self.state.notes) = notes;
+        Ok(by_name)
+    }
+}
+
+impl xds::client::Handler for Handler {
+    fn apply(&mut self, type_url: &str, version: &str, resources: Vec<Any>) -> Result<(), String> {
+        let Some(type_url) = types::ALL.iter().copied().find(|t| *t == type_url) else {
+            return Err(format!("unexpected type {type_url}"));
+        };
+        if type_url == types::SECRET {
+            return Err("SDS over ADS is not used: secrets come from the Workload API".into());
+        }
+        let result = self.try_apply(type_url, &resources);
+        let now = SystemTime::now();
+        let mut types_state = lock(&self.state.types);
+        let entry = types_state.entry(type_url).or_default();
+        match result {
+            Ok(by_name) => {
+                entry.version = version.to_owned();
+                entry.updated = Some(now);
+                entry.resources = by_name;
+                entry.error = None;
+                drop(types_state);
+                let have = |t| lock(&self.state.types).get(t).is_some_and(|s| s.updated.is_some());
+                if have(types::LISTENER) && have(types::CLUSTER) {
+                    self.state.synced.store(true, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(details) => {
+                entry.error = Some(Failure {
+                    version: version.to_owned(),
+                    details: details.clone(),
+                    at: now,
+                    resources: resources
+                        .iter()
+                        .map(|r| (resource_name(type_url, r).unwrap_or_default(), r.clone()))
+                        .collect(),
+                });
+                Err(details)
+            }
+        }
+    }
+
+    fn interest(&self) -> Vec<(&'static str, Option<BTreeSet<String>>)> {
+        vec![
+            (types::CLUSTER, None),
+            (types::ENDPOINT, Some(self.eds_names.clone())),
+            (types::LISTENER, None),
+            (types::ROUTE, Some(self.rds_names.clone())),
+        ]
+    }
+
+    fn connection(&mut self, up: bool) {
+        self.state.connected.store(up, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn resource_name(type_url: &str, r: &Any) -> Result<String, String> {
+    if r.type_url != type_url {
+        return Err(format!("a {} response carries a {}", types::short(type_url), r.type_url));
+    }
+    let e = |e: prost::DecodeError| e.to_string();
+    Ok(match type_url {
+        types::LISTENER => Listener::decode(r.value.as_slice()).map_err(e)?.name,
+        types::ROUTE => RouteConfiguration::decode(r.value.as_slice()).map_err(e)?.name,
+        types::CLUSTER => Cluster::decode(r.value.as_slice()).map_err(e)?.name,
+        types::ENDPOINT => ClusterLoadAssignment::decode(r.value.as_slice()).map_err(e)?.cluster_name,
+        _ => return Err(format!("{type_url} is not handled")),
+    })
+}
+
+/// The dynamic model from a set of accepted resources, and the names to subscribe to next.
+pub struct Built {
+    pub model: Model,
+    pub eds_names: BTreeSet<String>,
+    pub rds_names: BTreeSet<String>,
+}
+
+/// Translates everything; anything that does not translate is an error naming it. A listener
+/// whose routes, or a cluster whose endpoints, have not arrived yet keeps its `previous` version
+/// (or waits, if it is new).
+pub fn build(
+    resources: &HashMap<&'static str, BTreeMap<String, Any>>,
+    previous: &Model,
+    notes: &mut Vec<String>,
+) -> Result<Built, String> {
+    let empty = BTreeMap::new();
+    let of = |t| resources.get(t).unwrap_or(&empty);
+    let decode_err = |name: &str, e: codec::CodecError| format!("{name}: {e}");
+
+    let mut endpoints = HashMap::new();
+    for (name, any) in of(types::ENDPOINT) {
+        let la: ClusterLoadAssignment = codec::unpack(any).map_err(|e| decode_err(name, e))?;
+        endpoints.insert(name.clone(), envoy::load_assignment(&la, notes).map_err(|e| e.to_string())?);
+    }
+    let mut clusters = Vec::new();
+    let mut eds_names = BTreeSet::new();
+    for (name, any) in of(types::CLUSTER) {
+        let c: Cluster = codec::unpack(any).map_err(|e| decode_err(name, e))?;
+        let mut mc = envoy::cluster(&c, notes).map_err(|e| e.to_string())?;
+        if let Some(eds) = mc.eds.clone() {
+            eds_names.insert(eds.clone());
+            match endpoints.get(&eds) {
+                Some(eps) => mc.endpoints.clone_from(eps),
+                None => {
+                    // Warming: the previous version serves until the endpoints arrive.
+                    if let Some(prev) = previous.clusters.iter().find(|p| p.name == mc.name) {
+                        clusters.push(prev.clone());
+                    }
+                    continue;
+                }
+            }
+        }
+        clusters.push(mc);
+    }
+    let mut routes = HashMap::new();
+    for (name, any) in of(types::ROUTE) {
+        let rc: RouteConfiguration = codec::unpack(any).map_err(|e| decode_err(name, e))?;
+        routes.insert(name.clone(), envoy::route_configuration(&rc, notes).map_err(|e| e.to_string())?);
+    }
+    let mut listeners = Vec::new();
+    let mut rds_names = BTreeSet::new();
+    for (name, any) in of(types::LISTENER) {
+        let l: Listener = codec::unpack(any).map_err(|e| decode_err(name, e))?;
+        let Some(mut ml) = envoy::listener(&l, notes).map_err(|e| e.to_string())? else {
+            continue;
+        };
+        let mut warming = false;
+        for fc in &mut ml.filter_chains {
+            if let Some(hcm) = &mut fc.http_connection_manager
+                && let Some(rds) = &hcm.rds
+            {
+                rds_names.insert(rds.clone());
+                match routes.get(rds) {
+                    Some(rc) => hcm.route_config = config::RouteConfiguration::clone(rc),
+                    None => warming = true,
+                }
+            }
+        }
+        if warming {
+            if let Some(prev) = previous.listeners.iter().find(|p| p.name == ml.name) {
+                listeners.push(prev.clone());
+            }
+            continue;
+        }
+        listeners.push(ml);
+    }
+    Ok(Built {
+        model: Model { listeners, clusters },
+        eds_names,
+        rds_names,
+    })
+}
+
+// === /config_dump ===
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A resource as it can be rendered: itself, or (if a typed config inside it is of a type this
+/// build has no descriptor for) a Struct saying so.
+fn renderable(any: &Any) -> Any {
+    match codec::any_to_json(any) {
+        Ok(_) => any.clone(),
+        Err(e) => {
+            let json = serde_json::json!({
+                "@type": "type.googleapis.com/google.protobuf.Struct",
+                "value": { "unrenderable": e.to_string(), "type_url": any.type_url },
+            });
+            codec::json_to_any(json).unwrap_or_default()
+        }
+    }
+}
+
+fn failure(f: &Failure, name: &str) -> UpdateFailureState {
+    UpdateFailureState {
+        failed_configuration: f.resources.get(name).map(renderable),
+        last_update_attempt: Some(timestamp(f.at)),
+        details: f.details.clone(),
+        version_info: f.version.clone(),
+    }
+}
+
+impl XdsState {
+    /// The dynamic parts of Envoy's ConfigDump, as proto3 JSON (`@type`d admin messages).
+    pub fn config_dump(&self) -> Vec<serde_json::Value> {
+        let types = lock(&self.types).clone();
+        let get = |t| types.get(t).cloned().unwrap_or_default();
+        let names = |s: &TypeState| -> BTreeSet<String> {
+            s.resources
+                .keys()
+                .chain(s.error.iter().flat_map(|f| f.resources.keys()))
+                .cloned()
+                .collect()
+        };
+        let mut out = Vec::new();
+
+        let s = get(types::LISTENER);
+        let dump = ListenersConfigDump {
+            version_info: s.version.clone(),
+            dynamic_listeners: names(&s)
+                .iter()
+                .map(|n| listeners_config_dump::DynamicListener {
+                    name: n.clone(),
+                    active_state: s.resources.get(n).map(|a| listeners_config_dump::DynamicListenerState {
+                        version_info: s.version.clone(),
+                        listener: Some(renderable(a)),
+                        last_updated: s.updated.map(timestamp),
+                    }),
+                    error_state: s.error.as_ref().filter(|f| f.resources.contains_key(n)).map(|f| failure(f, n)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        out.push(codec::pack(&dump));
+
+        let s = get(types::CLUSTER);
+        let dump = ClustersConfigDump {
+            version_info: s.version.clone(),
+            dynamic_active_clusters: names(&s)
+                .iter()
+                .map(|n| clusters_config_dump::DynamicCluster {
+                    version_info: s.version.clone(),
+                    cluster: s.resources.get(n).map(renderable),
+                    last_updated: s.updated.map(timestamp),
+                    error_state: s.error.as_ref().filter(|f| f.resources.contains_key(n)).map(|f| failure(f, n)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        out.push(codec::pack(&dump));
+
+        let s = get(types::ROUTE);
+        let dump = RoutesConfigDump {
+            dynamic_route_configs: names(&s)
+                .iter()
+                .map(|n| routes_config_dump::DynamicRouteConfig {
+                    version_info: s.version.clone(),
+                    route_config: s.resources.get(n).map(renderable),
+                    last_updated: s.updated.map(timestamp),
+                    error_state: s.error.as_ref().filter(|f| f.resources.contains_key(n)).map(|f| failure(f, n)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        out.push(codec::pack(&dump));
+
+        let s = get(types::ENDPOINT);
+        let dump = EndpointsConfigDump {
+            dynamic_endpoint_configs: names(&s)
+                .iter()
+                .map(|n| endpoints_config_dump::DynamicEndpointConfig {
+                    version_info: s.version.clone(),
+                    endpoint_config: s.resources.get(n).map(renderable),
+                    last_updated: s.updated.map(timestamp),
+                    error_state: s.error.as_ref().filter(|f| f.resources.contains_key(n)).map(|f| failure(f, n)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        out.push(codec::pack(&dump));
+
+        out.iter()
+            .map(|a| {
+                codec::any_to_json(a).unwrap_or_else(|e| serde_json::json!({ "@type": a.type_url, "error": e.to_string() }))
+            })
+            .collect()
+    }
+
+    /// Optional items the last translation skipped.
+    pub fn notes(&self) -> Vec<String> {
+        lock(&self.notes).clone()
+    }
+}

@@ -1,0 +1,207 @@
+//! The listeners and clusters in force, and the one way to change them: [`Runtime::apply`] takes a
+//! whole model (static bootstrap resources plus the xDS ones), binds what is new before touching
+//! anything (a port in use rejects the update), then swaps clusters and listener chains atomically.
+//! Connections keep the listener they were accepted on; HTTP requests read their chain and the
+//! clusters when they start, so in-flight requests finish on the configuration they began with.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::config::{self, Direction};
+use crate::drain;
+use crate::listener::{ListenerRt, Shared};
+use crate::telemetry::Telemetry;
+use crate::upstream::ClusterRt;
+
+/// What [`Runtime::apply`] installs.
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    pub listeners: Vec<config::Listener>,
+    pub clusters: Vec<config::Cluster>,
+}
+
+struct Running {
+    rt: Arc<ListenerRt>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct Runtime {
+    shared: Arc<Shared>,
+    telemetry: Arc<Telemetry>,
+    server_tls: Arc<rustls::ServerConfig>,
+    drain: Arc<drain::Signal>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    listeners: BTreeMap<String, Running>,
+    clusters: HashMap<String, Arc<ClusterRt>>,
+    stopped: bool,
+}
+
+impl Runtime {
+    pub fn new(
+        shared: Arc<Shared>,
+        telemetry: Arc<Telemetry>,
+        server_tls: Arc<rustls::ServerConfig>,
+        drain: Arc<drain::Signal>,
+    ) -> Self {
+        Self {
+            shared,
+            telemetry,
+            server_tls,
+            drain,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Installs `model` in place of what runs now. On error nothing has changed.
+    pub fn apply(&self, model: &Model) -> Result<(), String> {
+        let mut inner = self.lock();
+        if inner.stopped {
+            return Err("the proxy is shutting down".into());
+        }
+        // Clusters: keep the runtime (and its connection pool) of every unchanged cluster.
+        let mut clusters = HashMap::new();
+        for c in &model.clusters {
+            let rt = match inner.clusters.get(&c.name) {
+                Some(old) if old.config == *c => old.clone(),
+                _ => Arc::new(
+                    ClusterRt::new(
+                        c.clone(),
+                        &self.shared.creds,
+                        &self.shared.limits,
+                        &self.telemetry.stats,
+                    )
+                    .map_err(|e| format!("cluster {}: {e}", c.name))?,
+                ),
+            };
+            if clusters.insert(c.name.clone(), rt).is_some() {
+                return Err(format!("cluster {}: defined twice", c.name));
+            }
+        }
+        // Listeners: a changed address or direction is a new listener; bind those first.
+        let mut wanted = BTreeMap::new();
+        for l in &model.listeners {
+            if wanted.insert(l.name.clone(), l).is_some() {
+                return Err(format!("listener {}: defined twice", l.name));
+            }
+        }
+        let mut to_bind = Vec::new();
+        let mut replaced = Vec::new();
+        for (name, l) in &wanted {
+            match inner.listeners.get(name) {
+                Some(r) if r.rt.config.address == l.address && r.rt.config.direction == l.direction => {}
+                Some(_) => replaced.push(name.clone()),
+                None => to_bind.push(*l),
+            }
+        }
+        let mut bound = Vec::new();
+        for l in to_bind {
+            let tcp = crate::listener::bind(&l.name, l.address)
+                .map_err(|e| format!("listener {}: {e}", l.name))?;
+            bound.push((l, tcp));
+        }
+
+        // Committed from here on.
+        self.shared.clusters.set(Arc::new(clusters.clone()));
+        inner.clusters = clusters;
+        let removed: Vec<String> = inner
+            .listeners
+            .keys()
+            .filter(|n| !wanted.contains_key(*n) || replaced.contains(n))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(r) = inner.listeners.remove(&name) {
+                tracing::info!(listener = %name, "listener removed");
+                r.stop.send_replace(true);
+            }
+        }
+        for (name, l) in &wanted {
+            if let Some(r) = inner.listeners.get(name) {
+                r.rt.update(l, &self.telemetry.stats);
+            }
+        }
+        for (l, tcp) in bound {
+            let running = self.start(l, tcp);
+            inner.listeners.insert(l.name.clone(), running);
+        }
+        // Replaced listeners (new address): their old socket is closed now; bind the new one.
+        for name in replaced {
+            let Some(l) = wanted.get(&name) else { continue };
+            match crate::listener::bind(&l.name, l.address) {
+                Ok(tcp) => {
+                    let running = self.start(l, tcp);
+                    inner.listeners.insert(name, running);
+                }
+                Err(e) => tracing::error!(listener = %name, error = %e, "cannot bind the listener's new address"),
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&self, l: &config::Listener, tcp: tokio::net::TcpListener) -> Running {
+        let tls = (l.direction == Direction::Inbound)
+            .then(|| tokio_rustls::TlsAcceptor::from(self.server_tls.clone()));
+        let rt = Arc::new(ListenerRt::new(
+            l.clone(),
+            tls,
+            self.shared.clone(),
+            &self.telemetry.stats,
+        ));
+        let (stop, stop_rx) = watch::channel(false);
+        let handle = drain::Signal::from_watch(&self.drain);
+        tracing::info!(listener = %l.name, address = %l.address, direction = ?l.direction, "listening");
+        let task = tokio::spawn(rt.clone().serve(tcp, stop_rx, handle));
+        Running { rt, stop, task }
+    }
+
+    /// Names and addresses of the listeners that are up.
+    pub fn listeners(&self) -> Vec<(String, std::net::SocketAddr)> {
+        self.lock()
+            .listeners
+            .values()
+            .map(|r| (r.rt.config.name.clone(), r.rt.config.address))
+            .collect()
+    }
+
+    /// The cluster configurations in force.
+    pub fn clusters(&self) -> Vec<config::Cluster> {
+        let mut v: Vec<_> = self
+            .lock()
+            .clusters
+            .values()
+            .map(|c| c.config.clone())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Stops accepting on every listener; returns when their accept loops have ended. No listener
+    /// is started after this.
+    pub async fn stop(&self) {
+        let tasks: Vec<_> = {
+            let mut inner = self.lock();
+            inner.stopped = true;
+            std::mem::take(&mut inner.listeners)
+                .into_values()
+                .map(|r| {
+                    r.stop.send_replace(true);
+                    r.task
+                })
+                .collect()
+        };
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}

@@ -36,6 +36,25 @@ enum Command {
         /// Check the config and exit without starting.
         #[arg(long)]
         check: bool,
+        /// Take listeners, routes, clusters and endpoints from this ADS server (`host:port`),
+        /// in addition to the file's static ones (overrides the file's `xds.address`).
+        #[arg(long)]
+        xds: Option<String>,
+    },
+    /// Serve xDS (ADS) from Istio ServiceEntry, WorkloadEntry, AuthorizationPolicy and
+    /// PeerAuthentication files in a directory (watched).
+    ControlPlane {
+        /// The directory of YAML files.
+        #[arg(long)]
+        config_dir: PathBuf,
+        /// Plaintext ADS (development; Istio's 15010).
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds_address: std::net::SocketAddr,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Istio's root namespace (mesh-wide policies).
+        #[arg(long, default_value = "istio-system")]
+        root_namespace: String,
     },
     /// Run a dev CA, three sample services with their sidecars on loopback, and scripted traffic.
     Demo {
@@ -84,9 +103,12 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
         .build()
         .context("starting the async runtime")?;
     match cli.command {
-        Command::Proxy { config, check } => {
-            let bootstrap = proxy::Bootstrap::from_file(&config)
+        Command::Proxy { config, check, xds } => {
+            let mut bootstrap = proxy::Bootstrap::from_file(&config)
                 .with_context(|| format!("refusing to start with config {}", config.display()))?;
+            if let Some(address) = xds {
+                bootstrap.xds = Some(proxy::config::XdsConfig { address });
+            }
             if check {
                 println!("{}: OK", config.display());
                 return Ok(std::process::ExitCode::SUCCESS);
@@ -104,6 +126,26 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Policy(cmd) => policy_cmd::run(*cmd),
+        Command::ControlPlane {
+            config_dir,
+            xds_address,
+            trust_domain,
+            root_namespace,
+        } => {
+            let opts = control_plane::Options {
+                config_dir,
+                xds_address,
+                mesh: control_plane::Mesh {
+                    trust_domain,
+                    root_namespace,
+                },
+                poll_interval: std::time::Duration::from_millis(200),
+            };
+            runtime
+                .block_on(control_plane::run(opts, shutdown_signal()))
+                .map_err(anyhow::Error::msg)?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::NodeAgent {
             workload_api_socket,
             entries,

@@ -282,7 +282,7 @@ fn config_dump(state: &AdminState) -> Value {
             ]
         })
         .unwrap_or_default();
-    json!({
+    let mut dump = json!({
         "configs": [
             {
                 "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
@@ -326,28 +326,53 @@ fn config_dump(state: &AdminState) -> Value {
                 "dynamic_active_secrets": secrets,
             }
         ]
-    })
+    });
+    // The xDS resources, written by the descriptor-based codec; merged into the config of the
+    // same type (static and dynamic listeners in one ListenersConfigDump, as Envoy does).
+    if let Some(x) = &state.xds
+        && let Some(configs) = dump["configs"].as_array_mut()
+    {
+        for d in x.config_dump() {
+            let Some(obj) = d.as_object() else { continue };
+            match configs.iter_mut().find(|c| c["@type"] == d["@type"]) {
+                Some(existing) => {
+                    if let Some(e) = existing.as_object_mut() {
+                        for (k, v) in obj {
+                            if k != "@type" {
+                                e.insert(k.clone(), v.clone());
+                            }
+                        }
+                    }
+                }
+                None => {
+                    let at = configs.len().saturating_sub(1);
+                    configs.insert(at, d.clone());
+                }
+            }
+        }
+    }
+    dump
 }
 
 fn listeners(state: &AdminState, query: &str) -> Response<Body> {
-    let ls = &state.config.listeners;
+    let ls = state.runtime.listeners();
     if query.contains("format=json") {
         return json_response(json!({
-            "listener_statuses": ls.iter().map(|l| json!({
-                "name": l.name,
-                "local_address": socket_address(&l.address),
+            "listener_statuses": ls.iter().map(|(name, address)| json!({
+                "name": name,
+                "local_address": socket_address(address),
             })).collect::<Vec<_>>()
         }));
     }
     let s: String = ls
         .iter()
-        .map(|l| format!("{}::{}\n", l.name, l.address))
+        .map(|(name, address)| format!("{name}::{address}\n"))
         .collect();
     text(StatusCode::OK, &s)
 }
 
 fn clusters(state: &AdminState, query: &str) -> Response<Body> {
-    let cs = &state.config.clusters;
+    let cs = state.runtime.clusters();
     if query.contains("format=json") {
         return json_response(json!({
             "cluster_statuses": cs.iter().map(|c| json!({
@@ -360,7 +385,7 @@ fn clusters(state: &AdminState, query: &str) -> Response<Body> {
         }));
     }
     let mut s = String::new();
-    for c in cs {
+    for c in &cs {
         for e in &c.endpoints {
             s.push_str(&format!("{}::{e}::health_flags::healthy\n", c.name));
         }

@@ -24,11 +24,12 @@ use xds::{codec, types};
 use crate::config;
 use crate::envoy;
 use crate::runtime::{Model, Runtime};
+use crate::stats::{EnvoyStats, Stat};
 
 /// What the admin API shows of xDS, and whether the first configuration has arrived.
 #[derive(Default)]
 pub struct XdsState {
-    /// LDS and CDS have each been applied once (readiness waits for it).
+    /// LDS and CDS have been applied and nothing was warming (readiness waits for it).
     pub synced: AtomicBool,
     /// The ADS stream is up.
     pub connected: AtomicBool,
@@ -53,8 +54,39 @@ struct Failure {
     resources: BTreeMap<String, Any>,
 }
 
+impl Failure {
+    /// Whether this failure is about resource `name`: the error names it (`cluster NAME: …`), or
+    /// names none of the update's resources (then it is about all of them).
+    fn concerns(&self, name: &str) -> bool {
+        if !self.resources.contains_key(name) {
+            return false;
+        }
+        let mentioned = |n: &str| self.details.contains(&format!(" {n}:"));
+        mentioned(name) || !self.resources.keys().any(|n| mentioned(n))
+    }
+}
+
+/// Envoy's xDS update counters for one type.
+struct UpdateStats {
+    attempt: Stat,
+    success: Stat,
+    rejected: Stat,
+}
+
+impl UpdateStats {
+    fn new(stats: &EnvoyStats, prefix: &str) -> Self {
+        Self {
+            attempt: stats.stat(&format!("{prefix}.update_attempt")),
+            success: stats.stat(&format!("{prefix}.update_success")),
+            rejected: stats.stat(&format!("{prefix}.update_rejected")),
+        }
+    }
+}
+
 pub struct Handler {
     runtime: Arc<Runtime>,
+    updates: HashMap<&'static str, UpdateStats>,
+    connected_state: Stat,
     base: Model,
     state: Arc<XdsState>,
     accepted: HashMap<&'static str, BTreeMap<String, Any>>,
@@ -62,19 +94,37 @@ pub struct Handler {
     active: Model,
     eds_names: BTreeSet<String>,
     rds_names: BTreeSet<String>,
+    warming: usize,
 }
 
 impl Handler {
     /// `base`: the bootstrap's static listeners and clusters, installed alongside.
-    pub fn new(runtime: Arc<Runtime>, base: Model, state: Arc<XdsState>) -> Self {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        base: Model,
+        state: Arc<XdsState>,
+        stats: &EnvoyStats,
+    ) -> Self {
+        let updates = [
+            (types::LISTENER, "listener_manager.lds"),
+            (types::ROUTE, "rds"),
+            (types::CLUSTER, "cluster_manager.cds"),
+            (types::ENDPOINT, "cluster_manager.eds"),
+        ]
+        .into_iter()
+        .map(|(t, prefix)| (t, UpdateStats::new(stats, prefix)))
+        .collect();
         Self {
             runtime,
+            updates,
+            connected_state: stats.stat("control_plane.connected_state"),
             base,
             state,
             accepted: HashMap::new(),
             active: Model::default(),
             eds_names: BTreeSet::new(),
             rds_names: BTreeSet::new(),
+            warming: 0,
         }
     }
 
@@ -87,7 +137,10 @@ impl Handler {
         for (i, r) in resources.iter().enumerate() {
             let name = resource_name(type_url, r).map_err(|e| format!("resources[{i}]: {e}"))?;
             if name.is_empty() {
-                return Err(format!("resources[{i}]: a {} resource needs a name", types::short(type_url)));
+                return Err(format!(
+                    "resources[{i}]: a {} resource needs a name",
+                    types::short(type_url)
+                ));
             }
             if by_name.insert(name.clone(), r.clone()).is_some() {
                 return Err(format!("resources[{i}]: {name} appears twice"));
@@ -100,7 +153,10 @@ impl Handler {
         let mut all = self.base.clone();
         for l in &built.model.listeners {
             if all.listeners.iter().any(|s| s.name == l.name) {
-                return Err(format!("listener {}: the name of a static listener", l.name));
+                return Err(format!(
+                    "listener {}: the name of a static listener",
+                    l.name
+                ));
             }
         }
         for c in &built.model.clusters {
@@ -114,6 +170,7 @@ impl Handler {
         self.accepted = candidate;
         self.active = built.model;
         self.eds_names = built.eds_names;
+        self.warming = built.warming;
         self.rds_names = built.rds_names;
         for n in &notes {
             tracing::debug!(note = %n, "xDS: optional item not applied");
@@ -131,7 +188,18 @@ impl xds::client::Handler for Handler {
         if type_url == types::SECRET {
             return Err("SDS over ADS is not used: secrets come from the Workload API".into());
         }
+        let counters = self.updates.get(type_url);
+        if let Some(c) = counters {
+            c.attempt.inc();
+        }
         let result = self.try_apply(type_url, &resources);
+        if let Some(c) = self.updates.get(type_url) {
+            if result.is_ok() {
+                c.success.inc()
+            } else {
+                c.rejected.inc()
+            }
+        }
         let now = SystemTime::now();
         let mut types_state = lock(&self.state.types);
         let entry = types_state.entry(type_url).or_default();
@@ -142,8 +210,12 @@ impl xds::client::Handler for Handler {
                 entry.resources = by_name;
                 entry.error = None;
                 drop(types_state);
-                let have = |t| lock(&self.state.types).get(t).is_some_and(|s| s.updated.is_some());
-                if have(types::LISTENER) && have(types::CLUSTER) {
+                let have = |t| {
+                    lock(&self.state.types)
+                        .get(t)
+                        .is_some_and(|s| s.updated.is_some())
+                };
+                if have(types::LISTENER) && have(types::CLUSTER) && self.warming == 0 {
                     self.state.synced.store(true, Ordering::Relaxed);
                 }
                 Ok(())
@@ -174,6 +246,12 @@ impl xds::client::Handler for Handler {
 
     fn connection(&mut self, up: bool) {
         self.state.connected.store(up, Ordering::Relaxed);
+        let now = self.connected_state.get();
+        match (up, now) {
+            (true, 0) => self.connected_state.inc(),
+            (false, 1) => self.connected_state.dec(),
+            _ => {}
+        }
     }
 }
 
@@ -183,14 +261,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn resource_name(type_url: &str, r: &Any) -> Result<String, String> {
     if r.type_url != type_url {
-        return Err(format!("a {} response carries a {}", types::short(type_url), r.type_url));
+        return Err(format!(
+            "a {} response carries a {}",
+            types::short(type_url),
+            r.type_url
+        ));
     }
     let e = |e: prost::DecodeError| e.to_string();
     Ok(match type_url {
         types::LISTENER => Listener::decode(r.value.as_slice()).map_err(e)?.name,
-        types::ROUTE => RouteConfiguration::decode(r.value.as_slice()).map_err(e)?.name,
+        types::ROUTE => {
+            RouteConfiguration::decode(r.value.as_slice())
+                .map_err(e)?
+                .name
+        }
         types::CLUSTER => Cluster::decode(r.value.as_slice()).map_err(e)?.name,
-        types::ENDPOINT => ClusterLoadAssignment::decode(r.value.as_slice()).map_err(e)?.cluster_name,
+        types::ENDPOINT => {
+            ClusterLoadAssignment::decode(r.value.as_slice())
+                .map_err(e)?
+                .cluster_name
+        }
         _ => return Err(format!("{type_url} is not handled")),
     })
 }
@@ -198,6 +288,8 @@ fn resource_name(type_url: &str, r: &Any) -> Result<String, String> {
 /// The dynamic model from a set of accepted resources, and the names to subscribe to next.
 pub struct Built {
     pub model: Model,
+    /// Listeners and clusters waiting for their routes or endpoints.
+    pub warming: usize,
     pub eds_names: BTreeSet<String>,
     pub rds_names: BTreeSet<String>,
 }
@@ -217,9 +309,13 @@ pub fn build(
     let mut endpoints = HashMap::new();
     for (name, any) in of(types::ENDPOINT) {
         let la: ClusterLoadAssignment = codec::unpack(any).map_err(|e| decode_err(name, e))?;
-        endpoints.insert(name.clone(), envoy::load_assignment(&la, notes).map_err(|e| e.to_string())?);
+        endpoints.insert(
+            name.clone(),
+            envoy::load_assignment(&la, notes).map_err(|e| e.to_string())?,
+        );
     }
     let mut clusters = Vec::new();
+    let mut warming_count = 0;
     let mut eds_names = BTreeSet::new();
     for (name, any) in of(types::CLUSTER) {
         let c: Cluster = codec::unpack(any).map_err(|e| decode_err(name, e))?;
@@ -230,6 +326,7 @@ pub fn build(
                 Some(eps) => mc.endpoints.clone_from(eps),
                 None => {
                     // Warming: the previous version serves until the endpoints arrive.
+                    warming_count += 1;
                     if let Some(prev) = previous.clusters.iter().find(|p| p.name == mc.name) {
                         clusters.push(prev.clone());
                     }
@@ -242,7 +339,10 @@ pub fn build(
     let mut routes = HashMap::new();
     for (name, any) in of(types::ROUTE) {
         let rc: RouteConfiguration = codec::unpack(any).map_err(|e| decode_err(name, e))?;
-        routes.insert(name.clone(), envoy::route_configuration(&rc, notes).map_err(|e| e.to_string())?);
+        routes.insert(
+            name.clone(),
+            envoy::route_configuration(&rc, notes).map_err(|e| e.to_string())?,
+        );
     }
     let mut listeners = Vec::new();
     let mut rds_names = BTreeSet::new();
@@ -264,6 +364,7 @@ pub fn build(
             }
         }
         if warming {
+            warming_count += 1;
             if let Some(prev) = previous.listeners.iter().find(|p| p.name == ml.name) {
                 listeners.push(prev.clone());
             }
@@ -272,7 +373,11 @@ pub fn build(
         listeners.push(ml);
     }
     Ok(Built {
-        model: Model { listeners, clusters },
+        model: Model {
+            listeners,
+            clusters,
+        },
+        warming: warming_count,
         eds_names,
         rds_names,
     })
@@ -320,7 +425,11 @@ impl XdsState {
         let names = |s: &TypeState| -> BTreeSet<String> {
             s.resources
                 .keys()
-                .chain(s.error.iter().flat_map(|f| f.resources.keys()))
+                .chain(
+                    s.error
+                        .iter()
+                        .flat_map(|f| f.resources.keys().filter(|n| f.concerns(n))),
+                )
                 .cloned()
                 .collect()
         };
@@ -333,12 +442,18 @@ impl XdsState {
                 .iter()
                 .map(|n| listeners_config_dump::DynamicListener {
                     name: n.clone(),
-                    active_state: s.resources.get(n).map(|a| listeners_config_dump::DynamicListenerState {
-                        version_info: s.version.clone(),
-                        listener: Some(renderable(a)),
-                        last_updated: s.updated.map(timestamp),
+                    active_state: s.resources.get(n).map(|a| {
+                        listeners_config_dump::DynamicListenerState {
+                            version_info: s.version.clone(),
+                            listener: Some(renderable(a)),
+                            last_updated: s.updated.map(timestamp),
+                        }
                     }),
-                    error_state: s.error.as_ref().filter(|f| f.resources.contains_key(n)).map(|f| failure(f, n)),
+                    error_state: s
+                        .error
+                        .as_ref()
+                        .filter(|f| f.concerns(n))
+                        .map(|f| failure(f, n)),
                     ..Default::default()
                 })
                 .collect(),
@@ -355,7 +470,11 @@ impl XdsState {
                     version_info: s.version.clone(),
                     cluster: s.resources.get(n).map(renderable),
                     last_updated: s.updated.map(timestamp),
-                    error_state: s.error.as_ref().filter(|f| f.resources.contains_key(n)).map(|f| failure(f, n)),
+                    error_state: s
+                        .error
+                        .as_ref()
+                        .filter(|f| f.concerns(n))
+                        .map(|f| failure(f, n)),
                     ..Default::default()
                 })
                 .collect(),
@@ -371,7 +490,11 @@ impl XdsState {
                     version_info: s.version.clone(),
                     route_config: s.resources.get(n).map(renderable),
                     last_updated: s.updated.map(timestamp),
-                    error_state: s.error.as_ref().filter(|f| f.resources.contains_key(n)).map(|f| failure(f, n)),
+                    error_state: s
+                        .error
+                        .as_ref()
+                        .filter(|f| f.concerns(n))
+                        .map(|f| failure(f, n)),
                     ..Default::default()
                 })
                 .collect(),
@@ -387,7 +510,11 @@ impl XdsState {
                     version_info: s.version.clone(),
                     endpoint_config: s.resources.get(n).map(renderable),
                     last_updated: s.updated.map(timestamp),
-                    error_state: s.error.as_ref().filter(|f| f.resources.contains_key(n)).map(|f| failure(f, n)),
+                    error_state: s
+                        .error
+                        .as_ref()
+                        .filter(|f| f.concerns(n))
+                        .map(|f| failure(f, n)),
                     ..Default::default()
                 })
                 .collect(),
@@ -397,7 +524,9 @@ impl XdsState {
 
         out.iter()
             .map(|a| {
-                codec::any_to_json(a).unwrap_or_else(|e| serde_json::json!({ "@type": a.type_url, "error": e.to_string() }))
+                codec::any_to_json(a).unwrap_or_else(
+                    |e| serde_json::json!({ "@type": a.type_url, "error": e.to_string() }),
+                )
             })
             .collect()
     }

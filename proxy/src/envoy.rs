@@ -370,7 +370,9 @@ fn filter_chain(
                         }
                     }
                     _ => {
-                        return Err(cx.invalid(format!("{ffield}.cluster"), "a cluster is required"));
+                        return Err(
+                            cx.invalid(format!("{ffield}.cluster"), "a cluster is required")
+                        );
                     }
                 };
                 out.tcp_proxy = Some(TcpProxy {
@@ -782,7 +784,9 @@ fn header_matcher(h: &PbHeaderMatcher) -> Result<HeaderMatcher, String> {
         }
         None => out.present_match = Some(true),
         _ => {
-            return Err("range, regex, suffix and contains header matches are not supported".into());
+            return Err(
+                "range, regex, suffix and contains header matches are not supported".into(),
+            );
         }
     }
     Ok(out)
@@ -997,6 +1001,9 @@ fn upstream_tls(ts: &TransportSocket, cx: &mut Ctx<'_>) -> Result<UpstreamTls, I
     } else {
         ctx.sni.clone()
     };
+    if rustls_pki_types::ServerName::try_from(sni.as_str()).is_err() {
+        return Err(cx.invalid(format!("{field}.sni"), format!("invalid SNI {sni:?}")));
+    }
     Ok(UpstreamTls {
         sni,
         match_spiffe_ids: ids,

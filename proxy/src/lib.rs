@@ -10,8 +10,8 @@
 //! anything a peer sends.
 
 mod access_log;
-mod ads;
 pub mod admin;
+mod ads;
 mod body;
 pub mod config;
 mod drain;
@@ -174,7 +174,10 @@ pub async fn run(
     };
     runtime.apply(&base).map_err(StartError::Config)?;
 
-    let xds_state = config.xds.as_ref().map(|_| Arc::new(ads::XdsState::default()));
+    let xds_state = config
+        .xds
+        .as_ref()
+        .map(|_| Arc::new(ads::XdsState::default()));
     let (xds_stop, xds_stop_rx) = watch::channel(false);
     if let (Some(x), Some(state)) = (&config.xds, &xds_state) {
         let server = if x.address.contains("://") {
@@ -183,7 +186,12 @@ pub async fn run(
             format!("http://{}", x.address)
         };
         tracing::info!(%server, node = %config.node.id, "configuration from xDS (ADS); not ready until the first listeners and clusters");
-        let handler = ads::Handler::new(runtime.clone(), base.clone(), state.clone());
+        let handler = ads::Handler::new(
+            runtime.clone(),
+            base.clone(),
+            state.clone(),
+            &telemetry.stats,
+        );
         tokio::spawn(xds::client::run(
             xds::client::ClientConfig::new(server, xds_node(&config.node)),
             handler,

@@ -60,7 +60,9 @@ impl Runtime {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Installs `model` in place of what runs now. On error nothing has changed.
@@ -99,8 +101,14 @@ impl Runtime {
         let mut replaced = Vec::new();
         for (name, l) in &wanted {
             match inner.listeners.get(name) {
-                Some(r) if r.rt.config.address == l.address && r.rt.config.direction == l.direction => {}
-                Some(_) => replaced.push(name.clone()),
+                Some(r)
+                    if r.rt.config.address == l.address && r.rt.config.direction == l.direction => {
+                }
+                Some(_) => {
+                    // A new address: bind it now too (a failure must leave everything as it was).
+                    replaced.push(name.clone());
+                    to_bind.push(*l);
+                }
                 None => to_bind.push(*l),
             }
         }
@@ -127,24 +135,15 @@ impl Runtime {
             }
         }
         for (name, l) in &wanted {
-            if let Some(r) = inner.listeners.get(name) {
+            if let Some(r) = inner.listeners.get(name)
+                && !replaced.contains(name)
+            {
                 r.rt.update(l, &self.telemetry.stats);
             }
         }
         for (l, tcp) in bound {
             let running = self.start(l, tcp);
             inner.listeners.insert(l.name.clone(), running);
-        }
-        // Replaced listeners (new address): their old socket is closed now; bind the new one.
-        for name in replaced {
-            let Some(l) = wanted.get(&name) else { continue };
-            match crate::listener::bind(&l.name, l.address) {
-                Ok(tcp) => {
-                    let running = self.start(l, tcp);
-                    inner.listeners.insert(name, running);
-                }
-                Err(e) => tracing::error!(listener = %name, error = %e, "cannot bind the listener's new address"),
-            }
         }
         Ok(())
     }

@@ -1,0 +1,643 @@
+//! Per-node xDS, generated from the registry the way istiod shapes it (names, SNI, SAN matchers):
+//!
+//! - a sidecar gets `virtualInbound` (mTLS chains per service port, chosen by SNI, with the RBAC
+//!   filters of the AuthorizationPolicies that select it; plaintext chains only if
+//!   PeerAuthentication allows), `inbound|port||` clusters to its app, and `virtualOutbound` with the
+//!   `outbound` route table and `outbound|port||host` EDS clusters whose mTLS peers must present
+//!   the SPIFFE IDs of the service's workloads;
+//! - a proxyless gRPC client (node metadata `GENERATOR: grpc`, as Istio's) gets API listeners
+//!   named `host:port`, routes, clusters and endpoints pointing at the workloads' app ports.
+//!
+//! Sidecar ports: a WorkloadEntry's sidecar takes inbound mTLS on `address:15006` and the app's
+//! outbound traffic on `127.0.0.1:15001`; the annotations `sidecar.eastguard.io/inbound-port` and
+//! `sidecar.eastguard.io/outbound-port` change them (several sidecars on one host, in tests).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use policy::istio::{Target, peer_authn::MtlsMode};
+use xds::codec;
+use xds::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use xds::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ConfigSource, Locality, SocketAddress, TransportSocket,
+    address, config_source, socket_address, transport_socket,
+};
+use xds::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use xds::pb::envoy::config::listener::v3::{
+    ApiListener, Filter, FilterChain, FilterChainMatch, Listener, filter,
+};
+use xds::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
+    route_match,
+};
+use xds::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use xds::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use xds::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
+    SubjectAltNameMatcher, UpstreamTlsContext, common_tls_context, subject_alt_name_matcher,
+};
+use xds::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use xds::pb::google::protobuf::{Any, BoolValue, Duration, UInt32Value};
+use xds::server::Snapshot;
+use xds::types;
+
+use crate::registry::{Registry, ServiceEntry, ServicePort, WorkloadEntry};
+
+pub const INBOUND_PORT_ANNOTATION: &str = "sidecar.eastguard.io/inbound-port";
+pub const OUTBOUND_PORT_ANNOTATION: &str = "sidecar.eastguard.io/outbound-port";
+
+/// Mesh-wide settings.
+#[derive(Debug, Clone)]
+pub struct Mesh {
+    pub trust_domain: String,
+    pub root_namespace: String,
+}
+
+impl Mesh {
+    pub fn spiffe_id(&self, namespace: &str, service_account: &str) -> String {
+        format!(
+            "spiffe://{}/ns/{namespace}/sa/{service_account}",
+            self.trust_domain
+        )
+    }
+}
+
+fn port_annotation(w: &WorkloadEntry, key: &str, default: u16) -> u16 {
+    w.meta
+        .annotations
+        .get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn inbound_port(w: &WorkloadEntry) -> u16 {
+    port_annotation(w, INBOUND_PORT_ANNOTATION, 15006)
+}
+
+fn outbound_port(w: &WorkloadEntry) -> u16 {
+    port_annotation(w, OUTBOUND_PORT_ANNOTATION, 15001)
+}
+
+fn selects(s: &ServiceEntry, w: &WorkloadEntry) -> bool {
+    s.meta.namespace == w.meta.namespace
+        && s.selector
+            .as_ref()
+            .is_some_and(|sel| sel.iter().all(|(k, v)| w.spec.labels.get(k) == Some(v)))
+}
+
+/// The app port a service port reaches on a workload.
+fn target_port(p: &ServicePort, w: &WorkloadEntry) -> u16 {
+    w.spec
+        .ports
+        .get(&p.name)
+        .copied()
+        .or(p.target_port)
+        .unwrap_or(p.number)
+}
+
+fn sni(port: u16, host: &str) -> String {
+    format!("outbound_.{port}_._.{host}")
+}
+
+fn socket(ip: &str, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_owned(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: 2,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.into(),
+        sds_config: Some(ads()),
+    }
+}
+
+fn tls_socket(any: Any) -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any)),
+    }
+}
+
+fn router() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(codec::pack(
+            &xds::pb::envoy::extensions::filters::http::router::v3::Router::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
+fn zero() -> Duration {
+    Duration {
+        seconds: 0,
+        nanos: 0,
+    }
+}
+
+fn route_to(cluster: &str) -> Route {
+    Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.into())),
+            timeout: Some(zero()),
+            ..Default::default()
+        })),
+        name: "default".into(),
+        ..Default::default()
+    }
+}
+
+fn eds_cluster(name: &str) -> Cluster {
+    Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(3)),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: name.into(),
+        }),
+        connect_timeout: Some(Duration {
+            seconds: 5,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+fn load_assignment(name: &str, endpoints: &[(String, u16)]) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![LocalityLbEndpoints {
+            locality: Some(Locality::default()),
+            load_balancing_weight: Some(UInt32Value { value: 1 }),
+            lb_endpoints: endpoints
+                .iter()
+                .map(|(ip, port)| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket(ip, *port)),
+                        ..Default::default()
+                    })),
+                    load_balancing_weight: Some(UInt32Value { value: 1 }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn put<M: prost::Message + prost::Name>(snap: &mut Snapshot, type_url: &str, name: &str, m: &M) {
+    snap.resources
+        .entry(type_url.to_owned())
+        .or_default()
+        .insert(name.to_owned(), codec::pack(m));
+}
+
+/// The workloads behind a service: selected WorkloadEntries and inline endpoints.
+fn members<'a>(s: &'a ServiceEntry, reg: &'a Registry) -> Vec<WorkloadEntry> {
+    let mut out: Vec<WorkloadEntry> = reg
+        .workloads
+        .iter()
+        .filter(|w| selects(s, w))
+        .cloned()
+        .collect();
+    for (i, e) in s.endpoints.iter().enumerate() {
+        out.push(WorkloadEntry {
+            meta: crate::registry::Meta {
+                name: format!("{}-endpoint-{i}", s.meta.name),
+                namespace: s.meta.namespace.clone(),
+                labels: BTreeMap::new(),
+                annotations: BTreeMap::new(),
+            },
+            spec: e.clone(),
+        });
+    }
+    out
+}
+
+/// Which workload a sidecar node is: Istio's node id `sidecar~IP~NAME.NAMESPACE~...`.
+pub fn workload_for_node<'a>(node_id: &str, reg: &'a Registry) -> Option<&'a WorkloadEntry> {
+    let mut parts = node_id.split('~');
+    let (_kind, _ip, pod) = (parts.next()?, parts.next()?, parts.next()?);
+    let (name, namespace) = pod.split_once('.')?;
+    reg.workloads
+        .iter()
+        .find(|w| w.meta.name == name && w.meta.namespace == namespace)
+}
+
+fn rbac_filters(
+    reg: &Registry,
+    target: &Target,
+    tcp: bool,
+    notes: &mut Vec<String>,
+) -> Vec<(String, Any)> {
+    let filters = match policy::istio::translate(&reg.authorization, target, tcp) {
+        Ok(f) => f,
+        Err(e) => {
+            // Fail closed: a policy that cannot be enforced denies everything it could have allowed.
+            notes.push(format!("{e}; denying all requests to this workload"));
+            vec![policy::rbac::Filter {
+                name: if tcp {
+                    policy::rbac::NETWORK_RBAC_FILTER
+                } else {
+                    policy::rbac::HTTP_RBAC_FILTER
+                }
+                .into(),
+                typed_config: policy::rbac::TypedFilterConfig {
+                    type_url: if tcp {
+                        policy::rbac::NETWORK_RBAC_TYPE
+                    } else {
+                        policy::rbac::HTTP_RBAC_TYPE
+                    }
+                    .into(),
+                    rbac: policy::rbac::RbacFilter {
+                        rules: Some(policy::rbac::Rbac {
+                            action: policy::rbac::Action::Allow,
+                            policies: BTreeMap::new(),
+                        }),
+                        stat_prefix: if tcp { "tcp.".into() } else { String::new() },
+                        ..Default::default()
+                    },
+                },
+            }]
+        }
+    };
+    filters
+        .into_iter()
+        .filter_map(|f| {
+            let json = serde_json::to_value(&f.typed_config).ok()?;
+            match codec::json_to_any(json) {
+                Ok(any) => Some((f.name, any)),
+                Err(e) => {
+                    notes.push(format!("RBAC filter does not encode: {e}"));
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// A sidecar's configuration.
+pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec<String>) {
+    let mut snap = Snapshot::default();
+    let mut notes = Vec::new();
+    let target = Target {
+        namespace: w.meta.namespace.clone(),
+        labels: w.spec.labels.clone(),
+        root_namespace: mesh.root_namespace.clone(),
+        trust_domain: mesh.trust_domain.clone(),
+        trust_domain_aliases: Vec::new(),
+    };
+    let mtls = policy::istio::peer_authn::effective(&reg.peer_authentication, &target);
+    let http_rbac = rbac_filters(reg, &target, false, &mut notes);
+    let tcp_rbac = rbac_filters(reg, &target, true, &mut notes);
+
+    // Inbound.
+    let downstream = codec::pack(&DownstreamTlsContext {
+        require_client_certificate: Some(BoolValue { value: true }),
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds("default")],
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds(
+                    "ROOTCA",
+                )),
+            ),
+            alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let mut chains = Vec::new();
+    let mut plaintext = None;
+    let mut app_ports = BTreeSet::new();
+    for s in reg.services.iter().filter(|s| selects(s, w)) {
+        for p in &s.ports {
+            let port = target_port(p, w);
+            let cluster = format!("inbound|{port}||");
+            app_ports.insert((port, p.is_h2()));
+            let filters = if p.is_http() {
+                let hcm = HttpConnectionManager {
+                    stat_prefix: format!("inbound_0.0.0.0_{port}"),
+                    route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+                        RouteConfiguration {
+                            name: cluster.clone(),
+                            virtual_hosts: vec![VirtualHost {
+                                name: format!("inbound|http|{port}"),
+                                domains: vec!["*".into()],
+                                routes: vec![route_to(&cluster)],
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        },
+                    )),
+                    http_filters: http_rbac
+                        .iter()
+                        .map(|(name, any)| HttpFilter {
+                            name: name.clone(),
+                            config_type: Some(http_filter::ConfigType::TypedConfig(any.clone())),
+                            ..Default::default()
+                        })
+                        .chain([router()])
+                        .collect(),
+                    forward_client_cert_details: 3, // SANITIZE_SET
+                    ..Default::default()
+                };
+                vec![Filter {
+                    name: "envoy.filters.network.http_connection_manager".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(codec::pack(&hcm))),
+                }]
+            } else {
+                tcp_rbac
+                    .iter()
+                    .map(|(name, any)| Filter {
+                        name: name.clone(),
+                        config_type: Some(filter::ConfigType::TypedConfig(any.clone())),
+                    })
+                    .chain([Filter {
+                        name: "envoy.filters.network.tcp_proxy".into(),
+                        config_type: Some(filter::ConfigType::TypedConfig(codec::pack(
+                            &TcpProxy {
+                                stat_prefix: cluster.clone(),
+                                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(
+                                    cluster.clone(),
+                                )),
+                                ..Default::default()
+                            },
+                        ))),
+                    }])
+                    .collect()
+            };
+            if plaintext.is_none() {
+                plaintext = Some(FilterChain {
+                    name: format!("inbound|{port}|plaintext"),
+                    filter_chain_match: Some(FilterChainMatch {
+                        transport_protocol: "raw_buffer".into(),
+                        ..Default::default()
+                    }),
+                    filters: filters.clone(),
+                    ..Default::default()
+                });
+            }
+            chains.push(FilterChain {
+                name: format!("inbound|{port}|{}|{}", p.name, s.hosts.join(",")),
+                filter_chain_match: Some(FilterChainMatch {
+                    server_names: s.hosts.iter().map(|h| sni(p.number, h)).collect(),
+                    transport_protocol: "tls".into(),
+                    ..Default::default()
+                }),
+                filters,
+                transport_socket: Some(tls_socket(downstream.clone())),
+                ..Default::default()
+            });
+        }
+    }
+    match mtls.mode {
+        MtlsMode::Disable => {
+            chains.clear();
+            chains.extend(plaintext);
+        }
+        MtlsMode::Permissive => {
+            if !mtls.ports.is_empty() {
+                notes.push("port-level PeerAuthentication needs the original destination port; the workload mode applies".into());
+            }
+            chains.extend(plaintext);
+        }
+        MtlsMode::Strict | MtlsMode::Unset => {}
+    }
+    if !chains.is_empty() {
+        let l = Listener {
+            name: "virtualInbound".into(),
+            address: Some(socket(&w.spec.address, inbound_port(w))),
+            filter_chains: chains,
+            traffic_direction: 1,
+            ..Default::default()
+        };
+        put(&mut snap, types::LISTENER, &l.name, &l);
+    }
+    for (port, h2) in app_ports {
+        let name = format!("inbound|{port}||");
+        let mut c = Cluster {
+            name: name.clone(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(0)),
+            connect_timeout: Some(Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+            load_assignment: Some(load_assignment(&name, &[("127.0.0.1".into(), port)])),
+            ..Default::default()
+        };
+        if h2 {
+            let opts = serde_json::json!({
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            });
+            if let Ok(any) = codec::json_to_any(opts) {
+                c.typed_extension_protocol_options.insert(
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+                    any,
+                );
+            }
+        }
+        put(&mut snap, types::CLUSTER, &name, &c);
+    }
+
+    // Outbound: every HTTP service port in the mesh, by host.
+    let mut vhosts = Vec::new();
+    for s in &reg.services {
+        let peers = members(s, reg);
+        let ids: BTreeSet<String> = peers
+            .iter()
+            .map(|m| mesh.spiffe_id(&m.meta.namespace, m.service_account()))
+            .collect();
+        for p in &s.ports {
+            for h in &s.hosts {
+                let name = format!("outbound|{}||{h}", p.number);
+                if ids.is_empty() {
+                    notes.push(format!("{name}: no workloads; not generated"));
+                    continue;
+                }
+                let mut c = eds_cluster(&name);
+                c.transport_socket = Some(tls_socket(codec::pack(&UpstreamTlsContext {
+                    sni: sni(p.number, h),
+                    common_tls_context: Some(CommonTlsContext {
+                        tls_certificate_sds_secret_configs: vec![sds("default")],
+                        validation_context_type: Some(
+                            common_tls_context::ValidationContextType::CombinedValidationContext(
+                                common_tls_context::CombinedCertificateValidationContext {
+                                    default_validation_context: Some(
+                                        CertificateValidationContext {
+                                            match_typed_subject_alt_names: ids
+                                                .iter()
+                                                .map(|id| SubjectAltNameMatcher {
+                                                    san_type: subject_alt_name_matcher::SanType::Uri
+                                                        as i32,
+                                                    matcher: Some(StringMatcher {
+                                                        match_pattern: Some(
+                                                            string_matcher::MatchPattern::Exact(
+                                                                id.clone(),
+                                                            ),
+                                                        ),
+                                                        ignore_case: false,
+                                                    }),
+                                                    ..Default::default()
+                                                })
+                                                .collect(),
+                                            ..Default::default()
+                                        },
+                                    ),
+                                    validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                                    ..Default::default()
+                                },
+                            ),
+                        ),
+                        alpn_protocols: vec!["istio-h2".into(), "h2".into()],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })));
+                put(&mut snap, types::CLUSTER, &name, &c);
+                let eps: Vec<(String, u16)> = peers
+                    .iter()
+                    .map(|m| (m.spec.address.clone(), inbound_port(m)))
+                    .collect();
+                put(
+                    &mut snap,
+                    types::ENDPOINT,
+                    &name,
+                    &load_assignment(&name, &eps),
+                );
+                if p.is_http() {
+                    vhosts.push(VirtualHost {
+                        name: format!("{h}:{}", p.number),
+                        domains: domains(h, p.number, &w.meta.namespace),
+                        routes: vec![route_to(&name)],
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+    }
+    let outbound_rds = RouteConfiguration {
+        name: "outbound".into(),
+        virtual_hosts: vhosts,
+        ..Default::default()
+    };
+    put(&mut snap, types::ROUTE, "outbound", &outbound_rds);
+    let hcm = HttpConnectionManager {
+        stat_prefix: format!("outbound_0.0.0.0_{}", outbound_port(w)),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: "outbound".into(),
+        })),
+        http_filters: vec![router()],
+        ..Default::default()
+    };
+    let l = Listener {
+        name: "virtualOutbound".into(),
+        address: Some(socket("127.0.0.1", outbound_port(w))),
+        filter_chains: vec![FilterChain {
+            name: "virtualOutbound-http".into(),
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(codec::pack(&hcm))),
+            }],
+            ..Default::default()
+        }],
+        traffic_direction: 2,
+        ..Default::default()
+    };
+    put(&mut snap, types::LISTENER, &l.name, &l);
+    (snap, notes)
+}
+
+/// The names a host answers to from a namespace: the full name, and for `*.svc.cluster.local`
+/// hosts the `svc.ns` and (same namespace) `svc` short forms; each with and without the port.
+fn domains(host: &str, port: u16, from_namespace: &str) -> Vec<String> {
+    let mut names = vec![host.to_owned()];
+    if let Some(rest) = host.strip_suffix(".svc.cluster.local")
+        && let Some((svc, ns)) = rest.split_once('.')
+    {
+        names.push(format!("{svc}.{ns}"));
+        if ns == from_namespace {
+            names.push(svc.to_owned());
+        }
+    }
+    let with_port: Vec<String> = names.iter().map(|n| format!("{n}:{port}")).collect();
+    names.extend(with_port);
+    names
+}
+
+/// A proxyless gRPC client's configuration: API listeners `host:port` for every gRPC/HTTP port.
+pub fn proxyless(reg: &Registry) -> Snapshot {
+    let mut snap = Snapshot::default();
+    for s in &reg.services {
+        let peers = members(s, reg);
+        for p in s.ports.iter().filter(|p| p.is_http()) {
+            for h in &s.hosts {
+                let name = format!("{h}:{}", p.number);
+                let cluster = format!("outbound|{}||{h}", p.number);
+                let hcm = HttpConnectionManager {
+                    route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+                        config_source: Some(ads()),
+                        route_config_name: name.clone(),
+                    })),
+                    http_filters: vec![router()],
+                    ..Default::default()
+                };
+                let l = Listener {
+                    name: name.clone(),
+                    api_listener: Some(ApiListener {
+                        api_listener: Some(codec::pack(&hcm)),
+                    }),
+                    ..Default::default()
+                };
+                put(&mut snap, types::LISTENER, &name, &l);
+                let rc = RouteConfiguration {
+                    name: name.clone(),
+                    virtual_hosts: vec![VirtualHost {
+                        name: name.clone(),
+                        domains: vec![h.clone(), name.clone()],
+                        routes: vec![route_to(&cluster)],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                };
+                put(&mut snap, types::ROUTE, &name, &rc);
+                put(&mut snap, types::CLUSTER, &cluster, &eds_cluster(&cluster));
+                let eps: Vec<(String, u16)> = peers
+                    .iter()
+                    .map(|m| (m.spec.address.clone(), target_port(p, m)))
+                    .collect();
+                put(
+                    &mut snap,
+                    types::ENDPOINT,
+                    &cluster,
+                    &load_assignment(&cluster, &eps),
+                );
+            }
+        }
+    }
+    snap
+}

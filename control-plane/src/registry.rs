@@ -1,0 +1,447 @@
+//! The service registry and policies, read from a directory of Istio YAML files:
+//! `networking.istio.io` ServiceEntry and WorkloadEntry, `security.istio.io` AuthorizationPolicy and
+//! PeerAuthentication. Each file is parsed whole; a file with an error keeps its last good content
+//! (the error names the file, the document and the field), so a bad edit never takes a service or
+//! a policy away.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use policy::istio::{AuthorizationPolicy, peer_authn::PeerAuthentication};
+use serde::Deserialize;
+
+/// Everything the control plane knows.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    pub services: Vec<ServiceEntry>,
+    pub workloads: Vec<WorkloadEntry>,
+    pub authorization: Vec<AuthorizationPolicy>,
+    pub peer_authentication: Vec<PeerAuthentication>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub meta: Meta,
+    pub hosts: Vec<String>,
+    pub ports: Vec<ServicePort>,
+    /// Workloads (WorkloadEntries in the same namespace) whose labels include these.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// Inline endpoints, as WorkloadEntries of the service's namespace.
+    pub endpoints: Vec<WorkloadSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    pub number: u16,
+    pub name: String,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+impl ServicePort {
+    /// HTTP, HTTP2 and GRPC are HTTP; anything else is carried as TCP.
+    pub fn is_http(&self) -> bool {
+        matches!(
+            self.protocol
+                .as_deref()
+                .map(str::to_ascii_uppercase)
+                .as_deref(),
+            Some("HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB")
+        )
+    }
+
+    pub fn is_h2(&self) -> bool {
+        matches!(
+            self.protocol
+                .as_deref()
+                .map(str::to_ascii_uppercase)
+                .as_deref(),
+            Some("HTTP2" | "GRPC")
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadEntry {
+    pub meta: Meta,
+    pub spec: WorkloadSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSpec {
+    pub address: String,
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub locality: Option<String>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+impl WorkloadEntry {
+    pub fn service_account(&self) -> &str {
+        self.spec.service_account.as_deref().unwrap_or("default")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Document {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: Metadata,
+    #[serde(default)]
+    spec: serde_json::Value,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Metadata {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ServiceEntrySpec {
+    hosts: Vec<String>,
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    ports: Vec<ServicePort>,
+    #[serde(default)]
+    location: Option<String>,
+    #[serde(default)]
+    resolution: Option<String>,
+    #[serde(default)]
+    endpoints: Vec<WorkloadSpec>,
+    #[serde(default)]
+    workload_selector: Option<Selector>,
+    #[serde(default)]
+    export_to: Vec<String>,
+    #[serde(default)]
+    subject_alt_names: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Selector {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+/// One file's content.
+#[derive(Debug, Clone, Default)]
+struct FileContent {
+    services: Vec<ServiceEntry>,
+    workloads: Vec<WorkloadEntry>,
+    authorization: Vec<AuthorizationPolicy>,
+    peer_authentication: Vec<PeerAuthentication>,
+}
+
+/// Parses one file (all its documents) or says what is wrong with it.
+fn parse_file(path: &Path, text: &str) -> Result<FileContent, String> {
+    let file = path.display();
+    let mut out = FileContent::default();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_json::Value::deserialize(doc)
+            .map_err(|e| format!("{file}: document {index}: {e}"))?;
+        if value.is_null() {
+            continue;
+        }
+        let mut d: Document = serde_json::from_value(value.clone())
+            .map_err(|e| format!("{file}: document {index}: {e}"))?;
+        let what = format!(
+            "{file}: document {index} ({} {}/{})",
+            d.kind,
+            if d.metadata.namespace.is_empty() {
+                "default"
+            } else {
+                &d.metadata.namespace
+            },
+            d.metadata.name
+        );
+        if d.metadata.name.is_empty() {
+            return Err(format!("{what}: metadata.name is required"));
+        }
+        if d.metadata.namespace.is_empty() {
+            d.metadata.namespace = "default".into();
+        }
+        let group = d.api_version.split('/').next().unwrap_or_default();
+        let meta = Meta {
+            name: d.metadata.name.clone(),
+            namespace: d.metadata.namespace.clone(),
+            labels: d.metadata.labels.clone(),
+            annotations: d.metadata.annotations.clone(),
+        };
+        let spec = if d.spec.is_null() {
+            serde_json::json!({})
+        } else {
+            d.spec.clone()
+        };
+        match (group, d.kind.as_str()) {
+            ("networking.istio.io", "ServiceEntry") => {
+                let s: ServiceEntrySpec =
+                    serde_json::from_value(spec).map_err(|e| format!("{what}: spec: {e}"))?;
+                if s.hosts.is_empty() {
+                    return Err(format!("{what}: spec.hosts: at least one host is required"));
+                }
+                for (i, p) in s.ports.iter().enumerate() {
+                    if p.number == 0 {
+                        return Err(format!("{what}: spec.ports[{i}].number: must be 1-65535"));
+                    }
+                }
+                for (i, e) in s.endpoints.iter().enumerate() {
+                    check_address(&e.address)
+                        .map_err(|m| format!("{what}: spec.endpoints[{i}].address: {m}"))?;
+                }
+                let _ = (
+                    &s.addresses,
+                    &s.location,
+                    &s.resolution,
+                    &s.export_to,
+                    &s.subject_alt_names,
+                );
+                out.services.push(ServiceEntry {
+                    meta,
+                    hosts: s.hosts,
+                    ports: s.ports,
+                    selector: s.workload_selector.map(|w| w.labels),
+                    endpoints: s.endpoints,
+                });
+            }
+            ("networking.istio.io", "WorkloadEntry") => {
+                let s: WorkloadSpec =
+                    serde_json::from_value(spec).map_err(|e| format!("{what}: spec: {e}"))?;
+                check_address(&s.address).map_err(|m| format!("{what}: spec.address: {m}"))?;
+                out.workloads.push(WorkloadEntry { meta, spec: s });
+            }
+            ("security.istio.io", "AuthorizationPolicy" | "PeerAuthentication") => {
+                // The policy crate parses these; give it this one document, namespace filled in.
+                let mut v = value;
+                v["metadata"]["namespace"] = serde_json::Value::String(meta.namespace.clone());
+                let text = serde_yaml::to_string(&v).map_err(|e| format!("{what}: {e}"))?;
+                if d.kind == "AuthorizationPolicy" {
+                    out.authorization.extend(
+                        policy::istio::parse(&text)
+                            .map_err(|e| format!("{what}: {}", strip_doc(&e.to_string())))?,
+                    );
+                } else {
+                    out.peer_authentication.extend(
+                        policy::istio::peer_authn::parse(&text)
+                            .map_err(|e| format!("{what}: {}", strip_doc(&e.to_string())))?,
+                    );
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "{what}: unsupported kind {:?} (apiVersion {:?}); ServiceEntry, WorkloadEntry, AuthorizationPolicy and PeerAuthentication are read",
+                    d.kind, d.api_version
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The policy crate numbers documents of the text it was given (always 0 here).
+fn strip_doc(msg: &str) -> &str {
+    msg.strip_prefix("document 0: ").unwrap_or(msg)
+}
+
+fn check_address(a: &str) -> Result<(), String> {
+    a.parse::<std::net::IpAddr>()
+        .map(|_| ())
+        .map_err(|_| format!("{a:?} is not an IP address (DNS names are not resolved)"))
+}
+
+/// A directory of YAML files, re-read when they change.
+pub struct Directory {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, (String, FileContent)>,
+    /// The last error of each file that has one.
+    pub errors: BTreeMap<PathBuf, String>,
+}
+
+impl Directory {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            files: BTreeMap::new(),
+            errors: BTreeMap::new(),
+        }
+    }
+
+    /// Re-reads the directory. Returns whether the registry changed; errors are logged and kept in
+    /// `errors` (the file's last good content stays in force).
+    pub fn refresh(&mut self) -> Result<bool, String> {
+        let entries =
+            std::fs::read_dir(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let mut seen = BTreeSet::new();
+        let mut changed = false;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if !matches!(ext, "yaml" | "yml") || !path.is_file() {
+                continue;
+            }
+            seen.insert(path.clone());
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            if self.files.get(&path).is_some_and(|(t, _)| *t == text) {
+                continue;
+            }
+            if self
+                .errors
+                .get(&path)
+                .is_some_and(|e| e.starts_with(&hash_prefix(&text)))
+            {
+                continue;
+            }
+            match parse_file(&path, &text) {
+                Ok(content) => {
+                    if self.errors.remove(&path).is_some() {
+                        tracing::info!(file = %path.display(), "file is valid again");
+                    }
+                    self.files.insert(path, (text, content));
+                    changed = true;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "file rejected; its last good content stays in force");
+                    self.errors
+                        .insert(path, format!("{}{e}", hash_prefix(&text)));
+                }
+            }
+        }
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect();
+        for p in gone {
+            tracing::info!(file = %p.display(), "file removed");
+            self.files.remove(&p);
+            changed = true;
+        }
+        self.errors.retain(|p, _| seen.contains(p));
+        Ok(changed)
+    }
+
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::default();
+        for (_, c) in self.files.values() {
+            r.services.extend(c.services.iter().cloned());
+            r.workloads.extend(c.workloads.iter().cloned());
+            r.authorization.extend(c.authorization.iter().cloned());
+            r.peer_authentication
+                .extend(c.peer_authentication.iter().cloned());
+        }
+        r
+    }
+
+    /// The errors, without the content hash they are keyed by.
+    pub fn error_messages(&self) -> Vec<String> {
+        self.errors
+            .values()
+            .map(|e| e.split_once('|').map_or(e.as_str(), |(_, m)| m).to_owned())
+            .collect()
+    }
+}
+
+/// A tag that says which content an error belongs to (so an unchanged bad file is not re-parsed
+/// and re-logged every poll).
+fn hash_prefix(text: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    format!("{:016x}|", h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_file_document_and_field() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: a}\nspec: {address: 10.0.0.1}\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s, namespace: ns}\nspec: {hosts: [x], portz: []}\n";
+        let e = parse_file(Path::new("reg.yaml"), text).unwrap_err();
+        assert!(
+            e.starts_with("reg.yaml: document 1 (ServiceEntry ns/s): spec: unknown field `portz`"),
+            "{e}"
+        );
+        let e = parse_file(Path::new("w.yaml"), "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: a}\nspec: {address: host.example}\n").unwrap_err();
+        assert!(
+            e.contains("document 0 (WorkloadEntry default/a): spec.address"),
+            "{e}"
+        );
+        let e = parse_file(
+            Path::new("k.yaml"),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("unsupported kind"), "{e}");
+    }
+
+    #[test]
+    fn parses_the_four_kinds() {
+        let text = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ledger, namespace: bank}
+spec:
+  hosts: [ledger.bank.svc.cluster.local]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+  workloadSelector: {labels: {app: ledger}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ledger-1, namespace: bank}
+spec: {address: 127.0.0.1, labels: {app: ledger}, serviceAccount: ledger}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow, namespace: bank}
+spec: {selector: {matchLabels: {app: ledger}}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: bank}
+spec: {mtls: {mode: STRICT}}
+"#;
+        let c = parse_file(Path::new("r.yaml"), text).unwrap();
+        assert_eq!(c.services.len(), 1);
+        assert_eq!(c.workloads[0].service_account(), "ledger");
+        assert_eq!(c.authorization.len(), 1);
+        assert_eq!(c.peer_authentication.len(), 1);
+        assert!(c.services[0].ports[0].is_http());
+    }
+}

@@ -641,3 +641,127 @@ pub fn proxyless(reg: &Registry) -> Snapshot {
     }
     snap
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Meta, ServicePort, WorkloadSpec};
+
+    fn sample() -> Registry {
+        let meta = |name: &str, labels: &[(&str, &str)]| Meta {
+            name: name.into(),
+            namespace: "bank".into(),
+            labels: BTreeMap::new(),
+            annotations: labels
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+        };
+        let workload = |name: &str, app: &str| WorkloadEntry {
+            meta: meta(name, &[]),
+            spec: WorkloadSpec {
+                address: "127.0.0.1".into(),
+                ports: BTreeMap::from([("http".into(), 8080)]),
+                labels: BTreeMap::from([("app".into(), app.into())]),
+                service_account: Some(app.into()),
+                ..Default::default()
+            },
+        };
+        let policies = policy::istio::parse(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: bank}\nspec:\n  selector: {matchLabels: {app: ledger}}\n  rules: [{from: [{source: {principals: [cluster.local/ns/bank/sa/web]}}], to: [{operation: {paths: [/api/*]}}]}]\n",
+        )
+        .unwrap_or_default();
+        Registry {
+            services: vec![ServiceEntry {
+                meta: meta("ledger", &[]),
+                hosts: vec!["ledger.bank.svc.cluster.local".into()],
+                ports: vec![
+                    ServicePort {
+                        number: 80,
+                        name: "http".into(),
+                        protocol: Some("HTTP".into()),
+                        target_port: None,
+                    },
+                    ServicePort {
+                        number: 9000,
+                        name: "tcp".into(),
+                        protocol: Some("TCP".into()),
+                        target_port: None,
+                    },
+                ],
+                selector: Some(BTreeMap::from([("app".into(), "ledger".into())])),
+                endpoints: vec![],
+            }],
+            workloads: vec![workload("ledger-1", "ledger"), workload("web-1", "web")],
+            authorization: policies,
+            peer_authentication: vec![],
+        }
+    }
+
+    fn mesh() -> Mesh {
+        Mesh {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+        }
+    }
+
+    #[test]
+    fn sidecar_config_has_the_inbound_outbound_shape_and_binds_identities() {
+        let reg = sample();
+        let w = workload_for_node(
+            "sidecar~127.0.0.1~ledger-1.bank~bank.svc.cluster.local",
+            &reg,
+        );
+        let (snap, _) = sidecar(w.expect("known node"), &reg, &mesh());
+        let listeners = &snap.resources[types::LISTENER];
+        assert!(
+            listeners.contains_key("virtualInbound") && listeners.contains_key("virtualOutbound")
+        );
+        let clusters = &snap.resources[types::CLUSTER];
+        assert!(clusters.contains_key("inbound|8080||"));
+        let c: Cluster = codec::unpack(&clusters["outbound|80||ledger.bank.svc.cluster.local"])
+            .expect("cluster");
+        let json = codec::any_to_json(&codec::pack(&c))
+            .expect("json")
+            .to_string();
+        assert!(
+            json.contains("spiffe://cluster.local/ns/bank/sa/ledger"),
+            "{json}"
+        );
+        assert!(workload_for_node("sidecar~1.2.3.4~nobody.bank~x", &reg).is_none());
+        // Deterministic: the same registry gives byte-identical resources (versions are hashes).
+        let (again, _) = sidecar(w.expect("known node"), &reg, &mesh());
+        assert_eq!(
+            format!("{:?}", snap.resources),
+            format!("{:?}", again.resources)
+        );
+    }
+
+    /// Writes fuzz seeds for `proxy/fuzz` (type byte + protobuf) when asked:
+    /// `EASTGUARD_WRITE_SEEDS=proxy/fuzz/corpus/translate cargo test -p eastguard-control-plane seeds`.
+    #[test]
+    fn seeds() {
+        let Some(dir) = std::env::var_os("EASTGUARD_WRITE_SEEDS") else {
+            return;
+        };
+        let reg = sample();
+        let (snap, _) = sidecar(&reg.workloads[0], &reg, &mesh());
+        let proxyless = proxyless(&reg);
+        for s in [&snap, &proxyless] {
+            for (t, kind) in [
+                (types::LISTENER, 0u8),
+                (types::CLUSTER, 1),
+                (types::ROUTE, 2),
+                (types::ENDPOINT, 3),
+            ] {
+                for (name, any) in s.resources.get(t).into_iter().flatten() {
+                    let mut bytes = vec![kind];
+                    bytes.extend_from_slice(&any.value);
+                    let file = format!("seed-{kind}-{}", name.replace(['|', '/', ':', '.'], "_"));
+                    std::fs::write(std::path::Path::new(&dir).join(file), bytes)
+                        .expect("write seed");
+                }
+            }
+        }
+    }
+}

@@ -17,6 +17,8 @@ pub mod config;
 mod drain;
 pub mod envoy;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod idle;
 mod listener;

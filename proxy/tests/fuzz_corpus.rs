@@ -1,6 +1,5 @@
 //! Replays the committed `translate` fuzz corpus (`proxy/fuzz/corpus/translate`) through the fuzz
 //! target's check, and the same check over every resource in Istio's config dumps (read in place).
-#![expect(clippy::unwrap_used, reason = "test")]
 
 use std::path::Path;
 

@@ -57,19 +57,23 @@ spec:
 """
 
 
+ISTIOD_ID = f"spiffe://{TD}/ns/istio-system/sa/istiod"
+
+
 class ControlPlane:
-    def __init__(self, workdir: Path, config_dir: Path, port: int):
+    def __init__(self, workdir: Path, config_dir: Path, port: int, tls=None):
         self.dir, self.config_dir, self.port = workdir, config_dir, port
+        self.tls = tls  # (port, cert, key, bundle)
         self.log_path = workdir / "control-plane.log"
         self.proc = None
 
     def start(self):
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [binary(), "control-plane", "--config-dir", str(self.config_dir), "--xds-address", f"127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL,
-            stderr=self.log,
-        )
+        args = [binary(), "control-plane", "--config-dir", str(self.config_dir), "--xds-address", f"127.0.0.1:{self.port}"]
+        if self.tls:
+            port, cert, key, bundle = self.tls
+            args += ["--tls-address", f"127.0.0.1:{port}", "--cert", str(cert), "--key", str(key), "--bundle", str(bundle)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log)
         return self
 
     def stop(self):
@@ -87,11 +91,11 @@ class ControlPlane:
 
 
 class XdsMesh:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, tls=False):
         self.dir = workdir
         self.upstream = Upstream()
-        ca = CA(TD)
-        bundle = workdir / "bundle.pem"
+        ca = self.ca = CA(TD)
+        bundle = self.bundle = workdir / "bundle.pem"
         bundle.write_bytes(ca.pem())
         self.inbound, self.outbound, self.xds_port = free_port(), free_port(), free_port()
         self.config_dir = workdir / "istio"
@@ -99,11 +103,19 @@ class XdsMesh:
         (self.config_dir / "registry.yaml").write_text(
             REGISTRY.format(inbound=self.inbound, outbound=self.outbound, app=self.upstream.port)
         )
-        self.cp = ControlPlane(workdir, self.config_dir, self.xds_port).start()
+        xds = {"address": f"127.0.0.1:{self.xds_port}"}
+        cp_tls = None
+        if tls:
+            self.tls_port = free_port()
+            cert, key = ca.write_svid(workdir, "istiod", ISTIOD_ID)
+            cp_tls = (self.tls_port, cert, key, bundle)
+            xds = {"address": f"127.0.0.1:{self.tls_port}", "control_plane_ids": [ISTIOD_ID]}
+        self.xds = xds
+        self.cp = ControlPlane(workdir, self.config_dir, self.xds_port, tls=cp_tls).start()
         self.sidecars = {}
         for name, sid in (("server", SERVER_ID), ("client", CLIENT_ID)):
             cert, key = ca.write_svid(workdir, name, sid)
-            s = Sidecar(workdir, name, cert, key, bundle, [], [], xds={"address": f"127.0.0.1:{self.xds_port}"})
+            s = Sidecar(workdir, name, cert, key, bundle, [], [], xds=xds)
             s.config["node"]["id"] = f"sidecar~127.0.0.1~{name}.test~test.svc.cluster.local"
             s.rewrite()
             self.sidecars[name] = s.start()
@@ -133,6 +145,13 @@ class XdsMesh:
 @pytest.fixture
 def xmesh(tmp_path):
     m = XdsMesh(tmp_path)
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+def tls_mesh(tmp_path):
+    m = XdsMesh(tmp_path, tls=True)
     yield m
     m.stop()
 
@@ -249,6 +268,46 @@ def test_control_plane_outage_and_restart(xmesh):
     # And a change after the restart still arrives.
     (xmesh.config_dir / "authz.yaml").write_text(DENY_ADMIN)
     wait_for("DENY after restart", lambda: xmesh.get("/admin")[0] == 403, limit=5)
+
+
+def test_mtls_ads_serves_each_proxy_only_its_own_workload(tls_mesh):
+    # Both sidecars were configured over mTLS (they are ready, and traffic flows).
+    status, body = tls_mesh.get("/")
+    assert status == 200, body
+    assert "serving ADS over mTLS" in tls_mesh.cp.logs()
+    # An impostor: the client's SVID, claiming to be the server's node. It gets nothing.
+    cert, key = tls_mesh.ca.write_svid(tls_mesh.dir, "impostor", CLIENT_ID)
+    imp = Sidecar(tls_mesh.dir, "impostor", cert, key, tls_mesh.bundle, [], [], xds=tls_mesh.xds)
+    imp.config["node"]["id"] = "sidecar~127.0.0.1~server.test~test.svc.cluster.local"
+    imp.rewrite()
+    imp.start(wait=False)
+    try:
+        wait_for("impostor refused", lambda: f"the caller is {CLIENT_ID}" in tls_mesh.cp.logs())
+        status, body = http_get(imp.admin("/ready"))
+        assert status == 503 and "WAITING_FOR_XDS" in body, (status, body)
+        dump = json.loads(http_get(imp.admin("/config_dump"))[1])
+        assert "virtualInbound" not in json.dumps(dump)
+    finally:
+        imp.stop()
+    # A control plane with an unexpected identity is not trusted by the proxies.
+    cert, key = tls_mesh.ca.write_svid(tls_mesh.dir, "rogue", f"spiffe://{TD}/ns/default/sa/rogue")
+    rogue_port, rogue_tls = free_port(), free_port()
+    rogue = ControlPlane(tls_mesh.dir / "..", tls_mesh.config_dir, rogue_port, tls=(rogue_tls, cert, key, tls_mesh.bundle))
+    rogue.log_path = tls_mesh.dir / "rogue.log"
+    rogue.start()
+    victim = Sidecar(tls_mesh.dir, "victim", *tls_mesh.ca.write_svid(tls_mesh.dir, "victim", CLIENT_ID), tls_mesh.bundle, [], [],
+                     xds={"address": f"127.0.0.1:{rogue_tls}", "control_plane_ids": [ISTIOD_ID]})
+    victim.config["node"]["id"] = "sidecar~127.0.0.1~client.test~test.svc.cluster.local"
+    victim.rewrite()
+    victim.start(wait=False)
+    try:
+        wait_for("victim refuses the rogue control plane", lambda: "xDS stream failed" in victim.stderr_path.read_text())
+        time.sleep(1)
+        assert http_get(victim.admin("/ready"))[0] == 503
+        assert "xDS stream opened" not in rogue.logs()
+    finally:
+        victim.stop()
+        rogue.stop()
 
 
 GRPC_CLIENT = textwrap.dedent(

@@ -55,6 +55,17 @@ enum Command {
         /// Istio's root namespace (mesh-wide policies).
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
+        /// ADS over mTLS (Istio's 15012); needs --cert, --key and --bundle.
+        #[arg(long, requires_all = ["cert", "key", "bundle"])]
+        tls_address: Option<std::net::SocketAddr>,
+        /// The control plane's X509-SVID (PEM).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The trust bundle callers' SVIDs are verified against (PEM).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
     },
     /// Run a dev CA, three sample services with their sidecars on loopback, and scripted traffic.
     Demo {
@@ -107,7 +118,16 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             let mut bootstrap = proxy::Bootstrap::from_file(&config)
                 .with_context(|| format!("refusing to start with config {}", config.display()))?;
             if let Some(address) = xds {
-                bootstrap.xds = Some(proxy::config::XdsConfig { address });
+                match &mut bootstrap.xds {
+                    Some(x) => x.address = address,
+                    None => {
+                        bootstrap.xds = Some(proxy::config::XdsConfig {
+                            address,
+                            control_plane_ids: Vec::new(),
+                            server_name: "istiod.istio-system.svc".into(),
+                        });
+                    }
+                }
             }
             if check {
                 println!("{}: OK", config.display());
@@ -131,10 +151,27 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             xds_address,
             trust_domain,
             root_namespace,
+            tls_address,
+            cert,
+            key,
+            bundle,
         } => {
+            let tls = match (tls_address, cert, key, bundle) {
+                (Some(address), Some(cert), Some(key), Some(bundle)) => {
+                    Some(control_plane::TlsOptions {
+                        address,
+                        cert,
+                        key,
+                        bundle,
+                    })
+                }
+                (None, ..) => None,
+                _ => anyhow::bail!("--tls-address needs --cert, --key and --bundle"),
+            };
             let opts = control_plane::Options {
                 config_dir,
                 xds_address,
+                tls,
                 mesh: control_plane::Mesh {
                     trust_domain,
                     root_namespace,

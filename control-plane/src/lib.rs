@@ -27,8 +27,19 @@ use registry::{Directory, Registry};
 pub struct Options {
     pub config_dir: PathBuf,
     pub xds_address: SocketAddr,
+    /// ADS over mTLS (Istio's 15012): the caller's SPIFFE ID must be its workload's.
+    pub tls: Option<TlsOptions>,
     pub mesh: Mesh,
     pub poll_interval: Duration,
+}
+
+/// The control plane's own SVID (PEM files, re-read when they change) and where to serve mTLS.
+#[derive(Debug, Clone)]
+pub struct TlsOptions {
+    pub address: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle: PathBuf,
 }
 
 /// The registry in force and per-node snapshots generated from it.
@@ -116,7 +127,9 @@ impl SnapshotSource for ControlPlane {
         if let Some(s) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
             return Ok(s);
         }
-        let snap = Arc::new(self.generate(caller)?);
+        let snap = Arc::new(self.generate(caller).inspect_err(|status| {
+            tracing::warn!(node = %caller.node.id, peer = ?caller.peer_id, reason = %status.message(), "xDS stream refused");
+        })?);
         if let Ok(mut c) = self.cache.lock() {
             c.insert(key, snap.clone());
         }
@@ -185,10 +198,60 @@ pub async fn run(
         }
     });
     let server_task = tokio::spawn(serve);
+    let tls_task = match &opts.tls {
+        Some(t) => Some(tokio::spawn(
+            serve_tls(t.clone(), cp.clone(), closing_tx.subscribe()).await?,
+        )),
+        None => None,
+    };
     shutdown.await;
     tracing::info!("shutting down");
     watcher.abort();
     closing_tx.send_replace(true);
     let _ = server_task.await;
+    if let Some(t) = tls_task {
+        let _ = t.await;
+    }
     Ok(())
+}
+
+/// The mTLS ADS server: binds, then returns the serving future.
+async fn serve_tls(
+    t: TlsOptions,
+    cp: Arc<ControlPlane>,
+    closing: watch::Receiver<bool>,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
+    let creds = identity::FileSource {
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+        bundle: t.bundle.clone(),
+        federated: Vec::new(),
+        poll_interval: Duration::from_secs(1),
+    }
+    .watch()
+    .map_err(|e| format!("control plane SVID: {e}"))?;
+    let config = identity::tls::server_config(creds, &[b"h2"]).map_err(|e| format!("TLS: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(t.address)
+        .await
+        .map_err(|e| format!("xDS mTLS address {}: {e}", t.address))?;
+    tracing::info!(address = %t.address, "serving ADS over mTLS; callers get only their own workload's configuration");
+    let incoming = xds::tls::incoming(
+        listener,
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        |certs| identity::tls::peer_spiffe_id(certs).map(|id| id.as_str().to_owned()),
+    );
+    let server = AdsServer::new(cp).with_shutdown(closing.clone());
+    let mut closing_wait = closing;
+    Ok(async move {
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(AggregatedDiscoveryServiceServer::new(server))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = closing_wait.wait_for(|c| *c).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "mTLS ADS server failed");
+        }
+    })
 }

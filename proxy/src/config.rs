@@ -56,8 +56,19 @@ pub struct Bootstrap {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct XdsConfig {
-    /// `host:port` (plaintext gRPC, the development port 15010) or `http://host:port`.
+    /// `host:port` or `http://host:port`.
     pub address: String,
+    /// mTLS with this proxy's SVID (Istio's 15012): the control plane must present one of these
+    /// SPIFFE IDs. Empty: plaintext (the development port 15010).
+    #[serde(default)]
+    pub control_plane_ids: Vec<SpiffeId>,
+    /// SNI for the mTLS connection.
+    #[serde(default = "default_xds_server_name")]
+    pub server_name: String,
+}
+
+fn default_xds_server_name() -> String {
+    "istiod.istio-system.svc".into()
 }
 
 /// Who this proxy is; feeds Istio metric labels.

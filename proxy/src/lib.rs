@@ -194,11 +194,19 @@ pub async fn run(
             state.clone(),
             &telemetry.stats,
         );
-        tokio::spawn(xds::client::run(
-            xds::client::ClientConfig::new(server, xds_node(&config.node)),
-            handler,
-            xds_stop_rx,
-        ));
+        let mut client = xds::client::ClientConfig::new(server, xds_node(&config.node));
+        if !x.control_plane_ids.is_empty() {
+            let tls = identity::tls::client_config(
+                creds.clone(),
+                x.control_plane_ids.clone().into(),
+                &[b"h2"],
+            )?;
+            client.tls = Some(xds::tls::ClientTls {
+                config: Arc::new(tls),
+                server_name: x.server_name.clone(),
+            });
+        }
+        tokio::spawn(xds::client::run(client, handler, xds_stop_rx));
     }
 
     let config = Arc::new(config);

@@ -40,6 +40,8 @@ pub struct ClientConfig {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub keepalive: Duration,
+    /// mTLS to the server (Istio's 15012); plaintext when `None`.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl ClientConfig {
@@ -50,6 +52,7 @@ impl ClientConfig {
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(15),
             keepalive: Duration::from_secs(15),
+            tls: None,
         }
     }
 }
@@ -124,16 +127,33 @@ struct SessionError {
 }
 
 async fn connect(config: &ClientConfig) -> Result<Channel, String> {
-    Endpoint::from_shared(config.server.clone())
+    let endpoint = Endpoint::from_shared(config.server.clone())
         .map_err(|e| format!("bad xDS server address {:?}: {e}", config.server))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(config.keepalive)
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| format!("connect {}: {e}", config.server))
+        .tcp_nodelay(true);
+    let channel = match &config.tls {
+        Some(tls) => {
+            endpoint
+                .connect_with_connector(crate::tls::connector(tls.clone()))
+                .await
+        }
+        None => endpoint.connect().await,
+    };
+    channel.map_err(|e| format!("connect {}: {}", config.server, error_chain(&e)))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 async fn session<H: Handler>(

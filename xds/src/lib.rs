@@ -7,4 +7,5 @@ pub mod codec;
 pub use envoy_types::pb;
 pub mod client;
 pub mod server;
+pub mod tls;
 pub mod types;

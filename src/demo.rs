@@ -9,10 +9,9 @@ use anyhow::{Context as _, bail};
 use identity::SpiffeId;
 use proxy::config::{
     AccessLogConfig, AccessLogFormat, Admin, Bootstrap, Cluster, DestinationMetadata, Direction,
-    DrainConfig, FilterChain, FilterChainMatch, FilterConfig, ForwardClientCertDetails,
-    HttpConnectionManager, IdentityConfig, Limits, Listener, Node, Route, RouteAction,
-    RouteConfiguration, RouteMatch, TcpProxy, UpstreamProtocol, UpstreamTls, VirtualHost,
-    WorkloadApiIdentity,
+    DrainConfig, FilterChain, FilterChainMatch, ForwardClientCertDetails, HttpConnectionManager,
+    IdentityConfig, Limits, Listener, Node, Route, RouteAction, RouteConfiguration, RouteMatch,
+    TcpProxy, UpstreamProtocol, UpstreamTls, VirtualHost, WorkloadApiIdentity, XdsConfig,
 };
 
 mod apps;
@@ -56,6 +55,8 @@ struct Mesh {
     ports: [Ports; 3],
     /// Frontend's outbound TCP listener for ledger's opaque TCP service.
     frontend_tcp: SocketAddr,
+    /// Frontend's static listener whose one route goes to the impostor endpoint.
+    frontend_impostor: SocketAddr,
     ledger_tcp_app: SocketAddr,
 }
 
@@ -130,6 +131,7 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
     let mesh = Mesh {
         ports: [ports[0], ports[1], ports[2]],
         frontend_tcp: free_port()?,
+        frontend_impostor: free_port()?,
         ledger_tcp_app: free_port()?,
     };
 
@@ -138,22 +140,35 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
     apps::spawn_http("ledger", mesh.ports[2].app, None).await?;
     apps::spawn_tcp_echo(mesh.ledger_tcp_app).await?;
 
-    std::fs::write(dir.join("ledger-authz.yaml"), LEDGER_POLICIES)?;
-    let ledger_filters = ledger_http_filters()?;
+    // Configuration: the control plane, from Istio resources in a directory (edit them while the
+    // demo runs: changes reach the sidecars within a second).
+    let istio_dir = dir.join("istio");
+    std::fs::create_dir_all(&istio_dir)?;
+    std::fs::write(istio_dir.join("demo.yaml"), istio_registry(&mesh))?;
+    let xds_address = free_port()?;
+    let (cp_stop, cp_stopped) = tokio::sync::oneshot::channel::<()>();
+    let control_plane = tokio::spawn(control_plane::run(
+        control_plane::Options {
+            config_dir: istio_dir.clone(),
+            xds_address,
+            tls: None,
+            mesh: control_plane::Mesh {
+                trust_domain: TRUST_DOMAIN.into(),
+                root_namespace: "istio-system".into(),
+            },
+            poll_interval: Duration::from_millis(200),
+        },
+        async move {
+            let _ = cp_stopped.await;
+        },
+    ));
+    println!(
+        "control plane (ADS): {xds_address}, reading {}",
+        istio_dir.display()
+    );
     let mut sidecars = Vec::new();
     for (i, w) in WORKLOADS.iter().enumerate() {
-        let mut config = sidecar_config(w, i, &mesh, &dir, &agent_socket);
-        if *w == "ledger" {
-            for fc in config
-                .listeners
-                .iter_mut()
-                .flat_map(|l| l.filter_chains.iter_mut())
-            {
-                if let Some(hcm) = fc.http_connection_manager.as_mut() {
-                    hcm.http_filters = ledger_filters.clone();
-                }
-            }
-        }
+        let config = sidecar_config(w, i, &mesh, &dir, &agent_socket, xds_address);
         let path = dir.join(format!("{w}-sidecar.yaml"));
         std::fs::write(&path, serde_yaml::to_string(&config)?)?;
         let log = std::fs::File::create(dir.join(format!("{w}-sidecar.log")))?;
@@ -203,6 +218,10 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::debug!(workload = w, "sidecar stopped");
     }
     let _ = agent_stop.send(());
+    let _ = cp_stop.send(());
+    if let Ok(Err(e)) = control_plane.await {
+        tracing::warn!(error = %e, "control plane ended with an error");
+    }
     for copy in &binaries {
         let _ = std::fs::remove_file(copy);
     }
@@ -213,30 +232,6 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
         bail!("demo expectations failed");
     }
     Ok(())
-}
-
-/// Ledger's Istio policies as the HTTP filters istiod would give ledger, plus the router.
-fn ledger_http_filters() -> anyhow::Result<Vec<FilterConfig>> {
-    let target = policy::istio::Target {
-        namespace: NAMESPACE.into(),
-        labels: [("app".to_owned(), "ledger".to_owned())].into(),
-        root_namespace: "istio-system".into(),
-        trust_domain: TRUST_DOMAIN.into(),
-        trust_domain_aliases: vec![],
-    };
-    let policies = policy::istio::parse(LEDGER_POLICIES)?;
-    let mut filters = Vec::new();
-    for f in policy::istio::translate(&policies, &target, false)? {
-        filters.push(FilterConfig {
-            name: f.name.clone(),
-            typed_config: Some(serde_json::to_value(&f.typed_config)?),
-        });
-    }
-    filters.push(FilterConfig {
-        name: proxy::config::ROUTER_FILTER.into(),
-        typed_config: None,
-    });
-    Ok(filters)
 }
 
 /// The newest record in a sidecar's access log for `path`.
@@ -362,26 +357,30 @@ async fn script(mesh: &Mesh, dir: &Path) -> Vec<Hop> {
         },
     );
 
-    // 4. Opaque TCP frontend → ledger; ledger's sidecar reports the verified caller.
+    // 4. Opaque TCP frontend → ledger: ledger's ALLOW policy admits only orders, and Istio applies
+    //    it to TCP too, so ledger's sidecar verifies frontend and closes the connection unanswered.
     hops.push(
         match client::tcp_roundtrip(mesh.frontend_tcp, b"ping").await {
             Ok(reply) => {
-                let echoed = reply == "ledger-tcp:ping";
                 let caller = client::tcp_caller(mesh.ports[2].admin)
                     .await
                     .unwrap_or_else(|_| "-".into());
                 Hop {
-                    ok: echoed && caller == id("frontend"),
-                    mtls: yes_if(caller == id("frontend")),
+                    ok: reply.is_empty() && caller == id("frontend"),
+                    mtls: if caller == id("frontend") {
+                        "yes; denied (no ALLOW matched), closed".into()
+                    } else {
+                        "NO".into()
+                    },
                     caller,
                     callee: "ledger".into(),
                     protocol: "TCP",
-                    status: if echoed {
-                        "echoed".into()
+                    status: if reply.is_empty() {
+                        "closed".into()
                     } else {
                         format!("{reply:?}")
                     },
-                    expectation: "allowed, caller verified",
+                    expectation: "denied: wrong identity",
                 }
             }
             Err(e) => failed("ledger", "TCP", &e),
@@ -390,7 +389,15 @@ async fn script(mesh: &Mesh, dir: &Path) -> Vec<Hop> {
 
     // 5. Identity binding: an endpoint that answers as ledger where orders is expected is refused.
     hops.push(
-        match client::get(frontend_out, "orders-impostor", "/orders/1", &[], false).await {
+        match client::get(
+            mesh.frontend_impostor,
+            "orders-impostor",
+            "/orders/1",
+            &[],
+            false,
+        )
+        .await
+        {
             Ok((status, _)) => Hop {
                 caller: id("frontend"),
                 callee: "ledger posing as orders".into(),
@@ -588,91 +595,59 @@ fn peer_cluster(
     }
 }
 
-fn local_cluster(name: &str, endpoint: SocketAddr) -> Cluster {
-    Cluster {
-        name: name.into(),
-        endpoints: vec![endpoint],
-        eds: None,
-        lb_policy: Default::default(),
-        connect_timeout: Duration::from_secs(5),
-        protocol: UpstreamProtocol::Auto,
-        transport_socket: None,
-        metadata: DestinationMetadata::default(),
+/// The control plane's input: the three workloads and two services as Istio resources, and
+/// ledger's policies.
+fn istio_registry(mesh: &Mesh) -> String {
+    let mut out = String::new();
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let p = mesh.ports[i];
+        let tcp = if *w == "ledger" {
+            format!(", tcp: {}", mesh.ledger_tcp_app.port())
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {w}\n  namespace: {NAMESPACE}\n  annotations: {{sidecar.eastguard.io/inbound-port: \"{}\", sidecar.eastguard.io/outbound-port: \"{}\"}}\nspec: {{address: 127.0.0.1, ports: {{http: {}{tcp}}}, labels: {{app: {w}}}, serviceAccount: {w}}}\n---\n",
+            p.inbound.port(),
+            p.outbound.port(),
+            p.app.port(),
+        ));
     }
+    for (w, ports) in [
+        ("orders", "[{number: 80, name: http, protocol: HTTP}]"),
+        (
+            "ledger",
+            "[{number: 80, name: http, protocol: HTTP}, {number: 9000, name: tcp, protocol: TCP}]",
+        ),
+    ] {
+        out.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {w}, namespace: {NAMESPACE}}}\nspec:\n  hosts: [{}]\n  ports: {ports}\n  workloadSelector: {{labels: {{app: {w}}}}}\n---\n",
+            service_host(w)
+        ));
+    }
+    out.push_str(LEDGER_POLICIES);
+    out
 }
 
-fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path, agent_socket: &Path) -> Bootstrap {
+/// A sidecar's bootstrap: who it is, its admin port, its identity source and the control plane.
+/// Listeners, routes, clusters and endpoints come over xDS; frontend also has two static
+/// listeners for what the control plane would never generate: opaque TCP to ledger on a port of
+/// its own (no capture in this demo) and an "impostor" endpoint for the identity-binding check.
+fn sidecar_config(
+    w: &str,
+    i: usize,
+    mesh: &Mesh,
+    dir: &Path,
+    agent_socket: &Path,
+    xds: SocketAddr,
+) -> Bootstrap {
     let p = mesh.ports[i];
     let file = |suffix: &str| dir.join(format!("{w}{suffix}"));
-    let mut inbound_chains = Vec::new();
-    let mut clusters = vec![local_cluster("inbound|8080||", p.app)];
-    if w == "ledger" {
-        inbound_chains.push(FilterChain {
-            name: "tcp-9000".into(),
-            filter_chain_match: FilterChainMatch {
-                server_names: vec![format!("outbound_.9000_._.{}", service_host("ledger"))],
-                application_protocols: vec![],
-                transport_protocol: None,
-                destination_port: None,
-            },
-            http_connection_manager: None,
-            tcp_proxy: Some(TcpProxy {
-                stat_prefix: "inbound_9000".into(),
-                cluster: "inbound|9000||".into(),
-            }),
-            rbac_filters: vec![],
-            refuse: None,
-        });
-        clusters.push(local_cluster("inbound|9000||", mesh.ledger_tcp_app));
-    }
-    inbound_chains.push(FilterChain {
-        name: "http".into(),
-        filter_chain_match: FilterChainMatch::default(),
-        http_connection_manager: Some(hcm(
-            "inbound_8080",
-            vec![VirtualHost {
-                name: "inbound|http|8080".into(),
-                domains: vec!["*".into()],
-                routes: vec![route_to("inbound|8080||")],
-            }],
-        )),
-        tcp_proxy: None,
-        rbac_filters: vec![],
-        refuse: None,
-    });
-    let mut listeners = vec![Listener {
-        name: "virtualInbound".into(),
-        address: p.inbound,
-        direction: Direction::Inbound,
-        filter_chains: inbound_chains,
-        max_connections: 10_000,
-    }];
-
-    // Outbound: who this workload may call.
-    let peers: &[&str] = match w {
-        "frontend" => &["orders", "ledger"],
-        "orders" => &["ledger"],
-        _ => &[],
-    };
-    let mut vhosts = Vec::new();
-    for peer in peers {
-        let j = WORKLOADS.iter().position(|x| x == peer).unwrap_or(0);
-        let name = format!("outbound|80||{}", service_host(peer));
-        clusters.push(peer_cluster(&name, 80, peer, mesh.ports[j].inbound, peer));
-        vhosts.push(VirtualHost {
-            name: format!("{}:80", service_host(peer)),
-            domains: vec![
-                peer.to_string(),
-                format!("{peer}:80"),
-                service_host(peer),
-                format!("{}:80", service_host(peer)),
-            ],
-            routes: vec![route_to(&name)],
-        });
-    }
+    let mut listeners = Vec::new();
+    let mut clusters = Vec::new();
     if w == "frontend" {
         // An endpoint that is really ledger, configured as if it were orders: must be refused.
-        let name = "outbound|80||orders-impostor";
+        let name = "static|orders-impostor";
         clusters.push(peer_cluster(
             name,
             80,
@@ -680,12 +655,28 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path, agent_socket: &Pat
             mesh.ports[2].inbound,
             "orders",
         ));
-        vhosts.push(VirtualHost {
-            name: "orders-impostor:80".into(),
-            domains: vec!["orders-impostor".into()],
-            routes: vec![route_to(name)],
+        listeners.push(Listener {
+            name: "impostor_outbound".into(),
+            address: mesh.frontend_impostor,
+            direction: Direction::Outbound,
+            filter_chains: vec![FilterChain {
+                name: "http".into(),
+                filter_chain_match: FilterChainMatch::default(),
+                http_connection_manager: Some(hcm(
+                    "impostor_http",
+                    vec![VirtualHost {
+                        name: "orders-impostor:80".into(),
+                        domains: vec!["*".into()],
+                        routes: vec![route_to(name)],
+                    }],
+                )),
+                tcp_proxy: None,
+                rbac_filters: vec![],
+                refuse: None,
+            }],
+            max_connections: 10_000,
         });
-        let tcp_cluster = format!("outbound|9000||{}", service_host("ledger"));
+        let tcp_cluster = "static|ledger-tcp".to_owned();
         clusters.push(peer_cluster(
             &tcp_cluster,
             9000,
@@ -705,22 +696,6 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path, agent_socket: &Pat
                     stat_prefix: "outbound_9000_ledger".into(),
                     cluster: tcp_cluster,
                 }),
-                rbac_filters: vec![],
-                refuse: None,
-            }],
-            max_connections: 10_000,
-        });
-    }
-    if !vhosts.is_empty() {
-        listeners.push(Listener {
-            name: "virtualOutbound".into(),
-            address: p.outbound,
-            direction: Direction::Outbound,
-            filter_chains: vec![FilterChain {
-                name: "http".into(),
-                filter_chain_match: FilterChainMatch::default(),
-                http_connection_manager: Some(hcm("outbound_http", vhosts)),
-                tcp_proxy: None,
                 rbac_filters: vec![],
                 refuse: None,
             }],
@@ -758,6 +733,10 @@ fn sidecar_config(w: &str, i: usize, mesh: &Mesh, dir: &Path, agent_socket: &Pat
             duration: Duration::from_secs(1),
             grace: Duration::from_secs(2),
         },
-        xds: None,
+        xds: Some(XdsConfig {
+            address: xds.to_string(),
+            control_plane_ids: vec![],
+            server_name: "istiod.istio-system.svc".into(),
+        }),
     }
 }

@@ -33,7 +33,7 @@ fn istio_dump_resources_keep_the_translation_properties() {
             "{} is missing",
             base.display()
         );
-        eprintln!("SKIPPED: {} is not beside the repo", base.display());
+        eprintln!("!!! SKIPPING: {} is not beside the repo", base.display());
         return;
     }
     let mut n = 0;

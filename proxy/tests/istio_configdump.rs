@@ -16,8 +16,10 @@ use xds::pb::envoy::config::route::v3::RouteConfiguration;
 use xds::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 
 fn corpus(name: &str) -> Option<Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/conformance/istio-configdump")
+    let path = std::env::var_os("EASTGUARD_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
+        .join("conformance/istio-configdump")
         .join(name);
     match std::fs::read_to_string(&path) {
         Ok(t) => Some(serde_json::from_str(&t).unwrap()),

@@ -91,7 +91,7 @@ class ControlPlane:
 
 
 class XdsMesh:
-    def __init__(self, workdir: Path, tls=False):
+    def __init__(self, workdir: Path, tls=False, delta=False):
         self.dir = workdir
         self.upstream = Upstream()
         ca = self.ca = CA(TD)
@@ -110,15 +110,22 @@ class XdsMesh:
             cert, key = ca.write_svid(workdir, "istiod", ISTIOD_ID)
             cp_tls = (self.tls_port, cert, key, bundle)
             xds = {"address": f"127.0.0.1:{self.tls_port}", "control_plane_ids": [ISTIOD_ID]}
+        if delta:
+            xds["delta"] = True
         self.xds = xds
-        self.cp = ControlPlane(workdir, self.config_dir, self.xds_port, tls=cp_tls).start()
         self.sidecars = {}
-        for name, sid in (("server", SERVER_ID), ("client", CLIENT_ID)):
-            cert, key = ca.write_svid(workdir, name, sid)
-            s = Sidecar(workdir, name, cert, key, bundle, [], [], xds=xds)
-            s.config["node"]["id"] = f"sidecar~127.0.0.1~{name}.test~test.svc.cluster.local"
-            s.rewrite()
-            self.sidecars[name] = s.start()
+        self.cp = ControlPlane(workdir, self.config_dir, self.xds_port, tls=cp_tls).start()
+        try:
+            for name, sid in (("server", SERVER_ID), ("client", CLIENT_ID)):
+                cert, key = ca.write_svid(workdir, name, sid)
+                s = Sidecar(workdir, name, cert, key, bundle, [], [], xds=xds)
+                s.config["node"]["id"] = f"sidecar~127.0.0.1~{name}.test~test.svc.cluster.local"
+                s.rewrite()
+                self.sidecars[name] = s
+                s.start()
+        except Exception:
+            self.stop()  # no process outlives a failed setup
+            raise
 
     def get(self, path="/", host="server.test.svc.cluster.local"):
         import http.client
@@ -140,6 +147,13 @@ class XdsMesh:
             s.stop()
         self.cp.stop()
         self.upstream.close()
+
+
+@pytest.fixture(params=["sotw", "delta"])
+def xmesh_both(request, tmp_path):
+    m = XdsMesh(tmp_path, delta=request.param == "delta")
+    yield m
+    m.stop()
 
 
 @pytest.fixture
@@ -165,7 +179,8 @@ def wait_for(what, pred, limit=10.0, step=0.02):
     raise AssertionError(f"timed out: {what}")
 
 
-def test_sidecars_run_on_generated_config(xmesh):
+def test_sidecars_run_on_generated_config(xmesh_both):
+    xmesh = xmesh_both
     status, body = xmesh.get("/hello")
     assert status == 200, body
     seen = json.loads(body)
@@ -185,7 +200,8 @@ def test_sidecars_run_on_generated_config(xmesh):
     assert "is not a known workload" not in xmesh.cp.logs()
 
 
-def test_policy_edit_changes_enforcement_within_1s(xmesh):
+def test_policy_edit_changes_enforcement_within_1s(xmesh_both):
+    xmesh = xmesh_both
     assert xmesh.get("/admin/users")[0] == 200
     policy = xmesh.config_dir / "authz.yaml"
     t0 = time.time()
@@ -308,6 +324,96 @@ def test_mtls_ads_serves_each_proxy_only_its_own_workload(tls_mesh):
     finally:
         victim.stop()
         rogue.stop()
+
+
+def test_live_tcp_connection_is_closed_when_policy_revokes_it(tmp_path):
+    import socket
+    import threading
+
+    # A TCP echo app behind the server sidecar (service port 9000, via the control plane) and a
+    # static outbound TCP listener on the client sidecar (no capture: the app dials it).
+    echo = socket.socket()
+    echo.bind(("127.0.0.1", 0))
+    echo.listen(16)
+
+    def serve():
+        while True:
+            try:
+                c, _ = echo.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda c=c: [c.sendall(b) for b in iter(lambda: c.recv(4096), b"")], daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    m = XdsMesh.__new__(XdsMesh)
+    m.dir = tmp_path
+    m.upstream = Upstream()
+    ca = CA(TD)
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(ca.pem())
+    m.inbound, m.outbound, m.xds_port = free_port(), free_port(), free_port()
+    m.config_dir = tmp_path / "istio"
+    m.config_dir.mkdir()
+    registry = REGISTRY.format(inbound=m.inbound, outbound=m.outbound, app=m.upstream.port)
+    registry = registry.replace("ports: [{number: 80, name: http, protocol: HTTP}]",
+                                "ports: [{number: 80, name: http, protocol: HTTP}, {number: 9000, name: tcp, protocol: TCP}]")
+    registry = registry.replace(f"ports: {{http: {m.upstream.port}}}", f"ports: {{http: {m.upstream.port}, tcp: {echo.getsockname()[1]}}}")
+    (m.config_dir / "registry.yaml").write_text(registry)
+    m.cp = ControlPlane(tmp_path, m.config_dir, m.xds_port).start()
+    m.sidecars = {}
+    tcp_port = free_port()
+    for name, sid in (("server", SERVER_ID), ("client", CLIENT_ID)):
+        cert, key = ca.write_svid(tmp_path, name, sid)
+        listeners, clusters = [], []
+        if name == "client":
+            clusters = [{"name": "static|server-tcp", "endpoints": [f"127.0.0.1:{m.inbound}"],
+                         "transport_socket": {"sni": "outbound_.9000_._.server.test.svc.cluster.local", "match_spiffe_ids": [SERVER_ID]}}]
+            listeners = [{"name": "tcp-9000", "address": f"127.0.0.1:{tcp_port}", "direction": "OUTBOUND",
+                          "filter_chains": [{"name": "tcp", "tcp_proxy": {"stat_prefix": "tcp", "cluster": "static|server-tcp"}}]}]
+        sc = Sidecar(tmp_path, name, cert, key, bundle, listeners, clusters, xds={"address": f"127.0.0.1:{m.xds_port}"})
+        sc.config["node"]["id"] = f"sidecar~127.0.0.1~{name}.test~test.svc.cluster.local"
+        sc.rewrite()
+        m.sidecars[name] = sc.start()
+    try:
+        conn = socket.create_connection(("127.0.0.1", tcp_port), timeout=5)
+        conn.sendall(b"ping")
+        assert conn.recv(16) == b"ping"
+        t0 = time.time()
+        (m.config_dir / "authz.yaml").write_text(textwrap.dedent("""\
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: allow-nobody, namespace: test}
+            spec:
+              selector: {matchLabels: {app: server}}
+              rules: [{from: [{source: {principals: ["cluster.local/ns/test/sa/nobody"]}}]}]
+            """))
+        # The open connection is closed by the server sidecar once the new policy is in force.
+        conn.settimeout(5)
+        closed = b""
+        try:
+            while True:
+                conn.sendall(b"x")
+                data = conn.recv(16)
+                if not data:
+                    break
+                time.sleep(0.05)
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        elapsed = time.time() - t0
+        print(f"live TCP connection closed {elapsed:.3f} s after the policy edit")
+        assert elapsed < 2.0
+        assert closed == b""
+        # And a new connection gets nothing through.
+        c2 = socket.create_connection(("127.0.0.1", tcp_port), timeout=5)
+        c2.sendall(b"ping")
+        try:
+            assert c2.recv(16) == b""
+        except ConnectionResetError:
+            pass
+        c2.close()
+    finally:
+        echo.close()
+        m.stop()
 
 
 GRPC_CLIENT = textwrap.dedent(

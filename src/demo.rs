@@ -737,6 +737,7 @@ fn sidecar_config(
             address: xds.to_string(),
             control_plane_ids: vec![],
             server_name: "istiod.istio-system.svc".into(),
+            delta: false,
         }),
     }
 }

@@ -125,6 +125,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                             address,
                             control_plane_ids: Vec::new(),
                             server_name: "istiod.istio-system.svc".into(),
+                            delta: false,
                         });
                     }
                 }

@@ -189,7 +189,9 @@ async fn big_update() {
         .unwrap();
     let pid = child.id();
     // Empty CDS/LDS first: the process is up and subscribed.
+    eprintln!("waiting for the proxy (pid {pid}) to subscribe");
     wait_acks(&stats, 1, Duration::from_secs(20)).await;
+    eprintln!("subscribed; pushing {} endpoints", 10_000);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = rss_kib(pid);
 

@@ -65,6 +65,9 @@ pub struct XdsConfig {
     /// SNI for the mTLS connection.
     #[serde(default = "default_xds_server_name")]
     pub server_name: String,
+    /// Incremental xDS (`DeltaAggregatedResources`) instead of state of the world.
+    #[serde(default)]
+    pub delta: bool,
 }
 
 fn default_xds_server_name() -> String {
@@ -141,7 +144,7 @@ pub enum Direction {
     Outbound,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub name: String,
@@ -153,7 +156,7 @@ pub struct Listener {
     pub max_connections: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterChain {
     #[serde(default)]
@@ -175,7 +178,7 @@ pub struct FilterChain {
 }
 
 /// An Envoy filter entry: `name` and `typed_config` (proto3 JSON, camelCase or snake_case keys).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
     pub name: String,
@@ -211,7 +214,7 @@ pub fn compile_rbac(filters: &[FilterConfig]) -> Result<Option<policy::Engine>, 
 }
 
 /// Selects a chain. The first chain (in file order) whose every given criterion matches is used.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterChainMatch {
     /// TLS SNI values (inbound).
@@ -229,7 +232,7 @@ pub struct FilterChainMatch {
     pub destination_port: Option<u16>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConnectionManager {
     pub stat_prefix: String,
@@ -255,7 +258,7 @@ pub enum ForwardClientCertDetails {
     Sanitize,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfiguration {
     #[serde(default)]
@@ -263,7 +266,7 @@ pub struct RouteConfiguration {
     pub virtual_hosts: Vec<VirtualHost>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VirtualHost {
     pub name: String,
@@ -272,7 +275,7 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     #[serde(default)]
@@ -282,7 +285,7 @@ pub struct Route {
     pub route: RouteAction,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
     #[serde(default)]
@@ -299,7 +302,7 @@ pub struct RouteMatch {
     pub headers: Vec<HeaderMatcher>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatcher {
     pub name: String,
@@ -313,7 +316,7 @@ pub struct HeaderMatcher {
     pub invert_match: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteAction {
     /// The cluster; or, when empty, a pick from `weighted_clusters` by weight.
@@ -335,14 +338,14 @@ impl RouteAction {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightedCluster {
     pub name: String,
     pub weight: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TcpProxy {
     pub stat_prefix: String,

@@ -195,6 +195,7 @@ pub async fn run(
             &telemetry.stats,
         );
         let mut client = xds::client::ClientConfig::new(server, xds_node(&config.node));
+        client.delta = x.delta;
         if !x.control_plane_ids.is_empty() {
             let tls = identity::tls::client_config(
                 creds.clone(),

@@ -42,11 +42,28 @@ pub struct ListenerRt {
     slots: Arc<Semaphore>,
 }
 
-/// A listener's chains, replaceable as a whole.
-#[derive(Default)]
-pub struct ChainTable(std::sync::RwLock<Arc<Vec<ChainRt>>>);
+/// A listener's chains, replaceable as a whole; `generation` ticks at each replacement.
+pub struct ChainTable(std::sync::RwLock<Arc<Vec<ChainRt>>>, watch::Sender<u64>);
+
+impl Default for ChainTable {
+    fn default() -> Self {
+        Self(std::sync::RwLock::default(), watch::channel(0).0)
+    }
+}
 
 impl ChainTable {
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.1.subscribe()
+    }
+
+    /// The RBAC of the TCP chain of this name now (`None`: the chain is gone).
+    fn tcp_rbac(&self, name: &str) -> Option<Option<Arc<policy::Engine>>> {
+        self.get().iter().find_map(|c| match &c.kind {
+            ChainKind::Tcp { rbac, .. } if c.name == name => Some(rbac.clone()),
+            _ => None,
+        })
+    }
+
     fn get(&self) -> Arc<Vec<ChainRt>> {
         match self.0.read() {
             Ok(g) => Arc::clone(&g),
@@ -60,6 +77,7 @@ impl ChainTable {
             Ok(mut g) => *g = new,
             Err(p) => *p.into_inner() = new,
         }
+        self.1.send_modify(|g| *g += 1);
     }
 
     /// The HTTP chain of this name now, if there still is one.
@@ -514,7 +532,21 @@ impl ListenerRt {
                     tracing::debug!(%cluster, "TCP proxy to a cluster that does not exist; closing");
                     return;
                 };
-                crate::tcp::proxy(io, &ctx, &cluster, rbac.as_deref(), &self.shared.telemetry).await
+                let table = self.chains.clone();
+                let name = chain.name.clone();
+                let recheck = crate::tcp::Recheck {
+                    changes: self.chains.changes(),
+                    current: Box::new(move || table.tcp_rbac(&name)),
+                };
+                crate::tcp::proxy(
+                    io,
+                    &ctx,
+                    &cluster,
+                    rbac.as_deref(),
+                    &self.shared.telemetry,
+                    Some(recheck),
+                )
+                .await
             }
             ChainKind::Refuse(reason) => {
                 tracing::debug!(chain = %chain.name, %reason, "connection refused by chain");

@@ -24,6 +24,8 @@ pub struct Model {
 
 struct Running {
     rt: Arc<ListenerRt>,
+    /// The configuration its chains were last built from.
+    config: config::Listener,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -135,10 +137,12 @@ impl Runtime {
             }
         }
         for (name, l) in &wanted {
-            if let Some(r) = inner.listeners.get(name)
+            if let Some(r) = inner.listeners.get_mut(name)
                 && !replaced.contains(name)
+                && r.config != **l
             {
                 r.rt.update(l, &self.telemetry.stats);
+                r.config = (*l).clone();
             }
         }
         for (l, tcp) in bound {
@@ -161,7 +165,12 @@ impl Runtime {
         let handle = drain::Signal::from_watch(&self.drain);
         tracing::info!(listener = %l.name, address = %l.address, direction = ?l.direction, "listening");
         let task = tokio::spawn(rt.clone().serve(tcp, stop_rx, handle));
-        Running { rt, stop, task }
+        Running {
+            rt,
+            config: l.clone(),
+            stop,
+            task,
+        }
     }
 
     /// Names and addresses of the listeners that are up.

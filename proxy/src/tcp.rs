@@ -9,12 +9,36 @@ use crate::http::ConnCtx;
 use crate::telemetry::{Peer, Reporter, Telemetry};
 use crate::upstream::ClusterRt;
 
+/// The current RBAC of the chain a connection was accepted on: `None` if the chain is gone,
+/// `Some(None)` if it has no RBAC filter.
+pub type CurrentRbac = Box<dyn Fn() -> Option<Option<Arc<policy::Engine>>> + Send + Sync>;
+
+/// Re-checks a live connection whenever the listener's chains change (xDS): a policy that no
+/// longer admits the caller closes the connection, as a new connection would be refused.
+pub struct Recheck {
+    pub changes: tokio::sync::watch::Receiver<u64>,
+    pub current: CurrentRbac,
+}
+
+fn decide(engine: &policy::Engine, ctx: &ConnCtx, cluster: &ClusterRt) -> policy::Decision {
+    engine.evaluate(&policy::Request {
+        principal: ctx.peer_id.as_deref(),
+        direct_remote_ip: Some(ctx.remote.ip()),
+        remote_ip: Some(ctx.remote.ip()),
+        destination_ip: Some(ctx.local.ip()),
+        destination_port: crate::http::destination_port(ctx, cluster),
+        sni: ctx.sni.as_deref(),
+        ..Default::default()
+    })
+}
+
 pub async fn proxy<D>(
     mut down: D,
     ctx: &ConnCtx,
     cluster: &ClusterRt,
     rbac: Option<&policy::Engine>,
     telemetry: &Arc<Telemetry>,
+    mut recheck: Option<Recheck>,
 ) where
     D: AsyncRead + AsyncWrite + Unpin,
 {
@@ -33,15 +57,7 @@ pub async fn proxy<D>(
     r.upstream_cluster = Some(cluster.config.name.clone());
     guard.tcp_opened();
     if let Some(engine) = rbac {
-        let decision = engine.evaluate(&policy::Request {
-            principal: ctx.peer_id.as_deref(),
-            direct_remote_ip: Some(ctx.remote.ip()),
-            remote_ip: Some(ctx.remote.ip()),
-            destination_ip: Some(ctx.local.ip()),
-            destination_port: crate::http::destination_port(ctx, cluster),
-            sni: ctx.sni.as_deref(),
-            ..Default::default()
-        });
+        let decision = decide(engine, ctx, cluster);
         guard.record.rbac_policy = decision.policy.as_deref().map(Into::into);
         if !decision.allowed {
             // Envoy's network RBAC: a denied connection is closed, nothing reaches the upstream.
@@ -69,12 +85,49 @@ pub async fn proxy<D>(
         guard.peer = p.with_principal(peer);
     }
     let mut up = up;
-    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        Ok((sent_up, sent_down)) => {
-            guard.request_bytes.fetch_add(sent_up, Ordering::Relaxed);
-            guard.response_bytes.fetch_add(sent_down, Ordering::Relaxed);
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    loop {
+        let changed = async {
+            match recheck.as_mut() {
+                Some(r) => r.changes.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = &mut copy => {
+                match result {
+                    Ok((sent_up, sent_down)) => {
+                        guard.request_bytes.fetch_add(sent_up, Ordering::Relaxed);
+                        guard.response_bytes.fetch_add(sent_down, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "TCP proxy stream ended with an error"),
+                }
+                break;
+            }
+            alive = changed => {
+                if !alive {
+                    recheck = None;
+                    continue;
+                }
+                let Some(r) = recheck.as_ref() else { continue };
+                let verdict = match (r.current)() {
+                    None => Err(None),
+                    Some(None) => Ok(()),
+                    Some(Some(engine)) => {
+                        let d = decide(&engine, ctx, cluster);
+                        if d.allowed { Ok(()) } else { Err(d.policy) }
+                    }
+                };
+                if let Err(policy) = verdict {
+                    tracing::info!(?policy, "live TCP connection closed: the new configuration no longer admits it");
+                    guard.record.response_flags = "RBAC".into();
+                    guard.record.rbac_decision = Some("denied".into());
+                    guard.record.rbac_policy = policy.as_deref().map(Into::into);
+                    break;
+                }
+            }
         }
-        Err(e) => tracing::debug!(error = %e, "TCP proxy stream ended with an error"),
     }
     guard.completed = true;
 }

@@ -1,4 +1,4 @@
-//! ADS client, state of the world. The [`Handler`] owns the resources: it validates and applies a
+//! ADS client, state of the world or delta (`ClientConfig::delta`). The [`Handler`] owns the resources: it validates and applies a
 //! type's full state (an error is sent back as a NACK and the handler keeps what it had), and says
 //! which names it wants next (RDS and EDS names follow from listeners and clusters).
 //!
@@ -7,12 +7,14 @@
 //! jitter, resubscribing to everything with the versions already held, so the server need not resend
 //! what is unchanged. HTTP/2 keepalive finds a dead control plane between pushes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures_util::StreamExt;
@@ -42,6 +44,8 @@ pub struct ClientConfig {
     pub keepalive: Duration,
     /// mTLS to the server (Istio's 15012); plaintext when `None`.
     pub tls: Option<crate::tls::ClientTls>,
+    /// Use the delta variant (`DeltaAggregatedResources`) instead of state of the world.
+    pub delta: bool,
 }
 
 impl ClientConfig {
@@ -53,6 +57,7 @@ impl ClientConfig {
             backoff_max: Duration::from_secs(15),
             keepalive: Duration::from_secs(15),
             tls: None,
+            delta: false,
         }
     }
 }
@@ -73,14 +78,22 @@ pub async fn run<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut held: HashMap<&'static str, Held> = HashMap::new();
+    let mut delta_held: HashMap<&'static str, DeltaHeld> = HashMap::new();
     let mut attempt: u32 = 0;
     loop {
         if *shutdown.borrow() {
             return;
         }
-        let outcome = tokio::select! {
-            o = session(&config, &mut handler, &mut held) => o,
-            _ = shutdown.wait_for(|s| *s) => return,
+        let outcome = if config.delta {
+            tokio::select! {
+                o = delta_session(&config, &mut handler, &mut delta_held) => o,
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        } else {
+            tokio::select! {
+                o = session(&config, &mut handler, &mut held) => o,
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
         };
         handler.connection(false);
         match outcome {
@@ -289,4 +302,159 @@ fn send_interest<H: Handler>(
 /// The node goes on the first request of a stream only.
 fn first_node(config: &ClientConfig, first: &mut bool) -> Option<Node> {
     std::mem::take(first).then(|| config.node.clone())
+}
+
+/// Per-type state of a delta session: the resources held (name → version, resource) and the names
+/// subscribed so far.
+#[derive(Default, Clone)]
+struct DeltaHeld {
+    resources: BTreeMap<String, (String, Any)>,
+    /// `None`: wildcard.
+    names: Option<BTreeSet<String>>,
+    requested: bool,
+}
+
+async fn delta_session<H: Handler>(
+    config: &ClientConfig,
+    handler: &mut H,
+    held: &mut HashMap<&'static str, DeltaHeld>,
+) -> Result<(), SessionError> {
+    let fail = |message: String, received: bool| SessionError { message, received };
+    let channel = connect(config).await.map_err(|m| fail(m, false))?;
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+    for h in held.values_mut() {
+        h.requested = false;
+    }
+    let mut first = true;
+    delta_interest(config, handler, held, &tx, &mut first).map_err(|m| fail(m, false))?;
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let mut responses = client
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| fail(format!("delta ADS: {} {}", s.code(), s.message()), false))?
+        .into_inner();
+    handler.connection(true);
+    tracing::info!(server = %config.server, "delta xDS stream open");
+    let mut received = false;
+    while let Some(item) = responses.next().await {
+        let response =
+            item.map_err(|s| fail(format!("delta ADS: {} {}", s.code(), s.message()), received))?;
+        received = true;
+        let Some(type_url) = types::ALL.iter().copied().find(|t| *t == response.type_url) else {
+            continue;
+        };
+        let h = held.entry(type_url).or_default();
+        let mut candidate = h.resources.clone();
+        for name in &response.removed_resources {
+            candidate.remove(name);
+        }
+        let mut bad = None;
+        for r in &response.resources {
+            match &r.resource {
+                Some(any) if any.type_url == type_url => {
+                    candidate.insert(r.name.clone(), (r.version.clone(), any.clone()));
+                }
+                Some(any) => {
+                    bad = Some(format!(
+                        "a {} response carries a {}",
+                        types::short(type_url),
+                        any.type_url
+                    ))
+                }
+                None => {
+                    candidate.remove(&r.name);
+                }
+            }
+        }
+        let outcome = match bad {
+            Some(e) => Err(e),
+            None => handler.apply(
+                type_url,
+                &response.system_version_info,
+                candidate.values().map(|(_, a)| a.clone()).collect(),
+            ),
+        };
+        let error_detail = match outcome {
+            Ok(()) => {
+                tracing::info!(r#type = types::short(type_url), version = %response.system_version_info, "delta xDS ACK");
+                held.entry(type_url).or_default().resources = candidate;
+                None
+            }
+            Err(detail) => {
+                tracing::warn!(r#type = types::short(type_url), error = %detail, "delta xDS NACK; keeping the previous configuration");
+                Some(RpcStatus {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: detail,
+                    details: Vec::new(),
+                })
+            }
+        };
+        tx.try_send(DeltaDiscoveryRequest {
+            type_url: type_url.to_owned(),
+            response_nonce: response.nonce,
+            error_detail,
+            ..Default::default()
+        })
+        .map_err(|e| fail(format!("request queue: {e}"), true))?;
+        delta_interest(config, handler, held, &tx, &mut first).map_err(|m| fail(m, true))?;
+    }
+    Ok(())
+}
+
+/// Subscribes and unsubscribes as the handler's interest changes; a type's first request on a
+/// stream carries the versions already held.
+fn delta_interest<H: Handler>(
+    config: &ClientConfig,
+    handler: &H,
+    held: &mut HashMap<&'static str, DeltaHeld>,
+    tx: &mpsc::Sender<DeltaDiscoveryRequest>,
+    first: &mut bool,
+) -> Result<(), String> {
+    for (type_url, names) in handler.interest() {
+        let h = held.entry(type_url).or_default();
+        let mut request = DeltaDiscoveryRequest {
+            type_url: type_url.to_owned(),
+            ..Default::default()
+        };
+        if !h.requested {
+            if names.is_none() && !types::wildcard_by_default(type_url) {
+                continue;
+            }
+            if names.as_ref().is_some_and(BTreeSet::is_empty)
+                && !types::wildcard_by_default(type_url)
+            {
+                continue;
+            }
+            request.initial_resource_versions = h
+                .resources
+                .iter()
+                .map(|(n, (v, _))| (n.clone(), v.clone()))
+                .collect();
+            request.resource_names_subscribe = match &names {
+                None => vec!["*".into()],
+                Some(n) => n.iter().cloned().collect(),
+            };
+            h.requested = true;
+        } else {
+            match (&h.names, &names) {
+                (Some(old), Some(new)) if old != new => {
+                    request.resource_names_subscribe = new.difference(old).cloned().collect();
+                    request.resource_names_unsubscribe = old.difference(new).cloned().collect();
+                    for n in &request.resource_names_unsubscribe {
+                        h.resources.remove(n);
+                    }
+                }
+                _ => {
+                    h.names = names;
+                    continue;
+                }
+            }
+        }
+        h.names = names;
+        request.node = first_node(config, first);
+        tx.try_send(request)
+            .map_err(|e| format!("request queue: {e}"))?;
+    }
+    Ok(())
 }

@@ -2,6 +2,9 @@
 //! [`SnapshotSource`] that computes that node's configuration (so a proxy never receives another
 //! workload's), and are pushed again whenever the source announces a change.
 //!
+//! The delta variant (`DeltaAggregatedResources`) sends only resources whose version changed, and
+//! removals by name; a reconnecting client's `initial_resource_versions` say what it holds.
+//!
 //! Versions are content hashes of exactly the resources sent, so they are the same across control
 //! plane restarts: a proxy that reconnects with the version it already holds is not sent it again.
 //! Nonces follow the protocol: a request whose nonce is not the latest one sent for its type is
@@ -127,11 +130,28 @@ impl<S: SnapshotSource> AggregatedDiscoveryService for AdsServer<S> {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "delta xDS is not served; use the state-of-the-world ADS stream",
-        ))
+        let peer_id = request
+            .extensions()
+            .get::<PeerIdentity>()
+            .and_then(|p| p.0.clone());
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let stream = DeltaStream {
+            source: self.source.clone(),
+            stats: self.stats.clone(),
+            peer_id,
+            caller: None,
+            snapshot: Arc::default(),
+            types: HashMap::new(),
+            nonce: 0,
+            tx,
+        };
+        tokio::spawn(stream.run(inbound, self.closing.clone()));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -319,8 +339,230 @@ impl<S: SnapshotSource> Stream<S> {
     }
 }
 
+/// Per-type state of a delta stream: what is subscribed and which version of each resource the
+/// client holds (as far as this server knows).
+#[derive(Default)]
+struct DeltaType {
+    /// `None`: wildcard.
+    names: Option<BTreeSet<String>>,
+    held: BTreeMap<String, String>,
+    sent_nonce: String,
+    /// What the client held before the last response, restored if that response is NACKed.
+    before: Option<BTreeMap<String, String>>,
+}
+
+/// The delta variant: only changed resources are sent, removals by name.
+struct DeltaStream<S> {
+    source: Arc<S>,
+    stats: Arc<ServerStats>,
+    peer_id: Option<String>,
+    caller: Option<Caller>,
+    snapshot: Arc<Snapshot>,
+    types: HashMap<String, DeltaType>,
+    nonce: u64,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+}
+
+impl<S: SnapshotSource> DeltaStream<S> {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<DeltaDiscoveryRequest>,
+        mut closing: watch::Receiver<bool>,
+    ) {
+        self.stats
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut changes = self.source.changes();
+        changes.mark_unchanged();
+        loop {
+            let result = tokio::select! {
+                req = inbound.next() => match req {
+                    Some(Ok(req)) => self.on_request(req).await,
+                    _ => break,
+                },
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.on_change().await
+                }
+                () = self.tx.closed() => break,
+                () = until_true(&mut closing) => break,
+            };
+            if let Err(status) = result {
+                let _ = self.tx.send(Err(status)).await;
+                break;
+            }
+        }
+        self.stats
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+        if self.caller.is_none() {
+            let node = req
+                .node
+                .clone()
+                .ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
+            if node.id.is_empty() {
+                return Err(Status::invalid_argument("node.id is required"));
+            }
+            let caller = Caller {
+                node,
+                peer_id: self.peer_id.clone(),
+            };
+            self.snapshot = self.source.snapshot(&caller)?;
+            tracing::info!(node = %caller.node.id, peer = ?caller.peer_id, "delta xDS stream opened");
+            self.caller = Some(caller);
+        }
+        if !types::is_known(&req.type_url) {
+            return Ok(());
+        }
+        let type_url = req.type_url.clone();
+        let fresh = !self.types.contains_key(&type_url);
+        let state = self.types.entry(type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() {
+            if req.response_nonce != state.sent_nonce {
+                return Ok(());
+            }
+            if let Some(err) = &req.error_detail {
+                self.stats
+                    .nacks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let node = self
+                    .caller
+                    .as_ref()
+                    .map(|c| c.node.id.as_str())
+                    .unwrap_or("");
+                tracing::warn!(node, type_url = %type_url, error = %err.message, "delta NACK: the proxy rejected the configuration and keeps its previous one");
+                if let Some(c) = &self.caller {
+                    self.source.nacked(c, &type_url, "", &err.message);
+                }
+                if let Some(before) = state.before.take() {
+                    state.held = before;
+                }
+                return Ok(());
+            }
+            state.before = None;
+            self.stats
+                .acks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if fresh {
+            state.held = req
+                .initial_resource_versions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let wildcard = req.resource_names_subscribe.iter().any(|n| n == "*")
+                || (req.resource_names_subscribe.is_empty()
+                    && types::wildcard_by_default(&type_url));
+            state.names = if wildcard {
+                None
+            } else {
+                Some(BTreeSet::new())
+            };
+        }
+        let mut changed_names = fresh;
+        if let Some(names) = &mut state.names {
+            for n in &req.resource_names_subscribe {
+                changed_names |= names.insert(n.clone());
+            }
+        }
+        for n in &req.resource_names_unsubscribe {
+            if let Some(names) = &mut state.names {
+                changed_names |= names.remove(n);
+            }
+            state.held.remove(n);
+        }
+        if changed_names {
+            // A new client gets an answer even if empty; a resuming one only what it lacks.
+            let always = fresh && req.initial_resource_versions.is_empty();
+            self.respond(&type_url, always).await
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn on_change(&mut self) -> Result<(), Status> {
+        let Some(caller) = &self.caller else {
+            return Ok(());
+        };
+        self.snapshot = self.source.snapshot(caller)?;
+        let types: Vec<String> = self.types.keys().cloned().collect();
+        for t in types {
+            self.respond(&t, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what changed for this client: new or different resources, and removals. A first
+    /// subscription is always answered (possibly empty), so the client knows where it stands.
+    async fn respond(&mut self, type_url: &str, always: bool) -> Result<(), Status> {
+        let empty = Resources::new();
+        let all = self.snapshot.resources.get(type_url).unwrap_or(&empty);
+        let Some(state) = self.types.get_mut(type_url) else {
+            return Ok(());
+        };
+        let wanted: Vec<(&String, &Any)> = match &state.names {
+            None => all.iter().collect(),
+            Some(names) => names.iter().filter_map(|n| all.get_key_value(n)).collect(),
+        };
+        let before = state.held.clone();
+        let mut resources = Vec::new();
+        for (name, any) in &wanted {
+            let version = version_of(&BTreeMap::from([((*name).clone(), (*any).clone())]), None);
+            if state.held.get(*name) != Some(&version) {
+                state.held.insert((*name).clone(), version.clone());
+                resources.push(envoy_types::pb::envoy::service::discovery::v3::Resource {
+                    name: (*name).clone(),
+                    version,
+                    resource: Some((*any).clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        let removed: Vec<String> = state
+            .held
+            .keys()
+            .filter(|n| !wanted.iter().any(|(w, _)| w == n))
+            .cloned()
+            .collect();
+        for n in &removed {
+            state.held.remove(n);
+        }
+        if resources.is_empty() && removed.is_empty() && !always {
+            return Ok(());
+        }
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        state.sent_nonce = nonce.clone();
+        state.before = Some(before);
+        let response = DeltaDiscoveryResponse {
+            system_version_info: version_of(all, state.names.as_ref()),
+            resources,
+            type_url: type_url.to_owned(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        };
+        self.stats
+            .responses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.tx
+            .send(Ok(response))
+            .await
+            .map_err(|_| Status::cancelled("stream closed"))
+    }
+}
+
+/// Resolves when the flag turns true; never, if nobody can set it any more (a server built
+/// without [`AdsServer::with_shutdown`]).
 async fn until_true(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|c| *c).await;
+    if rx.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// A content hash of the resources a subscription selects (names and bytes), stable across runs.

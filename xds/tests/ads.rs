@@ -165,7 +165,7 @@ async fn serve(source: Arc<Source>, listener: TcpListener) -> Running {
     Running { stats, stop, task }
 }
 
-fn config(addr: std::net::SocketAddr, node: &str) -> ClientConfig {
+fn config(addr: std::net::SocketAddr, node: &str, delta: bool) -> ClientConfig {
     let mut c = ClientConfig::new(
         format!("http://{addr}"),
         Node {
@@ -175,6 +175,7 @@ fn config(addr: std::net::SocketAddr, node: &str) -> ClientConfig {
     );
     c.backoff_base = Duration::from_millis(20);
     c.backoff_max = Duration::from_millis(100);
+    c.delta = delta;
     c
 }
 
@@ -189,7 +190,55 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 #[tokio::test]
-async fn derived_subscriptions_ack_nack_and_per_node_snapshots() {
+async fn sotw_derived_subscriptions_ack_nack_and_per_node_snapshots() {
+    derived_subscriptions_ack_nack_and_per_node_snapshots(false).await;
+}
+
+#[tokio::test]
+async fn delta_derived_subscriptions_ack_nack_and_per_node_snapshots() {
+    derived_subscriptions_ack_nack_and_per_node_snapshots(true).await;
+}
+
+#[tokio::test]
+async fn sotw_restarted_server_does_not_push_what_the_client_holds() {
+    a_restarted_server_does_not_push_what_the_client_holds(false).await;
+}
+
+#[tokio::test]
+async fn delta_restarted_server_does_not_push_what_the_client_holds() {
+    a_restarted_server_does_not_push_what_the_client_holds(true).await;
+}
+
+/// A server built without a shutdown signal keeps its streams open.
+#[tokio::test]
+async fn streams_stay_open_without_a_shutdown_signal() {
+    let source = Source::new();
+    source.set("a", &["c1"], &["c1"]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = AdsServer::new(source.clone());
+    let stats = server.stats();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(server))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let (stop_tx, stop) = watch::channel(false);
+    let rec = Recorder::default();
+    tokio::spawn(client::run(config(addr, "a", false), rec.clone(), stop));
+    let st = rec.state.clone();
+    eventually("sync", || st.lock().unwrap().endpoints.len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stats.streams.load(std::sync::atomic::Ordering::Relaxed), 1);
+    source.set("a", &["c1", "c2"], &["c1", "c2"]);
+    eventually("push on the same stream", || {
+        st.lock().unwrap().endpoints.len() == 2
+    })
+    .await;
+    stop_tx.send_replace(true);
+}
+
+async fn derived_subscriptions_ack_nack_and_per_node_snapshots(delta: bool) {
     let source = Source::new();
     source.set("a", &["c1", "c2"], &["c1", "c2", "c3"]);
     source.set("b", &["other"], &["other"]);
@@ -200,7 +249,11 @@ async fn derived_subscriptions_ack_nack_and_per_node_snapshots() {
     let (stop_tx, stop) = watch::channel(false);
 
     let rec = Recorder::default();
-    tokio::spawn(client::run(config(addr, "a"), rec.clone(), stop.clone()));
+    tokio::spawn(client::run(
+        config(addr, "a", delta),
+        rec.clone(),
+        stop.clone(),
+    ));
     let st = rec.state.clone();
     eventually("CDS and EDS", || {
         let s = st.lock().unwrap();
@@ -232,7 +285,7 @@ async fn derived_subscriptions_ack_nack_and_per_node_snapshots() {
     // An unknown node is refused; it gets nothing.
     let stranger = Recorder::default();
     tokio::spawn(client::run(
-        config(addr, "nobody"),
+        config(addr, "nobody", delta),
         stranger.clone(),
         stop.clone(),
     ));
@@ -241,8 +294,7 @@ async fn derived_subscriptions_ack_nack_and_per_node_snapshots() {
     stop_tx.send_replace(true);
 }
 
-#[tokio::test]
-async fn a_restarted_server_does_not_push_what_the_client_holds() {
+async fn a_restarted_server_does_not_push_what_the_client_holds(delta: bool) {
     let source = Source::new();
     source.set("a", &["c1"], &["c1"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -250,7 +302,11 @@ async fn a_restarted_server_does_not_push_what_the_client_holds() {
     let server = serve(source.clone(), listener).await;
     let (stop_tx, stop) = watch::channel(false);
     let rec = Recorder::default();
-    tokio::spawn(client::run(config(addr, "a"), rec.clone(), stop.clone()));
+    tokio::spawn(client::run(
+        config(addr, "a", delta),
+        rec.clone(),
+        stop.clone(),
+    ));
     let st = rec.state.clone();
     eventually("first sync", || st.lock().unwrap().applied.len() == 2).await;
 

@@ -417,112 +417,122 @@ fn failure(f: &Failure, name: &str) -> UpdateFailureState {
     }
 }
 
+/// One resource's line in a config dump: its active version, and the failure that concerned it.
+struct DumpEntry {
+    name: String,
+    version: String,
+    resource: Option<Any>,
+    updated: Option<Timestamp>,
+    error: Option<UpdateFailureState>,
+}
+
+impl TypeState {
+    /// Every resource held, and every one the last rejected update was about.
+    fn entries(&self) -> Vec<DumpEntry> {
+        let names: BTreeSet<&String> = self
+            .resources
+            .keys()
+            .chain(
+                self.error
+                    .iter()
+                    .flat_map(|f| f.resources.keys().filter(|n| f.concerns(n))),
+            )
+            .collect();
+        names
+            .into_iter()
+            .map(|n| DumpEntry {
+                name: n.clone(),
+                version: self.version.clone(),
+                resource: self.resources.get(n).map(renderable),
+                updated: self.updated.map(timestamp),
+                error: self
+                    .error
+                    .as_ref()
+                    .filter(|f| f.concerns(n))
+                    .map(|f| failure(f, n)),
+            })
+            .collect()
+    }
+}
+
 impl XdsState {
     /// The dynamic parts of Envoy's ConfigDump, as proto3 JSON (`@type`d admin messages).
     pub fn config_dump(&self) -> Vec<serde_json::Value> {
         let types = lock(&self.types).clone();
         let get = |t| types.get(t).cloned().unwrap_or_default();
-        let names = |s: &TypeState| -> BTreeSet<String> {
-            s.resources
-                .keys()
-                .chain(
-                    s.error
-                        .iter()
-                        .flat_map(|f| f.resources.keys().filter(|n| f.concerns(n))),
-                )
-                .cloned()
-                .collect()
-        };
-        let mut out = Vec::new();
-
-        let s = get(types::LISTENER);
-        let dump = ListenersConfigDump {
-            version_info: s.version.clone(),
-            dynamic_listeners: names(&s)
-                .iter()
-                .map(|n| listeners_config_dump::DynamicListener {
-                    name: n.clone(),
-                    active_state: s.resources.get(n).map(|a| {
-                        listeners_config_dump::DynamicListenerState {
-                            version_info: s.version.clone(),
-                            listener: Some(renderable(a)),
-                            last_updated: s.updated.map(timestamp),
-                        }
-                    }),
-                    error_state: s
-                        .error
-                        .as_ref()
-                        .filter(|f| f.concerns(n))
-                        .map(|f| failure(f, n)),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        };
-        out.push(codec::pack(&dump));
-
-        let s = get(types::CLUSTER);
-        let dump = ClustersConfigDump {
-            version_info: s.version.clone(),
-            dynamic_active_clusters: names(&s)
-                .iter()
-                .map(|n| clusters_config_dump::DynamicCluster {
-                    version_info: s.version.clone(),
-                    cluster: s.resources.get(n).map(renderable),
-                    last_updated: s.updated.map(timestamp),
-                    error_state: s
-                        .error
-                        .as_ref()
-                        .filter(|f| f.concerns(n))
-                        .map(|f| failure(f, n)),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        };
-        out.push(codec::pack(&dump));
-
-        let s = get(types::ROUTE);
-        let dump = RoutesConfigDump {
-            dynamic_route_configs: names(&s)
-                .iter()
-                .map(|n| routes_config_dump::DynamicRouteConfig {
-                    version_info: s.version.clone(),
-                    route_config: s.resources.get(n).map(renderable),
-                    last_updated: s.updated.map(timestamp),
-                    error_state: s
-                        .error
-                        .as_ref()
-                        .filter(|f| f.concerns(n))
-                        .map(|f| failure(f, n)),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        };
-        out.push(codec::pack(&dump));
-
-        let s = get(types::ENDPOINT);
-        let dump = EndpointsConfigDump {
-            dynamic_endpoint_configs: names(&s)
-                .iter()
-                .map(|n| endpoints_config_dump::DynamicEndpointConfig {
-                    version_info: s.version.clone(),
-                    endpoint_config: s.resources.get(n).map(renderable),
-                    last_updated: s.updated.map(timestamp),
-                    error_state: s
-                        .error
-                        .as_ref()
-                        .filter(|f| f.concerns(n))
-                        .map(|f| failure(f, n)),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        };
-        out.push(codec::pack(&dump));
-
-        out.iter()
+        let (l, c, r, e) = (
+            get(types::LISTENER),
+            get(types::CLUSTER),
+            get(types::ROUTE),
+            get(types::ENDPOINT),
+        );
+        let dumps = [
+            codec::pack(&ListenersConfigDump {
+                version_info: l.version.clone(),
+                dynamic_listeners: l
+                    .entries()
+                    .into_iter()
+                    .map(|d| listeners_config_dump::DynamicListener {
+                        name: d.name,
+                        active_state: d.resource.map(|a| {
+                            listeners_config_dump::DynamicListenerState {
+                                version_info: d.version,
+                                listener: Some(a),
+                                last_updated: d.updated,
+                            }
+                        }),
+                        error_state: d.error,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            codec::pack(&ClustersConfigDump {
+                version_info: c.version.clone(),
+                dynamic_active_clusters: c
+                    .entries()
+                    .into_iter()
+                    .map(|d| clusters_config_dump::DynamicCluster {
+                        version_info: d.version,
+                        cluster: d.resource,
+                        last_updated: d.updated,
+                        error_state: d.error,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            codec::pack(&RoutesConfigDump {
+                dynamic_route_configs: r
+                    .entries()
+                    .into_iter()
+                    .map(|d| routes_config_dump::DynamicRouteConfig {
+                        version_info: d.version,
+                        route_config: d.resource,
+                        last_updated: d.updated,
+                        error_state: d.error,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            codec::pack(&EndpointsConfigDump {
+                dynamic_endpoint_configs: e
+                    .entries()
+                    .into_iter()
+                    .map(|d| endpoints_config_dump::DynamicEndpointConfig {
+                        version_info: d.version,
+                        endpoint_config: d.resource,
+                        last_updated: d.updated,
+                        error_state: d.error,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+        ];
+        dumps
+            .iter()
             .map(|a| {
                 codec::any_to_json(a).unwrap_or_else(
                     |e| serde_json::json!({ "@type": a.type_url, "error": e.to_string() }),

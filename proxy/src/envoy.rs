@@ -865,6 +865,7 @@ pub fn cluster(c: &Cluster, notes: &mut Notes) -> Result<config::Cluster, Invali
             ));
         }
     }
+    out.metadata = destination_from_name(&c.name);
     // LbPolicy: 0 ROUND_ROBIN, 1 LEAST_REQUEST, 2 RING_HASH, 3 RANDOM, 5 MAGLEV, 6 CLUSTER_PROVIDED.
     out.lb_policy = match c.lb_policy {
         0 => LbPolicy::RoundRobin,
@@ -919,6 +920,25 @@ pub fn cluster(c: &Cluster, notes: &mut Notes) -> Result<config::Cluster, Invali
         }
     }
     Ok(out)
+}
+
+/// Istio names outbound clusters `outbound|PORT|SUBSET|HOST`: the destination service for metric
+/// labels, and its namespace for `*.NS.svc.*` hosts (istiod also sends it as cluster metadata,
+/// which this proxy does not read).
+fn destination_from_name(name: &str) -> config::DestinationMetadata {
+    let mut parts = name.split('|');
+    let (Some("outbound"), Some(_), Some(_), Some(host)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return config::DestinationMetadata::default();
+    };
+    let labels: Vec<&str> = host.split('.').collect();
+    let namespace = (labels.len() > 2 && labels[2] == "svc").then(|| labels[1].to_owned());
+    config::DestinationMetadata {
+        service: Some(host.to_owned()),
+        namespace,
+        ..Default::default()
+    }
 }
 
 fn upstream_tls(ts: &TransportSocket, cx: &mut Ctx<'_>) -> Result<UpstreamTls, Invalid> {
@@ -1124,4 +1144,133 @@ fn dns_endpoints(la: &ClusterLoadAssignment, cx: &mut Ctx<'_>) -> Result<Vec<Soc
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener_json(v: serde_json::Value) -> Listener {
+        let mut v = v;
+        v["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener".into();
+        codec::unpack(&codec::json_to_any(v).unwrap()).unwrap()
+    }
+
+    fn hcm_filter(extra_filters: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": HCM_TYPE,
+                "stat_prefix": "in",
+                "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+                    {"match": {"prefix": "/"}, "route": {"cluster": "inbound|8080||"}}]}]},
+                "http_filters": extra_filters,
+            }
+        })
+    }
+
+    #[test]
+    fn unevaluable_chains_refuse_and_specific_chains_come_first() {
+        let l = listener_json(serde_json::json!({
+            "name": "virtualOutbound",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
+            "traffic_direction": "OUTBOUND",
+            "filter_chains": [
+                {"filters": [hcm_filter(serde_json::json!([{"name": "envoy.filters.http.router",
+                    "typed_config": {"@type": ROUTER_TYPE}}]))]},
+                {"filter_chain_match": {"prefix_ranges": [{"address_prefix": "10.0.0.0", "prefix_len": 8}],
+                    "destination_port": 8080},
+                 "filters": [hcm_filter(serde_json::json!([{"name": "envoy.filters.http.router",
+                    "typed_config": {"@type": ROUTER_TYPE}}]))]},
+            ],
+        }));
+        let mut notes = Vec::new();
+        let out = listener(&l, &mut notes).unwrap().unwrap();
+        assert_eq!(out.filter_chains.len(), 2);
+        assert_eq!(
+            out.filter_chains[0].filter_chain_match.destination_port,
+            Some(8080)
+        );
+        assert!(
+            out.filter_chains[0]
+                .refuse
+                .as_deref()
+                .unwrap()
+                .contains("prefix_ranges")
+        );
+        assert!(out.filter_chains[1].refuse.is_none());
+    }
+
+    #[test]
+    fn unsupported_required_filters_and_bad_rbac_are_rejected_naming_the_field() {
+        let with = |filters: serde_json::Value| {
+            listener_json(serde_json::json!({
+                "name": "l",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+                "filter_chains": [{"filters": [hcm_filter(filters)]}],
+            }))
+        };
+        let ext_authz = with(serde_json::json!([
+            {"name": "envoy.filters.http.ext_authz", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"}},
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}]));
+        let e = listener(&ext_authz, &mut Vec::new()).unwrap_err();
+        assert_eq!(e.field, "filter_chains[0].filters[0].http_filters[0]");
+        assert!(e.message.contains("not supported"));
+        let bad_rbac = with(serde_json::json!([
+            {"name": "envoy.filters.http.rbac", "typed_config": {"@type": policy::rbac::HTTP_RBAC_TYPE,
+                "rules": {"action": "ALLOW", "policies": {"p": {"permissions": [{"any": true}],
+                "principals": [{"direct_remote_ip": {"address_prefix": "not-an-ip", "prefix_len": 8}}]}}}}},
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}]));
+        let e = listener(&bad_rbac, &mut Vec::new()).unwrap_err();
+        assert!(e.message.contains("RBAC does not compile"), "{e}");
+        // Istio's observe-only filters are skipped and said so.
+        let stats = with(serde_json::json!([
+            {"name": "istio.stats", "typed_config": {"@type": "type.googleapis.com/stats.PluginConfig"}},
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}]));
+        let mut notes = Vec::new();
+        assert!(listener(&stats, &mut notes).unwrap().is_some());
+        assert!(notes.iter().any(|n| n.contains("istio.stats skipped")));
+    }
+
+    #[test]
+    fn upstream_identity_must_be_exact_spiffe_ids() {
+        let cluster_with = |matcher: serde_json::Value| -> Cluster {
+            codec::unpack(&codec::json_to_any(serde_json::json!({
+                "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+                "name": "outbound|80||ledger.bank.svc.cluster.local",
+                "type": "STATIC",
+                "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                    "@type": UPSTREAM_TLS_TYPE, "sni": "outbound_.80_._.ledger.bank.svc.cluster.local",
+                    "common_tls_context": {"combined_validation_context": {
+                        "default_validation_context": {"match_typed_subject_alt_names": [
+                            {"san_type": "URI", "matcher": matcher}]},
+                        "validation_context_sds_secret_config": {"name": "ROOTCA"}}}}},
+            })).unwrap()).unwrap()
+        };
+        let ok = cluster(
+            &cluster_with(serde_json::json!({"exact": "spiffe://cluster.local/ns/bank/sa/ledger"})),
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.transport_socket.unwrap().match_spiffe_ids[0].as_str(),
+            "spiffe://cluster.local/ns/bank/sa/ledger"
+        );
+        assert_eq!(
+            ok.metadata.service.as_deref(),
+            Some("ledger.bank.svc.cluster.local")
+        );
+        assert_eq!(ok.metadata.namespace.as_deref(), Some("bank"));
+        let prefix = cluster(
+            &cluster_with(serde_json::json!({"prefix": "spiffe://cluster.local/"})),
+            &mut Vec::new(),
+        );
+        assert!(
+            prefix
+                .unwrap_err()
+                .message
+                .contains("non-exact SAN matchers are not supported")
+        );
+    }
 }

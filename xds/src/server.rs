@@ -218,19 +218,8 @@ impl<S: SnapshotSource> Stream<S> {
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
         if self.caller.is_none() {
-            let node = req
-                .node
-                .clone()
-                .ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
-            if node.id.is_empty() {
-                return Err(Status::invalid_argument("node.id is required"));
-            }
-            let caller = Caller {
-                node,
-                peer_id: self.peer_id.clone(),
-            };
-            self.snapshot = self.source.snapshot(&caller)?;
-            tracing::info!(node = %caller.node.id, peer = ?caller.peer_id, "xDS stream opened");
+            let (caller, snapshot) = open(&*self.source, req.node.as_ref(), &self.peer_id)?;
+            self.snapshot = snapshot;
             self.caller = Some(caller);
         }
         if !types::is_known(&req.type_url) {
@@ -401,19 +390,8 @@ impl<S: SnapshotSource> DeltaStream<S> {
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
         if self.caller.is_none() {
-            let node = req
-                .node
-                .clone()
-                .ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
-            if node.id.is_empty() {
-                return Err(Status::invalid_argument("node.id is required"));
-            }
-            let caller = Caller {
-                node,
-                peer_id: self.peer_id.clone(),
-            };
-            self.snapshot = self.source.snapshot(&caller)?;
-            tracing::info!(node = %caller.node.id, peer = ?caller.peer_id, "delta xDS stream opened");
+            let (caller, snapshot) = open(&*self.source, req.node.as_ref(), &self.peer_id)?;
+            self.snapshot = snapshot;
             self.caller = Some(caller);
         }
         if !types::is_known(&req.type_url) {
@@ -555,6 +533,27 @@ impl<S: SnapshotSource> DeltaStream<S> {
             .await
             .map_err(|_| Status::cancelled("stream closed"))
     }
+}
+
+/// The caller of a new stream (its first request must name a node) and its first snapshot.
+fn open<S: SnapshotSource>(
+    source: &S,
+    node: Option<&Node>,
+    peer_id: &Option<String>,
+) -> Result<(Caller, Arc<Snapshot>), Status> {
+    let node = node
+        .cloned()
+        .ok_or_else(|| Status::invalid_argument("the first request must carry a node"))?;
+    if node.id.is_empty() {
+        return Err(Status::invalid_argument("node.id is required"));
+    }
+    let caller = Caller {
+        node,
+        peer_id: peer_id.clone(),
+    };
+    let snapshot = source.snapshot(&caller)?;
+    tracing::info!(node = %caller.node.id, peer = ?caller.peer_id, "xDS stream opened");
+    Ok((caller, snapshot))
 }
 
 /// Resolves when the flag turns true; never, if nobody can set it any more (a server built

@@ -222,6 +222,34 @@ def test_policy_edit_changes_enforcement_within_1s(xmesh_both):
     wait_for("policy removed", lambda: xmesh.get("/admin/users")[0] == 200, limit=5)
 
 
+def test_peer_authentication_decides_plaintext_inbound(xmesh):
+    """STRICT (the default) refuses plaintext on the server's inbound port; PERMISSIVE serves it
+    without a caller identity; back to STRICT refuses it again."""
+    import http.client
+
+    def plaintext():
+        c = http.client.HTTPConnection("127.0.0.1", xmesh.inbound, timeout=3)
+        try:
+            c.request("GET", "/plain", headers={"host": "server"})
+            r = c.getresponse()
+            return r.status, r.read().decode()
+        except (ConnectionError, http.client.HTTPException, OSError) as e:
+            return None, type(e).__name__
+        finally:
+            c.close()
+
+    assert plaintext()[0] is None
+    pa = xmesh.config_dir / "peerauthn.yaml"
+    pa.write_text("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: test}\nspec: {mtls: {mode: PERMISSIVE}}\n")
+    wait_for("PERMISSIVE serves plaintext", lambda: plaintext()[0] == 200, limit=5)
+    status, body = plaintext()
+    assert "x-forwarded-client-cert" not in json.loads(body)["headers"]
+    # mTLS keeps working alongside.
+    assert xmesh.get("/")[0] == 200
+    pa.write_text(pa.read_text().replace("PERMISSIVE", "STRICT"))
+    wait_for("STRICT refuses plaintext again", lambda: plaintext()[0] is None, limit=5)
+
+
 def test_invalid_resources_are_rejected_and_traffic_continues(xmesh):
     load = Load(xmesh.outbound, host="server.test.svc.cluster.local", workers=2).start()
     try:

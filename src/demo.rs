@@ -155,6 +155,7 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
             mesh: control_plane::Mesh {
                 trust_domain: TRUST_DOMAIN.into(),
                 root_namespace: "istio-system".into(),
+                default_mtls: policy::istio::peer_authn::MtlsMode::Strict,
             },
             poll_interval: Duration::from_millis(200),
         },

@@ -55,6 +55,10 @@ enum Command {
         /// Istio's root namespace (mesh-wide policies).
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
+        /// The mTLS mode where no PeerAuthentication sets one: `strict` (plaintext refused) or
+        /// `permissive` (Istio's default).
+        #[arg(long, default_value = "strict", value_parser = ["strict", "permissive"])]
+        default_mtls: String,
         /// ADS over mTLS (Istio's 15012); needs --cert, --key and --bundle.
         #[arg(long, requires_all = ["cert", "key", "bundle"])]
         tls_address: Option<std::net::SocketAddr>,
@@ -152,6 +156,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             xds_address,
             trust_domain,
             root_namespace,
+            default_mtls,
             tls_address,
             cert,
             key,
@@ -176,6 +181,11 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 mesh: control_plane::Mesh {
                     trust_domain,
                     root_namespace,
+                    default_mtls: if default_mtls == "permissive" {
+                        policy::istio::peer_authn::MtlsMode::Permissive
+                    } else {
+                        policy::istio::peer_authn::MtlsMode::Strict
+                    },
                 },
                 poll_interval: std::time::Duration::from_millis(200),
             };

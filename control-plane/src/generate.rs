@@ -54,6 +54,9 @@ pub const OUTBOUND_PORT_ANNOTATION: &str = "sidecar.eastguard.io/outbound-port";
 pub struct Mesh {
     pub trust_domain: String,
     pub root_namespace: String,
+    /// The mTLS mode where no PeerAuthentication sets one (Istio: PERMISSIVE; here STRICT unless
+    /// configured otherwise).
+    pub default_mtls: MtlsMode,
 }
 
 impl Mesh {
@@ -310,7 +313,11 @@ pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec
         trust_domain: mesh.trust_domain.clone(),
         trust_domain_aliases: Vec::new(),
     };
-    let mtls = policy::istio::peer_authn::effective(&reg.peer_authentication, &target);
+    let mtls = policy::istio::peer_authn::effective_with_default(
+        &reg.peer_authentication,
+        &target,
+        mesh.default_mtls,
+    );
     let http_rbac = rbac_filters(reg, &target, false, &mut notes);
     let tcp_rbac = rbac_filters(reg, &target, true, &mut notes);
 

@@ -105,8 +105,19 @@ pub fn parse(text: &str) -> Result<Vec<PeerAuthentication>, IstioError> {
     Ok(out)
 }
 
-/// The mTLS settings `target` gets from `policies`.
+/// The mTLS settings `target` gets from `policies`, with Istio's mesh default (PERMISSIVE) where
+/// nothing sets a mode.
 pub fn effective(policies: &[PeerAuthentication], target: &Target) -> MtlsSettings {
+    effective_with_default(policies, target, MtlsMode::Permissive)
+}
+
+/// Like [`effective`], with `default` where no policy sets a mode (eastguard's control plane
+/// defaults to STRICT: a sidecar does not take plaintext unless a policy says so).
+pub fn effective_with_default(
+    policies: &[PeerAuthentication],
+    target: &Target,
+    default: MtlsMode,
+) -> MtlsSettings {
     let mut sorted: Vec<&PeerAuthentication> = policies.iter().collect();
     sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let selected = |p: &&&PeerAuthentication| {
@@ -133,7 +144,7 @@ pub fn effective(policies: &[PeerAuthentication], target: &Target) -> MtlsSettin
         .iter()
         .find(|p| p.namespace == target.namespace && selected(p));
 
-    let mut mode = MtlsMode::Permissive;
+    let mut mode = default;
     for level in [mesh, namespace, workload].into_iter().flatten() {
         if let Some(m) = level.spec.mtls.as_ref().map(|m| m.mode)
             && m != MtlsMode::Unset

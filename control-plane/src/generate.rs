@@ -709,6 +709,7 @@ mod tests {
         Mesh {
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
+            default_mtls: MtlsMode::Strict,
         }
     }
 

@@ -56,6 +56,16 @@ def test_config_dump_is_json_without_keys(mesh):
     assert "type.googleapis.com/envoy.admin.v3.ListenersConfigDump" in types
     assert "type.googleapis.com/envoy.admin.v3.ClustersConfigDump" in types
     assert "PRIVATE KEY" not in text and mesh.client_key.read_text().splitlines()[1] not in text
+    # Static listeners and clusters are Envoy messages written by the descriptor codec.
+    listeners = next(c for c in dump["configs"] if c["@type"].endswith("ListenersConfigDump"))
+    l = listeners["static_listeners"][0]["listener"]
+    assert l["@type"] == "type.googleapis.com/envoy.config.listener.v3.Listener" and l["traffic_direction"] == "OUTBOUND"
+    hcm = l["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["@type"].endswith("HttpConnectionManager") and hcm["route_config"]["virtual_hosts"]
+    clusters = next(c for c in dump["configs"] if c["@type"].endswith("ClustersConfigDump"))
+    tls = clusters["static_clusters"][0]["cluster"]["transport_socket"]["typed_config"]
+    assert tls["@type"].endswith("UpstreamTlsContext")
+    assert "error" not in json.dumps([c for c in dump["configs"] if not c["@type"].endswith("SecretsConfigDump")])
 
 
 def test_listeners_clusters_server_info_ready(mesh):

@@ -282,51 +282,56 @@ fn config_dump(state: &AdminState) -> Value {
             ]
         })
         .unwrap_or_default();
-    let mut dump = json!({
-        "configs": [
-            {
-                "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
-                "bootstrap": {
-                    "node": node_json(state),
-                    "admin": { "address": socket_address(&c.admin.address) },
-                }
-            },
-            {
-                "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
-                "static_listeners": c.listeners.iter().map(|l| json!({
-                    "listener": {
-                        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-                        "name": l.name,
-                        "address": socket_address(&l.address),
-                        "traffic_direction": l.direction,
-                        "filter_chains": l.filter_chains,
-                    }
-                })).collect::<Vec<_>>()
-            },
-            {
-                "@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
-                "static_clusters": c.clusters.iter().map(|cl| json!({
-                    "cluster": {
-                        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-                        "name": cl.name,
-                        "type": "STATIC",
-                        "connect_timeout": format!("{}s", cl.connect_timeout.as_secs_f64()),
-                        "load_assignment": {
-                            "cluster_name": cl.name,
-                            "endpoints": [{ "lb_endpoints": cl.endpoints.iter().map(|e| json!({
-                                "endpoint": { "address": socket_address(e) }
-                            })).collect::<Vec<_>>() }]
-                        },
-                        "transport_socket": cl.transport_socket,
-                    }
-                })).collect::<Vec<_>>()
-            },
-            {
-                "@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump",
-                "dynamic_active_secrets": secrets,
-            }
-        ]
-    });
+    // Bootstrap, static listeners and clusters: the model as Envoy's messages, written by the
+    // descriptor-based codec. Secrets: a summary (no key material), with the SVID's serial.
+    use xds::pb::envoy::admin::v3 as admin_pb;
+    let static_configs = [
+        xds::codec::pack(&admin_pb::BootstrapConfigDump {
+            bootstrap: Some(xds::pb::envoy::config::bootstrap::v3::Bootstrap {
+                node: Some(crate::xds_node(&c.node)),
+                admin: Some(xds::pb::envoy::config::bootstrap::v3::Admin {
+                    address: Some(crate::envoy::socket_address_pb(c.admin.address)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            last_updated: None,
+        }),
+        xds::codec::pack(&admin_pb::ListenersConfigDump {
+            static_listeners: c
+                .listeners
+                .iter()
+                .map(|l| admin_pb::listeners_config_dump::StaticListener {
+                    listener: Some(xds::codec::pack(&crate::envoy::listener_pb(l))),
+                    last_updated: None,
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        xds::codec::pack(&admin_pb::ClustersConfigDump {
+            static_clusters: c
+                .clusters
+                .iter()
+                .map(|cl| admin_pb::clusters_config_dump::StaticCluster {
+                    cluster: Some(xds::codec::pack(&crate::envoy::cluster_pb(cl))),
+                    last_updated: None,
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    ];
+    let mut configs: Vec<Value> = static_configs
+        .iter()
+        .map(|a| {
+            xds::codec::any_to_json(a)
+                .unwrap_or_else(|e| json!({ "@type": a.type_url, "error": e.to_string() }))
+        })
+        .collect();
+    configs.push(json!({
+        "@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump",
+        "dynamic_active_secrets": secrets,
+    }));
+    let mut dump = json!({ "configs": configs });
     // The xDS resources, written by the descriptor-based codec; merged into the config of the
     // same type (static and dynamic listeners in one ListenersConfigDump, as Envoy does).
     if let Some(x) = &state.xds

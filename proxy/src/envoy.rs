@@ -1146,6 +1146,296 @@ fn dns_endpoints(la: &ClusterLoadAssignment, cx: &mut Ctx<'_>) -> Result<Vec<Soc
     Ok(out)
 }
 
+// === the model back to Envoy's messages (for /config_dump) ===
+
+pub(crate) fn socket_address_pb(a: SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(
+            xds::pb::envoy::config::core::v3::SocketAddress {
+                address: a.ip().to_string(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                    a.port(),
+                ))),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+fn duration_pb(d: Duration) -> xds::pb::google::protobuf::Duration {
+    xds::pb::google::protobuf::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn typed_filter(f: &FilterConfig) -> Option<Any> {
+    f.typed_config
+        .clone()
+        .and_then(|v| codec::json_to_any(v).ok())
+}
+
+fn sds(name: &str) -> xds::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig {
+    xds::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+fn route_configuration_pb(rc: &RouteConfiguration) -> PbRouteConfiguration {
+    use xds::pb::envoy::config::route::v3 as r;
+    PbRouteConfiguration {
+        name: rc.name.clone(),
+        virtual_hosts: rc
+            .virtual_hosts
+            .iter()
+            .map(|vh| r::VirtualHost {
+                name: vh.name.clone(),
+                domains: vh.domains.clone(),
+                routes: vh
+                    .routes
+                    .iter()
+                    .map(|rt| {
+                        let m = &rt.match_;
+                        let path_specifier = if let Some(p) = &m.prefix {
+                            route_match::PathSpecifier::Prefix(p.clone())
+                        } else if let Some(p) = &m.path {
+                            route_match::PathSpecifier::Path(p.clone())
+                        } else if let Some(p) = &m.safe_regex {
+                            route_match::PathSpecifier::SafeRegex(
+                                xds::pb::envoy::r#type::matcher::v3::RegexMatcher {
+                                    regex: p.clone(),
+                                    ..Default::default()
+                                },
+                            )
+                        } else {
+                            route_match::PathSpecifier::PathSeparatedPrefix(
+                                m.path_separated_prefix.clone().unwrap_or_default(),
+                            )
+                        };
+                        let cluster_specifier = if rt.route.cluster.is_empty() {
+                            route_action::ClusterSpecifier::WeightedClusters(r::WeightedCluster {
+                                clusters: rt
+                                    .route
+                                    .weighted_clusters
+                                    .iter()
+                                    .map(|w| r::weighted_cluster::ClusterWeight {
+                                        name: w.name.clone(),
+                                        weight: Some(xds::pb::google::protobuf::UInt32Value {
+                                            value: w.weight,
+                                        }),
+                                        ..Default::default()
+                                    })
+                                    .collect(),
+                                ..Default::default()
+                            })
+                        } else {
+                            route_action::ClusterSpecifier::Cluster(rt.route.cluster.clone())
+                        };
+                        #[expect(deprecated, reason = "the forms istiod writes")]
+                        let headers = m
+                            .headers
+                            .iter()
+                            .map(|h| PbHeaderMatcher {
+                                name: h.name.clone(),
+                                invert_match: h.invert_match,
+                                header_match_specifier: if let Some(v) = &h.exact_match {
+                                    Some(HeaderMatchSpecifier::ExactMatch(v.clone()))
+                                } else if let Some(v) = &h.prefix_match {
+                                    Some(HeaderMatchSpecifier::PrefixMatch(v.clone()))
+                                } else {
+                                    Some(HeaderMatchSpecifier::PresentMatch(
+                                        h.present_match.unwrap_or(true),
+                                    ))
+                                },
+                                ..Default::default()
+                            })
+                            .collect();
+                        r::Route {
+                            name: rt.name.clone(),
+                            r#match: Some(r::RouteMatch {
+                                path_specifier: Some(path_specifier),
+                                headers,
+                                ..Default::default()
+                            }),
+                            action: Some(route::Action::Route(r::RouteAction {
+                                cluster_specifier: Some(cluster_specifier),
+                                timeout: Some(duration_pb(rt.route.timeout)),
+                                ..Default::default()
+                            })),
+                            ..Default::default()
+                        }
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// A model listener as Envoy's message (what `/config_dump` shows for the static ones).
+pub fn listener_pb(l: &config::Listener) -> Listener {
+    use xds::pb::envoy::config::listener::v3 as pb;
+    let chains = l
+        .filter_chains
+        .iter()
+        .map(|fc| {
+            let m = &fc.filter_chain_match;
+            let mut filters: Vec<pb::Filter> = fc
+                .rbac_filters
+                .iter()
+                .map(|f| pb::Filter {
+                    name: f.name.clone(),
+                    config_type: typed_filter(f).map(filter::ConfigType::TypedConfig),
+                })
+                .collect();
+            if let Some(h) = &fc.http_connection_manager {
+                let hcm = PbHcm {
+                    stat_prefix: h.stat_prefix.clone(),
+                    route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+                        route_configuration_pb(&h.route_config),
+                    )),
+                    http_filters: h
+                        .http_filters
+                        .iter()
+                        .map(|f| xds::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter {
+                            name: f.name.clone(),
+                            config_type: typed_filter(f).map(http_filter::ConfigType::TypedConfig),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    forward_client_cert_details: match h.forward_client_cert_details {
+                        ForwardClientCertDetails::Sanitize => 0,
+                        ForwardClientCertDetails::SanitizeSet => 3,
+                    },
+                    ..Default::default()
+                };
+                filters.push(pb::Filter {
+                    name: "envoy.filters.network.http_connection_manager".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(codec::pack(&hcm))),
+                });
+            }
+            if let Some(t) = &fc.tcp_proxy {
+                filters.push(pb::Filter {
+                    name: "envoy.filters.network.tcp_proxy".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(codec::pack(&PbTcpProxy {
+                        stat_prefix: t.stat_prefix.clone(),
+                        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(t.cluster.clone())),
+                        ..Default::default()
+                    }))),
+                });
+            }
+            let tls = l.direction == Direction::Inbound && m.transport_protocol.as_deref() != Some("raw_buffer");
+            pb::FilterChain {
+                name: fc.name.clone(),
+                filter_chain_match: Some(pb::FilterChainMatch {
+                    destination_port: m.destination_port.map(|p| xds::pb::google::protobuf::UInt32Value { value: u32::from(p) }),
+                    server_names: m.server_names.clone(),
+                    transport_protocol: m.transport_protocol.clone().unwrap_or_default(),
+                    application_protocols: m.application_protocols.clone(),
+                    ..Default::default()
+                }),
+                filters,
+                transport_socket: tls.then(|| TransportSocket {
+                    name: "envoy.transport_sockets.tls".into(),
+                    config_type: Some(transport_socket::ConfigType::TypedConfig(codec::pack(&DownstreamTlsContext {
+                        require_client_certificate: Some(xds::pb::google::protobuf::BoolValue { value: true }),
+                        common_tls_context: Some(CommonTlsContext {
+                            tls_certificate_sds_secret_configs: vec![sds("default")],
+                            validation_context_type: Some(
+                                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds("ROOTCA")),
+                            ),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }))),
+                }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    Listener {
+        name: l.name.clone(),
+        address: Some(socket_address_pb(l.address)),
+        filter_chains: chains,
+        traffic_direction: match l.direction {
+            Direction::Inbound => 1,
+            Direction::Outbound => 2,
+        },
+        ..Default::default()
+    }
+}
+
+/// A model cluster as Envoy's message.
+pub fn cluster_pb(c: &config::Cluster) -> Cluster {
+    use xds::pb::envoy::config::endpoint::v3 as e;
+    let transport_socket = c.transport_socket.as_ref().map(|t| TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(codec::pack(&UpstreamTlsContext {
+            sni: t.sni.clone(),
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![sds("default")],
+                validation_context_type: Some(common_tls_context::ValidationContextType::CombinedValidationContext(
+                    common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(
+                            xds::pb::envoy::extensions::transport_sockets::tls::v3::CertificateValidationContext {
+                                match_typed_subject_alt_names: t
+                                    .match_spiffe_ids
+                                    .iter()
+                                    .map(|id| xds::pb::envoy::extensions::transport_sockets::tls::v3::SubjectAltNameMatcher {
+                                        san_type: subject_alt_name_matcher::SanType::Uri as i32,
+                                        matcher: Some(StringMatcher {
+                                            match_pattern: Some(string_matcher::MatchPattern::Exact(id.to_string())),
+                                            ignore_case: false,
+                                        }),
+                                        ..Default::default()
+                                    })
+                                    .collect(),
+                                ..Default::default()
+                            },
+                        ),
+                        validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))),
+    });
+    Cluster {
+        name: c.name.clone(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(0)),
+        connect_timeout: Some(duration_pb(c.connect_timeout)),
+        lb_policy: match c.lb_policy {
+            LbPolicy::RoundRobin => 0,
+            LbPolicy::LeastRequest => 1,
+            LbPolicy::Random => 3,
+        },
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: c.name.clone(),
+            endpoints: vec![e::LocalityLbEndpoints {
+                lb_endpoints: c
+                    .endpoints
+                    .iter()
+                    .map(|a| e::LbEndpoint {
+                        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(e::Endpoint {
+                            address: Some(socket_address_pb(*a)),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        transport_socket,
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -262,7 +262,7 @@ pub async fn run(
 }
 
 /// The node as xDS servers expect it (Istio's metadata keys).
-fn xds_node(n: &config::Node) -> xds::pb::envoy::config::core::v3::Node {
+pub(crate) fn xds_node(n: &config::Node) -> xds::pb::envoy::config::core::v3::Node {
     use xds::pb::google::protobuf::{Struct, Value, value::Kind};
     let s = |v: &str| Value {
         kind: Some(Kind::StringValue(v.to_owned())),

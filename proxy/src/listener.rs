@@ -165,7 +165,10 @@ pub fn build_chains(config: &Listener, stats: &EnvoyStats) -> Vec<ChainRt> {
         .iter()
         .enumerate()
         .map(|(i, fc)| {
-            let name = if fc.name.is_empty() {
+            // Requests find their chain again by name, so names must be unique: an empty or
+            // repeated name gets the chain's position.
+            let repeated = config.filter_chains[..i].iter().any(|o| o.name == fc.name);
+            let name = if fc.name.is_empty() || repeated {
                 format!("{}#{i}", config.name)
             } else {
                 fc.name.clone()

@@ -28,7 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the sidecar proxy from a static config file (Envoy-shaped YAML).
+    /// Run the sidecar proxy: a bootstrap file (Envoy-shaped YAML), plus listeners, routes,
+    /// clusters and endpoints from an xDS server (`--xds` or the file's `xds`).
     Proxy {
         /// The config file.
         #[arg(long, short)]
@@ -50,6 +51,7 @@ enum Command {
         /// Plaintext ADS (development; Istio's 15010).
         #[arg(long, default_value = "127.0.0.1:15010")]
         xds_address: std::net::SocketAddr,
+        /// The trust domain of the SPIFFE IDs workloads get (`spiffe://TD/ns/NS/sa/SA`).
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
         /// Istio's root namespace (mesh-wide policies).
@@ -65,13 +67,15 @@ enum Command {
         /// The control plane's X509-SVID (PEM).
         #[arg(long)]
         cert: Option<PathBuf>,
+        /// Its private key (PEM).
         #[arg(long)]
         key: Option<PathBuf>,
         /// The trust bundle callers' SVIDs are verified against (PEM).
         #[arg(long)]
         bundle: Option<PathBuf>,
     },
-    /// Run a dev CA, three sample services with their sidecars on loopback, and scripted traffic.
+    /// Run a node agent, the control plane, three sample services with their sidecars on loopback,
+    /// and scripted traffic.
     Demo {
         /// Run the script once, print the table and exit: 0 only if every expectation held.
         #[arg(long)]

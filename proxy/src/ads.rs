@@ -172,10 +172,13 @@ impl Handler {
         self.eds_names = built.eds_names;
         self.warming = built.warming;
         self.rds_names = built.rds_names;
-        for n in &notes {
-            tracing::debug!(note = %n, "xDS: optional item not applied");
+        let mut held = lock(&self.state.notes);
+        if *held != notes {
+            for n in notes.iter().filter(|n| !held.contains(n)) {
+                tracing::info!(note = %n, "xDS: optional item not applied");
+            }
+            *held = notes;
         }
-        *lock(&self.state.notes) = notes;
         Ok(by_name)
     }
 }
@@ -531,18 +534,92 @@ impl XdsState {
                 ..Default::default()
             }),
         ];
-        dumps
+        let mut out: Vec<serde_json::Value> = dumps
             .iter()
             .map(|a| {
                 codec::any_to_json(a).unwrap_or_else(
                     |e| serde_json::json!({ "@type": a.type_url, "error": e.to_string() }),
                 )
             })
-            .collect()
+            .collect();
+        // What translation skipped (Istio's optional filters, retries …), as one Struct entry:
+        // ConfigDump's `configs` holds `Any`s, so tools that do not know it pass over it.
+        let notes = self.notes();
+        if !notes.is_empty() {
+            out.push(serde_json::json!({
+                "@type": "type.googleapis.com/google.protobuf.Struct",
+                "value": { "eastguard_not_applied": notes },
+            }));
+        }
+        out
     }
 
     /// Optional items the last translation skipped.
     pub fn notes(&self) -> Vec<String> {
         lock(&self.notes).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_dump_reports_skipped_items_and_errors_on_the_resources_they_concern() {
+        let state = XdsState::default();
+        *lock(&state.notes) = vec!["listener l: HTTP filter istio.stats skipped".into()];
+        let good = codec::pack(&Cluster {
+            name: "good".into(),
+            ..Default::default()
+        });
+        let bad = codec::pack(&Cluster {
+            name: "bad".into(),
+            ..Default::default()
+        });
+        lock(&state.types).insert(
+            types::CLUSTER,
+            TypeState {
+                version: "v1".into(),
+                updated: Some(SystemTime::now()),
+                resources: BTreeMap::from([("good".to_owned(), good.clone())]),
+                error: Some(Failure {
+                    version: "v2".into(),
+                    details: "cluster bad: transport_socket.sni: invalid SNI".into(),
+                    at: SystemTime::now(),
+                    resources: BTreeMap::from([("good".to_owned(), good), ("bad".to_owned(), bad)]),
+                }),
+            },
+        );
+        let dump = state.config_dump();
+        let clusters = dump
+            .iter()
+            .find(|c| c["@type"] == "type.googleapis.com/envoy.admin.v3.ClustersConfigDump")
+            .expect("clusters");
+        let entries = clusters["dynamic_active_clusters"]
+            .as_array()
+            .expect("entries");
+        assert_eq!(entries.len(), 2);
+        let bad = entries
+            .iter()
+            .find(|e| e["error_state"].is_object())
+            .expect("error state");
+        assert_eq!(bad["error_state"]["failed_configuration"]["name"], "bad");
+        assert!(bad.get("cluster").is_none(), "never active");
+        let good = entries
+            .iter()
+            .find(|e| e.get("cluster").is_some())
+            .expect("active");
+        assert!(
+            good.get("error_state").is_none(),
+            "the good cluster is not blamed"
+        );
+        let notes = dump
+            .iter()
+            .find(|c| c["@type"] == "type.googleapis.com/google.protobuf.Struct")
+            .expect("notes entry");
+        assert_eq!(
+            notes["value"]["eastguard_not_applied"][0],
+            "listener l: HTTP filter istio.stats skipped"
+        );
     }
 }

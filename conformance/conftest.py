@@ -295,6 +295,32 @@ def mesh(tmp_path, upstream):
     m.stop()
 
 
+# === /config_dump secrets ===
+
+
+def dumped_secret(sidecar, name):
+    """The SDS secret `name` from a sidecar's /config_dump (Envoy's SecretsConfigDump shape)."""
+    dump = json.loads(http_get(sidecar.admin("/config_dump"))[1])
+    secrets = [c for c in dump["configs"] if c["@type"].endswith("SecretsConfigDump")][0]["dynamic_active_secrets"]
+    return {s["name"]: s for s in secrets}[name]
+
+
+def dumped_svid(sidecar):
+    """(serial number, SPIFFE ID) of the SVID a sidecar shows, read from the certificate itself."""
+    import base64
+
+    from cryptography import x509
+
+    secret = dumped_secret(sidecar, "default")["secret"]
+    assert secret["tls_certificate"]["private_key"] == {"inline_string": "[redacted]"}
+    pem = base64.b64decode(secret["tls_certificate"]["certificate_chain"]["inline_bytes"])
+    leaf = x509.load_pem_x509_certificates(pem)[0]
+    uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier
+    )
+    return leaf.serial_number, uris[0]
+
+
 # === steady load ===
 
 

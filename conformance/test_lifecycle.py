@@ -8,13 +8,11 @@ import urllib.request
 
 import pytest
 
-from conftest import CLIENT_ID, SERVER_ID, Load, Mesh, http_get
+from conftest import CLIENT_ID, SERVER_ID, Load, Mesh, dumped_svid, http_get
 
 
 def serial(sidecar):
-    dump = json.loads(http_get(sidecar.admin("/config_dump"))[1])
-    secrets = [c for c in dump["configs"] if c["@type"].endswith("SecretsConfigDump")][0]
-    return [s for s in secrets["dynamic_active_secrets"] if s["name"] == "default"][0]["serial_number"]
+    return dumped_svid(sidecar)[0]
 
 
 def replace_svid(mesh, name, spiffe_id):

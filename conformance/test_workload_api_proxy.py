@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import TD, Load, Sidecar, Upstream, binary, free_port, http_get, inbound_listener, outbound_listener, peer_cluster, route
+from conftest import TD, Load, Sidecar, Upstream, binary, dumped_secret, dumped_svid, free_port, http_get, inbound_listener, outbound_listener, peer_cluster, route
 
 SERVER = f"spiffe://{TD}/ns/test/sa/server"
 CLIENT = f"spiffe://{TD}/ns/test/sa/client"
@@ -131,9 +131,8 @@ def test_fail_closed_until_the_agent_then_ready_within_a_second(pair):
 
 
 def serial(sidecar):
-    dump = json.loads(http_get(sidecar.admin("/config_dump"))[1])
-    secrets = [c for c in dump["configs"] if c["@type"].endswith("SecretsConfigDump")][0]["dynamic_active_secrets"]
-    return {s["name"]: s for s in secrets}["default"]
+    serial_number, spiffe_id = dumped_svid(sidecar)
+    return {"serial_number": serial_number, "spiffe_id": spiffe_id}
 
 
 def test_identity_by_executable_path_and_rotation_under_load(pair):
@@ -171,10 +170,10 @@ def post(url):
 
 
 def trusted_cas(sidecar):
-    dump = json.loads(http_get(sidecar.admin("/config_dump"))[1])
-    secrets = [c for c in dump["configs"] if c["@type"].endswith("SecretsConfigDump")][0]["dynamic_active_secrets"]
-    root = {s["name"]: s for s in secrets}["ROOTCA"]
-    return root["secret"]["validation_context"]["trust_domains"][0]["trusted_ca_count"]
+    import base64
+
+    root = dumped_secret(sidecar, "ROOTCA")["secret"]
+    return base64.b64decode(root["validation_context"]["trusted_ca"]["inline_bytes"]).count(b"-----BEGIN CERTIFICATE-----")
 
 
 def served_with(cert, key, port):

@@ -246,44 +246,61 @@ fn socket_address(a: &SocketAddr) -> Value {
 /// Private keys never appear.
 fn config_dump(state: &AdminState) -> Value {
     let c = &state.config;
-    let secrets: Vec<Value> = state
+    // Secrets as Envoy shows SDS secrets: the SVID chain and the trust bundles in PEM, the private
+    // key replaced by "[redacted]"; `version_info` is the leaf's serial number.
+    use xds::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+    use xds::pb::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
+    let secrets: Vec<xds::pb::envoy::admin::v3::secrets_config_dump::DynamicSecret> = state
         .creds
         .borrow()
         .as_ref()
         .map(|creds| {
-            let leaf = creds.svid.leaf();
-            vec![
-                json!({
-                    "name": "default",
-                    "secret": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
-                        "name": "default",
-                        "tls_certificate": {
-                            "certificate_chain": { "inline_string": "[redacted certificate]" },
-                            "private_key": { "inline_string": "[redacted]" }
-                        }
+            let serial = creds.svid.leaf().serial.clone();
+            let inline = |certs: &mut dyn Iterator<
+                Item = &rustls_pki_types::CertificateDer<'_>,
+            >| DataSource {
+                specifier: Some(Specifier::InlineBytes(pem(certs).into_bytes())),
+                ..Default::default()
+            };
+            let svid = tls_pb::Secret {
+                name: "default".into(),
+                r#type: Some(tls_pb::secret::Type::TlsCertificate(
+                    tls_pb::TlsCertificate {
+                        certificate_chain: Some(inline(&mut creds.svid.chain().iter())),
+                        private_key: Some(DataSource {
+                            specifier: Some(Specifier::InlineString("[redacted]".into())),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
                     },
-                    "spiffe_id": creds.svid.spiffe_id().as_str(),
-                    "serial_number": leaf.serial,
-                }),
-                json!({
-                    "name": "ROOTCA",
-                    "secret": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
-                        "name": "ROOTCA",
-                        "validation_context": {
-                            "trust_domains": creds.bundles.iter().map(|b| json!({
-                                "name": b.trust_domain().as_str(),
-                                "trusted_ca_count": b.certs().len(),
-                            })).collect::<Vec<_>>()
-                        }
+                )),
+            };
+            let roots = tls_pb::Secret {
+                name: "ROOTCA".into(),
+                r#type: Some(tls_pb::secret::Type::ValidationContext(
+                    tls_pb::CertificateValidationContext {
+                        trusted_ca: Some(inline(
+                            &mut creds.bundles.iter().flat_map(|b| b.certs().iter()),
+                        )),
+                        ..Default::default()
+                    },
+                )),
+            };
+            [("default", svid), ("ROOTCA", roots)]
+                .into_iter()
+                .map(|(name, secret)| {
+                    xds::pb::envoy::admin::v3::secrets_config_dump::DynamicSecret {
+                        name: name.into(),
+                        version_info: serial.clone(),
+                        secret: Some(xds::codec::pack(&secret)),
+                        ..Default::default()
                     }
-                }),
-            ]
+                })
+                .collect()
         })
         .unwrap_or_default();
     // Bootstrap, static listeners and clusters: the model as Envoy's messages, written by the
-    // descriptor-based codec. Secrets: a summary (no key material), with the SVID's serial.
+    // descriptor-based codec.
     use xds::pb::envoy::admin::v3 as admin_pb;
     let static_configs = [
         xds::codec::pack(&admin_pb::BootstrapConfigDump {
@@ -327,10 +344,14 @@ fn config_dump(state: &AdminState) -> Value {
                 .unwrap_or_else(|e| json!({ "@type": a.type_url, "error": e.to_string() }))
         })
         .collect();
-    configs.push(json!({
-        "@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump",
-        "dynamic_active_secrets": secrets,
-    }));
+    let secrets = xds::codec::pack(&xds::pb::envoy::admin::v3::SecretsConfigDump {
+        dynamic_active_secrets: secrets,
+        ..Default::default()
+    });
+    configs.push(
+        xds::codec::any_to_json(&secrets)
+            .unwrap_or_else(|e| json!({ "@type": secrets.type_url, "error": e.to_string() })),
+    );
     let mut dump = json!({ "configs": configs });
     // The xDS resources, written by the descriptor-based codec; merged into the config of the
     // same type (static and dynamic listeners in one ListenersConfigDump, as Envoy does).
@@ -357,6 +378,22 @@ fn config_dump(state: &AdminState) -> Value {
         }
     }
     dump
+}
+
+/// Certificates as PEM.
+fn pem(certs: &mut dyn Iterator<Item = &rustls_pki_types::CertificateDer<'_>>) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for c in certs {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(c.as_ref());
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
 }
 
 fn listeners(state: &AdminState, query: &str) -> Response<Body> {

@@ -182,38 +182,21 @@ impl<S: SnapshotSource> Stream<S> {
         mut inbound: Streaming<DiscoveryRequest>,
         mut closing: watch::Receiver<bool>,
     ) {
-        self.stats
-            .streams
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _open = OpenStream::new(&self.stats);
         let mut changes = self.source.changes();
         changes.mark_unchanged();
         loop {
-            let result = tokio::select! {
-                req = inbound.next() => match req {
-                    Some(Ok(req)) => self.on_request(req).await,
-                    Some(Err(status)) => {
-                        tracing::debug!(%status, "xDS stream ended by the client");
-                        break;
-                    }
-                    None => break,
-                },
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    self.on_change().await
-                }
-                () = self.tx.closed() => break,
-                () = until_true(&mut closing) => break,
+            let result = match next_event(&mut inbound, &mut changes, &mut closing, &self.tx).await
+            {
+                Event::Request(req) => self.on_request(req).await,
+                Event::Changed => self.on_change().await,
+                Event::End => break,
             };
             if let Err(status) = result {
                 let _ = self.tx.send(Err(status)).await;
                 break;
             }
         }
-        self.stats
-            .streams
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
@@ -358,34 +341,21 @@ impl<S: SnapshotSource> DeltaStream<S> {
         mut inbound: Streaming<DeltaDiscoveryRequest>,
         mut closing: watch::Receiver<bool>,
     ) {
-        self.stats
-            .streams
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _open = OpenStream::new(&self.stats);
         let mut changes = self.source.changes();
         changes.mark_unchanged();
         loop {
-            let result = tokio::select! {
-                req = inbound.next() => match req {
-                    Some(Ok(req)) => self.on_request(req).await,
-                    _ => break,
-                },
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    self.on_change().await
-                }
-                () = self.tx.closed() => break,
-                () = until_true(&mut closing) => break,
+            let result = match next_event(&mut inbound, &mut changes, &mut closing, &self.tx).await
+            {
+                Event::Request(req) => self.on_request(req).await,
+                Event::Changed => self.on_change().await,
+                Event::End => break,
             };
             if let Err(status) = result {
                 let _ = self.tx.send(Err(status)).await;
                 break;
             }
         }
-        self.stats
-            .streams
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
@@ -532,6 +502,56 @@ impl<S: SnapshotSource> DeltaStream<S> {
             .send(Ok(response))
             .await
             .map_err(|_| Status::cancelled("stream closed"))
+    }
+}
+
+/// What wakes a stream up.
+enum Event<R> {
+    Request(R),
+    Changed,
+    End,
+}
+
+/// The next thing a stream must handle: a request, a configuration change, or its end (the client
+/// went away or failed, the source is gone, or the server is shutting down).
+async fn next_event<R, T>(
+    inbound: &mut Streaming<R>,
+    changes: &mut watch::Receiver<u64>,
+    closing: &mut watch::Receiver<bool>,
+    tx: &mpsc::Sender<Result<T, Status>>,
+) -> Event<R> {
+    tokio::select! {
+        req = inbound.next() => match req {
+            Some(Ok(req)) => Event::Request(req),
+            Some(Err(status)) => {
+                tracing::debug!(%status, "xDS stream ended by the client");
+                Event::End
+            }
+            None => Event::End,
+        },
+        changed = changes.changed() => if changed.is_ok() { Event::Changed } else { Event::End },
+        () = tx.closed() => Event::End,
+        () = until_true(closing) => Event::End,
+    }
+}
+
+/// Counts a stream as open for as long as it lives.
+struct OpenStream(Arc<ServerStats>);
+
+impl OpenStream {
+    fn new(stats: &Arc<ServerStats>) -> Self {
+        stats
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(stats.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs what the tests need, then runs every test.
-#   - Debian packages: curl, nghttp2-client, openssl (installed when running as root)
+#   - Debian packages: curl, nghttp2-client, openssl; for eBPF capture clang-19, llvm-19,
+#     libbpf-dev, bpftool, tcpdump, iproute2, iptables (installed when running as root)
 #   - a Python venv in .venv with conformance/requirements.txt
 #   - cargo build, clippy, cargo test, then the cross-process conformance suite (pytest)
 set -euo pipefail
@@ -10,6 +11,13 @@ need_pkgs=()
 command -v curl >/dev/null || need_pkgs+=(curl)
 command -v nghttp >/dev/null || need_pkgs+=(nghttp2-client)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
+command -v clang-19 >/dev/null || need_pkgs+=(clang-19)
+command -v llvm-objdump-19 >/dev/null || need_pkgs+=(llvm-19)
+[[ -e /usr/include/bpf/bpf_helpers.h ]] || need_pkgs+=(libbpf-dev)
+command -v bpftool >/dev/null || need_pkgs+=(bpftool)
+command -v tcpdump >/dev/null || need_pkgs+=(tcpdump)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v iptables >/dev/null || need_pkgs+=(iptables)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "== installing ${need_pkgs[*]}"

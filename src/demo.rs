@@ -676,6 +676,7 @@ fn sidecar_config(
                 refuse: None,
             }],
             max_connections: 10_000,
+            original_dst: false,
         });
         let tcp_cluster = "static|ledger-tcp".to_owned();
         clusters.push(peer_cluster(
@@ -701,6 +702,7 @@ fn sidecar_config(
                 refuse: None,
             }],
             max_connections: 10_000,
+            original_dst: false,
         });
     }
     Bootstrap {
@@ -740,5 +742,6 @@ fn sidecar_config(
             server_name: "istiod.istio-system.svc".into(),
             delta: false,
         }),
+        capture: None,
     }
 }

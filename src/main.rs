@@ -9,6 +9,7 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
+mod capture_cmd;
 mod demo;
 mod policy_cmd;
 
@@ -86,12 +87,25 @@ enum Command {
     },
     /// Serve the SPIFFE Workload API on a unix socket (X509-SVIDs for attested local workloads).
     NodeAgent {
-        /// Where to create the Workload API socket.
-        #[arg(long)]
-        workload_api_socket: PathBuf,
+        /// Where to create the Workload API socket (with --entries).
+        #[arg(long, requires = "entries")]
+        workload_api_socket: Option<PathBuf>,
         /// Registration entries (YAML: trust_domain, entries with spiffe_id and selectors).
-        #[arg(long)]
-        entries: PathBuf,
+        #[arg(long, requires = "workload_api_socket")]
+        entries: Option<PathBuf>,
+        /// eBPF capture: the pods to capture (YAML, re-read while running). Needs root.
+        #[arg(long, value_name = "REGISTRY")]
+        capture: Option<PathBuf>,
+        /// The bpf filesystem capture pins under (`<bpffs>/eastguard/<pod>`).
+        #[arg(long, default_value = "/sys/fs/bpf", requires = "capture")]
+        bpffs: PathBuf,
+        /// Loopback address of the capture admin endpoint (/capture, /stats/prometheus,
+        /// /healthz/ready).
+        #[arg(long, requires = "capture")]
+        capture_admin: Option<std::net::SocketAddr>,
+        /// How often the capture registry is re-read and pods reconciled, in milliseconds.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000), requires = "capture")]
+        capture_poll_ms: u64,
         /// Loopback address for the CA admin API (POST /ca/prepare, /ca/activate, /ca/taint).
         #[arg(long)]
         admin_address: Option<std::net::SocketAddr>,
@@ -201,17 +215,64 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
         Command::NodeAgent {
             workload_api_socket,
             entries,
+            capture,
+            bpffs,
+            capture_admin,
+            capture_poll_ms,
             admin_address,
             ca_dir,
         } => {
-            let config = identity::agent::AgentConfig {
-                socket: workload_api_socket,
-                entries,
-                poll: std::time::Duration::from_millis(500),
-                admin: admin_address,
-                ca_dir,
-            };
-            runtime.block_on(identity::agent::run(config, shutdown_signal()))?;
+            anyhow::ensure!(
+                entries.is_some() || capture.is_some(),
+                "node-agent needs --workload-api-socket and --entries, --capture, or both"
+            );
+            let shutdown = tokio_util_shutdown();
+            let identity_task = workload_api_socket.zip(entries).map(|(socket, entries)| {
+                let config = identity::agent::AgentConfig {
+                    socket,
+                    entries,
+                    poll: std::time::Duration::from_millis(500),
+                    admin: admin_address,
+                    ca_dir,
+                };
+                let stop = shutdown.clone();
+                async move {
+                    identity::agent::run(config, async move { stop.notified().await })
+                        .await
+                        .map_err(anyhow::Error::from)
+                }
+            });
+            let capture_task = capture.map(|registry| {
+                let opts = capture_cmd::CaptureOptions {
+                    registry,
+                    bpffs,
+                    admin: capture_admin,
+                    poll: std::time::Duration::from_millis(capture_poll_ms),
+                };
+                let stop = shutdown.clone();
+                async move { capture_cmd::run(opts, async move { stop.notified().await }).await }
+            });
+            runtime.block_on(async {
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    signal.notify_waiters();
+                });
+                let identity = async {
+                    match identity_task {
+                        Some(t) => t.await,
+                        None => Ok(()),
+                    }
+                };
+                let capture = async {
+                    match capture_task {
+                        Some(t) => t.await,
+                        None => Ok(()),
+                    }
+                };
+                // Either failing stops the agent with its error.
+                tokio::try_join!(identity, capture).map(drop)
+            })?;
             Ok(std::process::ExitCode::SUCCESS)
         }
     }
@@ -250,6 +311,11 @@ fn init_logging(level: &str) -> anyhow::Result<proxy::LogControl> {
 }
 
 /// SIGTERM or Ctrl-C.
+/// A shutdown notification shared by the node-agent's tasks.
+fn tokio_util_shutdown() -> Arc<tokio::sync::Notify> {
+    Arc::new(tokio::sync::Notify::new())
+}
+
 async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -62,6 +62,13 @@ impl AdminState {
         {
             return Err("WAITING_FOR_XDS");
         }
+        if let Some(c) = &self.config.capture {
+            let attached = std::fs::read_to_string(&c.status_file)
+                .is_ok_and(|s| s.lines().next() == Some("attached"));
+            if !attached {
+                return Err("CAPTURE_NOT_ATTACHED");
+            }
+        }
         let creds = self.creds.borrow();
         match creds.as_ref() {
             Some(c) if c.svid.is_valid_at(rustls_pki_types::UnixTime::now()) => Ok(()),

@@ -51,6 +51,17 @@ pub struct Bootstrap {
     /// Listeners, routes, clusters and endpoints from an ADS server, besides the static ones.
     #[serde(default)]
     pub xds: Option<XdsConfig>,
+    /// Traffic capture this sidecar depends on: it is not ready until capture is attached.
+    #[serde(default)]
+    pub capture: Option<CaptureConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// Written by `eastguard node-agent --capture` (the registry's `status_file`): `attached`, or
+    /// `not-ready: why`. Missing or anything else: not ready.
+    pub status_file: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,6 +165,12 @@ pub struct Listener {
     /// Most connections this listener holds at once; past that new ones are closed at accept.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Envoy's `envoy.filters.listener.original_dst`: connections were redirected here (eBPF
+    /// capture or iptables REDIRECT) and their destination is read back with
+    /// `getsockopt(SO_ORIGINAL_DST)`, and chains match on it (`destination_port`, `prefix_ranges`).
+    /// A connection whose original destination cannot be read is closed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub original_dst: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,6 +247,80 @@ pub struct FilterChainMatch {
     /// The local port the connection arrived on (Istio's virtualInbound chains per port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_port: Option<u16>,
+    /// Destination address ranges (`10.0.0.0/8`, `fd00::/8`): the local address, or the original
+    /// destination on an `original_dst` listener.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefix_ranges: Vec<CidrRange>,
+}
+
+/// An address range, written `ADDRESS/PREFIX_LEN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CidrRange {
+    pub address: std::net::IpAddr,
+    pub prefix_len: u8,
+}
+
+impl CidrRange {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.address, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for CidrRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX_LEN"))?;
+        let address: std::net::IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?}: {a:?} is not an IP address"))?;
+        let prefix_len: u8 = l
+            .parse()
+            .map_err(|_| format!("{s:?}: {l:?} is not a prefix length"))?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        if prefix_len > max {
+            return Err(format!("{s:?}: prefix length above {max}"));
+        }
+        Ok(CidrRange {
+            address,
+            prefix_len,
+        })
+    }
+}
+
+impl std::fmt::Display for CidrRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)
+    }
+}
+
+impl Serialize for CidrRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CidrRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -209,6 +209,7 @@ pub fn listener(l: &Listener, notes: &mut Notes) -> Result<Option<config::Listen
         direction,
         filter_chains: chains,
         max_connections: 10_000,
+        original_dst: false,
     }))
 }
 

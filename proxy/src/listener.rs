@@ -152,8 +152,11 @@ enum ChainKind {
 }
 
 impl FilterChainMatch {
+    /// Destination port and address ranges.
     fn port_ok(&self, local: SocketAddr) -> bool {
         self.destination_port.is_none_or(|p| p == local.port())
+            && (self.prefix_ranges.is_empty()
+                || self.prefix_ranges.iter().any(|r| r.contains(local.ip())))
     }
 }
 
@@ -205,6 +208,8 @@ struct ListenerStats {
     downstream_cx_active: Stat,
     downstream_cx_overflow: Stat,
     no_filter_chain_match: Stat,
+    /// eastguard: redirected connections whose original destination could not be read.
+    original_dst_missing: Stat,
     ssl_handshake_error: Stat,
     downstream_cx_no_svid: Stat,
 }
@@ -248,6 +253,7 @@ impl ListenerRt {
             downstream_cx_active: s("downstream_cx_active"),
             downstream_cx_overflow: s("downstream_cx_overflow"),
             no_filter_chain_match: s("no_filter_chain_match"),
+            original_dst_missing: s("original_dst_missing"),
             ssl_handshake_error: s("ssl.handshake_error"),
             downstream_cx_no_svid: s("downstream_cx_no_svid"),
         };
@@ -323,7 +329,18 @@ impl ListenerRt {
         local_id: Arc<str>,
         drain: Draining,
     ) {
-        let local = tcp.local_addr().unwrap_or(self.config.address);
+        let mut local = tcp.local_addr().unwrap_or(self.config.address);
+        if self.config.original_dst {
+            match original_dst(&tcp, local) {
+                Ok(dst) => local = dst,
+                Err(e) => {
+                    // Where it was going is unknown: serving it anywhere could widen access.
+                    self.stats.original_dst_missing.inc();
+                    tracing::warn!(%remote, error = %e, listener = %self.config.name, "no original destination: closing");
+                    return;
+                }
+            }
+        }
         match self.config.direction {
             Direction::Inbound => {
                 self.serve_inbound(tcp, remote, local, local_id, drain)
@@ -691,13 +708,47 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Binds a listener's address (errors say which listener).
+/// The destination a redirected connection had before capture sent it here: eBPF capture's
+/// `cgroup/getsockopt` program and iptables' REDIRECT both answer `SO_ORIGINAL_DST`.
+fn original_dst(tcp: &TcpStream, local: SocketAddr) -> std::io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let addr = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    }?;
+    let dst = addr
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("SO_ORIGINAL_DST gave a non-IP address"))?;
+    if dst == local {
+        return Err(std::io::Error::other(
+            "the original destination is this listener (not redirected)",
+        ));
+    }
+    Ok(dst)
+}
+
+/// Binds a listener's address (errors say which listener). An IPv6 address binds IPv6 only, as
+/// Envoy does, so `0.0.0.0:P` and `[::]:P` can be two listeners.
 pub fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, crate::StartError> {
-    let std = std::net::TcpListener::bind(addr).map_err(|source| crate::StartError::Bind {
+    let err = |source| crate::StartError::Bind {
         name: name.to_owned(),
         addr,
         source,
-    })?;
+    };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(err)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true).map_err(err)?;
+    }
+    sock.set_reuse_address(true).map_err(err)?;
+    sock.bind(&addr.into()).map_err(err)?;
+    sock.listen(1024).map_err(err)?;
+    let std: std::net::TcpListener = sock.into();
     std.set_nonblocking(true)
         .map_err(|source| crate::StartError::Bind {
             name: name.to_owned(),

@@ -1,0 +1,192 @@
+//! `eastguard node-agent --capture REGISTRY`: keeps each registered pod's eBPF capture attached
+//! (`ebpf-redirect`), and serves its state on a loopback admin endpoint:
+//! `GET /capture` (JSON), `GET /stats/prometheus`, `GET /healthz/ready` (200 when every
+//! registered pod is attached).
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use ebpf_redirect::{Manager, PodStatus, Registry, State};
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+
+pub struct CaptureOptions {
+    pub registry: PathBuf,
+    pub bpffs: PathBuf,
+    pub admin: Option<SocketAddr>,
+    pub poll: Duration,
+}
+
+#[derive(Default)]
+struct Shared {
+    pods: Vec<PodStatus>,
+    registry_error: Option<String>,
+    reconciles: u64,
+}
+
+pub async fn run(
+    opts: CaptureOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut manager = Manager::new(&opts.bpffs).context("starting capture")?;
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    if let Some(addr) = opts.admin {
+        anyhow::ensure!(
+            addr.ip().is_loopback(),
+            "--capture-admin {addr} must be a loopback address"
+        );
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the capture admin endpoint {addr}"))?;
+        tokio::spawn(serve_admin(listener, shared.clone()));
+    }
+    let mut registry = Registry::default();
+    let mut first = true;
+    let mut tick = tokio::time::interval(opts.poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = tick.tick() => {}
+        }
+        let registry_error = match Registry::load(&opts.registry) {
+            Ok(r) => {
+                registry = r;
+                None
+            }
+            Err(e) => {
+                // The last good registry stays in force: a broken file detaches nothing.
+                if first {
+                    tracing::error!(error = %e, "capture registry");
+                }
+                Some(e)
+            }
+        };
+        if first && registry_error.is_some() {
+            // Nothing good yet: adopt nothing, remove nothing, until the file parses.
+            let mut s = lock(&shared);
+            s.registry_error = registry_error;
+            continue;
+        }
+        first = false;
+        let pods = tokio::task::block_in_place(|| manager.reconcile(&registry));
+        let mut s = lock(&shared);
+        if s.registry_error != registry_error
+            && let Some(e) = &registry_error
+        {
+            tracing::error!(error = %e, "capture registry (keeping the last good one)");
+        }
+        s.pods = pods;
+        s.registry_error = registry_error;
+        s.reconciles += 1;
+    }
+    // Capture stays attached (pinned) when the agent stops; only a registry removal detaches.
+    tracing::info!("node-agent capture stopped; pods stay captured");
+    Ok(())
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn serve_admin(listener: tokio::net::TcpListener, shared: Arc<Mutex<Shared>>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let resp = respond(&req, &lock(&shared));
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+fn respond(req: &Request<hyper::body::Incoming>, s: &Shared) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, ctype: &str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        if let Ok(v) = ctype.parse() {
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+        r
+    };
+    if req.method() != hyper::Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/capture" => {
+            let body = serde_json::json!({
+                "pods": s.pods,
+                "registry_error": s.registry_error,
+                "reconciles": s.reconciles,
+            });
+            reply(StatusCode::OK, "application/json", format!("{body:#}\n"))
+        }
+        "/healthz/ready" => {
+            let ready = s.reconciles > 0 && s.pods.iter().all(|p| p.state == State::Attached);
+            if ready {
+                reply(StatusCode::OK, "text/plain", "LIVE\n".into())
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "capture not attached\n".into(),
+                )
+            }
+        }
+        "/stats/prometheus" => reply(StatusCode::OK, "text/plain; version=0.0.4", prometheus(s)),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn prometheus(s: &Shared) -> String {
+    let mut out = String::new();
+    for name in ebpf_redirect::COUNTERS {
+        let _ = writeln!(out, "# TYPE eastguard_capture_{name}_total counter");
+        for p in &s.pods {
+            let v = p.counters.get(name).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "eastguard_capture_{name}_total{{pod=\"{}\"}} {v}",
+                p.name
+            );
+        }
+    }
+    let _ = writeln!(out, "# TYPE eastguard_capture_attached gauge");
+    for p in &s.pods {
+        let _ = writeln!(
+            out,
+            "eastguard_capture_attached{{pod=\"{}\"}} {}",
+            p.name,
+            u8::from(p.state == State::Attached)
+        );
+    }
+    let _ = writeln!(out, "# TYPE eastguard_capture_link_repairs_total counter");
+    for p in &s.pods {
+        let _ = writeln!(
+            out,
+            "eastguard_capture_link_repairs_total{{pod=\"{}\"}} {}",
+            p.name, p.repairs
+        );
+    }
+    out
+}

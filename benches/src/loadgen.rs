@@ -41,6 +41,30 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         duration: u64,
     },
+    /// Connection setup: `workers` loops of connect, one GET, read the response, close, for
+    /// `duration` seconds (closed loop). Prints connections per second and per-connection latency.
+    Connrate {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "server")]
+        host: String,
+        #[arg(long, default_value_t = 4)]
+        workers: u32,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
+    /// Throughput: `connections` keep-alive connections fetch back to back for `duration`
+    /// seconds (closed loop). Prints body megabytes per second.
+    Throughput {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "server")]
+        host: String,
+        #[arg(long, default_value_t = 4)]
+        connections: u32,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
     /// Answer every request with `size` bytes.
     Serve {
         #[arg(long)]
@@ -68,6 +92,28 @@ fn main() -> anyhow::Result<()> {
             host,
             path,
             rate,
+            connections,
+            Duration::from_secs(duration),
+        )),
+        Command::Connrate {
+            target,
+            host,
+            workers,
+            duration,
+        } => rt.block_on(connrate(
+            target,
+            host,
+            workers,
+            Duration::from_secs(duration),
+        )),
+        Command::Throughput {
+            target,
+            host,
+            connections,
+            duration,
+        } => rt.block_on(throughput(
+            target,
+            host,
             connections,
             Duration::from_secs(duration),
         )),
@@ -215,4 +261,141 @@ async fn one_connection(
         scheduled += interval;
     }
     Ok(result)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx] as f64 / 1000.0
+}
+
+/// One connection, one request, closed.
+async fn fetch_once(target: SocketAddr, host: &str) -> anyhow::Result<usize> {
+    let tcp = TcpStream::connect(target).await?;
+    tcp.set_nodelay(true)?;
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", host)
+        .header("connection", "close")
+        .body(Empty::<Bytes>::new())?;
+    let resp = s.send_request(req).await?;
+    if !resp.status().is_success() {
+        bail!("status {}", resp.status());
+    }
+    let n = resp.into_body().collect().await?.to_bytes().len();
+    drop(s);
+    let _ = conn.await;
+    Ok(n)
+}
+
+async fn connrate(
+    target: SocketAddr,
+    host: String,
+    workers: u32,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    if workers == 0 {
+        bail!("workers must be positive");
+    }
+    // One second of warm-up, then the measured window.
+    let start = Instant::now() + Duration::from_secs(1);
+    let end = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let host = host.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < end {
+                let t0 = Instant::now();
+                let ok = tokio::time::timeout(Duration::from_secs(5), fetch_once(target, &host))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if t0 >= start {
+                    if ok {
+                        lat.push(t0.elapsed().as_micros() as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        all.extend(l);
+        errors += e;
+    }
+    all.sort_unstable();
+    let out = serde_json::json!({
+        "target": target.to_string(),
+        "workers": workers,
+        "duration_s": duration.as_secs(),
+        "connections": all.len(),
+        "errors": errors,
+        "connections_per_s": all.len() as f64 / duration.as_secs_f64(),
+        "p50_ms": percentile(&all, 50.0),
+        "p99_ms": percentile(&all, 99.0),
+    });
+    println!("{out}");
+    Ok(())
+}
+
+async fn throughput(
+    target: SocketAddr,
+    host: String,
+    connections: u32,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    if connections == 0 {
+        bail!("connections must be positive");
+    }
+    let start = Instant::now() + Duration::from_secs(1);
+    let end = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let host = host.clone();
+        tasks.push(tokio::spawn(async move {
+            let tcp = TcpStream::connect(target).await?;
+            tcp.set_nodelay(true)?;
+            let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            tokio::spawn(conn);
+            let mut bytes = 0u64;
+            let mut requests = 0u64;
+            while Instant::now() < end {
+                let t0 = Instant::now();
+                let req = http::Request::get("/")
+                    .header("host", host.as_str())
+                    .body(Empty::<Bytes>::new())?;
+                let resp = s.send_request(req).await?;
+                let n = resp.into_body().collect().await?.to_bytes().len() as u64;
+                if t0 >= start {
+                    bytes += n;
+                    requests += 1;
+                }
+            }
+            anyhow::Ok((bytes, requests))
+        }));
+    }
+    let (mut bytes, mut requests) = (0u64, 0u64);
+    for t in tasks {
+        let (b, r) = t.await??;
+        bytes += b;
+        requests += r;
+    }
+    let out = serde_json::json!({
+        "target": target.to_string(),
+        "connections": connections,
+        "duration_s": duration.as_secs(),
+        "requests": requests,
+        "mbytes_per_s": bytes as f64 / 1e6 / duration.as_secs_f64(),
+    });
+    println!("{out}");
+    Ok(())
 }

@@ -164,8 +164,8 @@ pub struct PodStatus {
 
 struct Pod {
     spec: PodSpec,
-    /// Inodes of the sidecar listeners registered in `eg_inbound` (IPv4, IPv6).
-    inbound: [Option<u64>; 2],
+    /// The sidecar listeners registered in `eg_inbound` (IPv4, IPv6).
+    inbound: [Option<procfs::Found>; 2],
     repairs: u64,
     /// Programs and maps are loaded and pinned (freshly, or adopted from a complete pin dir).
     loaded: bool,
@@ -592,27 +592,37 @@ fn check_links(
 }
 
 /// Puts the sidecar's inbound listeners into `eg_inbound` when they appear or change.
-fn register_inbound(dir: &Path, spec: &PodSpec, known: &mut [Option<u64>; 2]) -> Result<(), Error> {
+fn register_inbound(
+    dir: &Path,
+    spec: &PodSpec,
+    known: &mut [Option<procfs::Found>; 2],
+) -> Result<(), Error> {
     let pod = spec.name.as_str();
     for (slot, v6) in [(0u32, false), (1u32, true)] {
-        let found = procfs::find_listener(&spec.sidecar_cgroup, spec.inbound_port, v6)
-            .map_err(|e| pod_err(pod, "finding the sidecar's inbound listener", e))?;
         let i = slot as usize;
-        match found {
-            None => known[i] = None,
-            Some((_, inode)) if known[i] == Some(inode) => {}
-            Some((pid, inode)) => {
-                let sock = procfs::dup_socket(pid, inode)
-                    .map_err(|e| pod_err(pod, "taking the sidecar's inbound listener", e))?;
-                let mut map: SockMap<MapData> =
-                    SockMap::try_from(Map::SockMap(open_map(dir, "eg_inbound", pod)?))
-                        .map_err(|e| pod_err(pod, "eg_inbound", e))?;
-                map.set(slot, &sock.fd, 0)
-                    .map_err(|e| pod_err(pod, "registering the inbound listener", e))?;
-                tracing::info!(pod, inode, ipv6 = v6, "sidecar inbound listener registered");
-                known[i] = Some(inode);
-            }
+        if known[i].is_some_and(|f| f.still_held()) {
+            continue;
         }
+        known[i] = None;
+        let Some(found) = procfs::find_listener(&spec.sidecar_cgroup, spec.inbound_port, v6)
+            .map_err(|e| pod_err(pod, "finding the sidecar's inbound listener", e))?
+        else {
+            continue;
+        };
+        let sock = procfs::dup_socket(&found)
+            .map_err(|e| pod_err(pod, "taking the sidecar's inbound listener", e))?;
+        let mut map: SockMap<MapData> =
+            SockMap::try_from(Map::SockMap(open_map(dir, "eg_inbound", pod)?))
+                .map_err(|e| pod_err(pod, "eg_inbound", e))?;
+        map.set(slot, &sock.fd, 0)
+            .map_err(|e| pod_err(pod, "registering the inbound listener", e))?;
+        tracing::info!(
+            pod,
+            inode = found.inode,
+            ipv6 = v6,
+            "sidecar inbound listener registered"
+        );
+        known[i] = Some(found);
     }
     Ok(())
 }

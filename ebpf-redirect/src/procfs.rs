@@ -35,13 +35,29 @@ fn pids(cgroup: &Path) -> std::io::Result<Vec<i32>> {
     Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
 
-/// The sidecar's listener on `port` for one family (`v6` reads `tcp6`): the owning process and
-/// the socket's inode, if it is listening.
-pub fn find_listener(
-    sidecar_cgroup: &Path,
-    port: u16,
-    v6: bool,
-) -> std::io::Result<Option<(i32, u64)>> {
+/// A listening socket held by a sidecar process: where, and which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub pid: i32,
+    pub fd: i32,
+    pub inode: u64,
+}
+
+impl Found {
+    /// Still open in the same process under the same descriptor: one readlink, not a table scan
+    /// (`/proc/net/tcp` lists every socket of the namespace, TIME_WAIT included).
+    pub fn still_held(&self) -> bool {
+        let path = Path::new("/proc")
+            .join(self.pid.to_string())
+            .join("fd")
+            .join(self.fd.to_string());
+        std::fs::read_link(path)
+            .is_ok_and(|l| l.as_os_str() == format!("socket:[{}]", self.inode).as_str())
+    }
+}
+
+/// The sidecar's listener on `port` for one family (`v6` reads `tcp6`), if it is listening.
+pub fn find_listener(sidecar_cgroup: &Path, port: u16, v6: bool) -> std::io::Result<Option<Found>> {
     for pid in pids(sidecar_cgroup)? {
         let table = Path::new("/proc")
             .join(pid.to_string())
@@ -51,8 +67,8 @@ pub fn find_listener(
             continue; // the process went away
         };
         for inode in listening_inodes(&text, port) {
-            if socket_fd(pid, inode).is_some() {
-                return Ok(Some((pid, inode)));
+            if let Some(fd) = socket_fd(pid, inode) {
+                return Ok(Some(Found { pid, fd, inode }));
             }
         }
     }
@@ -71,17 +87,23 @@ fn socket_fd(pid: i32, inode: u64) -> Option<i32> {
     })
 }
 
-/// Duplicates the socket `inode` held by `pid` into this process.
-pub fn dup_socket(pid: i32, inode: u64) -> std::io::Result<Listener> {
-    let fd_num = socket_fd(pid, inode).ok_or_else(|| {
-        std::io::Error::other(format!("pid {pid} no longer holds socket {inode}"))
-    })?;
-    let p =
-        rustix::process::Pid::from_raw(pid).ok_or_else(|| std::io::Error::other("invalid pid"))?;
+/// Duplicates the found socket into this process.
+pub fn dup_socket(found: &Found) -> std::io::Result<Listener> {
+    let p = rustix::process::Pid::from_raw(found.pid)
+        .ok_or_else(|| std::io::Error::other("invalid pid"))?;
     let pidfd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())?;
     let fd =
-        rustix::process::pidfd_getfd(&pidfd, fd_num, rustix::process::PidfdGetfdFlags::empty())?;
-    Ok(Listener { inode, fd })
+        rustix::process::pidfd_getfd(&pidfd, found.fd, rustix::process::PidfdGetfdFlags::empty())?;
+    // The descriptor number may have been reused between the scan and the dup.
+    if !found.still_held() {
+        return Err(std::io::Error::other(
+            "the sidecar closed its listener meanwhile",
+        ));
+    }
+    Ok(Listener {
+        inode: found.inode,
+        fd,
+    })
 }
 
 #[cfg(test)]

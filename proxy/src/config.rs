@@ -168,7 +168,8 @@ pub struct Listener {
     /// Envoy's `envoy.filters.listener.original_dst`: connections were redirected here (eBPF
     /// capture or iptables REDIRECT) and their destination is read back with
     /// `getsockopt(SO_ORIGINAL_DST)`, and chains match on it (`destination_port`, `prefix_ranges`).
-    /// A connection whose original destination cannot be read is closed.
+    /// A connection whose original destination cannot be read keeps its local address (as in
+    /// Envoy), so only chains matching that address serve it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub original_dst: bool,
 }

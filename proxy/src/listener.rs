@@ -334,10 +334,11 @@ impl ListenerRt {
             match original_dst(&tcp, local) {
                 Ok(dst) => local = dst,
                 Err(e) => {
-                    // Where it was going is unknown: serving it anywhere could widen access.
+                    // As Envoy's original_dst filter: the connection keeps its local address (and
+                    // only chains that match it serve it). Sidecar-generated outbound chains name
+                    // destinations, so a connection that was not redirected matches none of them.
                     self.stats.original_dst_missing.inc();
-                    tracing::warn!(%remote, error = %e, listener = %self.config.name, "no original destination: closing");
-                    return;
+                    tracing::debug!(%remote, error = %e, listener = %self.config.name, "no original destination");
                 }
             }
         }
@@ -717,15 +718,8 @@ fn original_dst(tcp: &TcpStream, local: SocketAddr) -> std::io::Result<SocketAdd
     } else {
         sock.original_dst_v6()
     }?;
-    let dst = addr
-        .as_socket()
-        .ok_or_else(|| std::io::Error::other("SO_ORIGINAL_DST gave a non-IP address"))?;
-    if dst == local {
-        return Err(std::io::Error::other(
-            "the original destination is this listener (not redirected)",
-        ));
-    }
-    Ok(dst)
+    addr.as_socket()
+        .ok_or_else(|| std::io::Error::other("SO_ORIGINAL_DST gave a non-IP address"))
 }
 
 /// Binds a listener's address (errors say which listener). An IPv6 address binds IPv6 only, as

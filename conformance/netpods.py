@@ -1,0 +1,334 @@
+"""Pods on one machine for capture tests and benchmarks: network namespaces on a bridge (IPv4
+and IPv6), a cgroup per pod with `app` and `sidecar` children, sidecars configured for captured
+traffic, and `eastguard node-agent --capture` (eBPF) or iptables REDIRECT rules.
+
+Everything is created by `Cluster` and removed by `Cluster.close()`. Root only.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from conftest import CLIENT_ID, SERVER_ID, TD, binary, free_port, http_get
+from pki import CA
+
+HERE = Path(__file__).resolve().parent
+TAG = f"eg{os.getpid() % 100000}"
+MISSING_TOOLS = ("ip", "bpftool", "tcpdump", "curl")
+SUBNET4, SUBNET6 = "10.77.0", "fd77::"
+PODS = {"a": 2, "b": 3, "c": 4}  # last address byte / group
+APP_PORT = 8080
+
+
+def cgroup2_root():
+    for line in Path("/proc/mounts").read_text().splitlines():
+        f = line.split()
+        if len(f) > 2 and f[2] == "cgroup2":
+            return Path(f[1])
+    return None
+
+
+def sh(*args, check=True, timeout=30, **kw):
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, args))}: rc={r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def ip4(pod):
+    return f"{SUBNET4}.{PODS[pod]}"
+
+
+def ip6(pod):
+    return f"{SUBNET6}{PODS[pod]}"
+
+
+class Cluster:
+    """`capture`: `ebpf` (the node-agent attaches; sidecars wait for it to be ready) or
+    `iptables` (REDIRECT rules in the pods' namespaces, as istio-init writes them)."""
+
+    def __init__(self, tmp: Path, capture="ebpf"):
+        assert capture in ("ebpf", "iptables")
+        self.capture = capture
+        self.short_circuit = True
+        self.tmp = tmp
+        self.procs = []
+        self.host = f"{TAG}h"
+        self.ns = {p: f"{TAG}{p}" for p in PODS}
+        self.cg_root = cgroup2_root() / f"eastguard-test-{TAG}"
+        self.bpffs = tmp / "bpffs"
+        self.agent = None
+        self.agent_admin = free_port()
+        self.registry = tmp / "capture.yaml"
+
+    # --- setup ---
+
+    def net(self):
+        sh("ip", "netns", "add", self.host)
+        sh("ip", "-n", self.host, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.host, "link", "set", "br0", "up")
+        for pod, n in PODS.items():
+            ns = self.ns[pod]
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", f"v{pod}", "netns", self.host, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "-n", self.host, "link", "set", f"v{pod}", "master", "br0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "addr", "add", f"{ip4(pod)}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "addr", "add", f"{ip6(pod)}/64", "dev", "eth0", "nodad")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+
+    def cgroup(self, pod, part=None):
+        p = self.cg_root / pod
+        return p / part if part else p
+
+    def cgroups(self):
+        for pod in ("a", "b"):
+            for part in ("app", "sidecar"):
+                self.cgroup(pod, part).mkdir(parents=True, exist_ok=True)
+
+    def run_in(self, pod, part, args, **kw):
+        """Starts a process in the pod's netns and (for a captured pod) cgroup."""
+        if part is None:
+            wrapped = ["ip", "netns", "exec", self.ns[pod], *map(str, args)]
+        else:
+            # Join the cgroup first: `ip netns exec` remounts /sys, hiding the cgroup tree.
+            procs = self.cgroup(pod, part) / "cgroup.procs"
+            script = f'echo $$ > {procs} && exec "$@"'
+            wrapped = ["sh", "-c", script, "sh", "ip", "netns", "exec", self.ns[pod], *map(str, args)]
+        return wrapped
+
+    def spawn(self, pod, part, args, log):
+        p = subprocess.Popen(self.run_in(pod, part, args), stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
+        self.procs.append(p)
+        return p
+
+    def exec(self, pod, part, args, timeout=20):
+        return subprocess.run(self.run_in(pod, part, args), capture_output=True, text=True, timeout=timeout)
+
+    def curl(self, pod, url, part="app", max_time=5):
+        """An unmodified curl in the pod's app container: (exit code, body)."""
+        r = self.exec(pod, part, ["curl", "-sS", "-g", "--max-time", max_time, url])
+        return r.returncode, r.stdout + r.stderr
+
+    def admin(self, pod, path):
+        """GET on a sidecar's admin API (loopback inside the pod)."""
+        r = self.exec(pod, None, ["curl", "-s", "-o", "/dev/stdout", "-w", "\n%{http_code}", f"http://127.0.0.1:15000{path}"])
+        body, _, code = r.stdout.rpartition("\n")
+        return int(code or 0), body
+
+    # --- pods ---
+
+    def pki(self):
+        self.ca = CA(TD)
+        self.bundle = self.tmp / "bundle.pem"
+        self.bundle.write_bytes(self.ca.pem())
+        self.ids = {"a": CLIENT_ID, "b": SERVER_ID}
+        self.svid = {p: self.ca.write_svid(self.tmp, p, self.ids[p]) for p in ("a", "b")}
+
+    def sidecar_config(self, pod):
+        cert, key = self.svid[pod]
+        peer = "b" if pod == "a" else "a"
+
+        def outbound(addr, family_ip):
+            return {
+                "name": f"virtualOutbound{'6' if addr.startswith('[') else ''}",
+                "address": addr,
+                "direction": "OUTBOUND",
+                "original_dst": True,
+                "filter_chains": [
+                    {
+                        "name": f"to-{peer}",
+                        "filter_chain_match": {"destination_port": APP_PORT, "prefix_ranges": [family_ip]},
+                        "http_connection_manager": {
+                            "stat_prefix": "outbound_http",
+                            "route_config": {
+                                "virtual_hosts": [
+                                    {
+                                        "name": peer,
+                                        "domains": ["*"],
+                                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": f"outbound|{APP_PORT}||{peer}{'6' if addr.startswith('[') else ''}"}}],
+                                    }
+                                ]
+                            },
+                        },
+                    }
+                ],
+            }
+
+        def inbound(addr):
+            return {
+                "name": f"virtualInbound{'6' if addr.startswith('[') else ''}",
+                "address": addr,
+                "direction": "INBOUND",
+                # Behind iptables REDIRECT the port comes from SO_ORIGINAL_DST; behind sk_lookup
+                # the local address already is the original destination (the lookup misses).
+                "original_dst": True,
+                "filter_chains": [
+                    {
+                        "name": f"inbound|{APP_PORT}",
+                        "filter_chain_match": {"destination_port": APP_PORT},
+                        "http_connection_manager": {
+                            "stat_prefix": "inbound_http",
+                            "route_config": {
+                                "virtual_hosts": [
+                                    {"name": "inbound", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": f"inbound|{APP_PORT}||"}}]}
+                                ]
+                            },
+                        },
+                    }
+                ],
+            }
+
+        def peer_cluster(name, endpoint):
+            return {
+                "name": name,
+                "endpoints": [endpoint],
+                "transport_socket": {"sni": f"outbound_.{APP_PORT}_._.{peer}.test.svc.cluster.local", "match_spiffe_ids": [self.ids[peer]]},
+                "metadata": {"service": f"{peer}.test.svc.cluster.local", "workload": peer, "namespace": "test"},
+            }
+
+        return {
+            "node": {"id": f"pod-{pod}", "workload": f"pod-{pod}", "namespace": "test"},
+            "admin": {"address": "127.0.0.1:15000"},
+            "identity": {"files": {"cert": str(cert), "key": str(key), "bundle": str(self.bundle), "poll_interval": "200ms"}},
+            "access_log": {"path": str(self.tmp / f"{pod}-access.log"), "format": "JSON"},
+            "listeners": [
+                outbound("127.0.0.1:15001", f"{ip4(peer)}/32"),
+                outbound("[::1]:15001", f"{ip6(peer)}/128"),
+                inbound("0.0.0.0:15006"),
+                inbound("[::]:15006"),
+            ],
+            "clusters": [
+                peer_cluster(f"outbound|{APP_PORT}||{peer}", f"{ip4(peer)}:{APP_PORT}"),
+                peer_cluster(f"outbound|{APP_PORT}||{peer}6", f"[{ip6(peer)}]:{APP_PORT}"),
+                {"name": f"inbound|{APP_PORT}||", "endpoints": [f"127.0.0.1:{APP_PORT}"]},
+            ],
+        }
+
+    def iptables(self):
+        """istio-init's rules, per captured pod: app TCP out → 15001 (the sidecar's own and
+        loopback excluded), TCP in to the app port → 15006."""
+        root = cgroup2_root()
+        for pod in ("a", "b"):
+            ns = self.ns[pod]
+            sidecar = "/" + str(self.cgroup(pod, "sidecar").relative_to(root))
+            for tool, lo in (("iptables", "127.0.0.0/8"), ("ip6tables", "::1/128")):
+                nat = ["ip", "netns", "exec", ns, tool, "-w", "-t", "nat"]
+                sh(*nat, "-A", "OUTPUT", "-p", "tcp", "-m", "cgroup", "--path", sidecar, "-j", "RETURN")
+                sh(*nat, "-A", "OUTPUT", "-p", "tcp", "-d", lo, "-j", "RETURN")
+                sh(*nat, "-A", "OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
+                sh(*nat, "-A", "PREROUTING", "-p", "tcp", "--dport", str(APP_PORT), "-j", "REDIRECT", "--to-ports", "15006")
+
+    def start_pods(self, b_app=None):
+        for pod in ("a", "b"):
+            cfg = self.tmp / f"{pod}-sidecar.yaml"
+            config = self.sidecar_config(pod)
+            if self.capture == "ebpf":
+                config["capture"] = {"status_file": str(self.tmp / f"{pod}.capture")}
+            cfg.write_text(yaml.safe_dump(config))
+            self.spawn(pod, "sidecar", [binary(), "proxy", "--config", cfg], self.tmp / f"{pod}-sidecar.log")
+        self.app_log = {p: self.tmp / f"{p}-app.jsonl" for p in PODS}
+        self.b_app_proc = self.spawn("b", "app", b_app or ["python3", HERE / "ns_app.py", APP_PORT, self.app_log["b"]], self.tmp / "b-app.log")
+        # Pod C has no sidecar: its app is reachable directly (what a bypass would reach).
+        self.spawn("c", None, ["python3", HERE / "ns_app.py", 9090, self.app_log["c"]], self.tmp / "c-app.log")
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if all(self.admin(p, "/server_info")[0] == 200 for p in ("a", "b")):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("sidecars did not start:\n" + "\n".join((self.tmp / f"{p}-sidecar.log").read_text()[-1500:] for p in ("a", "b")))
+
+    def registry_entry(self, pod):
+        return {
+            "name": f"{TAG}-{pod}",
+            "cgroup": str(self.cgroup(pod)),
+            "sidecar_cgroup": str(self.cgroup(pod, "sidecar")),
+            "netns": f"/run/netns/{self.ns[pod]}",
+            "status_file": str(self.tmp / f"{pod}.capture"),
+            "short_circuit": self.short_circuit,
+        }
+
+    def write_registry(self, pods, extra=()):
+        entries = [self.registry_entry(p) for p in pods] + list(extra)
+        tmp = self.registry.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump({"pods": entries}))
+        tmp.rename(self.registry)
+
+    def start_agent(self, poll_ms=50):
+        log = open(self.tmp / "agent.log", "ab")
+        self.agent = subprocess.Popen(
+            [binary(), "node-agent", "--capture", self.registry, "--bpffs", self.bpffs, "--capture-admin", f"127.0.0.1:{self.agent_admin}", "--capture-poll-ms", str(poll_ms)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+    def capture_status(self):
+        code, body = http_get(f"http://127.0.0.1:{self.agent_admin}/capture", timeout=2)
+        assert code == 200, body
+        return {p["name"]: p for p in json.loads(body)["pods"]}
+
+    def wait_attached(self, pods, limit=20):
+        deadline = time.time() + limit
+        last = None
+        while time.time() < deadline:
+            if self.agent.poll() is not None:
+                raise RuntimeError(f"node-agent exited: {(self.tmp / 'agent.log').read_text()[-3000:]}")
+            try:
+                last = self.capture_status()
+                if all(last.get(f"{TAG}-{p}", {}).get("state") == "attached" for p in pods):
+                    return last
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"not attached: {json.dumps(last, indent=1)}\n{(self.tmp / 'agent.log').read_text()[-3000:]}")
+
+    def app_seen(self, pod):
+        path = self.app_log[pod]
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    # --- teardown ---
+
+    def close(self):
+        if self.agent and self.agent.poll() is None:
+            self.agent.kill()
+            self.agent.wait()
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        # Unregister everything so the agent-side state is removed, then drop the pins.
+        if self.bpffs.exists():
+            sh("umount", self.bpffs, check=False)
+        for pod in ("a", "b", "d"):
+            for part in ("app", "sidecar", None):
+                d = self.cgroup(pod, part)
+                if d.exists():
+                    for pid in (d / "cgroup.procs").read_text().split():
+                        try:
+                            os.kill(int(pid), signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+        time.sleep(0.2)
+        for pod in ("a", "b", "d"):
+            for part in ("app", "sidecar", None):
+                d = self.cgroup(pod, part)
+                if d.exists():
+                    d.rmdir()
+        if self.cg_root.exists():
+            self.cg_root.rmdir()
+        for ns in list(self.ns.values()) + [f"{TAG}d", self.host]:
+            sh("ip", "netns", "del", ns, check=False)
+
+

@@ -193,11 +193,17 @@ pub fn listener(l: &Listener, notes: &mut Notes) -> Result<Option<config::Listen
         return Err(cx.invalid("filter_chains", "a listener needs a filter chain"));
     }
     // Envoy picks the most specific chain; the model takes the first match, so order by specificity
-    // (destination port, then server names, then transport protocol, then ALPN), stably.
+    // (destination port, then the longest destination prefix, then server names, then transport
+    // protocol, then ALPN), stably.
     chains.sort_by_key(|c| {
         let m = &c.filter_chain_match;
+        let longest_prefix = m.prefix_ranges.iter().map(|r| {
+            // Compare IPv4 and IPv6 prefixes on one scale.
+            u16::from(r.prefix_len) + if r.address.is_ipv4() { 96 } else { 0 }
+        });
         std::cmp::Reverse((
             m.destination_port.is_some(),
+            longest_prefix.max().map_or(0, |l| l + 1),
             !m.server_names.is_empty(),
             m.transport_protocol.is_some(),
             !m.application_protocols.is_empty(),
@@ -282,8 +288,15 @@ fn filter_chain(
             }
             other => refuse.push(format!("transport_protocol {other:?}")),
         }
+        for (j, r) in m.prefix_ranges.iter().enumerate() {
+            let len = r.prefix_len.as_ref().map_or(0, |l| l.value);
+            let text = format!("{}/{len}", r.address_prefix);
+            let range: config::CidrRange = text.parse().map_err(|e: String| {
+                cx.invalid(format!("{field}.filter_chain_match.prefix_ranges[{j}]"), e)
+            })?;
+            out.filter_chain_match.prefix_ranges.push(range);
+        }
         for (set, what) in [
-            (!m.prefix_ranges.is_empty(), "prefix_ranges"),
             (!m.source_prefix_ranges.is_empty(), "source_prefix_ranges"),
             (
                 !m.direct_source_prefix_ranges.is_empty(),
@@ -1332,6 +1345,14 @@ pub fn listener_pb(l: &config::Listener) -> Listener {
                 name: fc.name.clone(),
                 filter_chain_match: Some(pb::FilterChainMatch {
                     destination_port: m.destination_port.map(|p| xds::pb::google::protobuf::UInt32Value { value: u32::from(p) }),
+                    prefix_ranges: m
+                        .prefix_ranges
+                        .iter()
+                        .map(|r| xds::pb::envoy::config::core::v3::CidrRange {
+                            address_prefix: r.address.to_string(),
+                            prefix_len: Some(xds::pb::google::protobuf::UInt32Value { value: u32::from(r.prefix_len) }),
+                        })
+                        .collect(),
                     server_names: m.server_names.clone(),
                     transport_protocol: m.transport_protocol.clone().unwrap_or_default(),
                     application_protocols: m.application_protocols.clone(),
@@ -1469,7 +1490,7 @@ mod tests {
             "filter_chains": [
                 {"filters": [hcm_filter(serde_json::json!([{"name": "envoy.filters.http.router",
                     "typed_config": {"@type": ROUTER_TYPE}}]))]},
-                {"filter_chain_match": {"prefix_ranges": [{"address_prefix": "10.0.0.0", "prefix_len": 8}],
+                {"filter_chain_match": {"source_prefix_ranges": [{"address_prefix": "10.0.0.0", "prefix_len": 8}],
                     "destination_port": 8080},
                  "filters": [hcm_filter(serde_json::json!([{"name": "envoy.filters.http.router",
                     "typed_config": {"@type": ROUTER_TYPE}}]))]},
@@ -1487,9 +1508,41 @@ mod tests {
                 .refuse
                 .as_deref()
                 .unwrap()
-                .contains("prefix_ranges")
+                .contains("source_prefix_ranges")
         );
         assert!(out.filter_chains[1].refuse.is_none());
+    }
+
+    #[test]
+    fn destination_prefix_ranges_translate_and_the_longest_prefix_comes_first() {
+        let chain = |prefix: &str, len: u32, name: &str| {
+            serde_json::json!({"name": name,
+                "filter_chain_match": {"prefix_ranges": [{"address_prefix": prefix, "prefix_len": len}]},
+                "filters": [hcm_filter(serde_json::json!([{"name": "envoy.filters.http.router",
+                    "typed_config": {"@type": ROUTER_TYPE}}]))]})
+        };
+        let l = listener_json(serde_json::json!({
+            "name": "virtualOutbound",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
+            "traffic_direction": "OUTBOUND",
+            "filter_chains": [chain("10.0.0.0", 8, "wide"), chain("10.1.2.3", 32, "narrow"), chain("fd00::", 8, "v6")],
+        }));
+        let out = listener(&l, &mut Vec::new()).unwrap().unwrap();
+        let names: Vec<&str> = out.filter_chains.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["narrow", "wide", "v6"]);
+        assert!(out.filter_chains.iter().all(|c| c.refuse.is_none()));
+        let narrow = &out.filter_chains[0].filter_chain_match.prefix_ranges[0];
+        assert!(narrow.contains("10.1.2.3".parse().unwrap()));
+        assert!(!narrow.contains("10.1.2.4".parse().unwrap()));
+        assert!(narrow.contains("::ffff:10.1.2.3".parse().unwrap()));
+        // A bad range is an error naming the field.
+        let bad = listener_json(serde_json::json!({
+            "name": "l",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
+            "filter_chains": [chain("10.0.0.0", 33, "bad")],
+        }));
+        let err = listener(&bad, &mut Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("prefix_ranges[0]"), "{err}");
     }
 
     #[test]

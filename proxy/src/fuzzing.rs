@@ -90,8 +90,7 @@ pub fn check_translate(data: &[u8]) -> Result<(), String> {
                 .chain(l.default_filter_chain.iter())
                 .filter(|fc| {
                     fc.filter_chain_match.as_ref().is_some_and(|m| {
-                        !m.prefix_ranges.is_empty()
-                            || !m.source_prefix_ranges.is_empty()
+                        !m.source_prefix_ranges.is_empty()
                             || !m.source_ports.is_empty()
                             || m.source_type != 0
                     })

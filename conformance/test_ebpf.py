@@ -16,10 +16,11 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import CLIENT_ID
+from conftest import CLIENT_ID, binary
 from netpods import APP_PORT, TAG, Cluster, cgroup2_root, ip4, ip6, sh
 
 
@@ -214,3 +215,20 @@ def test_pods_come_and_go_without_leaks(cluster):
     # Pods A and B were untouched throughout.
     rc, out = cluster.curl("a", f"http://{ip4('b')}:{APP_PORT}/after-cycles")
     assert rc == 0, out
+
+
+def test_demo_ebpf_runs_the_scenario_on_pod_networking(tmp_path):
+    """`eastguard demo --ebpf --once`: its own namespaces, cgroups, node agent and capture; exits
+    0 only if every expectation held, and leaves nothing behind."""
+    _prerequisites()
+    r = subprocess.run(
+        [binary(), "--log-level", "warn", "demo", "--ebpf", "--once", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all 4 expectations held" in r.stdout, r.stdout
+    assert "egdemo" not in sh("ip", "netns", "list").stdout, "demo left network namespaces behind"
+    assert str(tmp_path) not in Path("/proc/mounts").read_text(), "demo left its bpffs mounted"
+    assert not list(cgroup2_root().glob("eastguard-egdemo*")), "demo left cgroups behind"

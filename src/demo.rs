@@ -16,6 +16,16 @@ use proxy::config::{
 
 mod apps;
 mod client;
+pub mod ebpf;
+
+/// `eastguard demo-app`: one of the demo's sample HTTP apps as its own process (for pods in
+/// network namespaces).
+pub async fn serve_app(name: String, listen: SocketAddr) -> anyhow::Result<()> {
+    let name: &'static str = Box::leak(name.into_boxed_str());
+    apps::spawn_http(name, listen, None).await?;
+    std::future::pending::<()>().await;
+    Ok(())
+}
 
 const TRUST_DOMAIN: &str = "cluster.local";
 

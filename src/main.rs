@@ -81,9 +81,21 @@ enum Command {
         /// Run the script once, print the table and exit: 0 only if every expectation held.
         #[arg(long)]
         once: bool,
+        /// Run frontend → orders on pod networking (network namespaces, cgroups) with eBPF capture
+        /// and unmodified curl clients calling pod IPs. Needs root, iproute2 and curl.
+        #[arg(long)]
+        ebpf: bool,
         /// Where to write the demo's SVIDs, configs and access logs (default: a new temp dir).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// One of the demo's sample HTTP apps (used by `demo --ebpf` inside a pod namespace).
+    #[command(hide = true)]
+    DemoApp {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
     },
     /// Serve the SPIFFE Workload API on a unix socket (X509-SVIDs for attested local workloads).
     NodeAgent {
@@ -164,8 +176,21 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             runtime.block_on(async { proxy::run(bootstrap, shutdown_signal(), opts).await })?;
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Command::Demo { once, dir } => {
-            runtime.block_on(demo::run(once, dir))?;
+        Command::Demo { once, ebpf, dir } => {
+            if ebpf {
+                let dir = dir.unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("eastguard-demo-ebpf-{}", std::process::id()))
+                });
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                runtime.block_on(demo::ebpf::run(once, dir))?;
+            } else {
+                runtime.block_on(demo::run(once, dir))?;
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::DemoApp { name, listen } => {
+            runtime.block_on(demo::serve_app(name, listen))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Policy(cmd) => policy_cmd::run(*cmd),

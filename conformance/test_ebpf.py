@@ -137,6 +137,65 @@ def test_client_without_sidecar_is_steered_and_refused(cluster, family):
     assert cluster.capture_status()[f"{TAG}-b"]["counters"]["inbound_steered"] > steered, out
 
 
+def test_ipv4_mapped_destination_on_a_dual_stack_socket_is_captured(cluster):
+    """An IPv6 socket connecting to ::ffff:<B's IPv4>: the kernel sends IPv4; capture must still
+    send it through A's sidecar (the original destination is kept as IPv4)."""
+    code = (
+        "import socket; s = socket.socket(socket.AF_INET6); s.settimeout(5); "
+        f"s.connect(('::ffff:{ip4('b')}', {APP_PORT})); "
+        "s.sendall(b'GET /mapped HTTP/1.1\\r\\nHost: b\\r\\nConnection: close\\r\\n\\r\\n'); "
+        "import sys; sys.stdout.write(s.recv(65536).decode())"
+    )
+    r = cluster.exec("a", "app", ["python3", "-c", code])
+    assert r.returncode == 0, r.stderr
+    assert f"URI={CLIENT_ID}" in r.stdout, r.stdout
+    assert any(x["path"] == "/mapped" and f"URI={CLIENT_ID}" in (x["xfcc"] or "") for x in cluster.app_seen("b"))
+
+
+def test_a_pod_whose_redirect_cannot_attach_stays_closed(cluster):
+    """Pod E is registered but its network namespace is missing, so its redirect cannot be
+    completed: the guard and the not-ready deny keep its app from reaching anything. An app in
+    E's cgroup runs in pod C's namespace (nothing else captures there)."""
+    for part in ("app", "sidecar"):
+        cluster.cgroup("e", part).mkdir(parents=True, exist_ok=True)
+    procs = cluster.cgroup("e", "app") / "cgroup.procs"
+    target = f"http://{ip4('c')}:9090"
+
+    def curl(path):
+        script = f'echo $$ > {procs} && exec ip netns exec {cluster.ns["c"]} curl -sS --max-time 3 {target}{path}'
+        return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=20)
+
+    # Control: unregistered, the same client reaches C's app (so the check below can fail).
+    assert curl("/open").returncode == 0
+    pod_e = {
+        "name": f"{TAG}-e",
+        "cgroup": str(cluster.cgroup("e")),
+        "sidecar_cgroup": str(cluster.cgroup("e", "sidecar")),
+        "netns": f"/run/netns/{TAG}-no-such-netns",
+    }
+    cluster.write_registry(["a", "b"], extra=[pod_e])
+    deadline = time.time() + 10
+    st = {}
+    while time.time() < deadline:
+        st = cluster.capture_status().get(f"{TAG}-e", {})
+        if st.get("state") == "error" and st.get("links", {}).get("eg_guard"):
+            break
+        time.sleep(0.05)
+    assert st.get("state") == "error" and "netns" in st.get("error", ""), st
+    assert st["links"].get("eg_guard") and not st["links"].get("eg_sk_lookup"), st
+    r = curl("/closed")
+    assert r.returncode != 0, r.stdout
+    assert not any(x["path"] == "/closed" for x in cluster.app_seen("c"))
+    # Unregistered again: everything detached, the client reaches C once more.
+    cluster.write_registry(["a", "b"])
+    deadline = time.time() + 10
+    while f"{TAG}-e" in cluster.capture_status() and time.time() < deadline:
+        time.sleep(0.05)
+    assert curl("/reopened").returncode == 0
+    for part in ("app", "sidecar", None):
+        cluster.cgroup("e", part).rmdir()
+
+
 def _link_id(cluster, pod, prog):
     pin = cluster.bpffs / "eastguard" / f"{TAG}-{pod}" / f"link_{prog}"
     r = sh("bpftool", "-j", "link", "show", "pinned", pin)
@@ -168,12 +227,11 @@ def test_killing_the_agent_or_detaching_the_redirect_does_not_bypass(cluster):
 
 
 def _bpf_objects():
-    counts = {}
-    for kind in ("prog", "map", "link"):
-        r = sh("bpftool", "-j", kind, "show")
-        items = json.loads(r.stdout or "[]")
-        counts[kind] = sum(1 for i in items if str(i.get("name", "")).startswith("eg_") or kind == "link")
-    return counts
+    """IDs of this project's programs, maps and links now alive in the kernel."""
+    progs = {p["id"] for p in json.loads(sh("bpftool", "-j", "prog", "show").stdout or "[]") if str(p.get("name", "")).startswith("eg_")}
+    maps = {m["id"] for m in json.loads(sh("bpftool", "-j", "map", "show").stdout or "[]") if str(m.get("name", "")).startswith("eg_")}
+    links = {lk["id"] for lk in json.loads(sh("bpftool", "-j", "link", "show").stdout or "[]") if lk.get("prog_id") in progs}
+    return {"prog": progs, "map": maps, "link": links}
 
 
 def test_pods_come_and_go_without_leaks(cluster):
@@ -190,28 +248,38 @@ def test_pods_come_and_go_without_leaks(cluster):
     }
     pin_dir = cluster.bpffs / "eastguard" / f"{TAG}-d"
     baseline = _bpf_objects()
+    created = {"prog": set(), "map": set(), "link": set()}
     for i in range(100):
         cluster.write_registry(["a", "b"], extra=[extra])
         deadline = time.time() + 10
         while time.time() < deadline:
             st = cluster.capture_status().get(f"{TAG}-d")
-            if st and st["links"] and all(st["links"].values()):
+            if st and st["links"] and all(st["links"].values()) and len(st["links"]) == 7:
                 break
             time.sleep(0.01)
         else:
             raise AssertionError(f"cycle {i}: pod d not attached: {st}")
+        # What appeared since the baseline is pod D's (each load makes new objects).
+        now = _bpf_objects()
+        for kind in created:
+            created[kind] |= now[kind] - baseline[kind]
         cluster.write_registry(["a", "b"])
         deadline = time.time() + 10
         while (pin_dir.exists() or f"{TAG}-d" in cluster.capture_status()) and time.time() < deadline:
             time.sleep(0.01)
         assert not pin_dir.exists(), f"cycle {i}: pins left behind"
-    # The kernel frees programs and maps asynchronously (RCU): allow it a moment.
+    # 100 loads of 7 programs, 9 maps and 6 links were seen ...
+    assert (len(created["prog"]), len(created["map"]), len(created["link"])) == (700, 900, 600), {k: len(v) for k, v in created.items()}
+    # ... and none is left. The kernel frees programs and maps asynchronously (RCU): allow it a moment.
     deadline = time.time() + 10
-    after = _bpf_objects()
-    while after != baseline and time.time() < deadline:
+    while time.time() < deadline:
+        now = _bpf_objects()
+        left = {k: sorted(created[k] & now[k]) for k in created}
+        if not any(left.values()):
+            break
         time.sleep(0.2)
-        after = _bpf_objects()
-    assert after == baseline, f"bpf objects before {baseline}, after 100 cycles {after}"
+    assert not any(left.values()), f"still alive after 100 add/remove cycles: {left}"
+    assert {k: now[k] & baseline[k] for k in now} == baseline, "pods A and B lost programs"
     # Pods A and B were untouched throughout.
     rc, out = cluster.curl("a", f"http://{ip4('b')}:{APP_PORT}/after-cycles")
     assert rc == 0, out

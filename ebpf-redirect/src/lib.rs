@@ -269,13 +269,17 @@ impl Manager {
                 }
                 load_and_pin(&dir, spec)?;
                 pod.loaded = true;
-                // Not ready: app egress is denied until every program is attached.
-                write_config(&dir, spec, false, true)?;
+                // Not ready: app egress is denied until every program is attached. An error here
+                // (no sidecar cgroup yet) is reported below, after the guard is attached.
+                let _ = write_config(&dir, spec, false, true);
             }
             pod.loaded = true;
-            let links = check_links(&dir, spec, &mut pod.repairs)?;
-            write_config(&dir, spec, links.values().all(|ok| *ok), !known)?;
+            let mut links = BTreeMap::new();
+            let linked = check_links(&dir, spec, &mut pod.repairs, &mut links);
+            let all = linked.is_ok() && links.len() == PROGRAMS.len();
             pod.status.links = links;
+            write_config(&dir, spec, all, !known)?;
+            linked?;
             register_inbound(&dir, spec, &mut pod.inbound)?;
             Ok::<_, Error>(())
         })();
@@ -420,15 +424,21 @@ fn open_map(dir: &Path, name: &str, pod: &str) -> Result<MapData, Error> {
 
 fn write_config(dir: &Path, spec: &PodSpec, ready: bool, sync: bool) -> Result<(), Error> {
     let pod = spec.name.as_str();
-    let sidecar_cgroup = std::fs::metadata(&spec.sidecar_cgroup)
+    // Without the sidecar's cgroup nothing is exempt and nothing is ready: all app egress is
+    // denied until it exists.
+    let sidecar = std::fs::metadata(&spec.sidecar_cgroup)
+        .map(|m| m.ino())
         .map_err(|e| {
             pod_err(
                 pod,
                 format!("sidecar cgroup {}", spec.sidecar_cgroup.display()),
                 e,
             )
-        })?
-        .ino();
+        });
+    let (sidecar_cgroup, ready) = match &sidecar {
+        Ok(id) => (*id, ready),
+        Err(_) => (0, false),
+    };
     let mut value = [0u8; 24];
     value[0..8].copy_from_slice(&sidecar_cgroup.to_ne_bytes());
     value[8..12].copy_from_slice(&u32::from(ready).to_ne_bytes());
@@ -450,13 +460,13 @@ fn write_config(dir: &Path, spec: &PodSpec, ready: bool, sync: bool) -> Result<(
         sync_cidrs(dir, spec)?;
     }
     if config.get(&0, 0).ok() == Some(value) {
-        return Ok(());
+        return sidecar.map(drop);
     }
     config
         .set(0, value, 0)
         .map_err(|e| pod_err(pod, "writing eg_config", e))?;
     tracing::info!(pod, ready, "capture configuration written");
-    Ok(())
+    sidecar.map(drop)
 }
 
 fn sync_ports(dir: &Path, pod: &str, map: &str, ports: &[u16]) -> Result<(), Error> {
@@ -505,7 +515,8 @@ fn check_links(
     dir: &Path,
     spec: &PodSpec,
     repairs: &mut u64,
-) -> Result<BTreeMap<&'static str, bool>, Error> {
+    out: &mut BTreeMap<&'static str, bool>,
+) -> Result<(), Error> {
     let pod = spec.name.as_str();
     let cgroup = File::open(&spec.cgroup)
         .map_err(|e| pod_err(pod, format!("cgroup {}", spec.cgroup.display()), e))?;
@@ -513,13 +524,9 @@ fn check_links(
         .metadata()
         .map_err(|e| pod_err(pod, "cgroup", e))?
         .ino();
-    let netns = File::open(&spec.netns)
-        .map_err(|e| pod_err(pod, format!("netns {}", spec.netns.display()), e))?;
-    let netns_ino = netns
-        .metadata()
-        .map_err(|e| pod_err(pod, "netns", e))?
-        .ino();
-    let mut out = BTreeMap::new();
+    // The netns is opened only when its program is reached: a missing one must not keep the
+    // cgroup programs (the guard first) from attaching.
+    let mut netns: Option<(File, u64)> = None;
     for def in &PROGRAMS {
         let prog_path = dir.join(format!("prog_{}", def.name));
         if def.target == Target::SockHash {
@@ -539,8 +546,14 @@ fn check_links(
             out.insert(def.name, true);
             continue;
         }
-        let (target_fd, expected) = match def.target {
-            Target::Netns => (netns.as_fd(), u64::from(netns_ino as u32)),
+        if def.target == Target::Netns && netns.is_none() {
+            let f = File::open(&spec.netns)
+                .map_err(|e| pod_err(pod, format!("netns {}", spec.netns.display()), e))?;
+            let ino = f.metadata().map_err(|e| pod_err(pod, "netns", e))?.ino();
+            netns = Some((f, u64::from(ino as u32)));
+        }
+        let (target_fd, expected) = match (&netns, def.target) {
+            (Some((f, ino)), Target::Netns) => (f.as_fd(), *ino),
             _ => (cgroup.as_fd(), cgroup_id),
         };
         let path = dir.join(format!("link_{}", def.name));
@@ -588,7 +601,7 @@ fn check_links(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Puts the sidecar's inbound listeners into `eg_inbound` when they appear or change.

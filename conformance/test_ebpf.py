@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLIENT_ID, binary
+from conftest import CLIENT_ID, binary, http_get
 from netpods import APP_PORT, TAG, Cluster, cgroup2_root, ip4, ip6, sh
 
 
@@ -137,14 +137,36 @@ def test_client_without_sidecar_is_steered_and_refused(cluster, family):
     assert cluster.capture_status()[f"{TAG}-b"]["counters"]["inbound_steered"] > steered, out
 
 
+def test_original_destinations_are_forgotten_when_connections_close(cluster):
+    """Each redirected connection's original destination lives only as long as the app socket:
+    a later socket reusing the local port cannot inherit it, and the table does not fill up."""
+    pin = cluster.bpffs / "eastguard" / f"{TAG}-a" / "eg_orig_tuple"
+    for i in range(20):
+        rc, out = cluster.curl("a", f"http://{ip4('b')}:{APP_PORT}/forget/{i}")
+        assert rc == 0, out
+    deadline = time.time() + 5
+    entries = None
+    while time.time() < deadline:
+        entries = json.loads(sh("bpftool", "-j", "map", "dump", "pinned", pin).stdout or "[]")
+        if not entries:
+            break
+        time.sleep(0.1)
+    assert entries == [], f"{len(entries)} original destinations outlived their connections"
+
+
 def test_ipv4_mapped_destination_on_a_dual_stack_socket_is_captured(cluster):
     """An IPv6 socket connecting to ::ffff:<B's IPv4>: the kernel sends IPv4; capture must still
     send it through A's sidecar (the original destination is kept as IPv4)."""
     code = (
-        "import socket; s = socket.socket(socket.AF_INET6); s.settimeout(5); "
-        f"s.connect(('::ffff:{ip4('b')}', {APP_PORT})); "
-        "s.sendall(b'GET /mapped HTTP/1.1\\r\\nHost: b\\r\\nConnection: close\\r\\n\\r\\n'); "
-        "import sys; sys.stdout.write(s.recv(65536).decode())"
+        "import socket; s = socket.socket(socket.AF_INET6); s.settimeout(5)\n"
+        f"s.connect(('::ffff:{ip4('b')}', {APP_PORT}))\n"
+        "s.sendall(b'GET /mapped HTTP/1.1\\r\\nHost: b\\r\\nConnection: close\\r\\n\\r\\n')\n"
+        "import sys; data = b''\n"
+        "while True:\n"
+        "    chunk = s.recv(65536)\n"
+        "    if not chunk: break\n"
+        "    data += chunk\n"
+        "sys.stdout.write(data.decode())"
     )
     r = cluster.exec("a", "app", ["python3", "-c", code])
     assert r.returncode == 0, r.stderr
@@ -194,6 +216,40 @@ def test_a_pod_whose_redirect_cannot_attach_stays_closed(cluster):
     assert curl("/reopened").returncode == 0
     for part in ("app", "sidecar", None):
         cluster.cgroup("e", part).rmdir()
+
+
+def test_a_broken_registry_keeps_the_last_good_one(cluster):
+    """A registry that does not parse (or names a pod unsafely) detaches nothing: the error is
+    reported and pods stay captured; a good file is taken again."""
+    good = cluster.registry.read_text()
+    for bad in ("pods: [\n  - name: [unterminated\n", "pods:\n- name: ../escape\n  cgroup: /x\n  sidecar_cgroup: /x/s\n  netns: /n\n"):
+        tmp = cluster.registry.with_suffix(".tmp")
+        tmp.write_text(bad)
+        tmp.rename(cluster.registry)
+        deadline = time.time() + 5
+        body = {}
+        while time.time() < deadline:
+            code, text = http_get(f"http://127.0.0.1:{cluster.agent_admin}/capture", timeout=2)
+            body = json.loads(text)
+            if body.get("registry_error"):
+                break
+            time.sleep(0.05)
+        assert body.get("registry_error"), body
+        assert {p["name"]: p["state"] for p in body["pods"]} == {f"{TAG}-a": "attached", f"{TAG}-b": "attached"}
+        rc, out = cluster.curl("a", f"http://{ip4('b')}:{APP_PORT}/still-captured")
+        assert rc == 0 and f"URI={CLIENT_ID}" in json.loads(out)["xfcc"], out
+    tmp = cluster.registry.with_suffix(".tmp")
+    tmp.write_text(good)
+    tmp.rename(cluster.registry)
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        code, text = http_get(f"http://127.0.0.1:{cluster.agent_admin}/capture", timeout=2)
+        if not json.loads(text).get("registry_error"):
+            break
+        time.sleep(0.05)
+    assert not json.loads(text).get("registry_error")
+    code, metrics = http_get(f"http://127.0.0.1:{cluster.agent_admin}/stats/prometheus", timeout=2)
+    assert code == 200 and f'eastguard_capture_attached{{pod="{TAG}-a"}} 1' in metrics, metrics
 
 
 def _link_id(cluster, pod, prog):

@@ -538,7 +538,10 @@ pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec
                 if p.is_http() {
                     vhosts.push(VirtualHost {
                         name: format!("{h}:{}", p.number),
-                        domains: domains(h, p.number, &w.meta.namespace),
+                        domains: domains(h, p.number, &w.meta.namespace)
+                            .into_iter()
+                            .chain(s.addresses.iter().flat_map(|a| vip_domains(*a, p.number)))
+                            .collect(),
                         routes: vec![route_to(&name)],
                         ..Default::default()
                     });
@@ -594,6 +597,15 @@ fn domains(host: &str, port: u16, from_namespace: &str) -> Vec<String> {
     let with_port: Vec<String> = names.iter().map(|n| format!("{n}:{port}")).collect();
     names.extend(with_port);
     names
+}
+
+/// A service VIP as HTTP authorities: `10.0.0.1`, `10.0.0.1:80`, `[fd00::1]`, `[fd00::1]:80`.
+fn vip_domains(ip: std::net::IpAddr, port: u16) -> [String; 2] {
+    let host = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    [host.clone(), format!("{host}:{port}")]
 }
 
 /// A proxyless gRPC client's configuration: API listeners `host:port` for every gRPC/HTTP port.
@@ -682,6 +694,7 @@ mod tests {
             services: vec![ServiceEntry {
                 meta: meta("ledger", &[]),
                 hosts: vec!["ledger.bank.svc.cluster.local".into()],
+                addresses: vec!["10.96.0.20".parse().expect("ip")],
                 ports: vec![
                     ServicePort {
                         number: 80,
@@ -736,6 +749,21 @@ mod tests {
             json.contains("spiffe://cluster.local/ns/bank/sa/ledger"),
             "{json}"
         );
+        // The service's VIP is one of its names: a captured app calling it is routed the same.
+        let routes: RouteConfiguration =
+            codec::unpack(&snap.resources[types::ROUTE]["outbound"]).expect("routes");
+        let vh = routes
+            .virtual_hosts
+            .iter()
+            .find(|v| v.name == "ledger.bank.svc.cluster.local:80")
+            .expect("ledger vhost");
+        for d in ["10.96.0.20", "10.96.0.20:80", "ledger", "ledger:80"] {
+            assert!(
+                vh.domains.iter().any(|x| x == d),
+                "{d} not in {:?}",
+                vh.domains
+            );
+        }
         assert!(workload_for_node("sidecar~1.2.3.4~nobody.bank~x", &reg).is_none());
         // Deterministic: the same registry gives byte-identical resources (versions are hashes).
         let (again, _) = sidecar(w.expect("known node"), &reg, &mesh());

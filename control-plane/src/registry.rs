@@ -31,6 +31,9 @@ pub struct Meta {
 pub struct ServiceEntry {
     pub meta: Meta,
     pub hosts: Vec<String>,
+    /// Virtual IPs (`spec.addresses`, single addresses): the service also answers to them, so a
+    /// captured app calling the VIP is routed like one calling the name.
+    pub addresses: Vec<std::net::IpAddr>,
     pub ports: Vec<ServicePort>,
     /// Workloads (WorkloadEntries in the same namespace) whose labels include these.
     pub selector: Option<BTreeMap<String, String>>,
@@ -222,8 +225,18 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContent, String> {
                     check_address(&e.address)
                         .map_err(|m| format!("{what}: spec.endpoints[{i}].address: {m}"))?;
                 }
+                let mut addresses = Vec::new();
+                for (i, a) in s.addresses.iter().enumerate() {
+                    // Istio also takes CIDRs here; only single addresses name a service.
+                    let ip = a
+                        .strip_suffix("/32")
+                        .or_else(|| a.strip_suffix("/128"))
+                        .unwrap_or(a);
+                    addresses.push(ip.parse::<std::net::IpAddr>().map_err(|_| {
+                        format!("{what}: spec.addresses[{i}]: {a:?} is not an IP address (CIDR ranges are not supported)")
+                    })?);
+                }
                 let _ = (
-                    &s.addresses,
                     &s.location,
                     &s.resolution,
                     &s.export_to,
@@ -232,6 +245,7 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContent, String> {
                 out.services.push(ServiceEntry {
                     meta,
                     hosts: s.hosts,
+                    addresses,
                     ports: s.ports,
                     selector: s.workload_selector.map(|w| w.labels),
                     endpoints: s.endpoints,

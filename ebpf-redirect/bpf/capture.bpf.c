@@ -6,8 +6,8 @@
 //                   rewritten to the sidecar's outbound port; the original destination is kept
 //                   by socket cookie.
 //   eg_sockops      sockops: at establishment the cookie entry moves to the app socket's local
-//                   address (what the sidecar sees as the peer); loopback app<->sidecar sockets
-//                   join the short-circuit sockhash.
+//                   address (what the sidecar sees as the peer) until that socket closes;
+//                   loopback app<->sidecar sockets join the short-circuit sockhash.
 //   eg_getsockopt   cgroup/getsockopt: answers SO_ORIGINAL_DST for redirected connections, so the
 //                   sidecar reads it exactly as it would after an iptables REDIRECT.
 //   eg_sk_msg       sk_msg on the sockhash: sends between two local sockets go straight to the
@@ -374,10 +374,21 @@ int eg_sockops(struct bpf_sock_ops *skops)
 			struct eg_addr copy = *orig;
 			bpf_map_update_elem(&eg_orig_tuple, &t, &copy, BPF_ANY);
 			bpf_map_delete_elem(&eg_orig_cookie, &cookie);
+			// Forget the entry when this socket closes, so a later socket on the same local
+			// port never inherits it.
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 		}
 		short_circuit(skops);
 		break;
 	}
+	case BPF_SOCK_OPS_STATE_CB:
+		if (LOAD(skops->args[1]) == BPF_TCP_CLOSE) {
+			struct eg_tuple t = {};
+			sockops_local(skops, t.ip);
+			t.port = LOAD(skops->local_port);
+			bpf_map_delete_elem(&eg_orig_tuple, &t);
+		}
+		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		short_circuit(skops);
 		break;

@@ -40,6 +40,13 @@ def sh(*args, check=True, timeout=30, **kw):
     return r
 
 
+def handoff_target(listener, address):
+    """An outbound listener made a hand-off target: bound nowhere, named like Istio's."""
+    listener = dict(listener, name=f"outbound_{address}", address=address, bind_to_port=False)
+    listener.pop("original_dst", None)
+    return listener
+
+
 def ip4(pod):
     return f"{SUBNET4}.{PODS[pod]}"
 
@@ -130,6 +137,17 @@ class Cluster:
         self.ids = {"a": CLIENT_ID, "b": SERVER_ID}
         self.svid = {p: self.ca.write_svid(self.tmp, p, self.ids[p]) for p in ("a", "b")}
 
+    @staticmethod
+    def handoff_outbound():
+        return {
+            "name": "virtualOutbound",
+            "address": "127.0.0.1:15001",
+            "direction": "OUTBOUND",
+            "use_original_dst": True,
+            # Istio's BlackHoleCluster for REGISTRY_ONLY: a destination with no listener is refused.
+            "filter_chains": [{"name": "BlackHole", "refuse": "no listener for this destination"}],
+        }
+
     def sidecar_config(self, pod):
         cert, key = self.svid[pod]
         peer = "b" if pod == "a" else "a"
@@ -197,8 +215,12 @@ class Cluster:
             "admin": {"address": "127.0.0.1:15000"},
             "identity": {"files": {"cert": str(cert), "key": str(key), "bundle": str(self.bundle), "poll_interval": "200ms"}},
             "access_log": {"path": str(self.tmp / f"{pod}-access.log"), "format": "JSON"},
+            # IPv4 is shaped like Istio's: `virtualOutbound` hands each connection to the listener
+            # at its original destination (`bind_to_port: false`), and refuses what has none.
+            # IPv6 uses one listener with a chain per destination (`prefix_ranges`).
             "listeners": [
-                outbound("127.0.0.1:15001", f"{ip4(peer)}/32"),
+                self.handoff_outbound(),
+                handoff_target(outbound("127.0.0.1:15001", f"{ip4(peer)}/32"), f"{ip4(peer)}:{APP_PORT}"),
                 outbound("[::1]:15001", f"{ip6(peer)}/128"),
                 inbound("0.0.0.0:15006"),
                 inbound("[::]:15006"),

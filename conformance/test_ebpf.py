@@ -137,6 +137,17 @@ def test_client_without_sidecar_is_steered_and_refused(cluster, family):
     assert cluster.capture_status()[f"{TAG}-b"]["counters"]["inbound_steered"] > steered, out
 
 
+def test_destinations_without_a_listener_are_refused(cluster):
+    """A's IPv4 outbound is Istio-shaped: `virtualOutbound` hands connections to the listener at
+    their original destination. Pod C has none, so the call meets the black hole: refused, and C's
+    app never sees it (REGISTRY_ONLY, not Istio's default passthrough)."""
+    rc, out = cluster.curl("a", f"http://{ip4('c')}:9090/nowhere")
+    assert rc != 0, out
+    assert not any(x["path"] == "/nowhere" for x in cluster.app_seen("c"))
+    code, listeners = cluster.admin("a", "/listeners")
+    assert code == 200 and f"outbound_{ip4('b')}:{APP_PORT}" in listeners, listeners
+
+
 def test_original_destinations_are_forgotten_when_connections_close(cluster):
     """Each redirected connection's original destination lives only as long as the app socket:
     a later socket reusing the local port cannot inherit it, and the table does not fill up."""

@@ -91,39 +91,15 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
     // Identity: a node agent serving the SPIFFE Workload API. Every sidecar runs from its own copy
     // of the binary, and the agent tells them apart by uid and executable path, which the kernel
     // reports; nothing a workload says about itself counts.
-    let exe = std::env::current_exe().context("finding the eastguard binary")?;
     let uid = std::os::unix::fs::MetadataExt::uid(
         &std::fs::metadata("/proc/self").context("reading /proc/self")?,
     );
-    let mut entries = format!("trust_domain: {TRUST_DOMAIN}\nentries:\n");
-    let mut binaries = Vec::new();
-    for w in WORKLOADS {
-        let copy = dir.join(format!("{w}-eastguard"));
-        std::fs::copy(&exe, &copy).with_context(|| format!("copying the binary for {w}"))?;
-        let copy = std::fs::canonicalize(&copy)?;
-        entries.push_str(&format!(
-            "  - spiffe_id: {}\n    selectors: [\"unix:uid:{uid}\", \"unix:path:{}\"]\n    x509_svid_ttl: 1h\n",
-            spiffe_id(w),
-            copy.display()
-        ));
-        binaries.push(copy);
-    }
-    let entries_path = dir.join("entries.yaml");
-    std::fs::write(&entries_path, entries)?;
-    let agent_socket = dir.join("agent.sock");
-    let (agent_stop, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(identity::agent::run(
-        identity::agent::AgentConfig {
-            socket: agent_socket.clone(),
-            entries: entries_path,
-            poll: Duration::from_millis(500),
-            admin: None,
-            ca_dir: None,
-        },
-        async move {
-            let _ = agent_stopped.await;
-        },
-    ));
+    let NodeAgent {
+        socket: agent_socket,
+        binaries,
+        stop: agent_stop,
+        task: agent,
+    } = start_agent(&dir, uid, &WORKLOADS)?;
     println!(
         "node agent (SPIFFE Workload API): unix://{}",
         agent_socket.display()
@@ -243,6 +219,57 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
         bail!("demo expectations failed");
     }
     Ok(())
+}
+
+/// The demo's node agent (SPIFFE Workload API) and the binary copies it tells workloads apart by.
+struct NodeAgent {
+    socket: PathBuf,
+    /// One copy of this binary per workload, in `workloads` order.
+    binaries: Vec<PathBuf>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), identity::agent::AgentError>>,
+}
+
+/// Starts the node agent in-process. Every sidecar runs from its own copy of the binary, and the
+/// agent tells them apart by uid and executable path, which the kernel reports; nothing a workload
+/// says about itself counts.
+fn start_agent(dir: &Path, uid: u32, workloads: &[&str]) -> anyhow::Result<NodeAgent> {
+    let exe = std::env::current_exe().context("finding the eastguard binary")?;
+    let mut entries = format!("trust_domain: {TRUST_DOMAIN}\nentries:\n");
+    let mut binaries = Vec::new();
+    for w in workloads {
+        let copy = dir.join(format!("{w}-eastguard"));
+        std::fs::copy(&exe, &copy).with_context(|| format!("copying the binary for {w}"))?;
+        let copy = std::fs::canonicalize(&copy)?;
+        entries.push_str(&format!(
+            "  - spiffe_id: {}\n    selectors: [\"unix:uid:{uid}\", \"unix:path:{}\"]\n    x509_svid_ttl: 1h\n",
+            spiffe_id(w),
+            copy.display()
+        ));
+        binaries.push(copy);
+    }
+    let entries_path = dir.join("entries.yaml");
+    std::fs::write(&entries_path, entries)?;
+    let socket = dir.join("agent.sock");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(identity::agent::run(
+        identity::agent::AgentConfig {
+            socket: socket.clone(),
+            entries: entries_path,
+            poll: Duration::from_millis(500),
+            admin: None,
+            ca_dir: None,
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(NodeAgent {
+        socket,
+        binaries,
+        stop,
+        task,
+    })
 }
 
 /// The newest record in a sidecar's access log for `path`.
@@ -687,6 +714,8 @@ fn sidecar_config(
             }],
             max_connections: 10_000,
             original_dst: false,
+            bind_to_port: true,
+            use_original_dst: false,
         });
         let tcp_cluster = "static|ledger-tcp".to_owned();
         clusters.push(peer_cluster(
@@ -713,6 +742,8 @@ fn sidecar_config(
             }],
             max_connections: 10_000,
             original_dst: false,
+            bind_to_port: true,
+            use_original_dst: false,
         });
     }
     Bootstrap {

@@ -253,6 +253,23 @@ static __always_inline int remember(void *ctx, const __u32 *ip, __u16 port_be, _
 	return bpf_map_update_elem(&eg_orig_cookie, &cookie, &orig, BPF_ANY);
 }
 
+// connect4/connect6 after reading the destination: -1 deny, 0 leave alone, 1 rewrite (the
+// original destination is remembered). Counted here, except the redirect itself.
+static __always_inline int decide_outbound(struct bpf_sock_addr *ctx, struct eg_config *cfg,
+					   const __u32 *ip, __u16 port_be, __u16 family)
+{
+	int v = outbound_verdict(cfg, ip, bpf_ntohs(port_be));
+	if (v == 0) {
+		count(C_OUT_PASSTHROUGH);
+		return 0;
+	}
+	if (v < 0 || remember(ctx, ip, port_be, family)) {
+		count(C_OUT_DENIED);
+		return -1;
+	}
+	return 1;
+}
+
 SEC("cgroup/connect4")
 int eg_connect4(struct bpf_sock_addr *ctx)
 {
@@ -261,20 +278,11 @@ int eg_connect4(struct bpf_sock_addr *ctx)
 	struct eg_config *cfg = config();
 	__u32 ip[4];
 	map_v4(ip, ctx->user_ip4);
-	__u16 port_be = (__u16)ctx->user_port;
-	int v = outbound_verdict(cfg, ip, bpf_ntohs(port_be));
-	if (v < 0 || !cfg) {
-		count(C_OUT_DENIED);
+	int v = decide_outbound(ctx, cfg, ip, (__u16)ctx->user_port, AF_INET);
+	if (v < 0 || !cfg)
 		return VERDICT_DENY;
-	}
-	if (v == 0) {
-		count(C_OUT_PASSTHROUGH);
+	if (v == 0)
 		return VERDICT_ALLOW;
-	}
-	if (remember(ctx, ip, port_be, AF_INET)) {
-		count(C_OUT_DENIED);
-		return VERDICT_DENY;
-	}
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	ctx->user_port = bpf_htons(cfg->outbound_port);
 	count(C_OUT_REDIRECTED);
@@ -292,21 +300,12 @@ int eg_connect6(struct bpf_sock_addr *ctx)
 	ip[1] = LOAD(ctx->user_ip6[1]);
 	ip[2] = LOAD(ctx->user_ip6[2]);
 	ip[3] = LOAD(ctx->user_ip6[3]);
-	__u16 port_be = (__u16)ctx->user_port;
-	int v = outbound_verdict(cfg, ip, bpf_ntohs(port_be));
-	if (v < 0 || !cfg) {
-		count(C_OUT_DENIED);
-		return VERDICT_DENY;
-	}
-	if (v == 0) {
-		count(C_OUT_PASSTHROUGH);
-		return VERDICT_ALLOW;
-	}
 	int mapped = is_mapped(ip);
-	if (remember(ctx, ip, port_be, mapped ? AF_INET : AF_INET6)) {
-		count(C_OUT_DENIED);
+	int v = decide_outbound(ctx, cfg, ip, (__u16)ctx->user_port, mapped ? AF_INET : AF_INET6);
+	if (v < 0 || !cfg)
 		return VERDICT_DENY;
-	}
+	if (v == 0)
+		return VERDICT_ALLOW;
 	if (mapped) {
 		// A dual-stack socket reaching an IPv4 peer goes to the IPv4 outbound listener.
 		ctx->user_ip6[0] = 0;

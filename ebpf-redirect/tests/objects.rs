@@ -11,28 +11,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn clang() -> Option<String> {
-    ["clang-19", "clang"].into_iter().find_map(|c| {
+/// The first of `candidates` that runs.
+fn find_tool(candidates: &[&str]) -> Option<String> {
+    candidates.iter().find_map(|c| {
         Command::new(c)
             .arg("--version")
             .output()
             .ok()
             .filter(|o| o.status.success())
-            .map(|_| c.to_owned())
+            .map(|_| (*c).to_owned())
     })
-}
-
-fn objdump() -> Option<String> {
-    ["llvm-objdump-19", "llvm-objdump"]
-        .into_iter()
-        .find_map(|c| {
-            Command::new(c)
-                .arg("--version")
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|_| c.to_owned())
-        })
 }
 
 /// Instructions with relocations, and the contents of the sections that define maps (BTF) and
@@ -59,7 +47,7 @@ fn disassembly(objdump: &str, obj: &Path) -> String {
 
 #[test]
 fn committed_objects_match_their_sources() {
-    let Some(clang) = clang() else {
+    let Some(clang) = find_tool(&["clang-19", "clang"]) else {
         let msg = "clang (with the BPF target) is needed to rebuild bpf/*.bpf.c (scripts/test.sh installs clang-19)";
         if std::env::var_os("CI").is_some() {
             panic!("{msg}");
@@ -91,7 +79,8 @@ fn committed_objects_match_their_sources() {
         let a = std::fs::read(&committed).expect("committed object");
         let b = std::fs::read(&rebuilt).expect("rebuilt object");
         if a != b {
-            let objdump = objdump().expect("llvm-objdump to compare differing objects");
+            let objdump = find_tool(&["llvm-objdump-19", "llvm-objdump"])
+                .expect("llvm-objdump to compare differing objects");
             assert_eq!(
                 disassembly(&objdump, &committed),
                 disassembly(&objdump, &rebuilt),

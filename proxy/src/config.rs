@@ -172,6 +172,24 @@ pub struct Listener {
     /// Envoy), so only chains matching that address serve it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub original_dst: bool,
+    /// Envoy's `bind_to_port`: `false` binds nothing; the listener is reached only by hand-off
+    /// from a `use_original_dst` listener whose connection was going to this address (exactly,
+    /// or `0.0.0.0:PORT` / `[::]:PORT` for any address of that family).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub bind_to_port: bool,
+    /// Envoy's `use_original_dst`: each connection is handed to the listener at its original
+    /// destination when there is one, and served by this listener's chains otherwise. Implies
+    /// `original_dst`. (Istio's `virtualOutbound` on 15001.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_original_dst: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -190,7 +208,9 @@ pub struct FilterChain {
     #[serde(default)]
     pub rbac_filters: Vec<FilterConfig>,
     /// A chain that closes every connection it matches, and why: what an xDS chain becomes when it
-    /// asks for something this proxy cannot do (so its traffic cannot fall through to a wider one).
+    /// asks for something this proxy cannot do (so its traffic cannot fall through to a wider one),
+    /// or a black hole by hand (Istio's `BlackHoleCluster` on a hand-off listener). No network
+    /// filter goes with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refuse: Option<String>,
 }
@@ -775,10 +795,12 @@ impl Bootstrap {
                         })
                         .collect(),
                     (None, Some(tcp)) => vec![("tcp_proxy.cluster".to_owned(), tcp.cluster.as_str())],
+                    // A refusing chain (a black hole) needs no network filter.
+                    (None, None) if fc.refuse.is_some() => vec![],
                     _ => {
                         return Err(invalid(
                             cfield("http_connection_manager"),
-                            "a filter chain needs exactly one of http_connection_manager and tcp_proxy".into(),
+                            "a filter chain needs exactly one of http_connection_manager and tcp_proxy (or `refuse`)".into(),
                             "filter_chains",
                         ));
                     }

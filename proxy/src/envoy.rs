@@ -141,16 +141,14 @@ pub fn listener(l: &Listener, notes: &mut Notes) -> Result<Option<config::Listen
         cx.note("internal_listener (waypoint tunnels) not supported; listener not served");
         return Ok(None);
     }
-    if l.bind_to_port.as_ref().is_some_and(|b| !b.value) {
-        cx.note("bind_to_port: false (reached through original-destination capture); not served");
-        return Ok(None);
-    }
+    // Not bound: reached by hand-off from a `use_original_dst` listener (capture).
+    let bind_to_port = l.bind_to_port.as_ref().is_none_or(|b| b.value);
     let address = socket_addr(l.address.as_ref()).map_err(|m| cx.invalid("address", m))?;
-    if l.use_original_dst.as_ref().is_some_and(|b| b.value) {
-        cx.note(
-            "use_original_dst: connections are served here; no hand-off by original destination",
-        );
-    }
+    let use_original_dst = l.use_original_dst.as_ref().is_some_and(|b| b.value);
+    let original_dst = use_original_dst
+        || l.listener_filters
+            .iter()
+            .any(|lf| lf.name == "envoy.filters.listener.original_dst");
     for lf in &l.listener_filters {
         if !matches!(
             lf.name.as_str(),
@@ -215,7 +213,9 @@ pub fn listener(l: &Listener, notes: &mut Notes) -> Result<Option<config::Listen
         direction,
         filter_chains: chains,
         max_connections: 10_000,
-        original_dst: false,
+        original_dst,
+        bind_to_port,
+        use_original_dst,
     }))
 }
 
@@ -1385,6 +1385,19 @@ pub fn listener_pb(l: &config::Listener) -> Listener {
             Direction::Inbound => 1,
             Direction::Outbound => 2,
         },
+        bind_to_port: (!l.bind_to_port)
+            .then_some(xds::pb::google::protobuf::BoolValue { value: false }),
+        use_original_dst: l
+            .use_original_dst
+            .then_some(xds::pb::google::protobuf::BoolValue { value: true }),
+        listener_filters: if l.original_dst && !l.use_original_dst {
+            vec![xds::pb::envoy::config::listener::v3::ListenerFilter {
+                name: "envoy.filters.listener.original_dst".into(),
+                ..Default::default()
+            }]
+        } else {
+            vec![]
+        },
         ..Default::default()
     }
 }
@@ -1511,6 +1524,46 @@ mod tests {
                 .contains("source_prefix_ranges")
         );
         assert!(out.filter_chains[1].refuse.is_none());
+    }
+
+    #[test]
+    fn capture_listeners_translate_for_hand_off() {
+        let router = || {
+            hcm_filter(serde_json::json!([{"name": "envoy.filters.http.router",
+                "typed_config": {"@type": ROUTER_TYPE}}]))
+        };
+        let virtual_outbound = listener_json(serde_json::json!({
+            "name": "virtualOutbound",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
+            "use_original_dst": true,
+            "traffic_direction": "OUTBOUND",
+            "filter_chains": [{"filters": [router()]}],
+        }));
+        let out = listener(&virtual_outbound, &mut Vec::new())
+            .unwrap()
+            .unwrap();
+        assert!(out.use_original_dst && out.original_dst && out.bind_to_port);
+        let target = listener_json(serde_json::json!({
+            "name": "0.0.0.0_8080",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 8080}},
+            "bind_to_port": false,
+            "traffic_direction": "OUTBOUND",
+            "filter_chains": [{"filters": [router()]}],
+        }));
+        let out = listener(&target, &mut Vec::new()).unwrap().unwrap();
+        assert!(!out.bind_to_port && !out.use_original_dst);
+        // And back, for /config_dump.
+        let pb = listener_pb(&out);
+        assert_eq!(pb.bind_to_port.map(|b| b.value), Some(false));
+        let inbound = listener_json(serde_json::json!({
+            "name": "virtualInbound",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
+            "listener_filters": [{"name": "envoy.filters.listener.original_dst"}],
+            "traffic_direction": "INBOUND",
+            "filter_chains": [{"filters": [router()]}],
+        }));
+        let out = listener(&inbound, &mut Vec::new()).unwrap().unwrap();
+        assert!(out.original_dst && !out.use_original_dst);
     }
 
     #[test]

@@ -147,6 +147,7 @@ pub async fn run(
         total_connections: telemetry.stats.stat("server.total_connections"),
         creds: creds.clone(),
         authz_hook: opts.authz_hook,
+        handoff: listener::HandoffTable::default(),
     });
     let server_tls = Arc::new(identity::tls::server_config(creds.clone(), INBOUND_ALPN)?);
     let (drain_signal, drain_watch) = drain::channel();

@@ -3,7 +3,8 @@
 //! Inbound listeners terminate mTLS (a client X509-SVID is required) and choose the chain by SNI
 //! and ALPN; outbound listeners take plaintext from the app and choose by sniffing the first bytes.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -121,6 +122,41 @@ pub struct Shared {
     pub authz_hook: Option<crate::AuthzHook>,
     /// The current SVID (rotates); connections are refused while there is no usable one.
     pub creds: identity::CredentialsRx,
+    /// Listeners that bind nothing (`bind_to_port: false`), by address: where `use_original_dst`
+    /// listeners hand connections.
+    pub handoff: HandoffTable,
+}
+
+/// `bind_to_port: false` listeners by address, replaced as a whole by `Runtime::apply`.
+#[derive(Default)]
+pub struct HandoffTable(std::sync::RwLock<Arc<HashMap<SocketAddr, Arc<ListenerRt>>>>);
+
+impl HandoffTable {
+    pub fn set(&self, table: HashMap<SocketAddr, Arc<ListenerRt>>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(table);
+    }
+
+    /// The listener for a connection going to `dst`: the exact address, else the wildcard address
+    /// of its family on that port (Envoy's order).
+    pub fn find(&self, dst: SocketAddr) -> Option<Arc<ListenerRt>> {
+        let table = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let any: IpAddr = if dst.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        table
+            .get(&dst)
+            .or_else(|| table.get(&SocketAddr::new(any, dst.port())))
+            .cloned()
+    }
 }
 
 impl Shared {
@@ -330,7 +366,7 @@ impl ListenerRt {
         drain: Draining,
     ) {
         let mut local = tcp.local_addr().unwrap_or(self.config.address);
-        if self.config.original_dst {
+        if self.config.original_dst || self.config.use_original_dst {
             match original_dst(&tcp, local) {
                 Ok(dst) => local = dst,
                 Err(e) => {
@@ -342,6 +378,25 @@ impl ListenerRt {
                 }
             }
         }
+        if self.config.use_original_dst
+            && let Some(target) = self.shared.handoff.find(local)
+        {
+            // Envoy's hand-off: the listener at the original destination serves it.
+            tracing::trace!(from = %self.config.name, to = %target.config.name, %local, "hand-off");
+            target.stats.downstream_cx_total.inc();
+            return target.dispatch(tcp, remote, local, local_id, drain).await;
+        }
+        self.dispatch(tcp, remote, local, local_id, drain).await
+    }
+
+    async fn dispatch(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        local: SocketAddr,
+        local_id: Arc<str>,
+        drain: Draining,
+    ) {
         match self.config.direction {
             Direction::Inbound => {
                 self.serve_inbound(tcp, remote, local, local_id, drain)

@@ -41,6 +41,9 @@ pub struct Runtime {
 #[derive(Default)]
 struct Inner {
     listeners: BTreeMap<String, Running>,
+    /// `bind_to_port: false` listeners (no socket, no task), by name.
+    /// With the configuration its chains were last built from.
+    virtuals: BTreeMap<String, (Arc<ListenerRt>, config::Listener)>,
     clusters: HashMap<String, Arc<ClusterRt>>,
     stopped: bool,
 }
@@ -99,9 +102,31 @@ impl Runtime {
                 return Err(format!("listener {}: defined twice", l.name));
             }
         }
+        // Not bound: reached by hand-off. Reuse each unchanged one; addresses must be unique.
+        let mut virtuals = BTreeMap::new();
+        let mut handoff = HashMap::new();
+        for (name, l) in wanted.iter().filter(|(_, l)| !l.bind_to_port) {
+            let (rt, built_from) = match inner.virtuals.get(name.as_str()) {
+                Some((rt, built_from))
+                    if rt.config.address == l.address && rt.config.direction == l.direction =>
+                {
+                    (rt.clone(), Some(built_from))
+                }
+                _ => (self.listener_rt(l), None),
+            };
+            if handoff.insert(l.address, rt.clone()).is_some() {
+                return Err(format!(
+                    "listener {name}: another listener that binds no port has address {}",
+                    l.address
+                ));
+            }
+            // Chains to rebuild at commit: reused with a changed configuration.
+            let stale = built_from.is_some_and(|b| b != *l);
+            virtuals.insert((*name).clone(), (rt, (*l).clone(), stale));
+        }
         let mut to_bind = Vec::new();
         let mut replaced = Vec::new();
-        for (name, l) in &wanted {
+        for (name, l) in wanted.iter().filter(|(_, l)| l.bind_to_port) {
             match inner.listeners.get(name) {
                 Some(r)
                     if r.rt.config.address == l.address && r.rt.config.direction == l.direction => {
@@ -124,10 +149,20 @@ impl Runtime {
         // Committed from here on.
         self.shared.clusters.set(Arc::new(clusters.clone()));
         inner.clusters = clusters;
+        for (rt, l, stale) in virtuals.values() {
+            if *stale {
+                rt.update(l, &self.telemetry.stats);
+            }
+        }
+        self.shared.handoff.set(handoff);
+        inner.virtuals = virtuals
+            .into_iter()
+            .map(|(name, (rt, l, _))| (name, (rt, l)))
+            .collect();
         let removed: Vec<String> = inner
             .listeners
             .keys()
-            .filter(|n| !wanted.contains_key(*n) || replaced.contains(n))
+            .filter(|n| !wanted.get(*n).is_some_and(|l| l.bind_to_port) || replaced.contains(n))
             .cloned()
             .collect();
         for name in removed {
@@ -136,7 +171,7 @@ impl Runtime {
                 r.stop.send_replace(true);
             }
         }
-        for (name, l) in &wanted {
+        for (name, l) in wanted.iter().filter(|(_, l)| l.bind_to_port) {
             if let Some(r) = inner.listeners.get_mut(name)
                 && !replaced.contains(name)
                 && r.config != **l
@@ -152,15 +187,19 @@ impl Runtime {
         Ok(())
     }
 
-    fn start(&self, l: &config::Listener, tcp: tokio::net::TcpListener) -> Running {
+    fn listener_rt(&self, l: &config::Listener) -> Arc<ListenerRt> {
         let tls = (l.direction == Direction::Inbound)
             .then(|| tokio_rustls::TlsAcceptor::from(self.server_tls.clone()));
-        let rt = Arc::new(ListenerRt::new(
+        Arc::new(ListenerRt::new(
             l.clone(),
             tls,
             self.shared.clone(),
             &self.telemetry.stats,
-        ));
+        ))
+    }
+
+    fn start(&self, l: &config::Listener, tcp: tokio::net::TcpListener) -> Running {
+        let rt = self.listener_rt(l);
         let (stop, stop_rx) = watch::channel(false);
         let handle = drain::Signal::from_watch(&self.drain);
         tracing::info!(listener = %l.name, address = %l.address, direction = ?l.direction, "listening");
@@ -175,10 +214,12 @@ impl Runtime {
 
     /// Names and addresses of the listeners that are up.
     pub fn listeners(&self) -> Vec<(String, std::net::SocketAddr)> {
-        self.lock()
-            .listeners
-            .values()
-            .map(|r| (r.rt.config.name.clone(), r.rt.config.address))
+        let inner = self.lock();
+        let bound = inner.listeners.values().map(|r| &r.rt);
+        let virtuals = inner.virtuals.values().map(|(rt, _)| rt);
+        bound
+            .chain(virtuals)
+            .map(|rt| (rt.config.name.clone(), rt.config.address))
             .collect()
     }
 
@@ -200,6 +241,8 @@ impl Runtime {
         let tasks: Vec<_> = {
             let mut inner = self.lock();
             inner.stopped = true;
+            inner.virtuals.clear();
+            self.shared.handoff.set(HashMap::new());
             std::mem::take(&mut inner.listeners)
                 .into_values()
                 .map(|r| {

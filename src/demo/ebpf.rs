@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use super::{Hop, NAMESPACE, TRUST_DOMAIN, print_table, spiffe_id};
+use super::{Hop, NAMESPACE, NodeAgent, print_table, spiffe_id, start_agent};
 
 const APP_PORT: u16 = 8080;
 const OUTSIDER_PORT: u16 = 9090;
@@ -324,38 +324,15 @@ pub async fn run(once: bool, dir: PathBuf) -> anyhow::Result<()> {
 
 async fn scenario(net: &mut Net, once: bool, dir: &Path) -> anyhow::Result<()> {
     println!("eastguard demo --ebpf — files in {}", dir.display());
-    // Identity: the node agent, attesting each sidecar by uid and executable path.
+    // Identity: the node agent, attesting each sidecar (root here) by executable path.
+    let captured: Vec<&str> = PODS.iter().filter(|p| p.captured).map(|p| p.name).collect();
+    let NodeAgent {
+        socket: agent_socket,
+        binaries,
+        stop: agent_stop,
+        task: agent,
+    } = start_agent(dir, 0, &captured)?;
     let exe = std::env::current_exe().context("finding the eastguard binary")?;
-    let mut entries = format!("trust_domain: {TRUST_DOMAIN}\nentries:\n");
-    let mut binaries = Vec::new();
-    for pod in PODS.iter().filter(|p| p.captured) {
-        let copy = dir.join(format!("{}-eastguard", pod.name));
-        std::fs::copy(&exe, &copy)
-            .with_context(|| format!("copying the binary for {}", pod.name))?;
-        let copy = std::fs::canonicalize(&copy)?;
-        entries.push_str(&format!(
-            "  - spiffe_id: {}\n    selectors: [\"unix:uid:0\", \"unix:path:{}\"]\n    x509_svid_ttl: 1h\n",
-            spiffe_id(pod.name),
-            copy.display()
-        ));
-        binaries.push(copy);
-    }
-    let entries_path = dir.join("entries.yaml");
-    std::fs::write(&entries_path, entries)?;
-    let agent_socket = dir.join("agent.sock");
-    let (agent_stop, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(identity::agent::run(
-        identity::agent::AgentConfig {
-            socket: agent_socket.clone(),
-            entries: entries_path,
-            poll: Duration::from_millis(500),
-            admin: None,
-            ca_dir: None,
-        },
-        async move {
-            let _ = agent_stopped.await;
-        },
-    ));
 
     // Apps and sidecars, each in its pod's namespace and cgroup.
     let orders_app = vec![

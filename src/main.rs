@@ -97,7 +97,8 @@ enum Command {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
-    /// Serve the SPIFFE Workload API on a unix socket (X509-SVIDs for attested local workloads).
+    /// The node agent: the SPIFFE Workload API on a unix socket (X509-SVIDs for attested local
+    /// workloads), and/or eBPF traffic capture for the pods in a registry (`--capture`).
     NodeAgent {
         /// Where to create the Workload API socket (with --entries).
         #[arg(long, requires = "entries")]
@@ -251,7 +252,14 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 entries.is_some() || capture.is_some(),
                 "node-agent needs --workload-api-socket and --entries, --capture, or both"
             );
-            let shutdown = tokio_util_shutdown();
+            // One shutdown for both roles; a watch, so a task that starts waiting late still sees it.
+            let (shutdown, stopping) = tokio::sync::watch::channel(false);
+            let stopped = move || {
+                let mut rx = stopping.clone();
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                }
+            };
             let identity_task = workload_api_socket.zip(entries).map(|(socket, entries)| {
                 let config = identity::agent::AgentConfig {
                     socket,
@@ -260,9 +268,9 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                     admin: admin_address,
                     ca_dir,
                 };
-                let stop = shutdown.clone();
+                let stop = stopped();
                 async move {
-                    identity::agent::run(config, async move { stop.notified().await })
+                    identity::agent::run(config, stop)
                         .await
                         .map_err(anyhow::Error::from)
                 }
@@ -274,14 +282,13 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                     admin: capture_admin,
                     poll: std::time::Duration::from_millis(capture_poll_ms),
                 };
-                let stop = shutdown.clone();
-                async move { capture_cmd::run(opts, async move { stop.notified().await }).await }
+                let stop = stopped();
+                async move { capture_cmd::run(opts, stop).await }
             });
             runtime.block_on(async {
-                let signal = shutdown.clone();
                 tokio::spawn(async move {
                     shutdown_signal().await;
-                    signal.notify_waiters();
+                    let _ = shutdown.send(true);
                 });
                 let identity = async {
                     match identity_task {
@@ -336,11 +343,6 @@ fn init_logging(level: &str) -> anyhow::Result<proxy::LogControl> {
 }
 
 /// SIGTERM or Ctrl-C.
-/// A shutdown notification shared by the node-agent's tasks.
-fn tokio_util_shutdown() -> Arc<tokio::sync::Notify> {
-    Arc::new(tokio::sync::Notify::new())
-}
-
 async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

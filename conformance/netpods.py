@@ -59,15 +59,17 @@ class Cluster:
     """`capture`: `ebpf` (the node-agent attaches; sidecars wait for it to be ready) or
     `iptables` (REDIRECT rules in the pods' namespaces, as istio-init writes them)."""
 
-    def __init__(self, tmp: Path, capture="ebpf"):
+    def __init__(self, tmp: Path, capture="ebpf", tag=TAG):
         assert capture in ("ebpf", "iptables")
         self.capture = capture
+        self.tag = tag
+        self.control_plane = None
         self.short_circuit = True
         self.tmp = tmp
         self.procs = []
-        self.host = f"{TAG}h"
-        self.ns = {p: f"{TAG}{p}" for p in PODS}
-        self.cg_root = cgroup2_root() / f"eastguard-test-{TAG}"
+        self.host = f"{tag}h"
+        self.ns = {p: f"{tag}{p}" for p in PODS}
+        self.cg_root = cgroup2_root() / f"eastguard-test-{tag}"
         self.bpffs = tmp / "bpffs"
         self.agent = None
         self.agent_admin = free_port()
@@ -79,6 +81,8 @@ class Cluster:
         sh("ip", "netns", "add", self.host)
         sh("ip", "-n", self.host, "link", "add", "br0", "type", "bridge")
         sh("ip", "-n", self.host, "link", "set", "br0", "up")
+        # The "node": where a control plane runs, reachable from every pod.
+        sh("ip", "-n", self.host, "addr", "add", f"{SUBNET4}.1/24", "dev", "br0")
         for pod, n in PODS.items():
             ns = self.ns[pod]
             sh("ip", "netns", "add", ns)
@@ -246,10 +250,10 @@ class Cluster:
                 sh(*nat, "-A", "OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
                 sh(*nat, "-A", "PREROUTING", "-p", "tcp", "--dport", str(APP_PORT), "-j", "REDIRECT", "--to-ports", "15006")
 
-    def start_pods(self, b_app=None):
+    def start_pods(self, b_app=None, xds=False):
         for pod in ("a", "b"):
             cfg = self.tmp / f"{pod}-sidecar.yaml"
-            config = self.sidecar_config(pod)
+            config = self.xds_sidecar_config(pod) if xds else self.sidecar_config(pod)
             if self.capture == "ebpf":
                 config["capture"] = {"status_file": str(self.tmp / f"{pod}.capture")}
             cfg.write_text(yaml.safe_dump(config))
@@ -265,9 +269,36 @@ class Cluster:
             time.sleep(0.2)
         raise RuntimeError("sidecars did not start:\n" + "\n".join((self.tmp / f"{p}-sidecar.log").read_text()[-1500:] for p in ("a", "b")))
 
+    # --- control plane (xDS) instead of static sidecar configs ---
+
+    def start_control_plane(self, istio_yaml):
+        """`eastguard control-plane` on the node (the bridge namespace), from Istio resources."""
+        cfg = self.tmp / "istio"
+        cfg.mkdir(exist_ok=True)
+        (cfg / "mesh.yaml").write_text(istio_yaml)
+        log = open(self.tmp / "control-plane.log", "ab")
+        self.control_plane = subprocess.Popen(
+            ["ip", "netns", "exec", self.host, binary(), "control-plane", "--config-dir", str(cfg), "--xds-address", f"{SUBNET4}.1:15010"],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        self.procs.append(self.control_plane)
+
+    def xds_sidecar_config(self, pod):
+        """A bootstrap with no listeners or clusters: everything comes from the control plane."""
+        cert, key = self.svid[pod]
+        return {
+            "node": {"id": f"sidecar~{ip4(pod)}~{pod}.test~test.svc.cluster.local", "workload": pod, "namespace": "test"},
+            "admin": {"address": "127.0.0.1:15000"},
+            "identity": {"files": {"cert": str(cert), "key": str(key), "bundle": str(self.bundle), "poll_interval": "200ms"}},
+            "access_log": {"path": str(self.tmp / f"{pod}-access.log"), "format": "JSON"},
+            "capture": {"status_file": str(self.tmp / f"{pod}.capture")},
+            "xds": {"address": f"{SUBNET4}.1:15010"},
+        }
+
     def registry_entry(self, pod):
         return {
-            "name": f"{TAG}-{pod}",
+            "name": f"{self.tag}-{pod}",
             "cgroup": str(self.cgroup(pod)),
             "sidecar_cgroup": str(self.cgroup(pod, "sidecar")),
             "netns": f"/run/netns/{self.ns[pod]}",
@@ -302,7 +333,7 @@ class Cluster:
                 raise RuntimeError(f"node-agent exited: {(self.tmp / 'agent.log').read_text()[-3000:]}")
             try:
                 last = self.capture_status()
-                if all(last.get(f"{TAG}-{p}", {}).get("state") == "attached" for p in pods):
+                if all(last.get(f"{self.tag}-{p}", {}).get("state") == "attached" for p in pods):
                     return last
             except OSError:
                 pass
@@ -350,7 +381,7 @@ class Cluster:
                     d.rmdir()
         if self.cg_root.exists():
             self.cg_root.rmdir()
-        for ns in list(self.ns.values()) + [f"{TAG}d", self.host]:
+        for ns in list(self.ns.values()) + [f"{self.tag}d", self.host]:
             sh("ip", "netns", "del", ns, check=False)
 
 

@@ -367,3 +367,67 @@ def test_demo_ebpf_runs_the_scenario_on_pod_networking(tmp_path):
     assert "egdemo" not in sh("ip", "netns", "list").stdout, "demo left network namespaces behind"
     assert str(tmp_path) not in Path("/proc/mounts").read_text(), "demo left its bpffs mounted"
     assert not list(cgroup2_root().glob("eastguard-egdemo*")), "demo left cgroups behind"
+
+
+ISTIO = f"""apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: b, namespace: test}}
+spec:
+  hosts: [b.test.svc.cluster.local]
+  addresses: [10.77.100.3]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {APP_PORT}}}]
+  workloadSelector: {{labels: {{app: b}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: a, namespace: test}}
+spec:
+  hosts: [a.test.svc.cluster.local]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {APP_PORT}}}]
+  workloadSelector: {{labels: {{app: a}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: a, namespace: test, annotations: {{sidecar.eastguard.io/capture: ebpf}}}}
+spec: {{address: {ip4('a')}, labels: {{app: a}}, serviceAccount: client}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: b, namespace: test, annotations: {{sidecar.eastguard.io/capture: ebpf}}}}
+spec: {{address: {ip4('b')}, labels: {{app: b}}, serviceAccount: server}}
+"""
+
+
+def test_control_plane_configures_captured_sidecars(tmp_path):
+    """The same pods, configured by `eastguard control-plane` from Istio resources (workloads
+    annotated `sidecar.eastguard.io/capture: ebpf`): Istio's capture shape over xDS, so calls to
+    the service VIP and to the pod IP both go through both sidecars, and nothing else gets out."""
+    _prerequisites()
+    c = Cluster(tmp_path, tag=f"{TAG}x")
+    try:
+        c.net()
+        c.cgroups()
+        c.bpffs.mkdir()
+        sh("mount", "-t", "bpf", "bpf", c.bpffs)
+        c.pki()
+        c.start_control_plane(ISTIO)
+        c.start_pods(xds=True)
+        c.write_registry(["a", "b"])
+        c.start_agent()
+        c.wait_attached(["a", "b"])
+        deadline = time.time() + 20
+        while time.time() < deadline and not all(c.admin(p, "/ready")[0] == 200 for p in ("a", "b")):
+            time.sleep(0.1)
+        assert all(c.admin(p, "/ready")[0] == 200 for p in ("a", "b")), [c.admin(p, "/ready") for p in ("a", "b")]
+        for url in ("http://10.77.100.3/vip", f"http://{ip4('b')}:{APP_PORT}/pod-ip"):
+            rc, out = c.curl("a", url)
+            assert rc == 0, f"{url}: {out}\n{(tmp_path / 'a-sidecar.log').read_text()[-2000:]}"
+            assert f"URI={CLIENT_ID}" in json.loads(out)["xfcc"], out
+        rc, out = c.curl("a", f"http://{ip4('c')}:9090/nowhere")
+        assert rc != 0, out
+        rc, out = c.curl("c", f"http://{ip4('b')}:{APP_PORT}/direct", part=None)
+        assert rc != 0, out
+        seen = [x["path"] for x in c.app_seen("b") + c.app_seen("c")]
+        assert "/vip" in seen and "/pod-ip" in seen and "/nowhere" not in seen and "/direct" not in seen, seen
+    finally:
+        c.close()

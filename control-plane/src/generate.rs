@@ -48,6 +48,9 @@ use crate::registry::{Registry, ServiceEntry, ServicePort, WorkloadEntry};
 
 pub const INBOUND_PORT_ANNOTATION: &str = "sidecar.eastguard.io/inbound-port";
 pub const OUTBOUND_PORT_ANNOTATION: &str = "sidecar.eastguard.io/outbound-port";
+/// `ebpf` (or `iptables`): the workload's traffic is captured, so its sidecar gets Istio's capture
+/// shape: `virtualOutbound` hands each connection to the listener at its original destination.
+pub const CAPTURE_ANNOTATION: &str = "sidecar.eastguard.io/capture";
 
 /// Mesh-wide settings.
 #[derive(Debug, Clone)]
@@ -82,6 +85,13 @@ pub fn inbound_port(w: &WorkloadEntry) -> u16 {
 
 fn outbound_port(w: &WorkloadEntry) -> u16 {
     port_annotation(w, OUTBOUND_PORT_ANNOTATION, 15001)
+}
+
+fn captured(w: &WorkloadEntry) -> bool {
+    w.meta
+        .annotations
+        .get(CAPTURE_ANNOTATION)
+        .is_some_and(|v| matches!(v.as_str(), "ebpf" | "iptables" | "true"))
 }
 
 fn selects(s: &ServiceEntry, w: &WorkloadEntry) -> bool {
@@ -470,8 +480,10 @@ pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec
         put(&mut snap, types::CLUSTER, &name, &c);
     }
 
-    // Outbound: every HTTP service port in the mesh, by host.
+    // Outbound: every HTTP service port in the mesh, by host; with capture, also a listener at
+    // each address:port the service is reached at (VIPs and its workloads' app ports).
     let mut vhosts = Vec::new();
+    let mut handoff: BTreeMap<(String, u16), (String, bool)> = BTreeMap::new();
     for s in &reg.services {
         let peers = members(s, reg);
         let ids: BTreeSet<String> = peers
@@ -535,6 +547,22 @@ pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec
                     &name,
                     &load_assignment(&name, &eps),
                 );
+                if captured(w) && h == &s.hosts[0] {
+                    let vips = s.addresses.iter().map(|a| (a.to_string(), p.number));
+                    let pods = peers
+                        .iter()
+                        .map(|m| (m.spec.address.clone(), target_port(p, m)));
+                    for at in vips.chain(pods) {
+                        if let Some((other, _)) = handoff.get(&at) {
+                            notes.push(format!(
+                                "{}:{}: already reached as {other}; {name} is not",
+                                at.0, at.1
+                            ));
+                            continue;
+                        }
+                        handoff.insert(at, (name.clone(), p.is_http()));
+                    }
+                }
                 if p.is_http() {
                     vhosts.push(VirtualHost {
                         name: format!("{h}:{}", p.number),
@@ -564,22 +592,106 @@ pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec
         http_filters: vec![router()],
         ..Default::default()
     };
-    let l = Listener {
-        name: "virtualOutbound".into(),
-        address: Some(socket("127.0.0.1", outbound_port(w))),
+    let by_host = FilterChain {
+        name: "virtualOutbound-http".into(),
+        filters: vec![Filter {
+            name: "envoy.filters.network.http_connection_manager".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(codec::pack(&hcm))),
+        }],
+        ..Default::default()
+    };
+    let l = if captured(w) {
+        for ((ip, port), (cluster, http)) in &handoff {
+            let l = handoff_listener(ip, *port, cluster, *http);
+            put(&mut snap, types::LISTENER, &l.name, &l);
+        }
+        // Istio's REGISTRY_ONLY: a destination with no listener meets a black hole.
+        Listener {
+            name: "virtualOutbound".into(),
+            address: Some(socket("127.0.0.1", outbound_port(w))),
+            use_original_dst: Some(BoolValue { value: true }),
+            filter_chains: vec![blackhole()],
+            traffic_direction: 2,
+            ..Default::default()
+        }
+    } else {
+        Listener {
+            name: "virtualOutbound".into(),
+            address: Some(socket("127.0.0.1", outbound_port(w))),
+            filter_chains: vec![by_host],
+            traffic_direction: 2,
+            ..Default::default()
+        }
+    };
+    put(&mut snap, types::LISTENER, &l.name, &l);
+    (snap, notes)
+}
+
+/// A hand-off target (`bind_to_port: false`) at `ip:port` for one service port: HTTP routed to
+/// its cluster whatever the Host, or TCP proxied to it.
+fn handoff_listener(ip: &str, port: u16, cluster: &str, http: bool) -> Listener {
+    let name = format!("outbound_{ip}_{port}");
+    let filter = if http {
+        let hcm = HttpConnectionManager {
+            stat_prefix: name.clone(),
+            route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+                RouteConfiguration {
+                    name: name.clone(),
+                    virtual_hosts: vec![VirtualHost {
+                        name: format!("{ip}:{port}"),
+                        domains: vec!["*".into()],
+                        routes: vec![route_to(cluster)],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            http_filters: vec![router()],
+            ..Default::default()
+        };
+        Filter {
+            name: "envoy.filters.network.http_connection_manager".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(codec::pack(&hcm))),
+        }
+    } else {
+        Filter {
+            name: "envoy.filters.network.tcp_proxy".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(codec::pack(&TcpProxy {
+                stat_prefix: name.clone(),
+                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+                ..Default::default()
+            }))),
+        }
+    };
+    Listener {
+        name,
+        address: Some(socket(ip, port)),
+        bind_to_port: Some(BoolValue { value: false }),
         filter_chains: vec![FilterChain {
-            name: "virtualOutbound-http".into(),
-            filters: vec![Filter {
-                name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(filter::ConfigType::TypedConfig(codec::pack(&hcm))),
-            }],
+            filters: vec![filter],
             ..Default::default()
         }],
         traffic_direction: 2,
         ..Default::default()
-    };
-    put(&mut snap, types::LISTENER, &l.name, &l);
-    (snap, notes)
+    }
+}
+
+/// A chain that refuses every connection (Istio's BlackHoleCluster).
+fn blackhole() -> FilterChain {
+    FilterChain {
+        name: "BlackHoleCluster".into(),
+        filters: vec![Filter {
+            name: "envoy.filters.network.tcp_proxy".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(codec::pack(&TcpProxy {
+                stat_prefix: "BlackHoleCluster".into(),
+                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(
+                    "BlackHoleCluster".into(),
+                )),
+                ..Default::default()
+            }))),
+        }],
+        ..Default::default()
+    }
 }
 
 /// The names a host answers to from a namespace: the full name, and for `*.svc.cluster.local`
@@ -771,6 +883,46 @@ mod tests {
             format!("{:?}", snap.resources),
             format!("{:?}", again.resources)
         );
+    }
+
+    #[test]
+    fn captured_workloads_get_istio_hand_off_listeners() {
+        let mut reg = sample();
+        reg.workloads[1]
+            .meta
+            .annotations
+            .insert(CAPTURE_ANNOTATION.into(), "ebpf".into());
+        let (snap, _) = sidecar(&reg.workloads[1], &reg, &mesh());
+        let listeners = &snap.resources[types::LISTENER];
+        let vo: Listener = codec::unpack(&listeners["virtualOutbound"]).expect("listener");
+        assert_eq!(vo.use_original_dst.map(|b| b.value), Some(true));
+        // The VIP (service port) and the workload's app port, each a hand-off target.
+        for (name, port) in [
+            ("outbound_10.96.0.20_80", 80),
+            ("outbound_127.0.0.1_8080", 8080),
+        ] {
+            let l: Listener = codec::unpack(&listeners[name]).expect(name);
+            assert_eq!(l.bind_to_port.map(|b| b.value), Some(false), "{name}");
+            let json = codec::any_to_json(&listeners[name])
+                .expect("json")
+                .to_string();
+            assert!(json.contains(&format!("\"port_value\":{port}")), "{json}");
+            assert!(
+                json.contains("outbound|80||ledger.bank.svc.cluster.local"),
+                "{json}"
+            );
+        }
+        // TCP port: proxied, not HTTP.
+        let tcp = codec::any_to_json(&listeners["outbound_10.96.0.20_9000"])
+            .expect("json")
+            .to_string();
+        assert!(
+            tcp.contains("tcp_proxy") && tcp.contains("outbound|9000||ledger"),
+            "{tcp}"
+        );
+        // Without the annotation: the host-routed listener, no hand-off targets.
+        let (plain, _) = sidecar(&sample().workloads[1], &sample(), &mesh());
+        assert!(!plain.resources[types::LISTENER].contains_key("outbound_10.96.0.20_80"));
     }
 
     /// Writes fuzz seeds for `proxy/fuzz` (type byte + protobuf) when asked:

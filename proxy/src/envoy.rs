@@ -344,6 +344,7 @@ fn filter_chain(
         }
     }
 
+    let mut blackhole = false;
     for (i, f) in fc.filters.iter().enumerate() {
         let ffield = format!("{field}.filters[{i}]");
         let Some(filter::ConfigType::TypedConfig(tc)) = &f.config_type else {
@@ -389,6 +390,11 @@ fn filter_chain(
                         );
                     }
                 };
+                if cluster == "BlackHoleCluster" {
+                    // Istio's black hole (REGISTRY_ONLY): every connection is refused.
+                    blackhole = true;
+                    continue;
+                }
                 out.tcp_proxy = Some(TcpProxy {
                     stat_prefix: tcp.stat_prefix.clone(),
                     cluster,
@@ -415,6 +421,10 @@ fn filter_chain(
                 ));
             }
         }
+    }
+    if blackhole && out.http_connection_manager.is_none() && out.tcp_proxy.is_none() {
+        out.refuse = Some("BlackHoleCluster".into());
+        return Ok(out);
     }
     if out.http_connection_manager.is_none() && out.tcp_proxy.is_none() {
         return Err(cx.invalid(

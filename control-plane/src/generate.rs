@@ -8,6 +8,11 @@
 //! - a proxyless gRPC client (node metadata `GENERATOR: grpc`, as Istio's) gets API listeners
 //!   named `host:port`, routes, clusters and endpoints pointing at the workloads' app ports.
 //!
+//! With the annotation `sidecar.eastguard.io/capture` (the workload's traffic is captured, by eBPF
+//! or iptables), `virtualOutbound` takes Istio's capture shape instead: `use_original_dst`, a
+//! hand-off listener (`bind_to_port: false`) per service VIP:port and per member pod IP:app port,
+//! and `BlackHoleCluster` for every other destination.
+//!
 //! Sidecar ports: a WorkloadEntry's sidecar takes inbound mTLS on `address:15006` and the app's
 //! outbound traffic on `127.0.0.1:15001`; the annotations `sidecar.eastguard.io/inbound-port` and
 //! `sidecar.eastguard.io/outbound-port` change them (several sidecars on one host, in tests).

@@ -39,17 +39,13 @@ def one_mode(mode, args, netpods):
     c = netpods.Cluster(tmp, capture=mode)
     c.short_circuit = args.short_circuit == "on"
     try:
-        c.net()
-        c.cgroups()
-        c.pki()
+        c.prepare(bpffs=mode == "ebpf")
         target = f"{netpods.ip4('b')}:{netpods.APP_PORT}"
         serve = [LOADGEN, "serve", "--listen", f"0.0.0.0:{netpods.APP_PORT}", "--size", "1024"]
         c.start_pods(b_app=serve)
         if mode == "iptables":
             c.iptables()
         else:
-            c.bpffs.mkdir()
-            netpods.sh("mount", "-t", "bpf", "bpf", c.bpffs)
             c.write_registry(["a", "b"])
             c.start_agent(poll_ms=args.agent_poll_ms)
             c.wait_attached(["a", "b"])

@@ -93,6 +93,15 @@ class Cluster:
             sh("ip", "-n", ns, "addr", "add", f"{ip6(pod)}/64", "dev", "eth0", "nodad")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
 
+    def prepare(self, bpffs=True):
+        """Namespaces and bridge, cgroups, the test PKI, and (for eBPF) a private bpffs."""
+        self.net()
+        self.cgroups()
+        self.pki()
+        if bpffs:
+            self.bpffs.mkdir()
+            sh("mount", "-t", "bpf", "bpf", self.bpffs)
+
     def cgroup(self, pod, part=None):
         p = self.cg_root / pod
         return p / part if part else p

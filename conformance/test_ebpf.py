@@ -45,11 +45,7 @@ def cluster(tmp_path_factory):
     _prerequisites()
     c = Cluster(tmp_path_factory.mktemp("ebpf"))
     try:
-        c.net()
-        c.cgroups()
-        c.bpffs.mkdir()
-        sh("mount", "-t", "bpf", "bpf", c.bpffs)
-        c.pki()
+        c.prepare()
         c.start_pods()
         # Before capture: the sidecar is not ready, and says why.
         c.ready_before = c.admin("a", "/healthz/ready")
@@ -405,11 +401,7 @@ def test_control_plane_configures_captured_sidecars(tmp_path):
     _prerequisites()
     c = Cluster(tmp_path, tag=f"{TAG}x")
     try:
-        c.net()
-        c.cgroups()
-        c.bpffs.mkdir()
-        sh("mount", "-t", "bpf", "bpf", c.bpffs)
-        c.pki()
+        c.prepare()
         c.start_control_plane(ISTIO)
         c.start_pods(xds=True)
         c.write_registry(["a", "b"])

@@ -47,7 +47,8 @@ pub async fn run(
         tokio::spawn(serve_admin(listener, shared.clone()));
     }
     let mut registry = Registry::default();
-    let mut first = true;
+    // A broken file keeps the last good registry; before the first good one, nothing is touched.
+    let mut have_good = false;
     let mut tick = tokio::time::interval(opts.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -59,32 +60,32 @@ pub async fn run(
         let registry_error = match Registry::load(&opts.registry) {
             Ok(r) => {
                 registry = r;
+                have_good = true;
                 None
             }
-            Err(e) => {
-                // The last good registry stays in force: a broken file detaches nothing.
-                if first {
-                    tracing::error!(error = %e, "capture registry");
-                }
-                Some(e)
-            }
+            Err(e) => Some(e),
         };
-        if first && registry_error.is_some() {
-            // Nothing good yet: adopt nothing, remove nothing, until the file parses.
+        {
+            // Logged when it changes, not at every poll.
             let mut s = lock(&shared);
+            if s.registry_error != registry_error
+                && let Some(e) = &registry_error
+            {
+                if have_good {
+                    tracing::error!(error = %e, "capture registry (keeping the last good one)");
+                } else {
+                    tracing::error!(error = %e, "capture registry (nothing adopted or removed until it parses)");
+                }
+            }
             s.registry_error = registry_error;
+        }
+        if !have_good {
+            // Nothing good yet: adopt nothing, remove nothing, until the file parses.
             continue;
         }
-        first = false;
         let pods = tokio::task::block_in_place(|| manager.reconcile(&registry));
         let mut s = lock(&shared);
-        if s.registry_error != registry_error
-            && let Some(e) = &registry_error
-        {
-            tracing::error!(error = %e, "capture registry (keeping the last good one)");
-        }
         s.pods = pods;
-        s.registry_error = registry_error;
         s.reconciles += 1;
     }
     // Capture stays attached (pinned) when the agent stops; only a registry removal detaches.

@@ -508,39 +508,47 @@ async fn script(net: &Net) -> Vec<Hop> {
         });
     }
     // No sidecar: steered to orders' sidecar, which wants mTLS (STRICT) and refuses.
-    let (ok, out) = net
-        .curl(
-            "outsider",
-            None,
+    hops.push(
+        refused(
+            net,
+            ("outsider", None),
             &format!("http://{}:{APP_PORT}/orders/42", v4(orders.n)),
+            "(no sidecar: outsider)".into(),
+            format!("orders ({})", v4(orders.n)),
+            ("HTTP/1.1 plaintext", "refused by orders' sidecar"),
         )
-        .await;
-    hops.push(Hop {
-        caller: "(no sidecar: outsider)".into(),
-        callee: format!("orders ({})", v4(orders.n)),
-        protocol: "HTTP/1.1 plaintext",
-        status: if ok {
-            format!("200 {out}")
-        } else {
-            "refused".into()
-        },
-        mtls: "-".into(),
-        ok: !ok,
-        expectation: "refused by orders' sidecar",
-    });
+        .await,
+    );
     // Frontend's app straight to a pod without capture: redirected to its own sidecar, which has
     // no route there; nothing leaves around it.
-    let (ok, out) = net
-        .curl(
-            "frontend",
-            Some("app"),
+    hops.push(
+        refused(
+            net,
+            ("frontend", Some("app")),
             &format!("http://{}:{OUTSIDER_PORT}/", v4(outsider.n)),
+            frontend_id.as_str().to_owned(),
+            format!("outsider ({})", v4(outsider.n)),
+            ("HTTP/1.1 direct", "no way around the sidecar"),
         )
-        .await;
-    hops.push(Hop {
-        caller: frontend_id.as_str().to_owned(),
-        callee: format!("outsider ({})", v4(outsider.n)),
-        protocol: "HTTP/1.1 direct",
+        .await,
+    );
+    hops
+}
+
+/// A call that must not get through: the row holds when curl fails.
+async fn refused(
+    net: &Net,
+    (pod, part): (&str, Option<&str>),
+    url: &str,
+    caller: String,
+    callee: String,
+    (protocol, expectation): (&'static str, &'static str),
+) -> Hop {
+    let (ok, out) = net.curl(pod, part, url).await;
+    Hop {
+        caller,
+        callee,
+        protocol,
         status: if ok {
             format!("200 {out}")
         } else {
@@ -548,7 +556,6 @@ async fn script(net: &Net) -> Vec<Hop> {
         },
         mtls: "-".into(),
         ok: !ok,
-        expectation: "no way around the sidecar",
-    });
-    hops
+        expectation,
+    }
 }

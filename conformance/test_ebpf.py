@@ -423,3 +423,98 @@ def test_control_plane_configures_captured_sidecars(tmp_path):
         assert "/vip" in seen and "/pod-ip" in seen and "/nowhere" not in seen and "/direct" not in seen, seen
     finally:
         c.close()
+
+
+# === demo --ebpf: stopping and leftovers (issue 11) ===
+
+
+def _demo_objects(pid):
+    """What a `demo --ebpf` with this PID has on the machine: processes in its cgroups or
+    namespaces, namespaces, cgroups, bpffs mounts (its capture pins live in them)."""
+    tag = f"egdemo{pid}"
+    namespaces = [n.split()[0] for n in sh("ip", "netns", "list").stdout.splitlines() if n.startswith(tag + "-")]
+    cgroups = list(cgroup2_root().glob(f"eastguard-{tag}"))
+    procs = set()
+    for cg in cgroups:
+        for f in cg.rglob("cgroup.procs"):
+            procs |= {int(p) for p in f.read_text().split()}
+    for ns in namespaces:
+        procs |= {int(p) for p in sh("ip", "netns", "pids", ns, check=False).stdout.split()}
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines() if line.split()[0] == tag]
+    return {"processes": sorted(procs), "namespaces": namespaces, "cgroups": cgroups, "mounts": mounts}
+
+
+def _start_demo_ebpf(workdir, name):
+    out = workdir / f"{name}.out"
+    proc = subprocess.Popen(
+        [binary(), "--log-level", "warn", "demo", "--ebpf", "--dir", str(workdir / name)],
+        stdout=open(out, "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 120
+    while "running; press Ctrl-C" not in out.read_text():
+        assert proc.poll() is None, out.read_text()
+        assert time.time() < deadline, out.read_text()
+        time.sleep(0.2)
+    assert "all 4 expectations held" in out.read_text(), out.read_text()
+    return proc, out
+
+
+def _pins(workdir, name):
+    bpffs = workdir / name / "bpffs" / "eastguard"
+    return sorted(p.name for p in bpffs.iterdir()) if bpffs.exists() else []
+
+
+def _nothing_left(pid):
+    left = _demo_objects(pid)
+    return {k: v for k, v in left.items() if v}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_demo_ebpf_removes_everything_on_signal(tmp_path, sig):
+    _prerequisites()
+    proc, out = _start_demo_ebpf(tmp_path, "run")
+    # Positive control: while it runs, its processes, namespaces, cgroup, mount and pins exist.
+    running = _demo_objects(proc.pid)
+    assert len(running["processes"]) >= 4 and len(running["namespaces"]) == 4, running
+    assert running["cgroups"] and running["mounts"] and len(_pins(tmp_path, "run")) == 2, running
+    proc.send_signal(sig)
+    try:
+        rc = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("demo --ebpf still running 30 s after the signal")
+    assert rc == 0, out.read_text()
+    assert _nothing_left(proc.pid) == {}, out.read_text()
+    assert [p for p in running["processes"] if Path(f"/proc/{p}").exists()] == []
+    assert not (tmp_path / "run" / "bpffs" / "eastguard").exists(), "pins left behind"
+
+
+def test_demo_ebpf_after_a_sigkilled_run_removes_its_leftovers(tmp_path):
+    _prerequisites()
+    first, _ = _start_demo_ebpf(tmp_path, "first")
+    running = _demo_objects(first.pid)
+    assert len(running["processes"]) >= 4, running
+    first.kill()
+    first.wait()
+    # Its pod processes die with it (the kernel signals them); its objects stay.
+    deadline = time.time() + 8
+    while [p for p in running["processes"] if Path(f"/proc/{p}").exists()] and time.time() < deadline:
+        time.sleep(0.1)
+    assert [p for p in running["processes"] if Path(f"/proc/{p}").exists()] == [], "pod processes outlived the killed demo"
+    left = _nothing_left(first.pid)
+    assert left.get("namespaces") and left.get("cgroups") and left.get("mounts"), f"nothing left to clean up: {left}"
+    # A second run starts over the leftovers, says what it removed, succeeds, and leaves nothing of either.
+    second = subprocess.run(
+        [binary(), "--log-level", "warn", "demo", "--ebpf", "--once", "--dir", str(tmp_path / "second")],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "removing what an earlier demo --ebpf left" in second.stdout, second.stdout
+    for ns in left["namespaces"]:
+        assert ns in second.stdout, f"{ns} not named in: {second.stdout}"
+    assert "all 4 expectations held" in second.stdout, second.stdout
+    assert _nothing_left(first.pid) == {}
+    assert "egdemo" not in sh("ip", "netns", "list").stdout
+    assert not list(cgroup2_root().glob("eastguard-egdemo*"))
+    assert "egdemo" not in Path("/proc/mounts").read_text()

@@ -3,6 +3,8 @@
 #   - Debian packages: curl, nghttp2-client, openssl; for eBPF capture clang-19, llvm-19,
 #     libbpf-dev, bpftool, tcpdump, iproute2, iptables (installed when running as root)
 #   - a Python venv in .venv with conformance/requirements.txt
+#   - the eastguard binary built once with a fresh, empty CARGO_HOME, as on a new machine (the
+#     README's first command must work right after a clone; a warm cache hides what it needs)
 #   - cargo build, clippy, cargo test, then the cross-process conformance suite (pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +36,17 @@ if [[ ! -x .venv/bin/python ]] || ! cmp -s conformance/requirements.txt .venv/.r
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -r conformance/requirements.txt
   cp conformance/requirements.txt .venv/.requirements
+fi
+
+# Skipped only on request (EASTGUARD_SKIP_FRESH_BUILD=1), never under CI.
+if [[ -n "${CI:-}" || -z "${EASTGUARD_SKIP_FRESH_BUILD:-}" ]]; then
+  fresh_home=$(mktemp -d "${TMPDIR:-/tmp}/eastguard-cargo-home.XXXXXX")
+  fresh_target=$(mktemp -d "${TMPDIR:-/tmp}/eastguard-fresh-target.XXXXXX")
+  trap 'rm -rf "$fresh_home" "$fresh_target"' EXIT
+  echo "== cargo build --bin eastguard with an empty CARGO_HOME ($fresh_home)"
+  CARGO_HOME="$fresh_home" cargo build --locked --bin eastguard --target-dir "$fresh_target"
+  "$fresh_target/debug/eastguard" --version
+  rm -rf "$fresh_home" "$fresh_target"
 fi
 
 echo "== cargo build"

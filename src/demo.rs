@@ -14,16 +14,18 @@ use proxy::config::{
     TcpProxy, UpstreamProtocol, UpstreamTls, VirtualHost, WorkloadApiIdentity, XdsConfig,
 };
 
+use crate::lifecycle::{self, Shutdown};
+
 mod apps;
 mod client;
 pub mod ebpf;
 
 /// `eastguard demo-app`: one of the demo's sample HTTP apps as its own process (for pods in
 /// network namespaces).
-pub async fn serve_app(name: String, listen: SocketAddr) -> anyhow::Result<()> {
+pub async fn serve_app(name: String, listen: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
     let name: &'static str = Box::leak(name.into_boxed_str());
     apps::spawn_http(name, listen, None).await?;
-    std::future::pending::<()>().await;
+    shutdown.requested().await;
     Ok(())
 }
 
@@ -81,13 +83,78 @@ struct Hop {
     expectation: &'static str,
 }
 
-pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs the demo until the script is done (`once`) or SIGTERM/SIGINT; a signal at any point stops
+/// what was started so far, and the exit is then 0.
+pub async fn run(once: bool, dir: Option<PathBuf>, shutdown: Shutdown) -> anyhow::Result<()> {
     let dir = dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("eastguard-demo-{}", std::process::id()))
     });
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     println!("eastguard demo — files in {}", dir.display());
 
+    let mut started = Started::default();
+    let outcome = tokio::select! {
+        r = start_and_script(&mut started, &dir) => r.map(Some),
+        () = shutdown.requested() => Ok(None),
+    };
+    if matches!(outcome, Ok(Some(_))) && !once {
+        println!("\nrunning; press Ctrl-C (or send SIGTERM) to stop");
+        shutdown.requested().await;
+    }
+    started.stop().await;
+    match outcome? {
+        Some(false) if once => bail!("demo expectations failed"),
+        Some(_) => {}
+        None => println!("stopped before the script finished"),
+    }
+    Ok(())
+}
+
+/// What the demo has started so far; [`Started::stop`] stops all of it, wherever the start got to.
+#[derive(Default)]
+struct Started {
+    sidecars: Vec<(&'static str, tokio::process::Child)>,
+    control_plane: Option<Task<String>>,
+    agent: Option<Task<identity::agent::AgentError>>,
+    binaries: Vec<PathBuf>,
+}
+
+/// An in-process task and the switch that stops it.
+struct Task<E> {
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<Result<(), E>>,
+}
+
+impl<E: std::fmt::Display> Task<E> {
+    async fn stop(self, what: &str) {
+        let _ = self.stop.send(());
+        if let Ok(Err(e)) = self.handle.await {
+            tracing::warn!(error = %e, "{what} ended with an error");
+        }
+    }
+}
+
+impl Started {
+    async fn stop(self) {
+        for (w, mut child) in self.sidecars {
+            stop_child(&mut child).await;
+            tracing::debug!(workload = w, "sidecar stopped");
+        }
+        if let Some(cp) = self.control_plane {
+            cp.stop("control plane").await;
+        }
+        if let Some(agent) = self.agent {
+            agent.stop("node agent").await;
+        }
+        for copy in &self.binaries {
+            let _ = std::fs::remove_file(copy);
+        }
+    }
+}
+
+/// Starts the agent, apps, control plane and sidecars, runs the script and prints the table;
+/// `true` when every expectation held.
+async fn start_and_script(started: &mut Started, dir: &Path) -> anyhow::Result<bool> {
     // Identity: a node agent serving the SPIFFE Workload API. Every sidecar runs from its own copy
     // of the binary, and the agent tells them apart by uid and executable path, which the kernel
     // reports; nothing a workload says about itself counts.
@@ -97,9 +164,10 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
     let NodeAgent {
         socket: agent_socket,
         binaries,
-        stop: agent_stop,
         task: agent,
-    } = start_agent(&dir, uid, &WORKLOADS)?;
+    } = start_agent(dir, uid, &WORKLOADS)?;
+    started.agent = Some(agent);
+    started.binaries.clone_from(&binaries);
     println!(
         "node agent (SPIFFE Workload API): unix://{}",
         agent_socket.display()
@@ -149,25 +217,27 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
             let _ = cp_stopped.await;
         },
     ));
+    started.control_plane = Some(Task {
+        stop: cp_stop,
+        handle: control_plane,
+    });
     println!(
         "control plane (ADS): {xds_address}, reading {}",
         istio_dir.display()
     );
-    let mut sidecars = Vec::new();
     for (i, w) in WORKLOADS.iter().enumerate() {
-        let config = sidecar_config(w, i, &mesh, &dir, &agent_socket, xds_address);
+        let config = sidecar_config(w, i, &mesh, dir, &agent_socket, xds_address);
         let path = dir.join(format!("{w}-sidecar.yaml"));
         std::fs::write(&path, serde_yaml::to_string(&config)?)?;
         let log = std::fs::File::create(dir.join(format!("{w}-sidecar.log")))?;
-        let child = tokio::process::Command::new(&binaries[i])
+        let child = lifecycle::child(&binaries[i])
             .args(["--log-level", "info", "proxy", "--config"])
             .arg(&path)
             .stdout(std::process::Stdio::null())
             .stderr(log)
-            .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {w}'s sidecar"))?;
-        sidecars.push((w, child));
+        started.sidecars.push((w, child));
     }
     for (i, w) in WORKLOADS.iter().enumerate() {
         client::wait_ready(mesh.ports[i].admin, Duration::from_secs(30))
@@ -181,7 +251,7 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
         println!("{w:>9} sidecar admin: http://{}", mesh.ports[i].admin);
     }
 
-    let hops = script(&mesh, &dir).await;
+    let hops = script(&mesh, dir).await;
     print_table(&hops);
     let all_ok = hops.iter().all(|h| h.ok);
     if all_ok {
@@ -195,30 +265,7 @@ pub async fn run(once: bool, dir: Option<PathBuf>) -> anyhow::Result<()> {
             dir.display()
         );
     }
-
-    if !once {
-        println!("\nrunning; press Ctrl-C to stop");
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    for (w, mut child) in sidecars {
-        stop_child(&mut child).await;
-        tracing::debug!(workload = w, "sidecar stopped");
-    }
-    let _ = agent_stop.send(());
-    let _ = cp_stop.send(());
-    if let Ok(Err(e)) = control_plane.await {
-        tracing::warn!(error = %e, "control plane ended with an error");
-    }
-    for copy in &binaries {
-        let _ = std::fs::remove_file(copy);
-    }
-    if let Ok(Err(e)) = agent.await {
-        tracing::warn!(error = %e, "node agent ended with an error");
-    }
-    if !all_ok {
-        bail!("demo expectations failed");
-    }
-    Ok(())
+    Ok(all_ok)
 }
 
 /// The demo's node agent (SPIFFE Workload API) and the binary copies it tells workloads apart by.
@@ -226,8 +273,7 @@ struct NodeAgent {
     socket: PathBuf,
     /// One copy of this binary per workload, in `workloads` order.
     binaries: Vec<PathBuf>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), identity::agent::AgentError>>,
+    task: Task<identity::agent::AgentError>,
 }
 
 /// Starts the node agent in-process. Every sidecar runs from its own copy of the binary, and the
@@ -267,8 +313,7 @@ fn start_agent(dir: &Path, uid: u32, workloads: &[&str]) -> anyhow::Result<NodeA
     Ok(NodeAgent {
         socket,
         binaries,
-        stop,
-        task,
+        task: Task { stop, handle: task },
     })
 }
 
@@ -555,13 +600,12 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 }
 
 async fn stop_child(child: &mut tokio::process::Child) {
-    if let Some(pid) = child.id() {
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(p.try_into().ok()?))
+    {
         // SIGTERM first so the sidecar drains; SIGKILL if it does not exit.
-        let _ = tokio::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .await;
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         if tokio::time::timeout(Duration::from_secs(5), child.wait())
             .await
             .is_ok()

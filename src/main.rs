@@ -11,6 +11,7 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 mod capture_cmd;
 mod demo;
+mod lifecycle;
 mod policy_cmd;
 
 #[derive(Parser)]
@@ -142,12 +143,21 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<std::process::ExitCode> {
+    if let lifecycle::Parent::Gone(pid) = lifecycle::follow_parent()? {
+        eprintln!("eastguard: the process that started this one ({pid}) is gone; not starting");
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let cli = Cli::parse();
     let log_control = init_logging(&cli.log_level)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // Long-running commands handle SIGTERM and SIGINT from before their work starts.
+    let listen_signals = || {
+        let _in_runtime = runtime.enter();
+        lifecycle::Shutdown::listen()
+    };
     match cli.command {
         Command::Proxy { config, check, xds } => {
             let mut bootstrap = proxy::Bootstrap::from_file(&config)
@@ -174,24 +184,27 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 command_line: std::env::args().collect(),
                 authz_hook: None,
             };
-            runtime.block_on(async { proxy::run(bootstrap, shutdown_signal(), opts).await })?;
+            let shutdown = listen_signals()?;
+            runtime.block_on(proxy::run(bootstrap, shutdown.requested(), opts))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Demo { once, ebpf, dir } => {
+            let shutdown = listen_signals()?;
             if ebpf {
                 let dir = dir.unwrap_or_else(|| {
                     std::env::temp_dir().join(format!("eastguard-demo-ebpf-{}", std::process::id()))
                 });
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
-                runtime.block_on(demo::ebpf::run(once, dir))?;
+                runtime.block_on(demo::ebpf::run(once, dir, shutdown))?;
             } else {
-                runtime.block_on(demo::run(once, dir))?;
+                runtime.block_on(demo::run(once, dir, shutdown))?;
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::DemoApp { name, listen } => {
-            runtime.block_on(demo::serve_app(name, listen))?;
+            let shutdown = listen_signals()?;
+            runtime.block_on(demo::serve_app(name, listen, shutdown))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Policy(cmd) => policy_cmd::run(*cmd),
@@ -233,8 +246,9 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 },
                 poll_interval: std::time::Duration::from_millis(200),
             };
+            let shutdown = listen_signals()?;
             runtime
-                .block_on(control_plane::run(opts, shutdown_signal()))
+                .block_on(control_plane::run(opts, shutdown.requested()))
                 .map_err(anyhow::Error::msg)?;
             Ok(std::process::ExitCode::SUCCESS)
         }
@@ -252,8 +266,9 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 entries.is_some() || capture.is_some(),
                 "node-agent needs --workload-api-socket and --entries, --capture, or both"
             );
+            let shutdown = listen_signals()?;
             // One shutdown for both roles; a watch, so a task that starts waiting late still sees it.
-            let (shutdown, stopping) = tokio::sync::watch::channel(false);
+            let (stop, stopping) = tokio::sync::watch::channel(false);
             let stopped = move || {
                 let mut rx = stopping.clone();
                 async move {
@@ -286,9 +301,10 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 async move { capture_cmd::run(opts, stop).await }
             });
             runtime.block_on(async {
+                let requested = shutdown.requested();
                 tokio::spawn(async move {
-                    shutdown_signal().await;
-                    let _ = shutdown.send(true);
+                    requested.await;
+                    let _ = stop.send(true);
                 });
                 let identity = async {
                     match identity_task {
@@ -340,28 +356,4 @@ fn init_logging(level: &str) -> anyhow::Result<proxy::LogControl> {
         let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
         handle.reload(f).map_err(|e| e.to_string())
     }))
-}
-
-/// SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = term => {}
-        r = tokio::signal::ctrl_c() => {
-            if let Err(e) = r {
-                tracing::error!(error = %e, "cannot listen for Ctrl-C");
-                std::future::pending::<()>().await;
-            }
-        }
-    }
 }

@@ -11,7 +11,15 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use super::{Hop, NAMESPACE, NodeAgent, print_table, spiffe_id, start_agent};
+use super::{Hop, NAMESPACE, NodeAgent, Task, print_table, spiffe_id, start_agent};
+use crate::lifecycle::{self, Shutdown};
+
+mod leftovers;
+
+/// Every object the demo creates carries this prefix and its PID (`egdemo<pid>`): network
+/// namespaces `egdemo<pid>-<pod>`, the cgroup `eastguard-egdemo<pid>`, the bpffs mounted with the
+/// source `egdemo<pid>`. A later run removes what a dead one left.
+const TAG_PREFIX: &str = "egdemo";
 
 const APP_PORT: u16 = 8080;
 const OUTSIDER_PORT: u16 = 9090;
@@ -55,6 +63,15 @@ struct Net {
     cgroup_root: PathBuf,
     bpffs: PathBuf,
     children: Vec<tokio::process::Child>,
+    agent: Option<Task<identity::agent::AgentError>>,
+    capture: Option<Capture>,
+    binaries: Vec<PathBuf>,
+}
+
+/// The in-process capture loop and the registry it reads.
+struct Capture {
+    registry: PathBuf,
+    task: Task<anyhow::Error>,
 }
 
 impl Net {
@@ -72,7 +89,7 @@ impl Net {
 
     /// A command in a pod's namespace and, for captured pods, in its `part` cgroup.
     fn command(&self, pod: &str, part: Option<&str>, args: &[String]) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new("sh");
+        let mut cmd = lifecycle::child("sh");
         // Join the cgroup before `ip netns exec`, which remounts /sys.
         let join = match part {
             Some(part) => format!(
@@ -85,8 +102,7 @@ impl Net {
             .arg(format!("{join}exec ip netns exec \"$@\""))
             .arg("sh")
             .arg(self.ns(pod))
-            .args(args)
-            .kill_on_drop(true);
+            .args(args);
         cmd
     }
 
@@ -202,35 +218,54 @@ fn setup(net: &Net) -> anyhow::Result<()> {
         }
     }
     std::fs::create_dir_all(&net.bpffs)?;
-    sh(&["mount", "-t", "bpf", "bpf", &net.bpffs.to_string_lossy()])
+    sh(&["mount", "-t", "bpf", &net.tag, &net.bpffs.to_string_lossy()])
 }
 
-fn teardown(net: &mut Net) {
-    for c in &mut net.children {
-        let _ = c.start_kill();
-    }
-    for pod in &PODS {
-        for part in [Some("app"), Some("sidecar"), None] {
-            let dir = net.cgroup(pod.name, part);
-            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                for pid in procs.split_whitespace() {
-                    let _ = std::process::Command::new("kill")
-                        .args(["-9", pid])
-                        .status();
-                }
+impl Net {
+    /// Stops everything the demo started, gracefully first: the pods are unregistered (capture
+    /// detached and unpinned), the agent stops, sidecars and apps get SIGTERM (SIGKILL after a
+    /// few seconds, and for anything left in the pods' cgroups), then the cgroups, namespaces
+    /// (and their veths) and the bpffs mount go.
+    async fn stop(mut self) {
+        if let Some(capture) = self.capture.take() {
+            if std::fs::write(&capture.registry, "pods: []\n").is_ok() {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+            }
+            capture.task.stop("capture").await;
+        }
+        if let Some(agent) = self.agent.take() {
+            agent.stop("node agent").await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+        for c in &mut self.children {
+            if let Some(pid) = c
+                .id()
+                .and_then(|p| rustix::process::Pid::from_raw(p.try_into().ok()?))
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             }
         }
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    for pod in &PODS {
-        for part in [Some("app"), Some("sidecar"), None] {
-            let _ = std::fs::remove_dir(net.cgroup(pod.name, part));
+        for c in &mut self.children {
+            if tokio::time::timeout_at(deadline, c.wait()).await.is_err() {
+                let _ = c.start_kill();
+            }
         }
-        let _ = sh(&["ip", "netns", "del", &net.ns(pod.name)]);
+        tokio::task::block_in_place(|| self.teardown());
+        for copy in &self.binaries {
+            let _ = std::fs::remove_file(copy);
+        }
     }
-    let _ = std::fs::remove_dir(&net.cgroup_root);
-    let _ = sh(&["ip", "netns", "del", &net.ns("host")]);
-    let _ = sh(&["umount", &net.bpffs.to_string_lossy()]);
+
+    fn teardown(&self) {
+        let pods: Vec<String> = PODS.iter().map(|p| self.ns(p.name)).collect();
+        let mut namespaces = pods;
+        namespaces.push(self.ns("host"));
+        leftovers::remove(&leftovers::Found {
+            namespaces,
+            cgroups: vec![self.cgroup_root.clone()],
+            mounts: vec![self.bpffs.clone()],
+        });
+    }
 }
 
 /// Frontend's sidecar: app connects to orders' pod IP (either family) go to orders over mTLS.
@@ -295,6 +330,8 @@ fn sidecar_config(pod: &str, dir: &Path, agent_socket: &Path) -> serde_json::Val
         "identity": {"workload_api": {"socket": format!("unix://{}", agent_socket.display())}},
         "access_log": {"path": dir.join(format!("{pod}-access.log")), "format": "JSON"},
         "capture": {"status_file": dir.join(format!("{pod}.capture"))},
+        // A short drain: the demo's stop (and a sidecar whose demo died) should not take 10 s.
+        "drain": {"duration": "1s", "grace": "2s"},
         "listeners": listeners,
         "clusters": [
             peer("v4", format!("{}:{APP_PORT}", v4(orders.n))),
@@ -304,39 +341,68 @@ fn sidecar_config(pod: &str, dir: &Path, agent_socket: &Path) -> serde_json::Val
     })
 }
 
-pub async fn run(once: bool, dir: PathBuf) -> anyhow::Result<()> {
+/// Runs the scenario, then (unless `once`) waits for SIGTERM/SIGINT; a signal at any point stops
+/// what was started so far and removes what was created, and the exit is then 0. What a crashed
+/// earlier run left is removed first.
+pub async fn run(once: bool, dir: PathBuf, shutdown: Shutdown) -> anyhow::Result<()> {
     let cgroup2 = preflight()?;
-    let tag = format!("egdemo{}", std::process::id() % 100_000);
+    let found = leftovers::find(&cgroup2);
+    if !found.is_empty() {
+        println!("removing what an earlier demo --ebpf left: {found}");
+        tokio::task::block_in_place(|| leftovers::remove(&found));
+    }
+    let tag = format!("{TAG_PREFIX}{}", std::process::id());
     let mut net = Net {
         cgroup_root: cgroup2.join(format!("eastguard-{tag}")),
         bpffs: dir.join("bpffs"),
         tag,
         children: Vec::new(),
+        agent: None,
+        capture: None,
+        binaries: Vec::new(),
     };
-    let result = async {
-        setup(&net)?;
-        scenario(&mut net, once, &dir).await
+    let outcome = tokio::select! {
+        r = async {
+            setup(&net)?;
+            scenario(&mut net, &dir).await
+        } => r.map(Some),
+        () = shutdown.requested() => Ok(None),
+    };
+    if matches!(outcome, Ok(Some(_))) && !once {
+        println!(
+            "\nrunning; press Ctrl-C (or send SIGTERM) to stop (capture is detached and the namespaces removed)"
+        );
+        shutdown.requested().await;
     }
-    .await;
-    teardown(&mut net);
-    result
+    net.stop().await;
+    match outcome? {
+        Some(false) if once => bail!("demo expectations failed"),
+        Some(_) => {}
+        None => println!("stopped before the script finished; everything it created is removed"),
+    }
+    Ok(())
 }
 
-async fn scenario(net: &mut Net, once: bool, dir: &Path) -> anyhow::Result<()> {
+/// Starts the agent, pods and capture, runs the script and prints the table; `true` when every
+/// expectation held.
+async fn scenario(net: &mut Net, dir: &Path) -> anyhow::Result<bool> {
     println!("eastguard demo --ebpf — files in {}", dir.display());
     // Identity: the node agent, attesting each sidecar (root here) by executable path.
     let captured: Vec<&str> = PODS.iter().filter(|p| p.captured).map(|p| p.name).collect();
     let NodeAgent {
         socket: agent_socket,
         binaries,
-        stop: agent_stop,
         task: agent,
     } = start_agent(dir, 0, &captured)?;
+    net.agent = Some(agent);
+    net.binaries.clone_from(&binaries);
     let exe = std::env::current_exe().context("finding the eastguard binary")?;
 
     // Apps and sidecars, each in its pod's namespace and cgroup.
     let orders_app = vec![
         exe.to_string_lossy().into_owned(),
+        "--log-level".into(),
+        "warn".into(),
         "demo-app".into(),
         "--name".into(),
         "orders".into(),
@@ -345,6 +411,8 @@ async fn scenario(net: &mut Net, once: bool, dir: &Path) -> anyhow::Result<()> {
     ];
     let outsider_app = vec![
         exe.to_string_lossy().into_owned(),
+        "--log-level".into(),
+        "warn".into(),
         "demo-app".into(),
         "--name".into(),
         "outsider".into(),
@@ -407,6 +475,13 @@ async fn scenario(net: &mut Net, once: bool, dir: &Path) -> anyhow::Result<()> {
             let _ = cap_stopped.await;
         },
     ));
+    net.capture = Some(Capture {
+        registry: registry.clone(),
+        task: Task {
+            stop: cap_stop,
+            handle: capture,
+        },
+    });
     println!(
         "node agent: Workload API unix://{}, capture registry {}",
         agent_socket.display(),
@@ -447,26 +522,7 @@ async fn scenario(net: &mut Net, once: bool, dir: &Path) -> anyhow::Result<()> {
     } else {
         println!("\nSOME EXPECTATIONS FAILED (logs in {})", dir.display());
     }
-    if !once {
-        println!(
-            "\nrunning; press Ctrl-C to stop (capture is detached and the namespaces removed)"
-        );
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    // Unregister the pods: the agent detaches and unpins their capture.
-    std::fs::write(&registry, "pods: []\n")?;
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let _ = cap_stop.send(());
-    let _ = capture.await;
-    let _ = agent_stop.send(());
-    let _ = agent.await;
-    for copy in &binaries {
-        let _ = std::fs::remove_file(copy);
-    }
-    if !all_ok {
-        bail!("demo expectations failed");
-    }
-    Ok(())
+    Ok(all_ok)
 }
 
 async fn script(net: &Net) -> Vec<Hop> {

@@ -11,7 +11,8 @@ use proxy::config::{
     AccessLogConfig, AccessLogFormat, Admin, Bootstrap, Cluster, DestinationMetadata, Direction,
     DrainConfig, FilterChain, FilterChainMatch, ForwardClientCertDetails, HttpConnectionManager,
     IdentityConfig, Limits, Listener, Node, Route, RouteAction, RouteConfiguration, RouteMatch,
-    TcpProxy, UpstreamProtocol, UpstreamTls, VirtualHost, WorkloadApiIdentity, XdsConfig,
+    TcpProxy, UpgradeConfig, UpstreamProtocol, UpstreamTls, VirtualHost, WorkloadApiIdentity,
+    XdsConfig,
 };
 
 use crate::lifecycle::{self, Shutdown};
@@ -647,6 +648,7 @@ fn hcm(stat_prefix: &str, virtual_hosts: Vec<VirtualHost>) -> HttpConnectionMana
         rds: None,
         forward_client_cert_details: ForwardClientCertDetails::SanitizeSet,
         http_filters: vec![],
+        upgrade_configs: vec![UpgradeConfig::websocket()],
     }
 }
 

@@ -384,6 +384,7 @@ pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec
                         .chain([router()])
                         .collect(),
                     forward_client_cert_details: 3, // SANITIZE_SET
+                    upgrade_configs: websocket(),
                     ..Default::default()
                 };
                 vec![Filter {
@@ -595,6 +596,7 @@ pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec
             route_config_name: "outbound".into(),
         })),
         http_filters: vec![router()],
+        upgrade_configs: websocket(),
         ..Default::default()
     };
     let by_host = FilterChain {
@@ -633,6 +635,14 @@ pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec
 }
 
 /// A hand-off target (`bind_to_port: false`) at `ip:port` for one service port: HTTP routed to
+/// The upgrade types Istio's connection managers tunnel: WebSocket only.
+fn websocket() -> Vec<http_connection_manager::UpgradeConfig> {
+    vec![http_connection_manager::UpgradeConfig {
+        upgrade_type: "websocket".into(),
+        ..Default::default()
+    }]
+}
+
 /// its cluster whatever the Host, or TCP proxied to it.
 fn handoff_listener(ip: &str, port: u16, cluster: &str, http: bool) -> Listener {
     let name = format!("outbound_{ip}_{port}");
@@ -652,6 +662,7 @@ fn handoff_listener(ip: &str, port: u16, cluster: &str, http: bool) -> Listener 
                 },
             )),
             http_filters: vec![router()],
+            upgrade_configs: websocket(),
             ..Default::default()
         };
         Filter {

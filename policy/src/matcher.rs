@@ -92,27 +92,36 @@ impl StringMatcher {
         }
     }
 
+    /// Matches the value as bytes, as Envoy does: a header value may hold obs-text (bytes
+    /// 0x80–0xFF that are not UTF-8), and `admin\xff` must still start with `admin`. A regex runs on
+    /// the value with each invalid byte read as U+FFFD, the way RE2 reads it, so `admin.*` matches.
     pub(crate) fn matches(&self, value: &[u8]) -> bool {
-        let Ok(value) = std::str::from_utf8(value) else {
-            // Non-UTF-8 (obs-text) never equals a UTF-8 pattern; a regex cannot run on it.
-            return false;
-        };
+        if let StrMatch::Regex(r) = &self.kind {
+            return match std::str::from_utf8(value) {
+                Ok(v) => r.is_match(v),
+                Err(_) => r.is_match(&String::from_utf8_lossy(value)),
+            };
+        }
         let folded;
-        let v = if self.ignore_case && !matches!(self.kind, StrMatch::Regex(_)) {
+        let v = if self.ignore_case {
             folded = value.to_ascii_lowercase();
-            folded.as_str()
+            folded.as_slice()
         } else {
             value
         };
         match &self.kind {
-            StrMatch::Exact(s) => v == s,
-            StrMatch::Prefix(s) => v.starts_with(s.as_str()),
-            StrMatch::Suffix(s) => v.ends_with(s.as_str()),
-            StrMatch::Contains(s) => v.contains(s.as_str()),
-            StrMatch::ContainsNoNewline(s) => !v.contains('\n') && v.contains(s.as_str()),
-            StrMatch::Regex(r) => r.is_match(v),
+            StrMatch::Exact(s) => v == s.as_bytes(),
+            StrMatch::Prefix(s) => v.starts_with(s.as_bytes()),
+            StrMatch::Suffix(s) => v.ends_with(s.as_bytes()),
+            StrMatch::Contains(s) => contains(v, s.as_bytes()),
+            StrMatch::ContainsNoNewline(s) => !v.contains(&b'\n') && contains(v, s.as_bytes()),
+            StrMatch::Regex(_) => false, // answered above
         }
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// `.*LIT.*` where LIT has only literal characters (escaped metacharacters allowed) → LIT.

@@ -226,3 +226,47 @@ fn principal_index_never_changes_a_decision() {
         }
     }
 }
+
+#[test]
+fn header_values_match_as_bytes_so_obs_text_cannot_sidestep_deny() {
+    // DENY on x-user prefix admin; ALLOW only x-role values that are not `blocked*`.
+    let e = engine(
+        r#"
+- name: envoy.filters.http.rbac
+  typedConfig:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+    rules:
+      action: DENY
+      policies:
+        deny-admin:
+          permissions: [ { header: { name: x-user, stringMatch: { prefix: admin } } } ]
+          principals: [ { any: true } ]
+        deny-regex:
+          permissions: [ { header: { name: x-tenant, stringMatch: { safeRegex: { regex: "root.*" } } } } ]
+          principals: [ { any: true } ]
+        deny-contains:
+          permissions: [ { header: { name: x-path, stringMatch: { contains: secret, ignoreCase: true } } } ]
+          principals: [ { any: true } ]
+- name: envoy.filters.http.rbac
+  typedConfig:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+    rules:
+      policies:
+        allow-not-blocked:
+          permissions: [ { notRule: { header: { name: x-role, stringMatch: { prefix: blocked } } } } ]
+          principals: [ { any: true } ]
+"#,
+    );
+    let allowed = |h: &[(&str, &[u8])]| e.evaluate(&req(None, "/", None, h)).allowed;
+    // Controls: plain values behave as written.
+    assert!(allowed(&[("x-user", b"guest")]));
+    assert!(!allowed(&[("x-user", b"admin")]));
+    // Bytes that are not UTF-8 after (or inside) the matched part do not hide it.
+    assert!(!allowed(&[("x-user", b"admin\xff")]));
+    assert!(!allowed(&[("x-user", b"admin\xc3\x28")]));
+    assert!(!allowed(&[("x-tenant", b"root\xfe")]));
+    assert!(!allowed(&[("x-path", b"\x80/SeCrEt/\xff")]));
+    // ALLOW keeps the strict reading: notRule on a blocked value with obs-text is still blocked.
+    assert!(allowed(&[("x-role", b"reader\xff")]));
+    assert!(!allowed(&[("x-role", b"blocked\xff")]));
+}

@@ -44,8 +44,8 @@ use xds::pb::google::protobuf::Any;
 
 use crate::config::{
     self, Direction, FilterConfig, ForwardClientCertDetails, HeaderMatcher, HttpConnectionManager,
-    LbPolicy, RouteAction, RouteConfiguration, RouteMatch, TcpProxy, UpstreamTls, VirtualHost,
-    WeightedCluster,
+    LbPolicy, RouteAction, RouteConfiguration, RouteMatch, TcpProxy, UpgradeConfig, UpstreamTls,
+    VirtualHost, WeightedCluster,
 };
 
 /// A required piece this proxy cannot apply, or an invalid one: the resource is rejected.
@@ -594,12 +594,29 @@ fn http_connection_manager(
             "the router filter is required",
         ));
     }
+    // Envoy's `upgrade_configs`, as listed (none listed: no upgrade is tunnelled, as in Envoy).
+    let upgrade_configs = hcm
+        .upgrade_configs
+        .iter()
+        .map(|u| UpgradeConfig {
+            upgrade_type: u.upgrade_type.clone(),
+            enabled: u.enabled.is_none_or(|e| e.value),
+        })
+        .collect();
+    for (i, u) in hcm.upgrade_configs.iter().enumerate() {
+        if !u.filters.is_empty() {
+            cx.note(format!(
+                "{field}.upgrade_configs[{i}]: upgrade filters skipped"
+            ));
+        }
+    }
     Ok(HttpConnectionManager {
         stat_prefix: hcm.stat_prefix.clone(),
         route_config,
         rds,
         forward_client_cert_details,
         http_filters,
+        upgrade_configs,
     })
 }
 
@@ -1333,6 +1350,15 @@ pub fn listener_pb(l: &config::Listener) -> Listener {
                         ForwardClientCertDetails::Sanitize => 0,
                         ForwardClientCertDetails::SanitizeSet => 3,
                     },
+                    upgrade_configs: h
+                        .upgrade_configs
+                        .iter()
+                        .map(|u| http_connection_manager::UpgradeConfig {
+                            upgrade_type: u.upgrade_type.clone(),
+                            enabled: (!u.enabled).then_some(xds::pb::google::protobuf::BoolValue { value: false }),
+                            ..Default::default()
+                        })
+                        .collect(),
                     ..Default::default()
                 };
                 filters.push(pb::Filter {

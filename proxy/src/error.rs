@@ -21,6 +21,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("protocol upgrade failed: {0}")]
     Upgrade(String),
+    #[error("upgrade to {protocol:?} is not allowed on this connection manager")]
+    UpgradeRefused { protocol: String },
     #[error("denied by RBAC policy {}", policy.as_deref().unwrap_or("(no ALLOW policy matched)"))]
     RbacDenied { policy: Option<String> },
     #[error("cluster {cluster} does not exist")]
@@ -90,6 +92,7 @@ impl ProxyError {
             ),
             Self::BadRequest(_) => r(400, INTERNAL, "DPE", "http1.codec_error", true),
             Self::Upgrade(_) => r(503, UNAVAILABLE, "UF", "upgrade_failed", false),
+            Self::UpgradeRefused { .. } => r(403, PERMISSION_DENIED, "-", "upgrade_failed", false),
             Self::RbacDenied { .. } => {
                 r(403, PERMISSION_DENIED, "RBAC", "rbac_access_denied", false)
             }
@@ -162,6 +165,14 @@ mod tests {
             (ProxyError::UpstreamReset("x".into()), 503, 14, "UC"),
             (ProxyError::BadRequest("x"), 400, 13, "DPE"),
             (ProxyError::Upgrade("x".into()), 503, 14, "UF"),
+            (
+                ProxyError::UpgradeRefused {
+                    protocol: "h2c".into(),
+                },
+                403,
+                7,
+                "-",
+            ),
             (ProxyError::RbacDenied { policy: None }, 403, 7, "RBAC"),
         ];
         for (err, status, grpc, flag) in table {

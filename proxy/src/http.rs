@@ -40,9 +40,16 @@ pub struct ConnCtx {
     pub local_app: Arc<str>,
     /// Draining: HTTP/1.x responses get `Connection: close` so clients reconnect elsewhere.
     pub drain: crate::drain::Watch,
+    /// Flips when the listeners stop (the end of the drain window): tunnels close then.
+    pub stop: tokio::sync::watch::Receiver<bool>,
+    /// The connection's place in its listener's limit, kept by a tunnel it becomes.
+    #[expect(dead_code, reason = "held for its Drop, which frees the slot")]
+    pub slot: Arc<crate::conn_slot::ConnSlot>,
     /// Bytes and requests in flight, for the connection idle timeout.
     pub activity: std::sync::Arc<crate::idle::Activity>,
     pub stream_idle_timeout: std::time::Duration,
+    /// Envoy's connection idle timeout (zero: none); tunnels obey it too.
+    pub connection_idle_timeout: std::time::Duration,
 }
 
 /// Serves one request. Never fails: every error becomes a local reply.
@@ -52,6 +59,7 @@ pub async fn handle(
     clusters: Clusters,
     telemetry: Arc<Telemetry>,
     hook: Option<crate::AuthzHook>,
+    recheck: crate::upgrade::ChainRecheck,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let mut guard = telemetry.start(ctx.reporter, ctx.local_id.clone());
@@ -64,7 +72,16 @@ pub async fn handle(
     );
     let req = Request::from_parts(parts, counted);
     let forwarded = match &chain {
-        Some(chain) => forward(&ctx, chain, &clusters, &mut guard, hook.as_ref(), req).await,
+        Some(chain) => {
+            let cx = Forwarding {
+                ctx: &ctx,
+                chain,
+                clusters: &clusters,
+                hook: hook.as_ref(),
+                recheck,
+            };
+            forward(&cx, &mut guard, req).await
+        }
         None => Err(ProxyError::ChainRemoved),
     };
     let response = match forwarded {
@@ -92,16 +109,23 @@ pub async fn handle(
     Ok(Response::from_parts(parts, Guarded::boxed(body, guard)))
 }
 
+/// What one request is forwarded with.
+struct Forwarding<'a> {
+    ctx: &'a Arc<ConnCtx>,
+    chain: &'a Arc<HttpChain>,
+    clusters: &'a Clusters,
+    hook: Option<&'a crate::AuthzHook>,
+    recheck: crate::upgrade::ChainRecheck,
+}
+
 async fn forward(
-    ctx: &ConnCtx,
-    chain: &HttpChain,
-    clusters: &Clusters,
+    cx: &Forwarding<'_>,
     guard: &mut CallGuard,
-    hook: Option<&crate::AuthzHook>,
     mut req: Request<Body>,
 ) -> Result<Response<Body>, ProxyError> {
+    let (ctx, chain, clusters, hook) = (&**cx.ctx, &**cx.chain, cx.clusters, cx.hook);
     check_request(&req)?;
-    let upgrade = upgrade_protocol(&req);
+    let upgrade = upgrade_protocol(&req, &chain.upgrade_types)?;
     if ctx.reporter == Reporter::Destination {
         // Peer metadata headers are a sidecar's word, so only an mTLS peer's count; a plaintext
         // (raw_buffer) caller could write anything there. They are stripped below either way.
@@ -191,7 +215,16 @@ async fn forward(
     }
 
     if let Some(proto) = upgrade {
-        return crate::upgrade::forward(req, proto, &cluster, guard).await;
+        // The tunnel is re-checked against the chain's policy as it changes: this request's view,
+        // as the policy read it.
+        let view = policy_view(ctx, &req, &authority, &normalized, Some(&cluster));
+        let tunnel = crate::upgrade::Tunnel {
+            ctx: cx.ctx.clone(),
+            chain: cx.chain.clone(),
+            recheck: cx.recheck.clone(),
+            view,
+        };
+        return crate::upgrade::forward(req, proto, &cluster, guard, tunnel).await;
     }
     let started = tokio::time::Instant::now();
     let send = cluster.send(req, guard.grpc);
@@ -212,6 +245,13 @@ async fn forward(
         guard.record.upstream_peer_uri_san = sent.peer.as_deref().map(Into::into);
         let peer = std::mem::take(&mut guard.peer);
         guard.peer = peer.with_principal(sent.peer.clone());
+    }
+    if sent.response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // Nothing was asked to switch: an app that switches anyway would get a connection the
+        // proxy no longer sees into.
+        return Err(ProxyError::Upgrade(
+            "the upstream switched protocols on a request that asked for no upgrade".into(),
+        ));
     }
     let (mut parts, incoming) = sent.response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -236,17 +276,7 @@ fn authorize(
 ) -> Result<(), ProxyError> {
     let full_path = normalized.path_and_query();
     let without_params = normalized.without_params();
-    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(req.headers().len() + 4);
-    headers.push((":authority", authority.as_bytes()));
-    headers.push((":method", req.method().as_str().as_bytes()));
-    headers.push((":path", full_path.as_bytes()));
-    headers.push((":scheme", b"http"));
-    headers.extend(
-        req.headers()
-            .iter()
-            .filter(|(k, _)| **k != header::HOST)
-            .map(|(k, v)| (k.as_str(), v.as_bytes())),
-    );
+    let headers = policy_headers(req, authority, &full_path);
     let decision = engine.evaluate(&policy::Request {
         principal: ctx.peer_id.as_deref(),
         path: &normalized.path,
@@ -295,6 +325,84 @@ fn authorize(
     Err(ProxyError::RbacDenied {
         policy: decision.policy.as_deref().map(Into::into),
     })
+}
+
+/// The headers policy reads: the pseudo-headers, then the request's own (`Host` is `:authority`).
+fn policy_headers<'a>(
+    req: &'a Request<Body>,
+    authority: &'a str,
+    full_path: &'a str,
+) -> Vec<(&'a str, &'a [u8])> {
+    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(req.headers().len() + 4);
+    headers.push((":authority", authority.as_bytes()));
+    headers.push((":method", req.method().as_str().as_bytes()));
+    headers.push((":path", full_path.as_bytes()));
+    headers.push((":scheme", b"http"));
+    headers.extend(
+        req.headers()
+            .iter()
+            .filter(|(k, _)| **k != header::HOST)
+            .map(|(k, v)| (k.as_str(), v.as_bytes())),
+    );
+    headers
+}
+
+/// A request as policy read it, owned: a tunnel keeps it to be re-checked when policy changes.
+#[derive(Debug)]
+pub(crate) struct PolicyView {
+    principal: Option<Arc<str>>,
+    path: String,
+    path_without_params: Option<String>,
+    headers: Vec<(String, Vec<u8>)>,
+    remote: std::net::IpAddr,
+    local: std::net::IpAddr,
+    destination_port: u16,
+    sni: Option<String>,
+}
+
+impl PolicyView {
+    pub(crate) fn decide(&self, engine: &policy::Engine) -> policy::Decision {
+        let headers: Vec<(&str, &[u8])> = self
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        engine.evaluate(&policy::Request {
+            principal: self.principal.as_deref(),
+            path: &self.path,
+            path_without_params: self.path_without_params.as_deref(),
+            headers: &headers,
+            direct_remote_ip: Some(self.remote),
+            remote_ip: Some(self.remote),
+            destination_ip: Some(self.local),
+            destination_port: self.destination_port,
+            sni: self.sni.as_deref(),
+            metadata: None,
+        })
+    }
+}
+
+fn policy_view(
+    ctx: &ConnCtx,
+    req: &Request<Body>,
+    authority: &str,
+    normalized: &policy::path::NormalizedPath,
+    cluster: Option<&ClusterRt>,
+) -> PolicyView {
+    let full_path = normalized.path_and_query();
+    PolicyView {
+        principal: ctx.peer_id.clone(),
+        path: normalized.path.clone(),
+        path_without_params: normalized.without_params(),
+        headers: policy_headers(req, authority, &full_path)
+            .into_iter()
+            .map(|(n, v)| (n.to_owned(), v.to_vec()))
+            .collect(),
+        remote: ctx.remote.ip(),
+        local: ctx.local.ip(),
+        destination_port: cluster.map_or(ctx.local.port(), |c| destination_port(ctx, c)),
+        sni: ctx.sni.clone(),
+    }
 }
 
 /// The port a request is for: on the inbound side, the app port it is delivered to (Istio's
@@ -362,31 +470,54 @@ fn check_request<B>(req: &Request<B>) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// The `Upgrade` protocol of an HTTP/1.1 upgrade request (WebSocket), if this is one.
-fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+/// The `Upgrade` protocol to tunnel, if this is an HTTP/1.1 upgrade request for one of the
+/// connection manager's upgrade types. `h2c` is never tunnelled (as in Envoy, the request goes on
+/// as a plain one, its `Upgrade` stripped with the other hop-by-hop headers); any other type not
+/// in the list is refused, so nothing reaches the app that could switch the connection to a
+/// protocol the proxy does not see into.
+fn upgrade_protocol<B>(
+    req: &Request<B>,
+    allowed: &[String],
+) -> Result<Option<HeaderValue>, ProxyError> {
     if req.version() != http::Version::HTTP_11 {
-        return None;
+        return Ok(None);
     }
-    let conn_upgrade = req
-        .headers()
-        .get_all(header::CONNECTION)
+    let conn_upgrade =
+        tokens(req.headers(), &header::CONNECTION).any(|t| t.eq_ignore_ascii_case(b"upgrade"));
+    let requested: Vec<&[u8]> = tokens(req.headers(), &header::UPGRADE).collect();
+    if !conn_upgrade || requested.is_empty() {
+        return Ok(None);
+    }
+    if requested.iter().any(|t| t.eq_ignore_ascii_case(b"h2c")) {
+        return Ok(None);
+    }
+    match requested.as_slice() {
+        [one]
+            if allowed
+                .iter()
+                .any(|a| a.as_bytes().eq_ignore_ascii_case(one)) =>
+        {
+            Ok(req.headers().get(header::UPGRADE).cloned())
+        }
+        _ => Err(ProxyError::UpgradeRefused {
+            protocol: String::from_utf8_lossy(&requested.join(&b","[..])).into_owned(),
+        }),
+    }
+}
+
+/// The comma-separated tokens of every value of a header, as bytes (a value need not be UTF-8).
+fn tokens<'a>(h: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+    h.get_all(name)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    conn_upgrade
-        .then(|| req.headers().get(header::UPGRADE).cloned())
-        .flatten()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
 }
 
 /// Removes hop-by-hop headers (and whatever `Connection` names), which never cross a proxy.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = tokens(h, &header::CONNECTION)
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
         .collect();
     for n in named {
         h.remove(n);
@@ -522,7 +653,7 @@ pub fn local_reply(e: &ProxyError, grpc: bool) -> Response<Body> {
         ProxyError::PlaintextOutbound { .. } => "outbound traffic requires mTLS".to_owned(),
         ProxyError::NoRoute { .. } => String::new(),
         ProxyError::BadRequest(why) => format!("Bad Request: {why}"),
-        ProxyError::Upgrade(_) => "upgrade failed".to_owned(),
+        ProxyError::Upgrade(_) | ProxyError::UpgradeRefused { .. } => "upgrade failed".to_owned(),
         ProxyError::RbacDenied { .. } => "RBAC: access denied".to_owned(),
     };
     let built = if grpc {

@@ -14,6 +14,7 @@ pub mod admin;
 mod ads;
 mod body;
 pub mod config;
+mod conn_slot;
 mod drain;
 pub mod envoy;
 mod error;

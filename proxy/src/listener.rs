@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::Clusters;
 use crate::config::{Direction, FilterChainMatch, Limits, Listener};
+use crate::conn_slot::ConnSlot;
 use crate::drain;
 use crate::http::ConnCtx;
 use crate::route::HttpChain;
@@ -258,10 +259,12 @@ struct Peer {
     sni: Option<String>,
 }
 
-/// The two drain signals a connection watches: drain started, and listeners stopped.
+/// The two drain signals a connection watches (drain started, and listeners stopped), and its
+/// place in the listener's limit.
 struct Draining {
     watch: drain::Watch,
     stop: watch::Receiver<bool>,
+    slot: Arc<ConnSlot>,
 }
 
 /// What the first bytes from an app look like.
@@ -346,13 +349,15 @@ impl ListenerRt {
             let stop = stop.clone();
             tokio::spawn(async move {
                 this.stats.downstream_cx_total.inc();
-                this.stats.downstream_cx_active.inc();
-                this.shared.total_connections.inc();
-                this.serve_conn(tcp, remote, local_id, Draining { watch, stop })
+                let slot = Arc::new(ConnSlot::new(
+                    permit,
+                    vec![
+                        this.stats.downstream_cx_active.clone(),
+                        this.shared.total_connections.clone(),
+                    ],
+                ));
+                this.serve_conn(tcp, remote, local_id, Draining { watch, stop, slot })
                     .await;
-                this.shared.total_connections.dec();
-                this.stats.downstream_cx_active.dec();
-                drop(permit);
             });
         }
         tracing::info!(listener = %self.config.name, "listener closed");
@@ -582,8 +587,11 @@ impl ListenerRt {
             local_workload: self.shared.local_workload.clone(),
             local_app: self.shared.local_app.clone(),
             drain: drain.watch.clone(),
+            stop: drain.stop.clone(),
+            slot: drain.slot.clone(),
             activity: crate::idle::Activity::new(),
             stream_idle_timeout: self.shared.limits.stream_idle_timeout,
+            connection_idle_timeout: self.shared.limits.connection_idle_timeout,
         })
     }
 
@@ -649,6 +657,7 @@ impl ListenerRt {
         let Draining {
             watch: mut drain,
             mut stop,
+            slot: _,
         } = drain;
         let draining_at_accept = drain.is_draining();
         let builder = server_builder(&self.shared.limits, draining_at_accept);
@@ -659,6 +668,14 @@ impl ListenerRt {
         let activity = ctx.activity.clone();
         let io = crate::idle::ActivityIo::new(io, activity.clone());
         let idle_timeout = self.shared.limits.connection_idle_timeout;
+        let recheck = {
+            let table = chains.clone();
+            let name = chain_name.clone();
+            crate::upgrade::ChainRecheck {
+                changes: chains.changes(),
+                current: Arc::new(move || table.http(&name)),
+            }
+        };
         let svc = hyper::service::service_fn(move |req| {
             crate::http::handle(
                 ctx.clone(),
@@ -666,6 +683,7 @@ impl ListenerRt {
                 shared.clusters.get(),
                 telemetry.clone(),
                 hook.clone(),
+                recheck.clone(),
                 req,
             )
         });

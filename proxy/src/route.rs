@@ -12,6 +12,8 @@ pub struct HttpChain {
     /// The RBAC filters of this connection manager, compiled; `None` = no authorization filter.
     pub rbac: Option<policy::Engine>,
     pub forward_client_cert: ForwardClientCertDetails,
+    /// The `Upgrade` types tunnelled (lowercase; never `h2c`).
+    pub upgrade_types: Vec<String>,
     virtual_hosts: Vec<VirtualHostRt>,
     pub stats: HttpStats,
 }
@@ -123,6 +125,12 @@ impl HttpChain {
         Ok(Arc::new(Self {
             rbac,
             forward_client_cert: hcm.forward_client_cert_details,
+            upgrade_types: hcm
+                .upgrade_configs
+                .iter()
+                .filter(|u| u.enabled && !u.upgrade_type.eq_ignore_ascii_case("h2c"))
+                .map(|u| u.upgrade_type.to_ascii_lowercase())
+                .collect(),
             virtual_hosts: hcm
                 .route_config
                 .virtual_hosts
@@ -297,6 +305,7 @@ mod tests {
                 stat_prefix: "t".into(),
                 forward_client_cert_details: ForwardClientCertDetails::SanitizeSet,
                 http_filters: vec![],
+                upgrade_configs: vec![],
                 rds: None,
                 route_config: RouteConfiguration {
                     name: "r".into(),

@@ -206,11 +206,20 @@ fn mask_eq(net: &[u8], a: &[u8], len: u32) -> bool {
     (net[full] & mask) == (a[full] & mask)
 }
 
-/// Envoy's URI template matcher: `*` is one path segment, `**` is any number of segments.
+/// Envoy's URI template matcher (`envoy.path.match.uri_template`), whole: `*` is one path segment,
+/// `**` any number of segments (the last operator), `{name}` / `{name=*}` / `{name=**}` /
+/// `{name=a/*/b}` are variables matching the same, and the last segment may end in a literal
+/// suffix after an operator or variable (`/{lang}/{path=**}.m3u8`, `/files/**.pdf`). Anything
+/// else (a literal before an operator in one segment, `**` before another operator, bad names,
+/// more than five variables, stray braces) is refused, so a DENY rule never silently becomes a
+/// template that matches nothing.
 #[derive(Debug, Clone)]
 pub(crate) struct UriTemplate {
-    segments: Vec<String>,
+    regex: regex::Regex,
 }
+
+/// Envoy's limit on variables in one template.
+const MAX_TEMPLATE_VARIABLES: usize = 5;
 
 impl UriTemplate {
     pub(crate) fn compile(t: &rbac::TypedExtensionConfig, at: &str) -> Result<Self, CompileError> {
@@ -220,40 +229,252 @@ impl UriTemplate {
                 what: format!("uriTemplate of type {}", t.typed_config.type_url),
             });
         }
-        let tpl = &t.typed_config.path_template;
-        if !tpl.starts_with('/') {
-            return Err(CompileError::invalid(at, "a path template starts with '/'"));
-        }
-        Ok(Self {
-            segments: tpl[1..].split('/').map(str::to_owned).collect(),
+        Self::parse(&t.typed_config.path_template).map_err(|why| {
+            CompileError::invalid(
+                at,
+                &format!("path template {:?}: {why}", t.typed_config.path_template),
+            )
         })
     }
 
+    /// Parses a path template; the error says what is wrong with it.
+    pub(crate) fn parse(tpl: &str) -> Result<Self, String> {
+        let rest = tpl
+            .strip_prefix('/')
+            .ok_or("a path template starts with '/'")?;
+        let segments = split_template(rest)?;
+        let mut re = String::from("^");
+        let mut names: Vec<&str> = Vec::new();
+        let mut seen_double_star = false;
+        let last = segments.len() - 1;
+        for (i, seg) in segments.iter().enumerate() {
+            re.push('/');
+            let (head, suffix) = split_operator(seg)?;
+            if !suffix.is_empty() && i != last {
+                return Err(format!(
+                    "{seg:?}: only the last segment may have text after an operator"
+                ));
+            }
+            if matches!(head, Head::Operator("**")) && suffix.is_empty() && i != last {
+                // `/**/x`: zero segments read as `/x` too.
+                if seen_double_star {
+                    return Err("`**` must be the last operator".into());
+                }
+                seen_double_star = true;
+                re.pop();
+                re.push_str("(?:/.*)?");
+                continue;
+            }
+            let parts: Vec<&str> = match head {
+                Head::Literal(lit) => {
+                    check_literal(lit)?;
+                    re.push_str(&regex::escape(lit));
+                    continue;
+                }
+                Head::Operator(op) => vec![op],
+                Head::Variable { name, pattern } => {
+                    if seen_double_star {
+                        return Err("`**` must be the last operator".into());
+                    }
+                    check_variable_name(name)?;
+                    if names.contains(&name) {
+                        return Err(format!("variable {name:?} appears twice"));
+                    }
+                    names.push(name);
+                    if names.len() > MAX_TEMPLATE_VARIABLES {
+                        return Err(format!("more than {MAX_TEMPLATE_VARIABLES} variables"));
+                    }
+                    pattern.split('/').collect()
+                }
+            };
+            for (j, part) in parts.iter().enumerate() {
+                if j > 0 {
+                    re.push('/');
+                }
+                if seen_double_star && part.contains('*') {
+                    return Err("`**` must be the last operator".into());
+                }
+                match *part {
+                    "*" => re.push_str("[^/]+"),
+                    "**" => {
+                        seen_double_star = true;
+                        re.push_str(".*");
+                    }
+                    lit => {
+                        if lit.contains('*') {
+                            return Err(format!("{lit:?}: operators fill a whole segment"));
+                        }
+                        check_literal(lit)?;
+                        re.push_str(&regex::escape(lit));
+                    }
+                }
+            }
+            if !suffix.is_empty() {
+                check_literal(suffix)?;
+                re.push_str(&regex::escape(suffix));
+            }
+        }
+        re.push('$');
+        let regex = regex::RegexBuilder::new(&format!("(?s){re}"))
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+            .map_err(|e| format!("does not compile: {e}"))?;
+        Ok(Self { regex })
+    }
+
     pub(crate) fn matches(&self, path: &str) -> bool {
-        let Some(rest) = path.strip_prefix('/') else {
-            return false;
-        };
-        let segs: Vec<&str> = rest.split('/').collect();
-        match_segments(&self.segments, &segs)
+        self.regex.is_match(path)
     }
 }
 
-fn match_segments(tpl: &[String], segs: &[&str]) -> bool {
-    match tpl.split_first() {
-        None => segs.is_empty(),
-        Some((t, rest)) if t == "**" => (0..=segs.len()).any(|k| match_segments(rest, &segs[k..])),
-        Some((t, rest)) => match segs.split_first() {
-            Some((s, srest)) if (t == "*" && !s.is_empty()) || t == s => {
-                match_segments(rest, srest)
+/// The start of a template segment: a literal, an operator, or a variable.
+enum Head<'a> {
+    Literal(&'a str),
+    Operator(&'a str),
+    Variable { name: &'a str, pattern: &'a str },
+}
+
+/// Segments, with `/` inside `{…}` kept inside its variable.
+fn split_template(rest: &str) -> Result<Vec<&str>, String> {
+    let mut out = Vec::new();
+    let (mut start, mut depth) = (0, 0usize);
+    for (i, c) in rest.char_indices() {
+        match c {
+            '{' if depth == 0 => depth = 1,
+            '{' => return Err("nested '{'".into()),
+            '}' if depth == 1 => depth = 0,
+            '}' => return Err("'}' without '{'".into()),
+            '/' if depth == 0 => {
+                out.push(&rest[start..i]);
+                start = i + 1;
             }
-            _ => false,
-        },
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err("'{' without '}'".into());
+    }
+    out.push(&rest[start..]);
+    Ok(out)
+}
+
+/// A segment's operator or variable and the literal suffix after it (`**.pdf` → `**`, `.pdf`).
+fn split_operator(seg: &str) -> Result<(Head<'_>, &str), String> {
+    if let Some(body) = seg.strip_prefix('{') {
+        let close = body.find('}').ok_or("'{' without '}'")?;
+        let (inner, suffix) = (&body[..close], &body[close + 1..]);
+        let (name, pattern) = inner.split_once('=').unwrap_or((inner, "*"));
+        if pattern.is_empty() {
+            return Err(format!("variable {name:?} has an empty pattern"));
+        }
+        return Ok((Head::Variable { name, pattern }, suffix));
+    }
+    if let Some(suffix) = seg.strip_prefix("**") {
+        return Ok((Head::Operator("**"), suffix));
+    }
+    if let Some(suffix) = seg.strip_prefix('*') {
+        return Ok((Head::Operator("*"), suffix));
+    }
+    if seg.contains(['*', '{', '}']) {
+        return Err(format!(
+            "{seg:?}: text before an operator or variable in one segment is not supported"
+        ));
+    }
+    Ok((Head::Literal(seg), ""))
+}
+
+/// Path characters a template literal may hold (RFC 3986 pchar, escapes as `%XX`).
+fn check_literal(lit: &str) -> Result<(), String> {
+    let ok = lit
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-._~%!$&'()+,;:@=".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{lit:?} holds a character a path template literal may not"
+        ))
+    }
+}
+
+fn check_variable_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a variable name"))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uri_templates_match_as_envoy_does() {
+        let t = |tpl: &str| UriTemplate::parse(tpl).unwrap_or_else(|e| panic!("{tpl}: {e}"));
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            (
+                "/files/**.pdf",
+                &["/files/a.pdf", "/files/a/b/c.pdf", "/files/.pdf"],
+                &["/files/a.txt", "/file/a.pdf", "/files"],
+            ),
+            (
+                "/v1/*/secret",
+                &["/v1/x/secret"],
+                &["/v1//secret", "/v1/x/y/secret", "/v1/secret"],
+            ),
+            ("/api/{id}", &["/api/7"], &["/api/7/8", "/api/"]),
+            (
+                "/{lang}/{path=**}.m3u8",
+                &["/en/a/b.m3u8", "/en/.m3u8"],
+                &["/en/a/b.mp4"],
+            ),
+            ("/videos/{seg=**}.ts", &["/videos/1/2.ts"], &["/video/1.ts"]),
+            (
+                "/{x=shelves/*}/books",
+                &["/shelves/1/books"],
+                &["/shelves/books", "/shelves/1/2/books"],
+            ),
+            ("/foo/**", &["/foo/", "/foo/a/b"], &["/foo", "/foobar"]),
+            ("/a.b/*", &["/a.b/c"], &["/axb/c"]),
+            ("/a/**/b", &["/a/b", "/a/x/y/b"], &["/a/bb", "/a/x/c"]),
+        ];
+        for (tpl, yes, no) in cases {
+            let m = t(tpl);
+            for p in *yes {
+                assert!(m.matches(p), "{tpl} should match {p}");
+            }
+            for p in *no {
+                assert!(!m.matches(p), "{tpl} should not match {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_template_syntax_is_refused() {
+        for tpl in [
+            "/v1/*/secret*",
+            "/v1/x{*}",
+            "/a/**/*",
+            "/a/**/{x}",
+            "/**/b/**",
+            "/{a}/{a}",
+            "/{1x}",
+            "/{a=}",
+            "/{a",
+            "/a}",
+            "/{a{b}}",
+            "/x/*.pdf/y",
+            "no-slash",
+            "/{a}/{b}/{c}/{d}/{e}/{f}",
+            "/sp ace",
+        ] {
+            assert!(UriTemplate::parse(tpl).is_err(), "{tpl} should be refused");
+        }
+    }
 
     fn sm(m: rbac::StringMatcher) -> StringMatcher {
         StringMatcher::compile(&m, "t").unwrap()
@@ -367,9 +588,7 @@ mod tests {
 
     #[test]
     fn templates() {
-        let t = |p: &str| UriTemplate {
-            segments: p[1..].split('/').map(str::to_owned).collect(),
-        };
+        let t = |p: &str| UriTemplate::parse(p).unwrap();
         assert!(t("/path/template/*").matches("/path/template/x"));
         assert!(!t("/path/template/*").matches("/path/template/x/y"));
         assert!(t("/**/path/template").matches("/a/b/path/template"));

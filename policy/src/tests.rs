@@ -270,3 +270,40 @@ fn header_values_match_as_bytes_so_obs_text_cannot_sidestep_deny() {
     assert!(allowed(&[("x-role", b"reader\xff")]));
     assert!(!allowed(&[("x-role", b"blocked\xff")]));
 }
+
+#[test]
+fn istio_path_templates_deny_what_envoy_matches_and_refuse_the_rest() {
+    let target = istio::Target {
+        namespace: "ns".into(),
+        labels: [("app".to_owned(), "files".to_owned())].into(),
+        root_namespace: "istio-system".into(),
+        trust_domain: "td".into(),
+        trust_domain_aliases: vec![],
+    };
+    let engine_for = |paths: &str| {
+        let yaml = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny, namespace: ns}}\nspec:\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: {paths}}}}}]}}]\n"
+        );
+        let policies = istio::parse(&yaml).unwrap();
+        Engine::compile(&istio::translate(&policies, &target, false).unwrap()).unwrap()
+    };
+    let allowed = |e: &Engine, path: &str| e.evaluate(&req(None, path, None, &[])).allowed;
+    // A supported template denies what Envoy's matcher matches, and only that.
+    let e = engine_for(r#"["/files/{**}.pdf"]"#);
+    assert!(!allowed(&e, "/files/a/b/report.pdf"));
+    assert!(!allowed(&e, "/files/x.pdf"));
+    assert!(allowed(&e, "/files/x.txt"));
+    // Unsupported syntax cannot become a template that matches nothing: the rule denies all.
+    for bad in [
+        r#"["/v1/{*}/secret{*}"]"#,
+        r#"["/a/{**}/{*}"]"#,
+        r#"["/x/{y"]"#,
+    ] {
+        let e = engine_for(bad);
+        assert!(!allowed(&e, "/anything"), "{bad} should deny everything");
+        assert!(
+            !allowed(&e, "/v1/a/secret1"),
+            "{bad} should deny everything"
+        );
+    }
+}

@@ -364,7 +364,7 @@ fn permission(key: &Key, v: &str) -> Result<Permission, String> {
     Ok(match key {
         Key::Host => header_matcher(":authority", v, true),
         Key::Method => header_matcher(":method", v, false),
-        Key::Path => path_permission(v),
+        Key::Path => path_permission(v)?,
         Key::Port => Permission::DestinationPort(
             v.parse::<u16>()
                 .map_err(|_| format!("bad port {v:?}"))?
@@ -397,19 +397,25 @@ fn header(name: &str, v: &str, ignore_case: bool) -> HeaderMatcher {
     }
 }
 
-fn path_permission(v: &str) -> Permission {
-    if v.contains("{*}") || v.contains("{**}") {
-        return Permission::UriTemplate(TypedExtensionConfig {
+/// A path value: Istio's `{*}` / `{**}` templates become Envoy URI templates, which must parse
+/// (a rule with one that does not is untranslatable: a DENY rule then denies everything, an ALLOW
+/// rule grants nothing); anything else is Istio's wildcard form.
+fn path_permission(v: &str) -> Result<Permission, String> {
+    if v.contains('{') || v.contains('}') {
+        let path_template = v.replace("{**}", "**").replace("{*}", "*");
+        crate::matcher::UriTemplate::parse(&path_template)
+            .map_err(|why| format!("path template {v:?}: {why}"))?;
+        return Ok(Permission::UriTemplate(TypedExtensionConfig {
             name: "uri-template".into(),
             typed_config: UriTemplateConfig {
                 type_url: URI_TEMPLATE_TYPE.into(),
-                path_template: v.replace("{**}", "**").replace("{*}", "*"),
+                path_template,
             },
-        });
+        }));
     }
-    Permission::UrlPath(PathMatcher {
+    Ok(Permission::UrlPath(PathMatcher {
         path: wildcard(v, "", false),
-    })
+    }))
 }
 
 /// Istio's value forms: `*` any non-empty, `x*` prefix, `*x` suffix, else exact; all after `prefix`.

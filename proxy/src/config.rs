@@ -592,6 +592,9 @@ pub struct Limits {
     #[serde(with = "duration")]
     pub connection_idle_timeout: Duration,
     pub per_connection_buffer_limit_bytes: usize,
+    /// Distinct label sets each family of Istio metrics may hold (HTTP and TCP apart); past it,
+    /// the labels a caller can influence read `overflow`.
+    pub max_metric_series: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -647,6 +650,7 @@ impl Default for Limits {
             stream_idle_timeout: Duration::from_secs(300),
             connection_idle_timeout: Duration::from_secs(3600),
             per_connection_buffer_limit_bytes: 32 * 1024,
+            max_metric_series: 1_000,
         }
     }
 }

@@ -133,6 +133,7 @@ async fn forward(
             ctx.peer_id
                 .as_ref()
                 .and(header_str(req.headers(), name))
+                .filter(|v| crate::telemetry::plausible_name(v))
                 .map(Into::into)
         };
         guard.peer = Peer {
@@ -188,6 +189,7 @@ async fn forward(
     }
     let timeout = selected.timeout;
     guard.record.upstream_cluster = Some(cluster.config.name.clone());
+    guard.destination_service = cluster.config.metadata.service.as_deref().map(Into::into);
     if ctx.reporter == Reporter::Source {
         guard.peer = Peer::from_metadata(&cluster.config.metadata);
     }

@@ -132,7 +132,12 @@ pub async fn run(
     let access_log =
         access_log::AccessLog::open(config.access_log.as_ref(), stats.stat("access_log.dropped"))
             .map_err(StartError::AccessLog)?;
-    let telemetry = Arc::new(telemetry::Telemetry::new(&config.node, access_log, stats));
+    let telemetry = Arc::new(telemetry::Telemetry::new(
+        &config.node,
+        access_log,
+        stats,
+        config.limits.max_metric_series,
+    ));
 
     let shared = Arc::new(Shared {
         clusters: listener::LiveClusters::default(),

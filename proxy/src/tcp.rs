@@ -55,6 +55,7 @@ pub async fn proxy<D>(
     r.downstream_peer_uri_san = ctx.peer_id.as_deref().map(Into::into);
     r.requested_server_name = ctx.sni.clone();
     r.upstream_cluster = Some(cluster.config.name.clone());
+    guard.destination_service = cluster.config.metadata.service.as_deref().map(Into::into);
     guard.tcp_opened();
     if let Some(engine) = rbac {
         let decision = decide(engine, ctx, cluster);

@@ -2,7 +2,7 @@
 //! guard so that every exit path (success, local error, client gone) counts exactly once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use tokio::time::Instant;
@@ -18,6 +18,14 @@ pub struct Telemetry {
     pub stats: EnvoyStats,
     pub access_log: AccessLog,
     local: LocalLabels,
+    /// Distinct label sets created so far (HTTP, TCP), and how many each family may hold
+    /// (`limits.max_metric_series`). Past it, the labels a caller can influence (the service it
+    /// named, the workload and app its sidecar claimed, the gRPC status its app sent) read
+    /// `overflow`, so the series stop growing; each such call is counted in
+    /// `eastguard.metric_series_overflow`.
+    series: [AtomicUsize; 2],
+    max_series: usize,
+    overflow: crate::stats::Stat,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +69,9 @@ pub struct CallGuard {
     pub mtls: bool,
     pub request_bytes: Arc<AtomicU64>,
     pub response_bytes: Arc<AtomicU64>,
+    /// The service the call was routed to, from the routed cluster (inbound: `None` unless its
+    /// metadata names one; the `Host` a caller sent is never a label).
+    pub destination_service: Option<Arc<str>>,
     /// Set when the response body finished; a guard dropped before that reports `DC`.
     pub completed: bool,
     /// TCP calls report to the istio_tcp_* metrics instead.
@@ -74,10 +85,13 @@ pub struct CallGuard {
 // === impl Telemetry ===
 
 impl Telemetry {
-    pub fn new(node: &Node, access_log: AccessLog, stats: EnvoyStats) -> Self {
+    pub fn new(node: &Node, access_log: AccessLog, stats: EnvoyStats, max_series: usize) -> Self {
         let lv = |s: &str| Lv::from(s);
         Self {
             metrics: IstioMetrics::new(),
+            series: Default::default(),
+            max_series,
+            overflow: stats.stat("eastguard.metric_series_overflow"),
             stats,
             access_log,
             local: LocalLabels {
@@ -108,6 +122,7 @@ impl Telemetry {
             mtls: false,
             request_bytes: Arc::default(),
             response_bytes: Arc::default(),
+            destination_service: None,
             completed: false,
             tcp: false,
             inflight: None,
@@ -142,6 +157,15 @@ impl Peer {
 }
 
 // === impl CallGuard ===
+
+/// Whether a peer's claim (workload or app name) can be a label value: a DNS label or
+/// subdomain, as Kubernetes names are.
+pub fn plausible_name(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 253
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
 
 fn unknown(v: &Option<Arc<str>>) -> Lv {
     Lv(v.clone().unwrap_or_else(|| "unknown".into()))
@@ -200,13 +224,7 @@ impl CallGuard {
                 Lv(self.local_id.clone()),
                 t.app.clone(),
                 t.cluster.clone(),
-                Lv(self
-                    .record
-                    .authority
-                    .as_deref()
-                    .map(|a| a.split(':').next().unwrap_or(a))
-                    .unwrap_or("unknown")
-                    .into()),
+                unknown(&self.destination_service),
             ),
         };
         let service_name: Lv = Lv(dst_service.0.split('.').next().unwrap_or("unknown").into());
@@ -248,7 +266,12 @@ impl CallGuard {
             } else {
                 self.record.response_code.to_string().into()
             }),
-            grpc_response_status: Lv(self.grpc_status.clone().unwrap_or_default().into()),
+            // A gRPC status is a number (0–16); anything else an app sends is not a label value.
+            grpc_response_status: Lv(match self.grpc_status.as_deref() {
+                Some(g) if g.parse::<u8>().is_ok_and(|n| n <= 16) => g.into(),
+                Some(_) => "unknown".into(),
+                None => "".into(),
+            }),
             response_flags: Lv(self.record.response_flags.as_str().into()),
             connection_security_policy: Lv::from(match (self.reporter, self.mtls) {
                 (Reporter::Destination, true) => "mutual_tls",
@@ -256,6 +279,42 @@ impl CallGuard {
                 (Reporter::Source, _) => "unknown",
             }),
         }
+    }
+}
+
+impl CallGuard {
+    /// The labels as given while the family has room; past `limits.max_metric_series`, the
+    /// caller-influenced ones read `overflow`.
+    fn bounded(&self, mut labels: RequestLabels) -> RequestLabels {
+        let t = &self.telemetry;
+        let (family_has, series) = if self.tcp {
+            (
+                t.metrics.tcp_connections_opened.get(&labels).is_some(),
+                &t.series[1],
+            )
+        } else {
+            (
+                t.metrics.requests_total.get(&labels).is_some(),
+                &t.series[0],
+            )
+        };
+        if family_has || series.fetch_add(1, Ordering::Relaxed) < t.max_series {
+            return labels;
+        }
+        series.fetch_sub(1, Ordering::Relaxed);
+        t.overflow.inc();
+        let overflow = || Lv::from("overflow");
+        labels.destination_service = overflow();
+        labels.destination_service_name = overflow();
+        labels.grpc_response_status = overflow();
+        match self.reporter {
+            Reporter::Destination => {
+                labels.source_workload = overflow();
+                labels.source_app = overflow();
+            }
+            Reporter::Source => {}
+        }
+        labels
     }
 }
 
@@ -268,7 +327,7 @@ impl Drop for CallGuard {
         self.record.duration = self.started.elapsed().as_millis() as u64;
         self.record.bytes_received = self.request_bytes.load(Ordering::Relaxed);
         self.record.bytes_sent = self.response_bytes.load(Ordering::Relaxed);
-        let labels = self.labels();
+        let labels = self.bounded(self.labels());
         let m = &self.telemetry.metrics;
         if self.tcp {
             m.tcp_received_bytes
@@ -298,7 +357,7 @@ impl CallGuard {
     /// For TCP: counts the connection as opened (closed is counted on drop).
     pub fn tcp_opened(&mut self) {
         self.tcp = true;
-        let labels = self.labels();
+        let labels = self.bounded(self.labels());
         self.telemetry
             .metrics
             .tcp_connections_opened

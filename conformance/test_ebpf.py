@@ -226,13 +226,17 @@ def test_a_pod_whose_redirect_cannot_attach_stays_closed(cluster):
 
 
 def test_a_broken_registry_keeps_the_last_good_one(cluster):
-    """A registry that does not parse (or names a pod unsafely) detaches nothing: the error is
-    reported and pods stay captured; a good file is taken again."""
+    """A registry that does not parse, names a pod unsafely or is empty (truncated) detaches
+    nothing: the error is reported and pods stay captured; a good file is taken again."""
     good = cluster.registry.read_text()
-    for bad in ("pods: [\n  - name: [unterminated\n", "pods:\n- name: ../escape\n  cgroup: /x\n  sidecar_cgroup: /x/s\n  netns: /n\n"):
-        tmp = cluster.registry.with_suffix(".tmp")
-        tmp.write_text(bad)
-        tmp.rename(cluster.registry)
+    for bad in ("pods: [\n  - name: [unterminated\n", "pods:\n- name: ../escape\n  cgroup: /x\n  sidecar_cgroup: /x/s\n  netns: /n\n", "", "\n"):
+        if bad.strip():
+            tmp = cluster.registry.with_suffix(".tmp")
+            tmp.write_text(bad)
+            tmp.rename(cluster.registry)
+        else:
+            # Truncated in place, as an editor or `> capture.yaml` does: not "no pods".
+            cluster.registry.write_text(bad)
         deadline = time.time() + 5
         body = {}
         while time.time() < deadline:

@@ -49,6 +49,7 @@ pub async fn run(
     let mut registry = Registry::default();
     // A broken file keeps the last good registry; before the first good one, nothing is touched.
     let mut have_good = false;
+    let mut last_read: Option<String> = None;
     let mut tick = tokio::time::interval(opts.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -57,12 +58,22 @@ pub async fn run(
             () = &mut shutdown => break,
             _ = tick.tick() => {}
         }
-        let registry_error = match Registry::load(&opts.registry) {
-            Ok(r) => {
-                registry = r;
-                have_good = true;
-                None
-            }
+        // A change is applied once two polls read the same bytes, so a file caught half-written is
+        // never reconciled (a pod dropped from it would lose its capture).
+        let text = std::fs::read_to_string(&opts.registry)
+            .map_err(|e| format!("{}: {e}", opts.registry.display()));
+        let stable = text.as_ref().ok() == last_read.as_ref();
+        last_read = text.as_ref().ok().cloned();
+        let registry_error = match text {
+            Ok(_) if !stable => continue,
+            Ok(t) => match Registry::parse(&t) {
+                Ok(r) => {
+                    registry = r;
+                    have_good = true;
+                    None
+                }
+                Err(e) => Some(format!("{}: {e}", opts.registry.display())),
+            },
             Err(e) => Some(e),
         };
         {

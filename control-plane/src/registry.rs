@@ -173,12 +173,14 @@ struct FileContent {
 fn parse_file(path: &Path, text: &str) -> Result<FileContent, String> {
     let file = path.display();
     let mut out = FileContent::default();
+    let mut documents = 0;
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = serde_json::Value::deserialize(doc)
             .map_err(|e| format!("{file}: document {index}: {e}"))?;
         if value.is_null() {
             continue;
         }
+        documents += 1;
         let mut d: Document = serde_json::from_value(value.clone())
             .map_err(|e| format!("{file}: document {index}: {e}"))?;
         let what = format!(
@@ -282,6 +284,13 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContent, String> {
             }
         }
     }
+    if documents == 0 {
+        // An empty file is what a truncated write looks like; taking it as "no resources" would
+        // drop a DENY (or the only ALLOW) in one step.
+        return Err(format!(
+            "{file}: the file has no documents (delete it to remove what it held)"
+        ));
+    }
     Ok(out)
 }
 
@@ -297,11 +306,30 @@ fn check_address(a: &str) -> Result<(), String> {
 }
 
 /// A directory of YAML files, re-read when they change.
+///
+/// A change is applied only once it has been read the same on two polls in a row, so a file
+/// caught half-written (an editor's truncate-then-write, a slow copy) is never pushed; a file that
+/// is empty (no documents) is refused like a broken one, its last good content staying in force
+/// (delete the file to remove what it held); and a file that disappears is dropped only when it
+/// is still gone on the next poll (an editor's delete-then-rename is not a moment without its
+/// policies). The first read, before anything is served, applies at once.
 pub struct Directory {
     dir: PathBuf,
     files: BTreeMap<PathBuf, (String, FileContent)>,
+    /// Changes seen once, waiting for the next poll to confirm them.
+    pending: BTreeMap<PathBuf, Pending>,
+    /// Whether a refresh has run (the first applies without waiting).
+    primed: bool,
     /// The last error of each file that has one.
     pub errors: BTreeMap<PathBuf, String>,
+}
+
+/// A change seen on one poll.
+#[derive(Debug, PartialEq, Eq)]
+enum Pending {
+    /// New content, by hash.
+    Content(String),
+    Gone,
 }
 
 impl Directory {
@@ -309,6 +337,8 @@ impl Directory {
         Self {
             dir,
             files: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            primed: false,
             errors: BTreeMap::new(),
         }
     }
@@ -318,6 +348,7 @@ impl Directory {
     pub fn refresh(&mut self) -> Result<bool, String> {
         let entries =
             std::fs::read_dir(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let confirm = std::mem::replace(&mut self.primed, true);
         let mut seen = BTreeSet::new();
         let mut changed = false;
         for entry in entries.flatten() {
@@ -331,15 +362,19 @@ impl Directory {
                 continue;
             };
             if self.files.get(&path).is_some_and(|(t, _)| *t == text) {
+                self.pending.remove(&path);
                 continue;
             }
-            if self
-                .errors
-                .get(&path)
-                .is_some_and(|e| e.starts_with(&hash_prefix(&text)))
-            {
+            let hash = hash_prefix(&text);
+            if self.errors.get(&path).is_some_and(|e| e.starts_with(&hash)) {
                 continue;
             }
+            if confirm && self.pending.get(&path) != Some(&Pending::Content(hash.clone())) {
+                // Seen for the first time: applied if the next poll reads the same.
+                self.pending.insert(path, Pending::Content(hash));
+                continue;
+            }
+            self.pending.remove(&path);
             match parse_file(&path, &text) {
                 Ok(content) => {
                     if self.errors.remove(&path).is_some() {
@@ -350,8 +385,7 @@ impl Directory {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "file rejected; its last good content stays in force");
-                    self.errors
-                        .insert(path, format!("{}{e}", hash_prefix(&text)));
+                    self.errors.insert(path, format!("{hash}{e}"));
                 }
             }
         }
@@ -362,11 +396,18 @@ impl Directory {
             .cloned()
             .collect();
         for p in gone {
+            if confirm && self.pending.get(&p) != Some(&Pending::Gone) {
+                self.pending.insert(p, Pending::Gone);
+                continue;
+            }
             tracing::info!(file = %p.display(), "file removed");
+            self.pending.remove(&p);
             self.files.remove(&p);
             changed = true;
         }
         self.errors.retain(|p, _| seen.contains(p));
+        self.pending
+            .retain(|p, what| seen.contains(p) || *what == Pending::Gone);
         Ok(changed)
     }
 
@@ -403,6 +444,59 @@ fn hash_prefix(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DENY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: ns}\nspec: {action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}\n";
+
+    fn policies(d: &Directory) -> usize {
+        d.registry().authorization.len()
+    }
+
+    #[test]
+    fn half_written_empty_and_vanishing_files_never_drop_policy_in_one_step() {
+        let dir = std::env::temp_dir().join(format!("eg-cp-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("authz.yaml");
+        std::fs::write(&f, DENY).unwrap();
+        let mut d = Directory::new(dir.clone());
+        // The first read applies at once.
+        assert!(d.refresh().unwrap());
+        assert_eq!(policies(&d), 1);
+        // Truncated: an empty file is refused, and the DENY stays.
+        std::fs::write(&f, "").unwrap();
+        for _ in 0..3 {
+            assert!(!d.refresh().unwrap());
+        }
+        assert_eq!(policies(&d), 1);
+        assert!(
+            d.error_messages()[0].contains("no documents"),
+            "{:?}",
+            d.error_messages()
+        );
+        // A change applies once two polls read the same content.
+        std::fs::write(&f, DENY.replace("/admin", "/secret")).unwrap();
+        assert!(!d.refresh().unwrap(), "applied on the first sight");
+        assert!(d.refresh().unwrap());
+        // One that keeps changing between polls never applies.
+        for i in 0..4 {
+            std::fs::write(&f, DENY.replace("/admin", &format!("/p{i}"))).unwrap();
+            assert!(!d.refresh().unwrap());
+        }
+        // Deleted: dropped only when still gone on the next poll; back in time, nothing changes.
+        std::fs::write(&f, DENY.replace("/admin", "/secret")).unwrap();
+        d.refresh().unwrap();
+        std::fs::remove_file(&f).unwrap();
+        assert!(!d.refresh().unwrap());
+        assert_eq!(policies(&d), 1);
+        std::fs::write(&f, DENY.replace("/admin", "/secret")).unwrap();
+        assert!(!d.refresh().unwrap());
+        assert_eq!(policies(&d), 1);
+        std::fs::remove_file(&f).unwrap();
+        assert!(!d.refresh().unwrap());
+        assert!(d.refresh().unwrap());
+        assert_eq!(policies(&d), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn errors_name_file_document_and_field() {

@@ -94,12 +94,13 @@ impl std::str::FromStr for Cidr {
 }
 
 impl Registry {
+    /// An empty file is refused: it is what a truncated write looks like, and taking it as "no
+    /// pods" would detach every pod's capture (guard included) at once. `pods: []` says it.
     pub fn parse(text: &str) -> Result<Registry, String> {
-        let reg: Registry = if text.trim().is_empty() {
-            Registry::default()
-        } else {
-            serde_yaml::from_str(text).map_err(|e| e.to_string())?
-        };
+        if text.trim().is_empty() {
+            return Err("the registry is empty (write `pods: []` to remove every pod)".into());
+        }
+        let reg: Registry = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
         reg.validate()?;
         Ok(reg)
     }
@@ -176,7 +177,11 @@ mod tests {
         assert_eq!((p.outbound_port, p.inbound_port), (15001, 15006));
         assert_eq!(p.exclude_inbound_ports, vec![15020, 15021, 15090]);
         assert!(p.short_circuit);
-        assert!(Registry::parse("").unwrap().pods.is_empty());
+        assert!(Registry::parse("pods: []").unwrap().pods.is_empty());
+        for empty in ["", "\n", "  \n\n"] {
+            let e = Registry::parse(empty).unwrap_err();
+            assert!(e.contains("pods: []"), "{e}");
+        }
     }
 
     #[test]

@@ -42,12 +42,23 @@ pub struct TlsOptions {
     pub bundle: PathBuf,
 }
 
-/// The registry in force and per-node snapshots generated from it.
+/// The registry in force and per-workload snapshots generated from it.
 pub struct ControlPlane {
     mesh: Mesh,
     registry: RwLock<Arc<Registry>>,
     generation: watch::Sender<u64>,
-    cache: Mutex<HashMap<(String, u64), Arc<Snapshot>>>,
+    /// Snapshots by what they are generated from (never by what a node says about itself), so
+    /// the cache holds at most two entries per workload of the registry, plus one.
+    cache: Mutex<HashMap<(SnapshotKey, u64), Arc<Snapshot>>>,
+}
+
+/// What a snapshot is generated from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SnapshotKey {
+    /// A sidecar of the workload (namespace, name).
+    Sidecar(String, String),
+    /// A proxyless gRPC client: of a workload (mTLS), or anyone on the plaintext port.
+    Proxyless(Option<(String, String)>),
 }
 
 impl ControlPlane {
@@ -79,58 +90,91 @@ impl ControlPlane {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    fn generate(&self, caller: &Caller) -> Result<Snapshot, Status> {
-        let reg = self.registry();
-        let metadata = caller.node.metadata.as_ref();
-        let generator = metadata
+    /// Who the caller is, checked before anything is generated or served from the cache: on the
+    /// mTLS port every caller (sidecar or proxyless gRPC) must be a registered workload whose
+    /// SPIFFE ID is the caller's verified one; on the plaintext port a sidecar is who its node id
+    /// says, and a proxyless client needs no workload.
+    fn resolve(&self, caller: &Caller, reg: &Registry) -> Result<SnapshotKey, Status> {
+        let proxyless = caller
+            .node
+            .metadata
+            .as_ref()
             .and_then(|m| m.fields.get("GENERATOR"))
-            .and_then(|v| match &v.kind {
-                Some(xds::pb::google::protobuf::value::Kind::StringValue(s)) => Some(s.as_str()),
-                _ => None,
+            .is_some_and(|v| {
+                matches!(&v.kind, Some(xds::pb::google::protobuf::value::Kind::StringValue(s)) if s == "grpc")
             });
-        if generator == Some("grpc") {
-            return Ok(generate::proxyless(&reg));
-        }
-        let Some(w) = generate::workload_for_node(&caller.node.id, &reg) else {
-            return Err(Status::permission_denied(format!(
-                "node {:?} is not a known workload (expected sidecar~IP~NAME.NAMESPACE~… matching a WorkloadEntry)",
-                caller.node.id
-            )));
+        let workload = generate::workload_for_node(&caller.node.id, reg);
+        let Some(peer) = &caller.peer_id else {
+            return match (proxyless, workload) {
+                (true, _) => Ok(SnapshotKey::Proxyless(None)),
+                (false, Some(w)) => Ok(SnapshotKey::Sidecar(
+                    w.meta.namespace.clone(),
+                    w.meta.name.clone(),
+                )),
+                (false, None) => Err(unknown_node(&caller.node.id)),
+            };
         };
-        if let Some(peer) = &caller.peer_id {
-            let expected = self.mesh.spiffe_id(&w.meta.namespace, w.service_account());
-            if *peer != expected {
-                return Err(Status::permission_denied(format!(
-                    "node {} is workload {}/{}, which is {expected}; the caller is {peer}",
-                    caller.node.id, w.meta.namespace, w.meta.name
-                )));
+        let w = workload.ok_or_else(|| unknown_node(&caller.node.id))?;
+        let expected = self.mesh.spiffe_id(&w.meta.namespace, w.service_account());
+        if *peer != expected {
+            return Err(Status::permission_denied(format!(
+                "node {} is workload {}/{}, which is {expected}; the caller is {peer}",
+                caller.node.id, w.meta.namespace, w.meta.name
+            )));
+        }
+        let id = (w.meta.namespace.clone(), w.meta.name.clone());
+        Ok(if proxyless {
+            SnapshotKey::Proxyless(Some(id))
+        } else {
+            SnapshotKey::Sidecar(id.0, id.1)
+        })
+    }
+
+    fn generate(&self, key: &SnapshotKey, reg: &Registry) -> Result<Snapshot, Status> {
+        match key {
+            SnapshotKey::Proxyless(_) => Ok(generate::proxyless(reg)),
+            SnapshotKey::Sidecar(namespace, name) => {
+                let w = reg
+                    .workloads
+                    .iter()
+                    .find(|w| &w.meta.namespace == namespace && &w.meta.name == name)
+                    .ok_or_else(|| Status::unavailable("the workload was just removed"))?;
+                let (snap, notes) = generate::sidecar(w, reg, &self.mesh);
+                for n in notes {
+                    tracing::debug!(workload = %format!("{namespace}/{name}"), note = %n, "generation note");
+                }
+                Ok(snap)
             }
         }
-        let (snap, notes) = generate::sidecar(w, &reg, &self.mesh);
-        for n in notes {
-            tracing::debug!(node = %caller.node.id, note = %n, "generation note");
-        }
-        Ok(snap)
     }
+
+    /// How many snapshots are cached (bounded by the registry, whatever callers send).
+    pub fn cached_snapshots(&self) -> usize {
+        self.cache.lock().map_or(0, |c| c.len())
+    }
+}
+
+fn unknown_node(id: &str) -> Status {
+    Status::permission_denied(format!(
+        "node {id:?} is not a known workload (expected sidecar~IP~NAME.NAMESPACE~… matching a WorkloadEntry)"
+    ))
 }
 
 impl SnapshotSource for ControlPlane {
     fn snapshot(&self, caller: &Caller) -> Result<Arc<Snapshot>, Status> {
         let generation = *self.generation.borrow();
-        let key = (
-            format!(
-                "{}|{:?}|{:?}",
-                caller.node.id, caller.peer_id, caller.node.metadata
-            ),
-            generation,
-        );
+        let reg = self.registry();
+        let refused = |status: &Status| {
+            tracing::warn!(node = %caller.node.id, peer = ?caller.peer_id, reason = %status.message(), "xDS stream refused");
+        };
+        let key = (self.resolve(caller, &reg).inspect_err(refused)?, generation);
         if let Some(s) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
             return Ok(s);
         }
-        let snap = Arc::new(self.generate(caller).inspect_err(|status| {
-            tracing::warn!(node = %caller.node.id, peer = ?caller.peer_id, reason = %status.message(), "xDS stream refused");
-        })?);
+        let snap = Arc::new(self.generate(&key.0, &reg).inspect_err(refused)?);
         if let Ok(mut c) = self.cache.lock() {
+            // Entries of an older generation are dropped as newer ones arrive.
+            c.retain(|(_, g), _| *g >= generation);
             c.insert(key, snap.clone());
         }
         Ok(snap)
@@ -254,4 +298,91 @@ async fn serve_tls(
             tracing::error!(error = %e, "mTLS ADS server failed");
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xds::pb::envoy::config::core::v3::Node;
+    use xds::pb::google::protobuf::{Struct, Value, value::Kind};
+
+    const REGISTRY: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ledger, namespace: bank}\nspec: {hosts: [ledger.bank.svc.cluster.local], ports: [{number: 80, name: http, protocol: HTTP}], workloadSelector: {labels: {app: ledger}}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: ledger, namespace: bank}\nspec: {address: 127.0.0.1, ports: {http: 8080}, labels: {app: ledger}, serviceAccount: ledger}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: web, namespace: bank}\nspec: {address: 127.0.0.2, labels: {app: web}, serviceAccount: web}\n";
+
+    fn control_plane() -> Arc<ControlPlane> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("eg-cp-lib-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("r.yaml"), REGISTRY).unwrap();
+        let mut d = Directory::new(dir.clone());
+        d.refresh().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        ControlPlane::new(
+            Mesh {
+                trust_domain: "cluster.local".into(),
+                root_namespace: "istio-system".into(),
+                default_mtls: policy::istio::peer_authn::MtlsMode::Strict,
+            },
+            d.registry(),
+        )
+    }
+
+    fn caller(node_id: &str, grpc: bool, peer: Option<&str>, extra: &str) -> Caller {
+        let mut fields = std::collections::BTreeMap::new();
+        let s = |v: &str| Value {
+            kind: Some(Kind::StringValue(v.into())),
+        };
+        if grpc {
+            fields.insert("GENERATOR".to_owned(), s("grpc"));
+        }
+        fields.insert("NOISE".to_owned(), s(extra));
+        Caller {
+            node: Node {
+                id: node_id.into(),
+                metadata: Some(Struct {
+                    fields: fields.into_iter().collect(),
+                }),
+                ..Default::default()
+            },
+            peer_id: peer.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn proxyless_callers_on_mtls_are_checked_like_sidecars() {
+        let cp = control_plane();
+        let web = Some("spiffe://cluster.local/ns/bank/sa/web");
+        let web_node = "sidecar~127.0.0.2~web.bank~bank.svc.cluster.local";
+        // Control: web, as itself, gets configuration either way.
+        assert!(cp.snapshot(&caller(web_node, true, web, "")).is_ok());
+        assert!(cp.snapshot(&caller(web_node, false, web, "")).is_ok());
+        // Claiming ledger's node (or none that exists) with web's SVID gets nothing, proxyless or not.
+        let ledger_node = "sidecar~127.0.0.1~ledger.bank~bank.svc.cluster.local";
+        for grpc in [true, false] {
+            let e = cp
+                .snapshot(&caller(ledger_node, grpc, web, ""))
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+            let e = cp.snapshot(&caller("made-up", grpc, web, "")).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn the_snapshot_cache_is_bounded_by_the_registry() {
+        let cp = control_plane();
+        let web = Some("spiffe://cluster.local/ns/bank/sa/web");
+        for i in 0..500 {
+            let node = format!(
+                "sidecar~10.0.0.{}~web.bank~bank.svc.cluster.local-{i}",
+                i % 250
+            );
+            let _ = cp.snapshot(&caller(&node, i % 2 == 0, web, &format!("x{i}")));
+            let _ = cp.snapshot(&caller(&format!("junk-{i}"), false, None, &format!("y{i}")));
+            let _ = cp.snapshot(&caller(&format!("junk-{i}"), true, None, &format!("z{i}")));
+        }
+        // web as a sidecar, web as a proxyless client, and the plaintext proxyless client.
+        assert_eq!(cp.cached_snapshots(), 3);
+    }
 }

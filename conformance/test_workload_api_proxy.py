@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -164,8 +165,10 @@ def test_identity_by_executable_path_and_rotation_under_load(pair):
     assert len(serials["server"]) >= 5 and len(serials["client"]) >= 5
 
 
-def post(url):
-    req = urllib.request.Request(url, method="POST", data=b"")
+def post(agent, path):
+    """A CA admin call with the agent's token (the file beside its socket)."""
+    token = Path(str(agent.sock) + ".admin-token").read_text()
+    req = urllib.request.Request(agent.admin + path, method="POST", data=b"", headers={"authorization": f"Bearer {token}"})
     return urllib.request.urlopen(req, timeout=5).read().decode()
 
 
@@ -217,15 +220,15 @@ def test_bundle_rotation_under_load(pair):
 
     load = Load(outbound, workers=4, limit=60).start()
     time.sleep(1)
-    post(agent.admin + "/ca/prepare")
+    post(agent, "/ca/prepare")
     time.sleep(1.5)
     assert trusted_cas(server) == 2 and trusted_cas(client) == 2
     before = serial(server)["serial_number"]
-    post(agent.admin + "/ca/activate")
+    post(agent, "/ca/activate")
     time.sleep(1.5)
     assert serial(server)["serial_number"] != before, "new SVIDs come from the new CA"
     assert served_with(cert, key, inbound), "the old CA is still published"
-    post(agent.admin + "/ca/taint")
+    post(agent, "/ca/taint")
     time.sleep(1.5)
     assert trusted_cas(server) == 1 and trusted_cas(client) == 1
     time.sleep(1)

@@ -4,6 +4,7 @@
 
 mod admin;
 mod authority_fix;
+mod caller;
 pub mod entries;
 pub mod jwt;
 
@@ -70,6 +71,9 @@ impl Authorities {
     }
 }
 
+/// How long a stopping agent waits for Workload API clients to close their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 struct WorkloadApi {
@@ -86,6 +90,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let (stopping_tx, stopping_rx) = watch::channel(false);
+    let mut stopped = stopping_rx.clone();
     let shutdown = async move {
         shutdown.await;
         stopping_tx.send_replace(true);
@@ -111,7 +116,19 @@ pub async fn run(
                 path: addr.to_string().into(),
                 source,
             })?;
-        tokio::spawn(admin::serve(listener, ca_tx, entries.trust_domain.clone()));
+        let token = admin::new_token().map_err(AgentError::Serve)?;
+        let token_file = admin_token_file(&config.socket);
+        write_private(&token_file, token.as_bytes()).map_err(|source| AgentError::Socket {
+            path: token_file.clone(),
+            source,
+        })?;
+        tracing::info!(%addr, token_file = %token_file.display(), "CA admin API listening");
+        tokio::spawn(admin::serve(
+            listener,
+            ca_tx,
+            entries.trust_domain.clone(),
+            token,
+        ));
     }
     let jwt =
         Arc::new(jwt::JwtAuthority::generate().map_err(|e| AgentError::Serve(e.to_string()))?);
@@ -127,7 +144,7 @@ pub async fn run(
     // Any local process may ask; what it gets is decided by attestation, not by file permissions.
     set_mode(&config.socket, 0o777).map_err(socket_err)?;
     tracing::info!(socket = %config.socket.display(), "Workload API listening");
-    tonic::transport::Server::builder()
+    let serve = tonic::transport::Server::builder()
         .add_service(
             api::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(WorkloadApi {
                 stopping: stopping_rx,
@@ -141,11 +158,40 @@ pub async fn run(
                 c.map(authority_fix::AuthorityFix::new)
             }),
             shutdown,
-        )
-        .await
-        .map_err(|e| AgentError::Serve(e.to_string()))?;
+        );
+    // Streams end when the agent stops; a client that keeps its connection open anyway gets
+    // SHUTDOWN_GRACE, then the agent exits without it.
+    let grace = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::warn!(grace = ?SHUTDOWN_GRACE, "Workload API clients still connected; stopping without them");
+    };
+    tokio::select! {
+        r = serve => r.map_err(|e| AgentError::Serve(e.to_string()))?,
+        () = grace => {}
+    }
     let _ = std::fs::remove_file(&config.socket);
     Ok(())
+}
+
+/// Where the CA admin API's token is written: beside the Workload API socket.
+pub fn admin_token_file(socket: &std::path::Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".admin-token");
+    PathBuf::from(name)
+}
+
+/// Writes a file only its owner can read (created with that mode, never readable in between).
+fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
 }
 
 fn set_mode(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
@@ -190,14 +236,17 @@ impl WorkloadApi {
                 "security header missing from request",
             ));
         }
-        let cred = req
+        let caller = req
             .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
+            .get::<Option<caller::PinnedCaller>>()
+            .and_then(Option::as_ref)
             .ok_or_else(|| {
                 Status::permission_denied("caller cannot be attested (no peer credentials)")
             })?;
-        Ok(entries::attest(cred.uid(), cred.gid(), cred.pid()))
+        caller.attest().map_err(|why| {
+            tracing::warn!(%why, "Workload API caller refused");
+            Status::permission_denied(format!("caller cannot be attested: {why}"))
+        })
     }
 
     fn x509_response(

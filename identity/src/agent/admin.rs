@@ -2,6 +2,10 @@
 //! `POST /ca/prepare` publishes a new CA in the bundle (not signing yet), `POST /ca/activate` signs
 //! with the newest CA, `POST /ca/taint` stops publishing every CA but the signing one.
 //! `GET /ca` lists the authorities.
+//!
+//! Every request needs `Authorization: Bearer TOKEN`, the token the agent writes (mode 0600) to
+//! the file beside its Workload API socket (`<socket>.admin-token`): loopback alone would let any
+//! local process taint the CA. At most [`MAX_PUBLISHED`] CAs are published at once.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,22 +18,46 @@ use tokio::sync::watch;
 use super::Authorities;
 use crate::{DevCa, TrustDomain};
 
+/// CAs published at once (the signing one included): prepare refuses past it.
+pub const MAX_PUBLISHED: usize = 3;
+
+/// A random token for the admin API, as hex.
+pub(super) fn new_token() -> Result<String, String> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| "no randomness for the admin token".to_owned())?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     ca: watch::Sender<Arc<Authorities>>,
     td: TrustDomain,
+    token: String,
 ) {
     let ca = Arc::new(ca);
+    let expected: Arc<[u8]> = format!("Bearer {token}").into_bytes().into();
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
-        let (ca, td) = (ca.clone(), td.clone());
+        let (ca, td, expected) = (ca.clone(), td.clone(), expected.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(
                 move |req: http::Request<hyper::body::Incoming>| {
                     let (ca, td) = (ca.clone(), td.clone());
-                    async move { Ok::<_, Infallible>(route(&ca, &td, req.method(), req.uri().path())) }
+                    let authorized = req
+                        .headers()
+                        .get(http::header::AUTHORIZATION)
+                        .is_some_and(|v| same(v.as_bytes(), &expected));
+                    async move {
+                        Ok::<_, Infallible>(if authorized {
+                            route(&ca, &td, req.method(), req.uri().path())
+                        } else {
+                            tracing::warn!(path = %req.uri().path(), "CA admin request without the token refused");
+                            unauthorized()
+                        })
+                    }
                 },
             );
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -37,6 +65,19 @@ pub(super) async fn serve(
                 .await;
         });
     }
+}
+
+/// Equal, compared in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unauthorized() -> http::Response<Full<Bytes>> {
+    let mut r = http::Response::new(Full::new(Bytes::from_static(
+        b"the CA admin API needs Authorization: Bearer <token from <socket>.admin-token>\n",
+    )));
+    *r.status_mut() = http::StatusCode::UNAUTHORIZED;
+    r
 }
 
 fn route(
@@ -54,6 +95,10 @@ fn route(
     let post = method == http::Method::POST;
     match (path, post) {
         ("/ca", false) => reply(200, describe(&ca.borrow())),
+        ("/ca/prepare", true) if ca.borrow().published.len() >= MAX_PUBLISHED => reply(
+            409,
+            format!("{MAX_PUBLISHED} CAs are published already: activate and taint first\n"),
+        ),
         ("/ca/prepare", true) => match DevCa::new(td.clone()) {
             Ok(new) => {
                 ca.send_modify(|a| {

@@ -31,6 +31,8 @@ const MAX_BLOCK: usize = 256 * 1024;
 
 pub(super) struct AuthorityFix {
     inner: UnixStream,
+    /// The peer, pinned as the connection was accepted (see `caller.rs`).
+    caller: Option<super::caller::PinnedCaller>,
     raw: BytesMut,
     ready: BytesMut,
     preface_done: bool,
@@ -50,6 +52,7 @@ struct Pending {
 impl AuthorityFix {
     pub(super) fn new(inner: UnixStream) -> Self {
         Self {
+            caller: super::caller::PinnedCaller::pin(&inner),
             inner,
             raw: BytesMut::new(),
             ready: BytesMut::new(),
@@ -262,10 +265,10 @@ impl AsyncWrite for AuthorityFix {
 }
 
 impl tonic::transport::server::Connected for AuthorityFix {
-    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+    type ConnectInfo = Option<super::caller::PinnedCaller>;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        self.caller.clone()
     }
 }
 

@@ -118,6 +118,14 @@ impl Entries {
                 .map(|s| Selector::parse(s))
                 .collect::<Result<_, _>>()
                 .map_err(|m| invalid(format!("entries[{i}].selectors: {m}")))?;
+            let selectors: BTreeSet<Selector> = selectors;
+            if selectors.iter().all(|s| matches!(s, Selector::UnixPath(_))) {
+                // A path alone is not an identity: the same path names different binaries in
+                // different containers, and any user can run (or LD_PRELOAD into) a binary.
+                return Err(invalid(format!(
+                    "entries[{i}].selectors: a unix:path selector needs a unix:uid or unix:gid selector beside it"
+                )));
+            }
             let ttl = match e.x509_svid_ttl.as_deref() {
                 None => DEFAULT_TTL,
                 Some(t) => {
@@ -165,15 +173,6 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is outside 2s..30 days"));
     }
     Ok(ttl)
-}
-
-/// What the kernel says about the process on the other end of a unix socket.
-pub fn attest(uid: u32, gid: u32, pid: Option<i32>) -> BTreeSet<Selector> {
-    let mut s = BTreeSet::from([Selector::UnixUid(uid), Selector::UnixGid(gid)]);
-    if let Some(exe) = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok()) {
-        s.insert(Selector::UnixPath(exe));
-    }
-    s
 }
 
 #[cfg(test)]
@@ -229,6 +228,10 @@ mod tests {
                 "pod registry",
             ),
             (format!("{GOOD}surprise: 1\n"), "unknown field"),
+            (
+                GOOD.replace("[\"unix:uid:1000\", \"unix:path", "[\"unix:path"),
+                "needs a unix:uid or unix:gid",
+            ),
         ] {
             let err = Entries::parse("e.yaml", &bad).unwrap_err().to_string();
             assert!(err.contains(want), "{want}: {err}");

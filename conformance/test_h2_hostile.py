@@ -159,3 +159,44 @@ def test_many_headers_count_over_limit_on_http1(mesh):
     s.close()
     assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:200]
     still_serving(mesh)
+
+
+def test_paced_resets_end_the_connection(mesh):
+    """Resets that each come after the stream was taken up (the slower rapid-reset variant, which
+    h2's pending-accept limit does not see) end the connection by Envoy's premature-reset rule:
+    within the first 500 streams, at 250 resets."""
+    sock, conn = h2_client(mesh.outbound_port)
+    pump(sock, conn, lambda ev: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in ev), limit=2)
+    ended_at = None
+    sock.settimeout(0.002)
+    deadline = time.time() + 30
+    for i in range(1000):
+        if time.time() > deadline:
+            break
+        try:
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, headers(f"/slow/{i}?delay=5"), end_stream=True)
+            sock.sendall(conn.data_to_send())
+            time.sleep(0.003)  # the proxy has taken the stream up (it is waiting on the upstream)
+            conn.reset_stream(sid)
+            sock.sendall(conn.data_to_send())
+            try:
+                data = sock.recv(65536)
+                if not data:
+                    ended_at = i
+                    break
+                events = conn.receive_data(data)
+                if any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+                    ended_at = i
+                    break
+            except socket.timeout:
+                pass
+        except (OSError, h2.exceptions.ProtocolError):
+            ended_at = i
+            break
+    sock.close()
+    assert ended_at is not None, "1000 paced resets did not end the connection"
+    assert ended_at <= 300, f"ended only after {ended_at} streams"
+    stats = urllib.request.urlopen(mesh.client.admin("/stats"), timeout=5).read().decode()
+    assert any(line.endswith(": 1") for line in stats.splitlines() if "downstream_rq_too_many_premature_resets" in line), stats
+    still_serving(mesh)

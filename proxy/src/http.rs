@@ -47,6 +47,8 @@ pub struct ConnCtx {
     pub slot: Arc<crate::conn_slot::ConnSlot>,
     /// Bytes and requests in flight, for the connection idle timeout.
     pub activity: std::sync::Arc<crate::idle::Activity>,
+    /// Streams the client reset early (HTTP/2): too many close the connection.
+    pub resets: Arc<crate::idle::StreamResets>,
     pub stream_idle_timeout: std::time::Duration,
     /// Envoy's connection idle timeout (zero: none); tunnels obey it too.
     pub connection_idle_timeout: std::time::Duration,
@@ -64,6 +66,7 @@ pub async fn handle(
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let mut guard = telemetry.start(ctx.reporter, ctx.local_id.clone());
     guard.inflight = Some(crate::idle::InFlight::new(&ctx.activity));
+    guard.stream_resets = Some(ctx.resets.clone());
     describe_request(&mut guard, &ctx, &req);
     let (parts, incoming) = req.into_parts();
     let counted = StreamIdleTimeout::wrap(

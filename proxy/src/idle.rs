@@ -260,3 +260,55 @@ mod tests {
         )
     }
 }
+
+/// Envoy's premature-reset rule (CVE-2023-44487 and its slower variants): a connection whose
+/// client resets most of its streams before they complete, within a second of opening them, is
+/// closed. Within the first [`PREMATURE_RESET_WINDOW`] streams it trips at half that many premature
+/// resets; after, when half of all closed streams were premature.
+#[derive(Debug)]
+pub struct StreamResets {
+    closed: AtomicUsize,
+    premature: AtomicUsize,
+    tripped: tokio::sync::watch::Sender<bool>,
+}
+
+/// Envoy's `premature_reset_total_stream_count` default.
+pub const PREMATURE_RESET_WINDOW: usize = 500;
+/// Envoy's `premature_reset_min_stream_lifetime_seconds` default.
+pub const PREMATURE_RESET_MIN_LIFETIME: Duration = Duration::from_secs(1);
+
+impl Default for StreamResets {
+    fn default() -> Self {
+        Self {
+            closed: AtomicUsize::new(0),
+            premature: AtomicUsize::new(0),
+            tripped: tokio::sync::watch::channel(false).0,
+        }
+    }
+}
+
+impl StreamResets {
+    /// Counts a closed stream; `premature`: the client reset it before it completed, young.
+    pub fn record(&self, premature: bool) {
+        let closed = self.closed.fetch_add(1, Ordering::Relaxed) + 1;
+        let resets = if premature {
+            self.premature.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.premature.load(Ordering::Relaxed)
+        };
+        let trip = if closed < PREMATURE_RESET_WINDOW {
+            resets * 2 >= PREMATURE_RESET_WINDOW
+        } else {
+            resets * 2 >= closed
+        };
+        if trip {
+            self.tripped.send_replace(true);
+        }
+    }
+
+    /// Resolves once the connection has too many premature resets.
+    pub async fn tripped(&self) {
+        let mut rx = self.tripped.subscribe();
+        let _ = rx.wait_for(|t| *t).await;
+    }
+}

@@ -29,6 +29,8 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the outbound side waits for a client's first bytes before calling it opaque TCP
 /// (server-first protocols send nothing).
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long a connection closed for premature resets gets for its streams in flight.
+const PREMATURE_RESET_CLOSE: Duration = Duration::from_secs(1);
 /// Connections accepted while draining get this long before their HTTP/2 GOAWAY.
 const DRAIN_GOAWAY_DELAY: Duration = Duration::from_secs(1);
 
@@ -243,6 +245,8 @@ pub fn build_chains(config: &Listener, stats: &EnvoyStats) -> Vec<ChainRt> {
 struct ListenerStats {
     downstream_cx_total: Stat,
     downstream_cx_active: Stat,
+    /// Envoy's `downstream_rq_too_many_premature_resets`.
+    premature_resets: Stat,
     downstream_cx_overflow: Stat,
     no_filter_chain_match: Stat,
     /// eastguard: redirected connections whose original destination could not be read.
@@ -290,6 +294,7 @@ impl ListenerRt {
         let stats = ListenerStats {
             downstream_cx_total: s("downstream_cx_total"),
             downstream_cx_active: s("downstream_cx_active"),
+            premature_resets: s("downstream_rq_too_many_premature_resets"),
             downstream_cx_overflow: s("downstream_cx_overflow"),
             no_filter_chain_match: s("no_filter_chain_match"),
             original_dst_missing: s("original_dst_missing"),
@@ -590,6 +595,7 @@ impl ListenerRt {
             stop: drain.stop.clone(),
             slot: drain.slot.clone(),
             activity: crate::idle::Activity::new(),
+            resets: Arc::default(),
             stream_idle_timeout: self.shared.limits.stream_idle_timeout,
             connection_idle_timeout: self.shared.limits.connection_idle_timeout,
         })
@@ -666,6 +672,8 @@ impl ListenerRt {
         let telemetry = self.shared.telemetry.clone();
         let hook = self.shared.authz_hook.clone();
         let activity = ctx.activity.clone();
+        let resets = ctx.resets.clone();
+        let remote = ctx.remote;
         let io = crate::idle::ActivityIo::new(io, activity.clone());
         let idle_timeout = self.shared.limits.connection_idle_timeout;
         let recheck = {
@@ -695,6 +703,15 @@ impl ListenerRt {
                 tracing::debug!(timeout = ?idle_timeout, "closing idle connection");
                 conn.as_mut().graceful_shutdown();
                 conn.await
+            }
+            () = resets.tripped() => {
+                // GOAWAY, and a short wait for streams in flight; the client gets no more.
+                tracing::warn!(remote = %remote, "closing a connection whose client resets most streams early");
+                self.stats.premature_resets.inc();
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(PREMATURE_RESET_CLOSE, conn)
+                    .await
+                    .unwrap_or(Ok(()))
             }
             _ = async {
                 if h2 {

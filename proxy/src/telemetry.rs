@@ -78,6 +78,8 @@ pub struct CallGuard {
     pub tcp: bool,
     /// Keeps the connection from counting as idle while this call lives.
     pub inflight: Option<crate::idle::InFlight>,
+    /// Where an HTTP stream's end is counted for the premature-reset rule.
+    pub stream_resets: Option<Arc<crate::idle::StreamResets>>,
     /// This proxy's SPIFFE ID on the call's connection.
     local_id: Arc<str>,
 }
@@ -126,6 +128,7 @@ impl Telemetry {
             completed: false,
             tcp: false,
             inflight: None,
+            stream_resets: None,
             local_id,
         }
     }
@@ -323,6 +326,12 @@ impl Drop for CallGuard {
         if !self.completed && self.record.response_flags == "-" {
             // The response never finished: the downstream went away (Envoy's DC).
             self.record.response_flags = "DC".into();
+        }
+        if let Some(resets) = &self.stream_resets {
+            resets.record(
+                !self.completed
+                    && self.started.elapsed() < crate::idle::PREMATURE_RESET_MIN_LIFETIME,
+            );
         }
         self.record.duration = self.started.elapsed().as_millis() as u64;
         self.record.bytes_received = self.request_bytes.load(Ordering::Relaxed);

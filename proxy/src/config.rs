@@ -595,6 +595,11 @@ pub struct Limits {
     /// Distinct label sets each family of Istio metrics may hold (HTTP and TCP apart); past it,
     /// the labels a caller can influence read `overflow`.
     pub max_metric_series: usize,
+    /// Connections open at once across every listener (Envoy's overload manager
+    /// `global_downstream_max_connections`): past it new connections are closed at accept
+    /// (`downstream_global_cx_overflow`); from 90 % of it, HTTP/1.1 responses carry
+    /// `Connection: close` so clients spread out.
+    pub global_max_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -651,6 +656,7 @@ impl Default for Limits {
             connection_idle_timeout: Duration::from_secs(3600),
             per_connection_buffer_limit_bytes: 32 * 1024,
             max_metric_series: 1_000,
+            global_max_connections: 20_000,
         }
     }
 }

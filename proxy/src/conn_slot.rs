@@ -39,3 +39,29 @@ impl std::fmt::Debug for ConnSlot {
         f.write_str("ConnSlot")
     }
 }
+
+/// The process-wide connection count against `limits.global_max_connections`.
+#[derive(Debug, Clone)]
+pub struct Overload {
+    total: Stat,
+    max: u64,
+}
+
+impl Overload {
+    pub fn new(total: Stat, max: usize) -> Self {
+        Self {
+            total,
+            max: max as u64,
+        }
+    }
+
+    /// At the limit: a new connection is refused.
+    pub fn full(&self) -> bool {
+        self.total.get() >= self.max
+    }
+
+    /// From 90 % of the limit: keep-alive is shed.
+    pub fn shedding(&self) -> bool {
+        self.total.get().saturating_mul(10) >= self.max.saturating_mul(9)
+    }
+}

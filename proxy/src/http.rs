@@ -42,6 +42,8 @@ pub struct ConnCtx {
     pub drain: crate::drain::Watch,
     /// Flips when the listeners stop (the end of the drain window): tunnels close then.
     pub stop: tokio::sync::watch::Receiver<bool>,
+    /// The process-wide connection count: near the limit, keep-alive is shed.
+    pub overload: crate::conn_slot::Overload,
     /// The connection's place in its listener's limit, kept by a tunnel it becomes.
     #[expect(dead_code, reason = "held for its Drop, which frees the slot")]
     pub slot: Arc<crate::conn_slot::ConnSlot>,
@@ -103,7 +105,9 @@ pub async fn handle(
         chain.count_status(guard.record.response_code);
     }
     let (mut parts, body) = response.into_parts();
-    if ctx.drain.is_draining() && guard.record.protocol.starts_with("HTTP/1") {
+    if (ctx.drain.is_draining() || ctx.overload.shedding())
+        && guard.record.protocol.starts_with("HTTP/1")
+    {
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

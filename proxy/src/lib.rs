@@ -139,6 +139,7 @@ pub async fn run(
         config.limits.max_metric_series,
     ));
 
+    let total_connections = telemetry.stats.stat("server.total_connections");
     let shared = Arc::new(Shared {
         clusters: listener::LiveClusters::default(),
         telemetry: telemetry.clone(),
@@ -150,7 +151,8 @@ pub async fn run(
             .as_deref()
             .unwrap_or(&config.node.workload)
             .into(),
-        total_connections: telemetry.stats.stat("server.total_connections"),
+        total_connections: total_connections.clone(),
+        overload: conn_slot::Overload::new(total_connections, config.limits.global_max_connections),
         creds: creds.clone(),
         authz_hook: opts.authz_hook,
         handoff: listener::HandoffTable::default(),

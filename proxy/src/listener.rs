@@ -122,6 +122,8 @@ pub struct Shared {
     pub local_app: Arc<str>,
     /// Connections open across all listeners (Envoy's `server.total_connections`).
     pub total_connections: Stat,
+    /// That count against `limits.global_max_connections`.
+    pub overload: crate::conn_slot::Overload,
     pub authz_hook: Option<crate::AuthzHook>,
     /// The current SVID (rotates); connections are refused while there is no usable one.
     pub creds: identity::CredentialsRx,
@@ -247,6 +249,7 @@ struct ListenerStats {
     downstream_cx_active: Stat,
     /// Envoy's `downstream_rq_too_many_premature_resets`.
     premature_resets: Stat,
+    downstream_global_cx_overflow: Stat,
     downstream_cx_overflow: Stat,
     no_filter_chain_match: Stat,
     /// eastguard: redirected connections whose original destination could not be read.
@@ -295,6 +298,7 @@ impl ListenerRt {
             downstream_cx_total: s("downstream_cx_total"),
             downstream_cx_active: s("downstream_cx_active"),
             premature_resets: s("downstream_rq_too_many_premature_resets"),
+            downstream_global_cx_overflow: s("downstream_global_cx_overflow"),
             downstream_cx_overflow: s("downstream_cx_overflow"),
             no_filter_chain_match: s("no_filter_chain_match"),
             original_dst_missing: s("original_dst_missing"),
@@ -337,6 +341,11 @@ impl ListenerRt {
                     continue;
                 }
             };
+            if self.shared.overload.full() {
+                self.stats.downstream_global_cx_overflow.inc();
+                drop(tcp);
+                continue;
+            }
             // Fail closed: no usable SVID (none yet, or expired without renewal) → no traffic.
             let Some(local_id) = self.shared.usable_id() else {
                 self.stats.downstream_cx_no_svid.inc();
@@ -594,6 +603,7 @@ impl ListenerRt {
             drain: drain.watch.clone(),
             stop: drain.stop.clone(),
             slot: drain.slot.clone(),
+            overload: self.shared.overload.clone(),
             activity: crate::idle::Activity::new(),
             resets: Arc::default(),
             stream_idle_timeout: self.shared.limits.stream_idle_timeout,

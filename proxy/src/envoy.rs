@@ -648,6 +648,35 @@ pub fn route_configuration(
     route_configuration_in(rc, "", &mut cx)
 }
 
+/// Per-route overrides of HTTP filters (virtual host, route, weighted cluster). They are judged by
+/// what they are (their type), not by the filter name they are keyed with, which is any string
+/// the connection manager chose: an RBAC override would change authorization on that route, and a
+/// `FilterConfig` wrapper can switch any filter off (`disabled: true`), so both are refused; other
+/// overrides (rate limits, fault injection, CORS…) belong to filters this proxy does not run and
+/// cannot widen access, so they are noted and skipped.
+fn per_filter_configs(
+    configs: &std::collections::HashMap<String, xds::pb::google::protobuf::Any>,
+    field: &str,
+    cx: &mut Ctx<'_>,
+) -> Result<(), Invalid> {
+    for (name, any) in configs {
+        let type_url = codec::effective_type_url(any);
+        let message = type_url.rsplit('/').next().unwrap_or(&type_url);
+        let at = format!("{field}.typed_per_filter_config[{name}]");
+        if message.starts_with("envoy.extensions.filters.http.rbac.")
+            || message.starts_with("envoy.extensions.filters.network.rbac.")
+            || message == "envoy.config.route.v3.FilterConfig"
+        {
+            return Err(cx.invalid(
+                at,
+                format!("{message} overrides are not supported (they could change or switch off authorization on this route)"),
+            ));
+        }
+        cx.note(format!("{at}: {message} override skipped"));
+    }
+    Ok(())
+}
+
 fn route_configuration_in(
     rc: &PbRouteConfiguration,
     field: &str,
@@ -658,28 +687,14 @@ fn route_configuration_in(
     let mut retries = 0usize;
     for (vi, vh) in rc.virtual_hosts.iter().enumerate() {
         let vfield = format!("{field}{sep}virtual_hosts[{vi}]");
-        for key in vh.typed_per_filter_config.keys() {
-            if key.contains("rbac") {
-                return Err(cx.invalid(
-                    format!("{vfield}.typed_per_filter_config"),
-                    "per-route RBAC overrides are not supported",
-                ));
-            }
-        }
+        per_filter_configs(&vh.typed_per_filter_config, &vfield, cx)?;
         if vh.require_tls != 0 {
             return Err(cx.invalid(format!("{vfield}.require_tls"), "not supported"));
         }
         let mut routes = Vec::new();
         for (ri, r) in vh.routes.iter().enumerate() {
             let rfield = format!("{vfield}.routes[{ri}]");
-            for key in r.typed_per_filter_config.keys() {
-                if key.contains("rbac") {
-                    return Err(cx.invalid(
-                        format!("{rfield}.typed_per_filter_config"),
-                        "per-route RBAC overrides are not supported",
-                    ));
-                }
-            }
+            per_filter_configs(&r.typed_per_filter_config, &rfield, cx)?;
             let m = r
                 .r#match
                 .as_ref()
@@ -746,6 +761,13 @@ fn route_configuration_in(
                     ra.cluster = c.clone()
                 }
                 Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
+                    for (ci, c) in w.clusters.iter().enumerate() {
+                        per_filter_configs(
+                            &c.typed_per_filter_config,
+                            &format!("{rfield}.route.weighted_clusters.clusters[{ci}]"),
+                            cx,
+                        )?;
+                    }
                     ra.weighted_clusters = w
                         .clusters
                         .iter()
@@ -1528,6 +1550,50 @@ mod tests {
                 "http_filters": extra_filters,
             }
         })
+    }
+
+    #[test]
+    fn per_route_overrides_are_judged_by_type_not_by_filter_name() {
+        let rc = |per_filter: serde_json::Value, weighted: bool| {
+            let action = if weighted {
+                serde_json::json!({"weighted_clusters": {"clusters": [
+                    {"name": "a", "weight": 1, "typed_per_filter_config": per_filter}]}})
+            } else {
+                serde_json::json!({"cluster": "a"})
+            };
+            let route = if weighted {
+                serde_json::json!({"match": {"prefix": "/"}, "route": action})
+            } else {
+                serde_json::json!({"match": {"prefix": "/"}, "route": action,
+                    "typed_per_filter_config": per_filter})
+            };
+            let v = serde_json::json!({
+                "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+                "name": "r",
+                "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}],
+            });
+            let pb: PbRouteConfiguration = codec::unpack(&codec::json_to_any(v).unwrap()).unwrap();
+            let mut notes = Notes::default();
+            route_configuration(&pb, &mut notes).map(|_| notes)
+        };
+        let rbac_override = serde_json::json!({"my-authz": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"}});
+        let disabled = serde_json::json!({"anything": {
+            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true}});
+        for weighted in [false, true] {
+            for bad in [&rbac_override, &disabled] {
+                let e = rc(bad.clone(), weighted).unwrap_err();
+                assert!(e.to_string().contains("typed_per_filter_config"), "{e}");
+            }
+        }
+        // An override of a filter this proxy does not run is skipped, with a note.
+        let fault = serde_json::json!({"envoy.filters.http.fault": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}});
+        let notes = rc(fault, false).unwrap();
+        assert!(
+            format!("{notes:?}").contains("HTTPFault override skipped"),
+            "{notes:?}"
+        );
     }
 
     #[test]

@@ -352,7 +352,7 @@ pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec
         ..Default::default()
     });
     let mut chains = Vec::new();
-    let mut plaintext = None;
+    let mut plaintext: Vec<(u16, Option<u32>, Vec<Filter>)> = Vec::new();
     let mut app_ports = BTreeSet::new();
     for s in reg.services.iter().filter(|s| selects(s, w)) {
         for p in &s.ports {
@@ -412,42 +412,67 @@ pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec
                     }])
                     .collect()
             };
-            if plaintext.is_none() {
-                plaintext = Some(FilterChain {
-                    name: format!("inbound|{port}|plaintext"),
-                    filter_chain_match: Some(FilterChainMatch {
-                        transport_protocol: "raw_buffer".into(),
+            let mode = port_mode(&mtls, port);
+            let at_port = captured(w).then_some(u32::from(port));
+            if mode != MtlsMode::Disable {
+                // Sidecars dial the inbound port itself (no port criterion: chosen by SNI); with
+                // capture, connections to the app port are chosen by their original destination
+                // port first, so that port gets its own TLS chain beside its plaintext one.
+                let ports = if at_port.is_some() {
+                    vec![None, at_port]
+                } else {
+                    vec![None]
+                };
+                for dport in ports {
+                    chains.push(FilterChain {
+                        name: format!(
+                            "inbound|{port}|{}|{}{}",
+                            p.name,
+                            s.hosts.join(","),
+                            if dport.is_some() { "|dport" } else { "" }
+                        ),
+                        filter_chain_match: Some(FilterChainMatch {
+                            destination_port: dport.map(|value| UInt32Value { value }),
+                            server_names: s.hosts.iter().map(|h| sni(p.number, h)).collect(),
+                            transport_protocol: "tls".into(),
+                            ..Default::default()
+                        }),
+                        filters: filters.clone(),
+                        transport_socket: Some(tls_socket(downstream.clone())),
                         ..Default::default()
-                    }),
-                    filters: filters.clone(),
-                    ..Default::default()
-                });
+                    });
+                }
             }
-            chains.push(FilterChain {
-                name: format!("inbound|{port}|{}|{}", p.name, s.hosts.join(",")),
-                filter_chain_match: Some(FilterChainMatch {
-                    server_names: s.hosts.iter().map(|h| sni(p.number, h)).collect(),
-                    transport_protocol: "tls".into(),
-                    ..Default::default()
-                }),
-                filters,
-                transport_socket: Some(tls_socket(downstream.clone())),
-                ..Default::default()
-            });
+            if matches!(mode, MtlsMode::Permissive | MtlsMode::Disable) {
+                plaintext.push((port, at_port, filters));
+            }
         }
     }
-    match mtls.mode {
-        MtlsMode::Disable => {
-            chains.clear();
-            chains.extend(plaintext);
+    // Plaintext: with capture, a chain per port that allows it (the original destination port
+    // picks it; Istio's shape). Without capture the port a plaintext caller meant is unknown, so
+    // there is a plaintext chain only when the workload has one app port and it allows plaintext;
+    // otherwise plaintext is refused rather than delivered to whichever port came first.
+    let app_port_count = app_ports.len();
+    plaintext.sort_by_key(|(port, ..)| *port);
+    plaintext.dedup_by_key(|(port, ..)| *port);
+    let ports_allowing = plaintext.len();
+    for (port, at_port, filters) in plaintext {
+        if at_port.is_none() && (app_port_count != 1 || ports_allowing != 1) {
+            notes.push(format!(
+                "plaintext inbound for port {port} needs capture (the original destination port) on a workload with several ports; refused"
+            ));
+            continue;
         }
-        MtlsMode::Permissive => {
-            if !mtls.ports.is_empty() {
-                notes.push("port-level PeerAuthentication needs the original destination port; the workload mode applies".into());
-            }
-            chains.extend(plaintext);
-        }
-        MtlsMode::Strict | MtlsMode::Unset => {}
+        chains.push(FilterChain {
+            name: format!("inbound|{port}|plaintext"),
+            filter_chain_match: Some(FilterChainMatch {
+                destination_port: at_port.map(|value| UInt32Value { value }),
+                transport_protocol: "raw_buffer".into(),
+                ..Default::default()
+            }),
+            filters,
+            ..Default::default()
+        });
     }
     if !chains.is_empty() {
         let l = Listener {
@@ -635,6 +660,15 @@ pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec
 }
 
 /// A hand-off target (`bind_to_port: false`) at `ip:port` for one service port: HTTP routed to
+/// A port's effective mTLS mode: its port-level setting, else the workload's (unset is STRICT
+/// here unless the mesh default says otherwise, which `effective_with_default` already applied).
+fn port_mode(mtls: &policy::istio::peer_authn::MtlsSettings, port: u16) -> MtlsMode {
+    match mtls.ports.get(&u32::from(port)) {
+        Some(m) if *m != MtlsMode::Unset => *m,
+        _ => mtls.mode,
+    }
+}
+
 /// The upgrade types Istio's connection managers tunnel: WebSocket only.
 fn websocket() -> Vec<http_connection_manager::UpgradeConfig> {
     vec![http_connection_manager::UpgradeConfig {

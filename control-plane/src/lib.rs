@@ -309,12 +309,16 @@ mod tests {
     const REGISTRY: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ledger, namespace: bank}\nspec: {hosts: [ledger.bank.svc.cluster.local], ports: [{number: 80, name: http, protocol: HTTP}], workloadSelector: {labels: {app: ledger}}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: ledger, namespace: bank}\nspec: {address: 127.0.0.1, ports: {http: 8080}, labels: {app: ledger}, serviceAccount: ledger}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: web, namespace: bank}\nspec: {address: 127.0.0.2, labels: {app: web}, serviceAccount: web}\n";
 
     fn control_plane() -> Arc<ControlPlane> {
+        control_plane_with(REGISTRY)
+    }
+
+    fn control_plane_with(registry: &str) -> Arc<ControlPlane> {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("eg-cp-lib-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("r.yaml"), REGISTRY).unwrap();
+        std::fs::write(dir.join("r.yaml"), registry).unwrap();
         let mut d = Directory::new(dir.clone());
         d.refresh().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
@@ -384,5 +388,67 @@ mod tests {
         }
         // web as a sidecar, web as a proxyless client, and the plaintext proxyless client.
         assert_eq!(cp.cached_snapshots(), 3);
+    }
+
+    /// The inbound chains of `bank/ledger` as (destination port, transport, server names).
+    fn inbound_chains(cp: &ControlPlane) -> Vec<(Option<u32>, String, usize)> {
+        use xds::pb::envoy::config::listener::v3::Listener;
+        let node = "sidecar~127.0.0.1~ledger.bank~bank.svc.cluster.local";
+        let snap = cp.snapshot(&caller(node, false, None, "")).unwrap();
+        let any = &snap.resources[xds::types::LISTENER]["virtualInbound"];
+        let l: Listener = xds::codec::unpack(any).unwrap();
+        l.filter_chains
+            .iter()
+            .map(|c| {
+                let m = c.filter_chain_match.clone().unwrap_or_default();
+                (
+                    m.destination_port.map(|p| p.value),
+                    m.transport_protocol,
+                    m.server_names.len(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn port_level_mtls_gets_per_port_chains_or_no_plaintext() {
+        let two_ports = REGISTRY
+            .replace(
+                "ports: [{number: 80, name: http, protocol: HTTP}]",
+                "ports: [{number: 80, name: http, protocol: HTTP}, {number: 81, name: admin, protocol: HTTP}]",
+            )
+            .replace("ports: {http: 8080}", "ports: {http: 8080, admin: 8081}");
+        let pa = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: bank}\nspec: {selector: {matchLabels: {app: ledger}}, mtls: {mode: PERMISSIVE}, portLevelMtls: {8081: {mode: STRICT}}}\n";
+        // Captured: a chain per port, picked by the original destination port; the STRICT port
+        // has no plaintext chain.
+        let captured = format!("{two_ports}{pa}").replace(
+            "metadata: {name: ledger, namespace: bank}\nspec: {address",
+            "metadata: {name: ledger, namespace: bank, annotations: {sidecar.eastguard.io/capture: ebpf}}\nspec: {address",
+        );
+        let mut chains = inbound_chains(&control_plane_with(&captured));
+        chains.sort();
+        assert_eq!(
+            chains,
+            vec![
+                (None, "tls".into(), 1),
+                (None, "tls".into(), 1),
+                (Some(8080), "raw_buffer".into(), 0),
+                (Some(8080), "tls".into(), 1),
+                (Some(8081), "tls".into(), 1),
+            ]
+        );
+        // Not captured: which port a plaintext caller meant is unknown, so no plaintext at all.
+        let chains = inbound_chains(&control_plane_with(&format!("{two_ports}{pa}")));
+        assert!(chains.iter().all(|(_, t, _)| t == "tls"), "{chains:?}");
+        // One port, PERMISSIVE, not captured: the plaintext chain is there (control).
+        let one = format!(
+            "{REGISTRY}{}",
+            pa.replace(", portLevelMtls: {8081: {mode: STRICT}}", "")
+        );
+        let chains = inbound_chains(&control_plane_with(&one));
+        assert!(
+            chains.iter().any(|(_, t, _)| t == "raw_buffer"),
+            "{chains:?}"
+        );
     }
 }

@@ -13,6 +13,7 @@ mod access_log;
 pub mod admin;
 mod ads;
 mod body;
+mod chain_match;
 pub mod config;
 mod conn_slot;
 mod drain;

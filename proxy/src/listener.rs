@@ -192,15 +192,6 @@ enum ChainKind {
     Refuse(Arc<str>),
 }
 
-impl FilterChainMatch {
-    /// Destination port and address ranges.
-    fn port_ok(&self, local: SocketAddr) -> bool {
-        self.destination_port.is_none_or(|p| p == local.port())
-            && (self.prefix_ranges.is_empty()
-                || self.prefix_ranges.iter().any(|r| r.contains(local.ip())))
-    }
-}
-
 /// Compiles a listener's chains. Chains that fail to compile are left out (the config was validated
 /// before it got here; this only guards against a bug turning into a wider chain).
 pub fn build_chains(config: &Listener, stats: &EnvoyStats) -> Vec<ChainRt> {
@@ -471,19 +462,17 @@ impl ListenerRt {
         let peer_id = identity::tls::peer_spiffe_id(session.peer_certificates())
             .map(|id| Arc::<str>::from(id.as_str()));
         let chains = self.chains.get();
-        let Some(chain) = chains.iter().find(|c| {
-            let tls_ok = c.matcher.transport_protocol.as_deref() != Some("raw_buffer")
-                && c.matcher.port_ok(local);
-            let names_ok = c.matcher.server_names.is_empty()
-                || sni
-                    .as_ref()
-                    .is_some_and(|s| c.matcher.server_names.iter().any(|n| n == s));
-            let alpn_ok = c.matcher.application_protocols.is_empty()
-                || alpn
-                    .as_ref()
-                    .is_some_and(|a| c.matcher.application_protocols.contains(a));
-            tls_ok && names_ok && alpn_ok
-        }) else {
+        let conn = crate::chain_match::Conn {
+            local,
+            sni: sni.as_deref(),
+            transport: "tls",
+            protocol: alpn.as_deref(),
+            inbound: true,
+        };
+        let Some(chain) = crate::chain_match::select(&chains, |c| &c.matcher, &conn)
+            .into_iter()
+            .next()
+        else {
             self.stats.no_filter_chain_match.inc();
             tracing::debug!(%remote, ?sni, ?alpn, "no inbound filter chain matches");
             return;
@@ -516,10 +505,17 @@ impl ListenerRt {
         drain: Draining,
     ) {
         let chains = self.chains.get();
-        let Some(chain) = chains.iter().find(|c| {
-            c.matcher.transport_protocol.as_deref() == Some("raw_buffer")
-                && c.matcher.port_ok(local)
-        }) else {
+        let conn = crate::chain_match::Conn {
+            local,
+            sni: None,
+            transport: "raw_buffer",
+            protocol: None,
+            inbound: true,
+        };
+        let Some(chain) = crate::chain_match::select(&chains, |c| &c.matcher, &conn)
+            .into_iter()
+            .next()
+        else {
             self.stats.no_filter_chain_match.inc();
             tracing::debug!(%remote, "plaintext on an mTLS-only inbound listener; closing");
             return;
@@ -545,26 +541,28 @@ impl ListenerRt {
     ) {
         let sniffed = sniff(&tcp).await;
         let chains = self.chains.get();
-        let Some(chain) = chains.iter().find(|c| {
-            if !c.matcher.port_ok(local) {
-                return false;
-            }
-            let proto = match sniffed {
+        let conn = crate::chain_match::Conn {
+            local,
+            sni: None,
+            transport: "raw_buffer",
+            inbound: false,
+            protocol: Some(match sniffed {
                 Sniffed::Http1 => "http/1.1",
                 Sniffed::H2c => "h2c",
                 Sniffed::Tcp => "tcp",
-            };
-            if c.matcher.application_protocols.is_empty() {
-                // Unconstrained chains take what their filter can speak.
+            }),
+        };
+        // Among equally specific chains, the first whose filter can speak what was sniffed.
+        let Some(chain) = crate::chain_match::select(&chains, |c| &c.matcher, &conn)
+            .into_iter()
+            .find(|c| {
                 matches!(
                     (&c.kind, sniffed),
                     (ChainKind::Tcp { .. } | ChainKind::Refuse(_), _)
                         | (ChainKind::Http(_), Sniffed::Http1 | Sniffed::H2c)
                 )
-            } else {
-                c.matcher.application_protocols.iter().any(|p| p == proto)
-            }
-        }) else {
+            })
+        else {
             self.stats.no_filter_chain_match.inc();
             tracing::debug!(%remote, ?sniffed, "no outbound filter chain matches");
             return;

@@ -262,7 +262,7 @@ def test_invalid_resources_are_rejected_and_traffic_continues(xmesh):
         )
         wait_for("file rejected", lambda: "broken.yaml: document 0 (ServiceEntry test/x): spec: unknown field `portz`" in xmesh.cp.logs())
         # A service whose host cannot be a TLS server name: the control plane (unlike istiod) does
-        # not check it, the proxies cannot build that cluster, and NACK the whole CDS update.
+        # not check it, the proxies cannot build that cluster and NACK the CDS update naming it.
         (xmesh.config_dir / "bad-host.yaml").write_text(
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: bad, namespace: test}\n"
             "spec: {hosts: ['bad host!'], ports: [{number: 80, name: http, protocol: HTTP}], workloadSelector: {labels: {app: server}}}\n"
@@ -277,6 +277,22 @@ def test_invalid_resources_are_rejected_and_traffic_continues(xmesh):
             assert "invalid SNI" in entry["error_state"]["details"], entry
             assert "cluster" not in entry, "the rejected cluster is not active"
             assert any(c.get("cluster", {}).get("name") == "outbound|80||server.test.svc.cluster.local" for c in clusters["dynamic_active_clusters"])
+        # The bad cluster does not freeze the others: a service added now still arrives (Envoy
+        # applies the valid resources of a NACKed update).
+        (xmesh.config_dir / "extra.yaml").write_text(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: extra, namespace: test}\n"
+            "spec: {hosts: [extra.test.svc.cluster.local], ports: [{number: 80, name: http, protocol: HTTP}], workloadSelector: {labels: {app: server}}}\n"
+        )
+
+        def has_extra(name):
+            dump = json.loads(http_get(xmesh.sidecars[name].admin("/config_dump"))[1])
+            clusters = next(c for c in dump["configs"] if c["@type"].endswith("ClustersConfigDump"))
+            active = [c.get("cluster", {}).get("name") for c in clusters["dynamic_active_clusters"]]
+            still_bad = any(bad in json.dumps(c.get("error_state", {})) for c in clusters["dynamic_active_clusters"])
+            return "outbound|80||extra.test.svc.cluster.local" in active and still_bad
+
+        for name in ("client", "server"):
+            wait_for(f"{name} applied the valid cluster beside the rejected one", lambda name=name: has_extra(name))
         time.sleep(1.0)
     finally:
         load.stop()
@@ -285,6 +301,7 @@ def test_invalid_resources_are_rejected_and_traffic_continues(xmesh):
     # The bad file and host removed: the next update is accepted again.
     (xmesh.config_dir / "bad-host.yaml").unlink()
     (xmesh.config_dir / "broken.yaml").unlink()
+    (xmesh.config_dir / "extra.yaml").unlink()
     before = int(xmesh.stats("client")["cluster_manager.cds.update_success"])
     wait_for("CDS accepted again", lambda: int(xmesh.stats("client")["cluster_manager.cds.update_success"]) > before)
     assert xmesh.get("/admin")[0] == 200

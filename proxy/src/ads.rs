@@ -52,17 +52,33 @@ struct Failure {
     details: String,
     at: SystemTime,
     resources: BTreeMap<String, Any>,
+    /// The resources that were rejected while the rest of the update was applied; empty when the
+    /// update was rejected whole.
+    rejected: BTreeSet<String>,
 }
 
 impl Failure {
-    /// Whether this failure is about resource `name`: the error names it (`cluster NAME: …`), or
-    /// names none of the update's resources (then it is about all of them).
+    /// Whether this failure is about resource `name`.
     fn concerns(&self, name: &str) -> bool {
-        if !self.resources.contains_key(name) {
-            return false;
+        if self.rejected.is_empty() {
+            self.resources.contains_key(name)
+        } else {
+            self.rejected.contains(name)
         }
-        let mentioned = |n: &str| self.details.contains(&format!(" {n}:"));
-        mentioned(name) || !self.resources.keys().any(|n| mentioned(n))
+    }
+}
+
+/// A resource that does not translate: which one, and why.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub type_url: &'static str,
+    pub name: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 
@@ -128,11 +144,13 @@ impl Handler {
         }
     }
 
+    /// Applies what translates; returns the resources now in force and those rejected. `Err`:
+    /// nothing was applied.
     fn try_apply(
         &mut self,
         type_url: &'static str,
         resources: &[Any],
-    ) -> Result<BTreeMap<String, Any>, String> {
+    ) -> Result<(BTreeMap<String, Any>, Vec<Rejected>), String> {
         let mut by_name = BTreeMap::new();
         for (i, r) in resources.iter().enumerate() {
             let name = resource_name(type_url, r).map_err(|e| format!("resources[{i}]: {e}"))?;
@@ -146,10 +164,32 @@ impl Handler {
                 return Err(format!("resources[{i}]: {name} appears twice"));
             }
         }
-        let mut candidate = self.accepted.clone();
-        candidate.insert(type_url, by_name.clone());
+        // Envoy's behaviour: the resources that translate are applied; one that does not keeps
+        // its last accepted version (a new one is left out), and the update is NACKed naming it.
+        let previous = self.accepted.get(type_url).cloned().unwrap_or_default();
+        let mut offered = by_name;
+        let mut rejected: Vec<Rejected> = Vec::new();
         let mut notes = Vec::new();
-        let built = build(&candidate, &self.active, &mut notes)?;
+        let (candidate, built) = loop {
+            let mut candidate = self.accepted.clone();
+            candidate.insert(type_url, offered.clone());
+            notes.clear();
+            match build(&candidate, &self.active, &mut notes) {
+                Ok(built) => break (candidate, built),
+                Err(r)
+                    if r.type_url == type_url
+                        && offered.contains_key(&r.name)
+                        && !rejected.iter().any(|x| x.name == r.name) =>
+                {
+                    match previous.get(&r.name) {
+                        Some(old) => offered.insert(r.name.clone(), old.clone()),
+                        None => offered.remove(&r.name),
+                    };
+                    rejected.push(r);
+                }
+                Err(r) => return Err(r.to_string()),
+            }
+        };
         let mut all = self.base.clone();
         for l in &built.model.listeners {
             if all.listeners.iter().any(|s| s.name == l.name) {
@@ -167,6 +207,7 @@ impl Handler {
         all.listeners.extend(built.model.listeners.iter().cloned());
         all.clusters.extend(built.model.clusters.iter().cloned());
         self.runtime.apply(&all)?;
+        let applied = candidate.get(type_url).cloned().unwrap_or_default();
         self.accepted = candidate;
         self.active = built.model;
         self.eds_names = built.eds_names;
@@ -179,7 +220,7 @@ impl Handler {
             }
             *held = notes;
         }
-        Ok(by_name)
+        Ok((applied, rejected))
     }
 }
 
@@ -196,22 +237,47 @@ impl xds::client::Handler for Handler {
             c.attempt.inc();
         }
         let result = self.try_apply(type_url, &resources);
+        let clean = matches!(&result, Ok((_, rejected)) if rejected.is_empty());
         if let Some(c) = self.updates.get(type_url) {
-            if result.is_ok() {
+            if clean {
                 c.success.inc()
             } else {
                 c.rejected.inc()
             }
         }
         let now = SystemTime::now();
+        let offered = || {
+            resources
+                .iter()
+                .map(|r| (resource_name(type_url, r).unwrap_or_default(), r.clone()))
+                .collect()
+        };
         let mut types_state = lock(&self.state.types);
         let entry = types_state.entry(type_url).or_default();
         match result {
-            Ok(by_name) => {
-                entry.version = version.to_owned();
+            Ok((applied, rejected)) => {
+                entry.resources = applied;
                 entry.updated = Some(now);
-                entry.resources = by_name;
-                entry.error = None;
+                let outcome = if rejected.is_empty() {
+                    entry.version = version.to_owned();
+                    entry.error = None;
+                    Ok(())
+                } else {
+                    // The version stays the last one accepted whole; the rest is in force.
+                    let details = rejected
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    entry.error = Some(Failure {
+                        version: version.to_owned(),
+                        details: details.clone(),
+                        at: now,
+                        resources: offered(),
+                        rejected: rejected.into_iter().map(|r| r.name).collect(),
+                    });
+                    Err(details)
+                };
                 drop(types_state);
                 let have = |t| {
                     lock(&self.state.types)
@@ -221,17 +287,15 @@ impl xds::client::Handler for Handler {
                 if have(types::LISTENER) && have(types::CLUSTER) && self.warming == 0 {
                     self.state.synced.store(true, Ordering::Relaxed);
                 }
-                Ok(())
+                outcome
             }
             Err(details) => {
                 entry.error = Some(Failure {
                     version: version.to_owned(),
                     details: details.clone(),
                     at: now,
-                    resources: resources
-                        .iter()
-                        .map(|r| (resource_name(type_url, r).unwrap_or_default(), r.clone()))
-                        .collect(),
+                    resources: offered(),
+                    rejected: BTreeSet::new(),
                 });
                 Err(details)
             }
@@ -304,25 +368,38 @@ pub fn build(
     resources: &HashMap<&'static str, BTreeMap<String, Any>>,
     previous: &Model,
     notes: &mut Vec<String>,
-) -> Result<Built, String> {
+) -> Result<Built, Rejected> {
     let empty = BTreeMap::new();
     let of = |t| resources.get(t).unwrap_or(&empty);
-    let decode_err = |name: &str, e: codec::CodecError| format!("{name}: {e}");
+    let rejected = |type_url: &'static str, name: &str| {
+        let name = name.to_owned();
+        move |e: &dyn std::fmt::Display| Rejected {
+            type_url,
+            message: format!("{}", e),
+            name,
+        }
+    };
+    let decode_err = |type_url: &'static str, name: &str, e: codec::CodecError| Rejected {
+        type_url,
+        name: name.to_owned(),
+        message: format!("{name}: {e}"),
+    };
 
     let mut endpoints = HashMap::new();
     for (name, any) in of(types::ENDPOINT) {
-        let la: ClusterLoadAssignment = codec::unpack(any).map_err(|e| decode_err(name, e))?;
+        let la: ClusterLoadAssignment =
+            codec::unpack(any).map_err(|e| decode_err(types::ENDPOINT, name, e))?;
         endpoints.insert(
             name.clone(),
-            envoy::load_assignment(&la, notes).map_err(|e| e.to_string())?,
+            envoy::load_assignment(&la, notes).map_err(|e| rejected(types::ENDPOINT, name)(&e))?,
         );
     }
     let mut clusters = Vec::new();
     let mut warming_count = 0;
     let mut eds_names = BTreeSet::new();
     for (name, any) in of(types::CLUSTER) {
-        let c: Cluster = codec::unpack(any).map_err(|e| decode_err(name, e))?;
-        let mut mc = envoy::cluster(&c, notes).map_err(|e| e.to_string())?;
+        let c: Cluster = codec::unpack(any).map_err(|e| decode_err(types::CLUSTER, name, e))?;
+        let mut mc = envoy::cluster(&c, notes).map_err(|e| rejected(types::CLUSTER, name)(&e))?;
         if let Some(eds) = mc.eds.clone() {
             eds_names.insert(eds.clone());
             match endpoints.get(&eds) {
@@ -341,17 +418,20 @@ pub fn build(
     }
     let mut routes = HashMap::new();
     for (name, any) in of(types::ROUTE) {
-        let rc: RouteConfiguration = codec::unpack(any).map_err(|e| decode_err(name, e))?;
+        let rc: RouteConfiguration =
+            codec::unpack(any).map_err(|e| decode_err(types::ROUTE, name, e))?;
         routes.insert(
             name.clone(),
-            envoy::route_configuration(&rc, notes).map_err(|e| e.to_string())?,
+            envoy::route_configuration(&rc, notes).map_err(|e| rejected(types::ROUTE, name)(&e))?,
         );
     }
     let mut listeners = Vec::new();
     let mut rds_names = BTreeSet::new();
     for (name, any) in of(types::LISTENER) {
-        let l: Listener = codec::unpack(any).map_err(|e| decode_err(name, e))?;
-        let Some(mut ml) = envoy::listener(&l, notes).map_err(|e| e.to_string())? else {
+        let l: Listener = codec::unpack(any).map_err(|e| decode_err(types::LISTENER, name, e))?;
+        let Some(mut ml) =
+            envoy::listener(&l, notes).map_err(|e| rejected(types::LISTENER, name)(&e))?
+        else {
             continue;
         };
         let mut warming = false;
@@ -587,6 +667,7 @@ mod tests {
                     details: "cluster bad: transport_socket.sni: invalid SNI".into(),
                     at: SystemTime::now(),
                     resources: BTreeMap::from([("good".to_owned(), good), ("bad".to_owned(), bad)]),
+                    rejected: BTreeSet::from(["bad".to_owned()]),
                 }),
             },
         );

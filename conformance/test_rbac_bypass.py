@@ -66,16 +66,30 @@ HTTP_FILTERS = [
 ]
 
 
+def lenient_path(target: str) -> str:
+    """How the sloppiest backends read a request path: escapes decoded until nothing changes
+    (so a `?`, `#` or `;` that decoding reveals counts), backslashes as slashes, `;params` dropped,
+    trailing dots and spaces dropped from each segment (Windows), dot segments resolved, and
+    letter case ignored."""
+    path = target
+    for _ in range(8):
+        decoded = urllib.parse.unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    path = path.split("#")[0].split("?")[0].replace("\\", "/")
+    segments = [seg.split(";")[0] for seg in path.split("/")]
+    segments = [seg if seg in (".", "..") else seg.rstrip(". ") for seg in segments]
+    return posixpath.normpath("/" + "/".join(segments).lstrip("/")).lower()
+
+
 class Canary(BaseHTTPRequestHandler):
     """Leaks the secret to anything that a lenient backend would read as admin."""
 
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
-        path = self.path.split("#")[0].split("?")[0]
-        path = urllib.parse.unquote(path).replace("\\", "/")
-        path = "/".join(seg.split(";")[0] for seg in path.split("/"))
-        path = posixpath.normpath("/" + path.lstrip("/"))
+        path = lenient_path(self.path)
         users = [u.strip() for v in self.headers.get_all("x-user") or [] for u in v.split(",")]
         host = (self.headers.get("host") or "").lower().split(":")[0].rstrip(".")
         admin = path == "/admin" or path.startswith("/admin/") or "admin" in users or host == "admin.internal"
@@ -183,6 +197,21 @@ ATTACKS = [
     ("obs-text-header", b"/public", [(b"x-user", b"admin\xff")], b"server"),
     ("nul-path", b"/admin%00", [], b"server"),
     ("case", b"/Admin", [], b"server"),
+    # What lenient backends read as /admin beyond the normalized path (issue 12, item 4).
+    ("upper", b"/ADMIN/keys", [], b"server"),
+    ("upper-encoded", b"/%41DMIN", [], b"server"),
+    ("double-encoded", b"/%2561dmin", [], b"server"),
+    ("triple-encoded", b"/%25252561dmin/keys", [], b"server"),
+    ("double-encoded-dots", b"/x/%252e%252e/admin", [], b"server"),
+    ("double-encoded-slash", b"/x%252F..%252Fadmin", [], b"server"),
+    ("trailing-dot", b"/admin.", [], b"server"),
+    ("trailing-dot-segment", b"/admin./keys", [], b"server"),
+    ("trailing-space", b"/admin%20", [], b"server"),
+    ("trailing-dot-space", b"/admin.%20./keys", [], b"server"),
+    ("encoded-query", b"/admin%3Fx=1", [], b"server"),
+    ("encoded-fragment", b"/admin%23x", [], b"server"),
+    ("encoded-semicolon", b"/admin%3Bjsessionid=1", [], b"server"),
+    ("double-encoded-query", b"/admin%253Fx", [], b"server"),
 ]
 
 
@@ -222,6 +251,43 @@ def test_denials_are_403_rbac_and_allowed_calls_pass(guarded):
     assert "http.inbound_http.rbac.denied:" in stats and "http.inbound_http.rbac.allowed:" in stats
     denied = int(stats.split("http.inbound_http.rbac.denied: ")[1].split()[0])
     assert denied > 0
+
+
+def test_the_lenient_reading_is_what_the_canary_leaks_for():
+    """Positive control for the attacks above: the canary really reads each as admin."""
+    for name, path, _, _ in ATTACKS:
+        if name.startswith(("host", "dup", "comma", "nul", "obs")):
+            continue
+        assert lenient_path(path.decode()) in ("/admin", "/admin/keys", "/admin/x", "/admin/admin") or lenient_path(path.decode()).startswith("/admin"), name
+
+
+@pytest.fixture(scope="module")
+def strict_paths(tmp_path_factory):
+    """The guarded server with `reject_ambiguous_paths` (Envoy's REJECT_REQUEST)."""
+    tmp = tmp_path_factory.mktemp("strict-paths")
+    canary = ThreadingHTTPServer(("127.0.0.1", free_port()), Canary)
+    canary.daemon_threads = True
+    threading.Thread(target=canary.serve_forever, daemon=True).start()
+    m = Mesh(tmp, canary.server_address[1])
+    hcm = m.server.config["listeners"][0]["filter_chains"][-1]["http_connection_manager"]
+    hcm["http_filters"] = HTTP_FILTERS
+    hcm["reject_ambiguous_paths"] = True
+    m.server.rewrite()
+    m.start()
+    yield m
+    m.stop()
+    canary.shutdown()
+
+
+def test_ambiguous_paths_can_be_refused_outright(strict_paths):
+    for path in [b"/public;x=1", b"/public%2Fx", b"/%2570ublic", b"/public.", b"/public%20"]:
+        data = h1_raw(tls(strict_paths, "http/1.1"), path, [(b"host", b"server")])
+        assert data.startswith(b"HTTP/1.1 400"), (path, data[:200])
+        assert b"read more than one way" in data, data
+    # Plain paths, letter case included, pass (control).
+    for path in [b"/public", b"/PUBLIC", b"/public/index.html"]:
+        data = h1_raw(tls(strict_paths, "http/1.1"), path, [(b"host", b"server")])
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"public"), (path, data[:200])
 
 
 def urllib_get(url):

@@ -649,6 +649,7 @@ fn hcm(stat_prefix: &str, virtual_hosts: Vec<VirtualHost>) -> HttpConnectionMana
         forward_client_cert_details: ForwardClientCertDetails::SanitizeSet,
         http_filters: vec![],
         upgrade_configs: vec![UpgradeConfig::websocket()],
+        reject_ambiguous_paths: false,
     }
 }
 

@@ -4,7 +4,10 @@
 //! `x-user: admin`; Envoy matches the comma-joined `guest,admin`), or a path with `;parameters`
 //! that some servers ignore. DENY and LOG policies match **leniently** (if any reading matches),
 //! ALLOW policies **strictly** (only if every reading matches); `not` flips the mode. So a DENY rule
-//! cannot be sidestepped by an ambiguous request, and an ALLOW rule is never widened by one.
+//! cannot be sidestepped by an ambiguous request, and an ALLOW rule is never widened by one. Paths
+//! have more readings still, those of lenient backends (`path::lenient_readings`: escapes decoded
+//! again, case folded, trailing dots and spaces dropped, …): DENY matches them too, ALLOW reads the
+//! normalized path only.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -22,6 +25,10 @@ pub struct Request<'a> {
     pub path: &'a str,
     /// The same path with `;parameters` removed, when it differs.
     pub path_without_params: Option<&'a str>,
+    /// Other readings of the path a lenient backend may apply (`path::lenient_readings`), which
+    /// DENY rules also match. Filled by [`Engine::evaluate`] from `path`; what a caller sets here
+    /// is replaced.
+    pub lenient_paths: &'a [String],
     pub headers: &'a [(&'a str, &'a [u8])],
     pub direct_remote_ip: Option<IpAddr>,
     pub remote_ip: Option<IpAddr>,
@@ -74,6 +81,11 @@ impl Mode {
 impl Engine {
     /// Evaluates every filter in order; the first denial decides.
     pub fn evaluate(&self, req: &Request<'_>) -> Decision {
+        let readings = crate::path::lenient_readings(req.path);
+        let req = &Request {
+            lenient_paths: &readings,
+            ..*req
+        };
         let mut decision = Decision {
             allowed: true,
             policy: None,
@@ -232,8 +244,9 @@ fn id(p: &Id, req: &Request<'_>, mode: Mode) -> bool {
 fn path_matches(req: &Request<'_>, mode: Mode, f: impl Fn(&str) -> bool) -> bool {
     let main = f(req.path);
     match (req.path_without_params, mode) {
-        (None, _) => main,
-        (Some(alt), Mode::Lenient) => main || f(alt),
+        (None, Mode::Lenient) => main || req.lenient_paths.iter().any(|p| f(p)),
+        (None, Mode::Strict) => main,
+        (Some(alt), Mode::Lenient) => main || f(alt) || req.lenient_paths.iter().any(|p| f(p)),
         (Some(alt), Mode::Strict) => main && f(alt),
     }
 }

@@ -140,6 +140,131 @@ fn merge_and_resolve(path: &str) -> String {
     out
 }
 
+/// How many times a lenient backend might decode a path (`%25252F` is three).
+const MAX_DECODES: usize = 4;
+
+/// The other ways a lenient backend may read a normalized path, for DENY rules, which must hold
+/// under every reading (ALLOW keeps the normalized path alone): escapes decoded again up to a
+/// fixed point (`%2561dmin` → `admin`, `%252e%252e` → `..`), a `?` or `#` that decoding reveals
+/// ending the path, a `;` that decoding reveals starting parameters, `;parameters` dropped, trailing
+/// dots and spaces dropped from each segment (Windows servers), and the path lowercased
+/// (case-insensitive servers). Each reading is normalized again; the normalized path itself is
+/// not repeated. Empty for the common path that no backend reads two ways.
+pub fn lenient_readings(path: &str) -> Vec<String> {
+    let trailing_dot = path.contains("./") || path.ends_with('.');
+    if !trailing_dot
+        && !path
+            .bytes()
+            .any(|b| b == b'%' || b == b';' || b.is_ascii_uppercase())
+    {
+        return Vec::new();
+    }
+    let mut bases = vec![path.to_owned()];
+    let mut current = path.to_owned();
+    for _ in 0..MAX_DECODES {
+        let decoded = decode_all(&current);
+        if decoded == current {
+            break;
+        }
+        let cut = decoded.split(['?', '#']).next().unwrap_or("");
+        let mut reading = merge_and_resolve(&cut.replace('\\', "/"));
+        if !reading.starts_with('/') {
+            reading.insert(0, '/');
+        }
+        bases.push(reading);
+        current = decoded;
+    }
+    let mut out = std::collections::BTreeSet::new();
+    for base in bases {
+        let without_params = strip_params(&base);
+        for a in [base, without_params] {
+            let trimmed = trim_segments(&a);
+            for b in [a, trimmed] {
+                let lower = b.to_ascii_lowercase();
+                out.insert(b);
+                out.insert(lower);
+            }
+        }
+    }
+    out.remove(path);
+    out.into_iter().collect()
+}
+
+/// Whether backends may read this request's path differently in more than letter case: an
+/// escaped slash or backslash, a raw backslash, or a normalized path with readings beyond case
+/// folding (escapes that decode again, `;parameters`, trailing dots or spaces). A listener set to
+/// refuse ambiguous paths (Envoy's `REJECT_REQUEST`) answers these 400.
+pub fn ambiguous(raw_path: &str, normalized: &str) -> bool {
+    let raw = raw_path.split(['?', '#']).next().unwrap_or("");
+    let lower = raw.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || raw.contains('\\') {
+        return true;
+    }
+    let folded = normalized.to_ascii_lowercase();
+    lenient_readings(normalized)
+        .iter()
+        .any(|r| r.to_ascii_lowercase() != folded)
+}
+
+/// Every percent-escape decoded (bytes that are not UTF-8 read as U+FFFD).
+fn decode_all(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn strip_params(path: &str) -> String {
+    if !path.contains(';') {
+        return path.to_owned();
+    }
+    let stripped: Vec<&str> = path
+        .split('/')
+        .map(|s| s.split(';').next().unwrap_or(""))
+        .collect();
+    merge_and_resolve(&stripped.join("/"))
+}
+
+/// Trailing dots and spaces (and their escapes) dropped from every segment.
+fn trim_segments(path: &str) -> String {
+    let trimmed: Vec<String> = path
+        .split('/')
+        .map(|seg| {
+            if seg == "." || seg == ".." {
+                return seg.to_owned();
+            }
+            let mut s = seg;
+            loop {
+                let next = s
+                    .trim_end_matches(['.', ' '])
+                    .trim_end_matches("%20")
+                    .trim_end_matches("%2E")
+                    .trim_end_matches("%2e");
+                if next.len() == s.len() {
+                    break;
+                }
+                s = next;
+            }
+            s.to_owned()
+        })
+        .collect();
+    merge_and_resolve(&trimmed.join("/"))
+}
+
 /// Authority as matched by routing and policy: lowercase, no trailing dot on the host.
 pub fn normalize_authority(authority: &str) -> String {
     let lower = authority.to_ascii_lowercase();
@@ -221,6 +346,59 @@ mod tests {
         ] {
             let once = normalize(p).unwrap().path;
             assert_eq!(normalize(&once).unwrap().path, once, "{p}");
+        }
+    }
+
+    #[test]
+    fn lenient_readings_cover_what_lenient_backends_do() {
+        let r = |p: &str| lenient_readings(&n(p));
+        for (raw, reading) in [
+            ("/ADMIN", "/admin"),
+            ("/Admin/keys", "/admin/keys"),
+            ("/%2561dmin", "/admin"),
+            ("/%252e%252e/admin", "/admin"),
+            ("/x/%252E%252E/admin", "/admin"),
+            ("/admin%3Fx=1", "/admin"),
+            ("/admin%23frag", "/admin"),
+            ("/admin%3Bjsessionid=1", "/admin"),
+            ("/admin;x=1/keys", "/admin/keys"),
+            ("/admin./keys", "/admin/keys"),
+            ("/admin%20/keys", "/admin/keys"),
+            ("/admin...", "/admin"),
+            ("/%2541dmin.", "/admin"),
+        ] {
+            assert!(r(raw).contains(&reading.to_owned()), "{raw}: {:?}", r(raw));
+        }
+        assert!(r("/plain/path").is_empty());
+        assert!(r("/x").is_empty());
+        // Bounded, whatever the input.
+        let nasty = format!("/{}", "%2525252541.;A/".repeat(200));
+        assert!(lenient_readings(&nasty).len() <= 40);
+    }
+
+    #[test]
+    fn ambiguity_is_more_than_case() {
+        let amb = |raw: &str| ambiguous(raw, &n(raw));
+        for raw in [
+            "/admin%2Fx",
+            "/a%5cb",
+            "/a\\b",
+            "/%2561dmin",
+            "/admin;x=1",
+            "/admin./x",
+            "/admin%20",
+        ] {
+            assert!(amb(raw), "{raw}");
+        }
+        for raw in [
+            "/ADMIN",
+            "/orders/ABC-12",
+            "/index.html",
+            "/v1.2/x",
+            "/a?b=%2F",
+            "/%61dmin",
+        ] {
+            assert!(!amb(raw), "{raw}");
         }
     }
 

@@ -364,6 +364,12 @@ pub struct HttpConnectionManager {
     /// request goes on as a plain HTTP/1.1 one.
     #[serde(default = "default_upgrade_configs")]
     pub upgrade_configs: Vec<UpgradeConfig>,
+    /// Refuse (400) a request whose path backends may read in more than one way beyond letter
+    /// case (`policy::path::ambiguous`: escaped slashes, escapes that decode again, `;params`,
+    /// trailing dots or spaces). Envoy's `path_with_escaped_slashes_action: REJECT_REQUEST`
+    /// translates to it. Off by default: DENY rules already match every such reading.
+    #[serde(default)]
+    pub reject_ambiguous_paths: bool,
 }
 
 /// One entry of [`HttpConnectionManager::upgrade_configs`].

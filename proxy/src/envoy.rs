@@ -48,6 +48,9 @@ use crate::config::{
     VirtualHost, WeightedCluster,
 };
 
+/// `HttpConnectionManager.PathWithEscapedSlashesAction.REJECT_REQUEST`.
+const REJECT_REQUEST: i32 = 2;
+
 /// A required piece this proxy cannot apply, or an invalid one: the resource is rejected.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{resource}: {field}: {message}")]
@@ -617,6 +620,8 @@ fn http_connection_manager(
         forward_client_cert_details,
         http_filters,
         upgrade_configs,
+        // REJECT_REQUEST; the other actions are what normalization does anyway.
+        reject_ambiguous_paths: hcm.path_with_escaped_slashes_action == REJECT_REQUEST,
     })
 }
 
@@ -1371,6 +1376,11 @@ pub fn listener_pb(l: &config::Listener) -> Listener {
                     forward_client_cert_details: match h.forward_client_cert_details {
                         ForwardClientCertDetails::Sanitize => 0,
                         ForwardClientCertDetails::SanitizeSet => 3,
+                    },
+                    path_with_escaped_slashes_action: if h.reject_ambiguous_paths {
+                        REJECT_REQUEST
+                    } else {
+                        0
                     },
                     upgrade_configs: h
                         .upgrade_configs

@@ -160,6 +160,11 @@ async fn forward(
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let normalized = policy::path::normalize(target)
         .map_err(|_| ProxyError::BadRequest("path cannot be normalized"))?;
+    if chain.reject_ambiguous_paths && policy::path::ambiguous(target, &normalized.path) {
+        return Err(ProxyError::BadRequest(
+            "the path can be read more than one way",
+        ));
+    }
     let selected = chain.select(&authority, &normalized.path, req.headers());
     let routed = selected.as_ref().and_then(|s| clusters.get(s.cluster));
     // Authorization runs before a missing route is reported: an unauthorized caller must not be
@@ -290,6 +295,7 @@ fn authorize(
         principal: ctx.peer_id.as_deref(),
         path: &normalized.path,
         path_without_params: without_params.as_deref(),
+        lenient_paths: &[],
         headers: &headers,
         direct_remote_ip: Some(ctx.remote.ip()),
         remote_ip: Some(ctx.remote.ip()),
@@ -380,6 +386,7 @@ impl PolicyView {
             principal: self.principal.as_deref(),
             path: &self.path,
             path_without_params: self.path_without_params.as_deref(),
+            lenient_paths: &[],
             headers: &headers,
             direct_remote_ip: Some(self.remote),
             remote_ip: Some(self.remote),

@@ -14,6 +14,8 @@ pub struct HttpChain {
     pub forward_client_cert: ForwardClientCertDetails,
     /// The `Upgrade` types tunnelled (lowercase; never `h2c`).
     pub upgrade_types: Vec<String>,
+    /// Requests with ambiguous paths are refused.
+    pub reject_ambiguous_paths: bool,
     virtual_hosts: Vec<VirtualHostRt>,
     pub stats: HttpStats,
 }
@@ -131,6 +133,7 @@ impl HttpChain {
                 .filter(|u| u.enabled && !u.upgrade_type.eq_ignore_ascii_case("h2c"))
                 .map(|u| u.upgrade_type.to_ascii_lowercase())
                 .collect(),
+            reject_ambiguous_paths: hcm.reject_ambiguous_paths,
             virtual_hosts: hcm
                 .route_config
                 .virtual_hosts
@@ -306,6 +309,7 @@ mod tests {
                 forward_client_cert_details: ForwardClientCertDetails::SanitizeSet,
                 http_filters: vec![],
                 upgrade_configs: vec![],
+                reject_ambiguous_paths: false,
                 rds: None,
                 route_config: RouteConfiguration {
                     name: "r".into(),

@@ -363,7 +363,12 @@ def test_demo_ebpf_runs_the_scenario_on_pod_networking(tmp_path):
         timeout=180,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "all 4 expectations held" in r.stdout, r.stdout
+    assert "all 5 expectations held" in r.stdout, r.stdout
+    raw_row = next(line for line in r.stdout.splitlines() if "AF_PACKET" in line)
+    assert "refused" in raw_row and "not permitted" in raw_row.lower() and raw_row.rstrip().endswith("ok"), raw_row
+    # Control: the same probe, as root outside the pods, does open one.
+    probe = subprocess.run([binary(), "demo-raw-socket"], capture_output=True, text=True, timeout=10)
+    assert probe.returncode == 1 and probe.stdout.strip() == "opened", probe
     assert "egdemo" not in sh("ip", "netns", "list").stdout, "demo left network namespaces behind"
     assert str(tmp_path) not in Path("/proc/mounts").read_text(), "demo left its bpffs mounted"
     assert not list(cgroup2_root().glob("eastguard-egdemo*")), "demo left cgroups behind"
@@ -460,7 +465,7 @@ def _start_demo_ebpf(workdir, name):
         assert proc.poll() is None, out.read_text()
         assert time.time() < deadline, out.read_text()
         time.sleep(0.2)
-    assert "all 4 expectations held" in out.read_text(), out.read_text()
+    assert "all 5 expectations held" in out.read_text(), out.read_text()
     return proc, out
 
 
@@ -517,7 +522,7 @@ def test_demo_ebpf_after_a_sigkilled_run_removes_its_leftovers(tmp_path):
     assert "removing what an earlier demo --ebpf left" in second.stdout, second.stdout
     for ns in left["namespaces"]:
         assert ns in second.stdout, f"{ns} not named in: {second.stdout}"
-    assert "all 4 expectations held" in second.stdout, second.stdout
+    assert "all 5 expectations held" in second.stdout, second.stdout
     assert _nothing_left(first.pid) == {}
     assert "egdemo" not in sh("ip", "netns", "list").stdout
     assert not list(cgroup2_root().glob("eastguard-egdemo*"))

@@ -30,6 +30,23 @@ pub async fn serve_app(name: String, listen: SocketAddr, shutdown: Shutdown) -> 
     Ok(())
 }
 
+/// `eastguard demo-raw-socket`: whether this process can open an `AF_PACKET` raw socket, which
+/// sees and sends frames below the cgroup hooks that capture TCP (so app containers must not have
+/// `CAP_NET_RAW`).
+pub fn raw_socket_probe() -> std::process::ExitCode {
+    use rustix::net::{AddressFamily, SocketType, socket};
+    match socket(AddressFamily::PACKET, SocketType::RAW, None) {
+        Ok(_) => {
+            println!("opened");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("refused: {e}");
+            std::process::ExitCode::SUCCESS
+        }
+    }
+}
+
 const TRUST_DOMAIN: &str = "cluster.local";
 
 /// Ledger's authorization, as an Istio user writes it; the demo translates it like istiod does.

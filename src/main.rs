@@ -98,6 +98,10 @@ enum Command {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
+    /// Tries to open a raw packet socket (used by `demo --ebpf` inside a pod's app): exit 0 and
+    /// "refused" when the kernel says no, exit 1 when it opened.
+    #[command(hide = true)]
+    DemoRawSocket,
     /// The node agent: the SPIFFE Workload API on a unix socket (X509-SVIDs for attested local
     /// workloads), and/or eBPF traffic capture for the pods in a registry (`--capture`).
     NodeAgent {
@@ -207,6 +211,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             runtime.block_on(demo::serve_app(name, listen, shutdown))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::DemoRawSocket => Ok(demo::raw_socket_probe()),
         Command::Policy(cmd) => policy_cmd::run(*cmd),
         Command::ControlPlane {
             config_dir,

@@ -87,7 +87,9 @@ impl Net {
         }
     }
 
-    /// A command in a pod's namespace and, for captured pods, in its `part` cgroup.
+    /// A command in a pod's namespace and, for captured pods, in its `part` cgroup. Everything
+    /// but a sidecar runs without `CAP_NET_RAW` (as Istio's injection drops it from app
+    /// containers): a raw packet socket would send below the cgroup hooks that capture TCP.
     fn command(&self, pod: &str, part: Option<&str>, args: &[String]) -> tokio::process::Command {
         let mut cmd = lifecycle::child("sh");
         // Join the cgroup before `ip netns exec`, which remounts /sys.
@@ -98,8 +100,15 @@ impl Net {
             ),
             None => String::new(),
         };
+        let drop_raw = if part == Some("sidecar") {
+            ""
+        } else {
+            "setpriv --bounding-set -net_raw --inh-caps -net_raw -- "
+        };
         cmd.arg("-c")
-            .arg(format!("{join}exec ip netns exec \"$@\""))
+            .arg(format!(
+                "{join}ns=\"$1\"; shift; exec ip netns exec \"$ns\" {drop_raw}\"$@\""
+            ))
             .arg("sh")
             .arg(self.ns(pod))
             .args(args);
@@ -164,9 +173,13 @@ fn preflight() -> anyhow::Result<PathBuf> {
     if uid != 0 {
         bail!("demo --ebpf needs root (network namespaces, cgroups, eBPF): run it with sudo");
     }
-    for tool in ["ip", "curl"] {
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("curl", "curl"),
+        ("setpriv", "util-linux"),
+    ] {
         if !have(tool) {
-            bail!("demo --ebpf needs `{tool}` (Debian: iproute2, curl)");
+            bail!("demo --ebpf needs `{tool}` (Debian: {package})");
         }
     }
     cgroup2_root().context("demo --ebpf needs a cgroup v2 mount")
@@ -516,7 +529,7 @@ async fn scenario(net: &mut Net, dir: &Path) -> anyhow::Result<bool> {
     let all_ok = hops.iter().all(|h| h.ok);
     if all_ok {
         println!(
-            "\nall {} expectations held: unmodified curl calls to pod IPs went through both sidecars over mTLS, and nothing got around them",
+            "\nall {} expectations held: unmodified curl calls to pod IPs went through both sidecars over mTLS, and nothing got around them (apps cannot open raw sockets either)",
             hops.len()
         );
     } else {
@@ -588,6 +601,30 @@ async fn script(net: &Net) -> Vec<Hop> {
         )
         .await,
     );
+    // Below the capture hooks: an app cannot open a raw packet socket (no CAP_NET_RAW).
+    let exe = std::env::current_exe()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "eastguard".into());
+    let probe = net
+        .command("frontend", Some("app"), &[exe, "demo-raw-socket".into()])
+        .output()
+        .await;
+    let (ok, said) = match probe {
+        Ok(o) => (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        ),
+        Err(e) => (false, e.to_string()),
+    };
+    hops.push(Hop {
+        caller: frontend_id.as_str().to_owned(),
+        callee: "AF_PACKET raw socket".into(),
+        protocol: "raw",
+        status: if said.is_empty() { "-".into() } else { said },
+        mtls: "-".into(),
+        ok,
+        expectation: "no raw sockets in apps",
+    });
     hops
 }
 

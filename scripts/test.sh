@@ -5,7 +5,9 @@
 #   - a Python venv in .venv with conformance/requirements.txt
 #   - the eastguard binary built once with a fresh, empty CARGO_HOME, as on a new machine (the
 #     README's first command must work right after a clone; a warm cache hides what it needs)
-#   - cargo build, clippy, cargo test, then the cross-process conformance suite (pytest)
+#   - cargo build, clippy, cargo deny (licences, duplicate versions, sources; deny.toml),
+#     cargo test, a bounded run of each fuzz target on its corpus, then the cross-process
+#     conformance suite (pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,6 +57,12 @@ if cargo clippy --version >/dev/null 2>&1; then
   echo "== cargo clippy"
   cargo clippy --workspace --all-targets --locked -- -D warnings
 fi
+if ! command -v cargo-deny >/dev/null; then
+  echo "== installing cargo-deny"
+  cargo install --locked cargo-deny
+fi
+echo "== cargo deny (licenses, bans, sources; advisories need GitHub, see README)"
+cargo deny --offline check licenses bans sources
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== conformance (pytest)"

@@ -65,5 +65,26 @@ echo "== cargo deny (licenses, bans, sources; advisories need GitHub, see README
 cargo deny --offline check licenses bans sources
 echo "== cargo test"
 cargo test --workspace --locked
+# Each fuzz target for a bounded time, from its committed corpus (new inputs go to a temporary
+# directory, so the committed corpus is not changed). Stable toolchain, no sanitizer.
+if ! command -v cargo-fuzz >/dev/null; then
+  echo "== installing cargo-fuzz"
+  cargo install --locked cargo-fuzz
+fi
+fuzz_secs="${EASTGUARD_FUZZ_SECONDS:-20}"
+for target in policy:normalize policy:compile_evaluate proxy:translate; do
+  crate="${target%%:*}" name="${target#*:}"
+  echo "== fuzz $crate/$name for ${fuzz_secs}s"
+  fuzz_out=$(mktemp -d "${TMPDIR:-/tmp}/eastguard-fuzz.XXXXXX")
+  if ! (cd "$crate" && cargo fuzz run "$name" --sanitizer none "$fuzz_out" "fuzz/corpus/$name" -- \
+    -max_total_time="$fuzz_secs" -timeout=10 -rss_limit_mb=2048 >"$fuzz_out.log" 2>&1); then
+    cat "$fuzz_out.log"
+    echo "!! fuzz target $crate/$name failed (the crashing input is in $crate/fuzz/artifacts/$name)" >&2
+    exit 1
+  fi
+  tail -n 1 "$fuzz_out.log"
+  rm -rf "$fuzz_out" "$fuzz_out.log"
+done
+
 echo "== conformance (pytest)"
-EASTGUARD_BIN="$PWD/target/debug/eastguard" .venv/bin/python -m pytest conformance -v -p no:cacheprovider "$@"
+EASTGUARD_BIN="$PWD/target/debug/eastguard" .venv/bin/python -m pytest conformance -v -rs -p no:cacheprovider "$@"

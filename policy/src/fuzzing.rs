@@ -31,6 +31,15 @@ pub fn check_normalize(input: &[u8]) -> Result<(), String> {
             ));
         }
     }
+    // Lenient readings: bounded, absolute, and never the normalized path itself.
+    let readings = path::lenient_readings(&n.path);
+    if readings.len() > 40 {
+        return Err(format!("{text:?}: {} lenient readings", readings.len()));
+    }
+    if let Some(r) = readings.iter().find(|r| !r.starts_with('/') || **r == n.path) {
+        return Err(format!("{text:?}: lenient reading {r:?} of {:?}", n.path));
+    }
+    let _ = path::ambiguous(text, &n.path);
     if let Some(stripped) = n.without_params()
         && stripped.contains(';')
     {

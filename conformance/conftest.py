@@ -48,6 +48,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def mtls_socket(mesh, alpn="http/1.1", cert=None, key=None):
+    """A TLS connection to the mesh's server sidecar inbound port, as the client workload (or
+    with another SVID), offering one ALPN protocol."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(str(mesh.bundle))
+    ctx.load_cert_chain(str(cert or mesh.client_cert), str(key or mesh.client_key))
+    ctx.set_alpn_protocols([alpn])
+    raw = socket.create_connection(("127.0.0.1", mesh.inbound_port), timeout=10)
+    return ctx.wrap_socket(raw)
+
+
 def http_get(url: str, timeout=5.0):
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:

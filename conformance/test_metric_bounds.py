@@ -4,14 +4,13 @@ names, and past a cap the caller-influenced labels read `overflow`, so a caller 
 cannot grow `/stats/prometheus` without bound."""
 
 import socket
-import ssl
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
 import pytest
 
-from conftest import CLIENT_ID, Mesh, http_get
+from conftest import CLIENT_ID, Mesh, http_get, mtls_socket
 
 MAX_SERIES = 40
 
@@ -24,12 +23,7 @@ def mesh(tmp_path, upstream):
 
 
 def inbound_tls(mesh):
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.load_verify_locations(str(mesh.bundle))
-    ctx.load_cert_chain(str(mesh.client_cert), str(mesh.client_key))
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", mesh.inbound_port), timeout=10))
+    return mtls_socket(mesh)
 
 
 def send_all(mesh, requests):

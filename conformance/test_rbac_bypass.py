@@ -16,7 +16,7 @@ import h2.connection
 import h2.events
 import pytest
 
-from conftest import CLIENT_ID, TD, Mesh, free_port
+from conftest import CLIENT_ID, TD, Mesh, free_port, mtls_socket
 
 SECRET = b"CANARY-SECRET-7f3a"
 RBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
@@ -123,13 +123,7 @@ def guarded(tmp_path_factory):
 
 
 def tls(mesh, alpn, cert=None, key=None):
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.load_verify_locations(str(mesh.bundle))
-    ctx.load_cert_chain(str(cert or mesh.client_cert), str(key or mesh.client_key))
-    ctx.set_alpn_protocols([alpn])
-    raw = socket.create_connection(("127.0.0.1", mesh.inbound_port), timeout=10)
-    return ctx.wrap_socket(raw)
+    return mtls_socket(mesh, alpn, cert, key)
 
 
 def h1_raw(sock, target: bytes, headers: list) -> bytes:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import CLIENT_ID, Mesh, http_get
+from conftest import CLIENT_ID, Mesh, http_get, mtls_socket
 from test_rbac_bypass import HTTP_FILTERS, SECRET
 
 WS_HEADERS = b"connection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -132,13 +132,7 @@ def outbound(mesh):
 
 
 def inbound_tls(mesh):
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.load_verify_locations(str(mesh.bundle))
-    ctx.load_cert_chain(str(mesh.client_cert), str(mesh.client_key))
-    ctx.set_alpn_protocols(["http/1.1"])
-    raw = socket.create_connection(("127.0.0.1", mesh.inbound_port), timeout=10)
-    return ctx.wrap_socket(raw)
+    return mtls_socket(mesh)
 
 
 def websocket_tunnel(s, host=b"server", path=b"/ws"):

@@ -340,7 +340,8 @@ def dumped_svid(sidecar):
 
 class Load:
     """Bounded steady load: `workers` threads, each on its own keep-alive HTTP/1.1 connection,
-    sending GETs until stopped or `limit` seconds pass. Records every failure with its reason."""
+    sending GETs until stopped or `limit` seconds pass. Records every failure with its reason,
+    refused connections included."""
 
     def __init__(self, port, host="server", path="/", workers=4, limit=120.0, pause=0.005):
         import http.client
@@ -374,10 +375,12 @@ class Load:
                 if conn is None:
                     conn = self._http.HTTPConnection("127.0.0.1", self.port, timeout=10)
                     conn.connect()
-            except ConnectionRefusedError:
-                # Not in flight: the listener is closed (after a drain). Counted apart.
+            except ConnectionRefusedError as e:
+                # A refused connection is a failed request like any other: no "zero failures"
+                # claim may leave it out. (`refused` says how many of the failures these were.)
                 with self._lock:
                     self.refused += 1
+                    self.failures.append(f"ConnectionRefusedError: {e}")
                 conn = None
                 time.sleep(0.05)
                 continue

@@ -18,7 +18,7 @@ def cases():
     if not SHARED.is_dir():
         if os.environ.get("CI"):
             raise RuntimeError(f"istio-authz corpus missing at {SHARED}")
-        return []
+        return [pytest.param(None, None, None, marks=pytest.mark.skip(reason=f"!!! SKIPPING: istio-authz corpus missing at {SHARED}"))]
     table = json.loads((SHARED / "cases.json").read_text())
     out = []
     for kind in ("http", "tcp"):

@@ -46,14 +46,12 @@ fn disassembly(objdump: &str, obj: &Path) -> String {
 }
 
 #[test]
+#[ignore = "needs clang-19 with the BPF target; the test command installs it and runs this with --include-ignored"]
 fn committed_objects_match_their_sources() {
     let Some(clang) = find_tool(&["clang-19", "clang"]) else {
-        let msg = "clang (with the BPF target) is needed to rebuild bpf/*.bpf.c (scripts/test.sh installs clang-19)";
-        if std::env::var_os("CI").is_some() {
-            panic!("{msg}");
-        }
-        eprintln!("!!! SKIPPING committed_objects_match_their_sources: {msg}");
-        return;
+        panic!(
+            "clang (with the BPF target) is needed to rebuild bpf/*.bpf.c (scripts/test.sh installs clang-19)"
+        );
     };
     let bpf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bpf");
     let out = std::env::temp_dir().join(format!("eastguard-bpf-{}", std::process::id()));

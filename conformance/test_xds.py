@@ -436,20 +436,25 @@ def test_live_tcp_connection_is_closed_when_policy_revokes_it(tmp_path):
             """))
         # The open connection is closed by the server sidecar once the new policy is in force.
         conn.settimeout(5)
-        closed = b""
+        ended = None
         try:
             while True:
                 conn.sendall(b"x")
                 data = conn.recv(16)
                 if not data:
+                    ended = "closed"
                     break
                 time.sleep(0.05)
-        except (ConnectionResetError, BrokenPipeError):
-            pass
+        except (ConnectionResetError, BrokenPipeError) as e:
+            ended = type(e).__name__
+        except socket.timeout:
+            ended = "timeout"
         elapsed = time.time() - t0
         print(f"live TCP connection closed {elapsed:.3f} s after the policy edit")
-        assert elapsed < 2.0
-        assert closed == b""
+        assert ended in ("closed", "ConnectionResetError", "BrokenPipeError"), ended
+        # The README's claim: live TCP connections are re-checked within 1 s of the edit.
+        assert elapsed <= 1.0
+        assert "live TCP connection closed: the new configuration no longer admits it" in m.sidecars["server"].stderr_path.read_text()
         # And a new connection gets nothing through.
         c2 = socket.create_connection(("127.0.0.1", tcp_port), timeout=5)
         c2.sendall(b"ping")

@@ -94,13 +94,18 @@ class Cluster:
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
 
     def prepare(self, bpffs=True):
-        """Namespaces and bridge, cgroups, the test PKI, and (for eBPF) a private bpffs."""
+        """Namespaces and bridge, cgroups, the test PKI, and (for eBPF) a private bpffs; first,
+        whatever an earlier run with the same tag left behind."""
+        left = self.remove_leftovers()
+        if left:
+            raise RuntimeError("leftovers of an earlier run could not be removed: " + "; ".join(left))
         self.net()
         self.cgroups()
         self.pki()
         if bpffs:
-            self.bpffs.mkdir()
-            sh("mount", "-t", "bpf", "bpf", self.bpffs)
+            self.bpffs.mkdir(exist_ok=True)
+            # The mount's source names the cluster, so a later run finds it wherever it is.
+            sh("mount", "-t", "bpf", f"eastguard-test-{self.tag}", self.bpffs)
 
     def cgroup(self, pod, part=None):
         p = self.cg_root / pod
@@ -358,39 +363,81 @@ class Cluster:
     # --- teardown ---
 
     def close(self):
-        if self.agent and self.agent.poll() is None:
-            self.agent.kill()
-            self.agent.wait()
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
+        """Removes everything, every step tried even if one fails (a failed test must not leak
+        namespaces, veths, cgroups or mounts into the next); errors are raised at the end."""
+        errors = []
+
+        def step(what, fn):
             try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        # Unregister everything so the agent-side state is removed, then drop the pins.
-        if self.bpffs.exists():
-            sh("umount", self.bpffs, check=False)
-        for pod in ("a", "b", "d"):
-            for part in ("app", "sidecar", None):
-                d = self.cgroup(pod, part)
-                if d.exists():
-                    for pid in (d / "cgroup.procs").read_text().split():
-                        try:
-                            os.kill(int(pid), signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-        time.sleep(0.2)
-        for pod in ("a", "b", "d"):
-            for part in ("app", "sidecar", None):
-                d = self.cgroup(pod, part)
-                if d.exists():
+                fn()
+            except Exception as e:  # noqa: BLE001 - collected and raised below
+                errors.append(f"{what}: {e!r}")
+
+        def stop_agent():
+            if self.agent and self.agent.poll() is None:
+                self.agent.kill()
+                self.agent.wait(timeout=10)
+
+        def stop_procs():
+            for p in self.procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in self.procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+        step("agent", stop_agent)
+        step("processes", stop_procs)
+        self.remove_leftovers(errors)
+        if errors:
+            raise RuntimeError("cleanup: " + "; ".join(errors))
+
+    def remove_leftovers(self, errors=None):
+        """What this cluster's tag names on the machine — from this run or an earlier one that
+        failed half-way: the bpffs mount, processes in the cgroup tree, the cgroups (EBUSY while
+        processes exit is retried for a bounded time), and the namespaces with their veths."""
+        errors = [] if errors is None else errors
+        for line in Path("/proc/mounts").read_text().splitlines():
+            source, target, fstype = line.split()[:3]
+            if fstype == "bpf" and source == f"eastguard-test-{self.tag}":
+                r = sh("umount", target.replace("\\040", " "), check=False)
+                if r.returncode != 0:
+                    errors.append(f"umount {target}: {r.stderr.strip()}")
+        deadline = time.time() + 5
+        while self.cg_root.exists():
+            dirs = sorted((d for d in self.cg_root.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True)
+            dirs.append(self.cg_root)
+            for d in dirs:
+                try:
+                    pids = (d / "cgroup.procs").read_text().split()
+                except OSError:
+                    pids = []
+                for pid in pids:
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            busy = []
+            for d in dirs:
+                try:
                     d.rmdir()
-        if self.cg_root.exists():
-            self.cg_root.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    busy.append(f"{d}: {e.strerror}")
+            if not busy:
+                break
+            if time.time() > deadline:
+                errors.append("cgroups: " + ", ".join(busy))
+                break
+            time.sleep(0.1)
+        present = sh("ip", "netns", "list").stdout
         for ns in list(self.ns.values()) + [f"{self.tag}d", self.host]:
-            sh("ip", "netns", "del", ns, check=False)
-
-
+            if any(line.split()[0] == ns for line in present.splitlines() if line.strip()):
+                r = sh("ip", "netns", "del", ns, check=False)
+                if r.returncode != 0:
+                    errors.append(f"netns {ns}: {r.stderr.strip()}")
+        return errors

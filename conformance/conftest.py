@@ -48,6 +48,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(what, pred, limit=10.0, step=0.02):
+    """Waits for an event (`pred()` true) with a generous deadline; returns when it happened."""
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if pred():
+            return time.time()
+        time.sleep(step)
+    raise AssertionError(f"timed out: {what}")
+
+
 def mtls_socket(mesh, alpn="http/1.1", cert=None, key=None):
     """A TLS connection to the mesh's server sidecar inbound port, as the client workload (or
     with another SVID), offering one ALPN protocol."""

@@ -6,7 +6,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CLIENT_ID, SERVER_ID, binary, http_get
+from conftest import CLIENT_ID, SERVER_ID, binary, http_get, wait_for
 
 
 def post(url):
@@ -23,14 +23,21 @@ def test_prometheus_parses_and_carries_istio_labels(mesh):
         req = urllib.request.Request(mesh.url("/m"), headers={"host": "server"})
         with urllib.request.urlopen(req, timeout=5) as r:
             assert r.status == 200 and b"canary" in r.read()
-    import time
-
-    time.sleep(0.3)
     families = {}
-    for side, sidecar in [("client", mesh.client), ("server", mesh.server)]:
-        status, text = http_get(sidecar.admin("/stats/prometheus"))
-        assert status == 200
-        families[side] = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def counted_all():
+        # Each request is counted when its response ends, which can be just after the client read it.
+        for side, sidecar in [("client", mesh.client), ("server", mesh.server)]:
+            status, text = http_get(sidecar.admin("/stats/prometheus"))
+            assert status == 200
+            families[side] = {f.name: f for f in text_string_to_metric_families(text)}
+        for side in ("client", "server"):
+            family = families[side].get("istio_requests")
+            if family is None or sum(s.value for s in family.samples if s.labels["response_code"] == "200") < 3:
+                return False
+        return True
+
+    wait_for("3 requests counted on both sides", counted_all)
     out = families["client"]["istio_requests"].samples
     inbound = families["server"]["istio_requests"].samples
     assert [s.labels["response_code"] for s in out] == ["200"], out

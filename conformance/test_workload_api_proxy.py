@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TD, Load, Sidecar, Upstream, binary, dumped_secret, dumped_svid, free_port, http_get, inbound_listener, outbound_listener, peer_cluster, route
+from conftest import TD, Load, Sidecar, wait_for, Upstream, binary, dumped_secret, dumped_svid, free_port, http_get, inbound_listener, outbound_listener, peer_cluster, route
 
 SERVER = f"spiffe://{TD}/ns/test/sa/server"
 CLIENT = f"spiffe://{TD}/ns/test/sa/client"
@@ -219,23 +219,28 @@ def test_bundle_rotation_under_load(pair):
     assert served_with(cert, key, inbound)
 
     load = Load(outbound, workers=4, limit=60).start()
-    time.sleep(1)
+    wait_for("load running", lambda: load.ok > 20)
+    # Each step is awaited as the event it causes (the bundle both sidecars trust, the serial the
+    # server presents), not as a sleep.
+    def traffic_flows(step):
+        # Requests keep succeeding after each step (the load counts failures separately).
+        ok = load.ok
+        wait_for(f"requests succeed after {step}", lambda: load.ok >= ok + 20)
+
     post(agent, "/ca/prepare")
-    time.sleep(1.5)
-    assert trusted_cas(server) == 2 and trusted_cas(client) == 2
+    wait_for("both sidecars trust two CAs", lambda: trusted_cas(server) == 2 and trusted_cas(client) == 2)
+    traffic_flows("prepare")
     before = serial(server)["serial_number"]
     post(agent, "/ca/activate")
-    time.sleep(1.5)
-    assert serial(server)["serial_number"] != before, "new SVIDs come from the new CA"
+    wait_for("new SVIDs come from the new CA", lambda: serial(server)["serial_number"] != before)
     assert served_with(cert, key, inbound), "the old CA is still published"
+    traffic_flows("activate")
     post(agent, "/ca/taint")
-    time.sleep(1.5)
-    assert trusted_cas(server) == 1 and trusted_cas(client) == 1
-    time.sleep(1)
+    wait_for("both sidecars trust one CA", lambda: trusted_cas(server) == 1 and trusted_cas(client) == 1)
+    traffic_flows("taint")
     load.stop()
     print(f"bundle rotation: {load.ok} ok, {len(load.failures)} failed")
     assert load.failures == []
-    assert load.ok > 100
     assert not served_with(cert, key, inbound), "a peer with an SVID from the removed CA is refused"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLIENT_ID, SERVER_ID, TD, Load, Sidecar, Upstream, binary, free_port, http_get
+from conftest import CLIENT_ID, SERVER_ID, TD, Load, Sidecar, Upstream, binary, free_port, http_get, wait_for
 from pki import CA
 
 REGISTRY = """\
@@ -168,15 +168,6 @@ def tls_mesh(tmp_path):
     m = XdsMesh(tmp_path, tls=True)
     yield m
     m.stop()
-
-
-def wait_for(what, pred, limit=10.0, step=0.02):
-    deadline = time.time() + limit
-    while time.time() < deadline:
-        if pred():
-            return time.time()
-        time.sleep(step)
-    raise AssertionError(f"timed out: {what}")
 
 
 def test_sidecars_run_on_generated_config(xmesh_both):

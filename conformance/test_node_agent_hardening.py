@@ -179,3 +179,35 @@ def test_ca_admin_needs_the_token_and_bounds_prepare(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_ca_dir_keeps_the_key_private_and_the_ca_across_restarts(tmp_path):
+    ca_dir = tmp_path / "ca"
+    entries = f"trust_domain: {TD}\nentries:\n  - spiffe_id: {PY_ID}\n    selectors: [\"unix:uid:{os.getuid()}\"]\n"
+
+    def bundle_once():
+        (tmp_path / "entries.yaml").write_text(entries)
+        sock = tmp_path / "agent.sock"
+        log = open(tmp_path / "agent.log", "ab")
+        proc = subprocess.Popen([binary(), "node-agent", "--workload-api-socket", str(sock), "--entries",
+                                 str(tmp_path / "entries.yaml"), "--ca-dir", str(ca_dir)], stderr=log)
+        try:
+            deadline = time.time() + 10
+            while not sock.exists():
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "agent.log").read_text()
+                time.sleep(0.02)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(sock))
+                status, ids = fetch_over(s)
+            assert status == 0 and ids == [PY_ID]
+            return (ca_dir / "ca.json").read_text()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+    first = bundle_once()
+    key = ca_dir / "ca.key.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600, oct(key.stat().st_mode)
+    assert "PRIVATE KEY" in key.read_text()
+    # Restarted, the agent reuses the persisted CA rather than minting another.
+    assert bundle_once() == first

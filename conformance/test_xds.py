@@ -516,3 +516,25 @@ def test_grpc_xds_client_resolves_through_the_control_plane(tmp_path):
     finally:
         cp.stop()
         server.stop(0)
+
+
+def test_untranslatable_policy_fails_closed(xmesh):
+    """A policy the control plane cannot enforce (CUSTOM, ext_authz) denies everything to its
+    workload instead of being skipped."""
+    assert xmesh.get("/public")[0] == 200  # control
+    policy = xmesh.config_dir / "custom.yaml"
+    policy.write_text(textwrap.dedent("""\
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: ext, namespace: test}
+        spec:
+          selector: {matchLabels: {app: server}}
+          action: CUSTOM
+          provider: {name: my-ext-authz}
+          rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+        """))
+    wait_for("deny-all in force", lambda: xmesh.get("/public") == (403, "RBAC: access denied"))
+    assert xmesh.get("/admin/x") == (403, "RBAC: access denied")
+    policy.unlink()
+    wait_for("policy removed", lambda: xmesh.get("/public")[0] == 200)
+

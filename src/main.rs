@@ -124,7 +124,8 @@ enum Command {
         /// How often the capture registry is re-read and pods reconciled, in milliseconds.
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000), requires = "capture")]
         capture_poll_ms: u64,
-        /// Loopback address for the CA admin API (POST /ca/prepare, /ca/activate, /ca/taint).
+        /// Loopback address for the CA admin API (POST /ca/prepare, /ca/activate, /ca/taint);
+        /// requests need `Authorization: Bearer TOKEN` from `<socket>.admin-token` (mode 0600).
         #[arg(long)]
         admin_address: Option<std::net::SocketAddr>,
         /// Persist the CA here (created on first start, reused after); default: in memory only.

@@ -36,7 +36,10 @@ pub fn check_normalize(input: &[u8]) -> Result<(), String> {
     if readings.len() > 40 {
         return Err(format!("{text:?}: {} lenient readings", readings.len()));
     }
-    if let Some(r) = readings.iter().find(|r| !r.starts_with('/') || **r == n.path) {
+    if let Some(r) = readings
+        .iter()
+        .find(|r| !r.starts_with('/') || **r == n.path)
+    {
         return Err(format!("{text:?}: lenient reading {r:?} of {:?}", n.path));
     }
     let _ = path::ambiguous(text, &n.path);

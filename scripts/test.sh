@@ -62,6 +62,9 @@ if ! command -v cargo-deny >/dev/null; then
   cargo install --locked cargo-deny
 fi
 echo "== cargo deny (licenses, bans, sources; advisories need GitHub, see README)"
+# cargo deny reads the whole lock file through `cargo metadata`, other platforms' packages
+# included, which no build on this one downloads: fetch them all first (a warm cache hides this).
+cargo fetch --locked
 cargo deny --offline check licenses bans sources
 echo "== cargo test"
 # Tests that need ../shared/conformance or clang are #[ignore]d for a plain `cargo test` (listed as

@@ -618,18 +618,13 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 }
 
 async fn stop_child(child: &mut tokio::process::Child) {
-    if let Some(pid) = child
-        .id()
-        .and_then(|p| rustix::process::Pid::from_raw(p.try_into().ok()?))
+    // SIGTERM first so the sidecar drains; SIGKILL if it does not exit.
+    lifecycle::terminate(child);
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_ok()
     {
-        // SIGTERM first so the sidecar drains; SIGKILL if it does not exit.
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        if tokio::time::timeout(Duration::from_secs(5), child.wait())
-            .await
-            .is_ok()
-        {
-            return;
-        }
+        return;
     }
     let _ = child.kill().await;
 }

@@ -55,6 +55,16 @@ pub fn child(program: impl AsRef<OsStr>) -> tokio::process::Command {
     cmd
 }
 
+/// Asks a child to stop gracefully (SIGTERM); a child that has already exited is left alone.
+pub fn terminate(child: &tokio::process::Child) {
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| Pid::from_raw(i32::try_from(p).ok()?))
+    {
+        let _ = rustix::process::kill_process(pid, Signal::TERM);
+    }
+}
+
 /// SIGTERM or SIGINT, whichever comes first, seen by every clone.
 #[derive(Clone)]
 pub struct Shutdown(watch::Receiver<bool>);

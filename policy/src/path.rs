@@ -38,15 +38,7 @@ impl NormalizedPath {
     /// The path with `;parameters` removed from every segment: how many servers (Tomcat, Jetty)
     /// read `/admin;x=y`. Policy matching considers this view too (see `eval`).
     pub fn without_params(&self) -> Option<String> {
-        if !self.path.contains(';') {
-            return None;
-        }
-        let stripped: Vec<&str> = self
-            .path
-            .split('/')
-            .map(|s| s.split(';').next().unwrap_or(""))
-            .collect();
-        Some(merge_and_resolve(&stripped.join("/")))
+        self.path.contains(';').then(|| strip_params(&self.path))
     }
 }
 

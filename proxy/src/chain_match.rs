@@ -35,9 +35,8 @@ pub fn select<'a, T>(
     conn: &Conn<'_>,
 ) -> Vec<&'a T> {
     let mut set: Vec<&T> = chains.iter().collect();
-    let m = |c: &&T| matcher(c).clone();
     // Destination port: exact, else unconstrained.
-    set = narrow(set, |c| match m(c).destination_port {
+    set = narrow(set, |c| match matcher(c).destination_port {
         Some(p) if p == conn.local.port() => Some(1),
         Some(_) => None,
         None => Some(0),
@@ -45,7 +44,7 @@ pub fn select<'a, T>(
     // Destination address: the longest matching prefix, else unconstrained.
     let ip = conn.local.ip();
     set = narrow(set, |c| {
-        let fcm = m(c);
+        let fcm = matcher(c);
         if fcm.prefix_ranges.is_empty() {
             return Some(0);
         }
@@ -57,7 +56,7 @@ pub fn select<'a, T>(
     });
     // Server name: exact, else the longest `*.` suffix that matches, else unconstrained.
     set = narrow(set, |c| {
-        let fcm = m(c);
+        let fcm = matcher(c);
         if fcm.server_names.is_empty() {
             return Some(0);
         }
@@ -78,7 +77,7 @@ pub fn select<'a, T>(
             .max()
     });
     // Transport protocol: exact, else unconstrained (which is TLS only).
-    set = narrow(set, |c| match m(c).transport_protocol.as_deref() {
+    set = narrow(set, |c| match matcher(c).transport_protocol.as_deref() {
         Some(t) if t == conn.transport => Some(1),
         Some(_) => None,
         None if conn.transport == "tls" || !conn.inbound => Some(0),
@@ -86,7 +85,7 @@ pub fn select<'a, T>(
     });
     // Application protocol: listed, else unconstrained.
     narrow(set, |c| {
-        let fcm = m(c);
+        let fcm = matcher(c);
         if fcm.application_protocols.is_empty() {
             return Some(0);
         }

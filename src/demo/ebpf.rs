@@ -251,12 +251,7 @@ impl Net {
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
         for c in &mut self.children {
-            if let Some(pid) = c
-                .id()
-                .and_then(|p| rustix::process::Pid::from_raw(p.try_into().ok()?))
-            {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            }
+            lifecycle::terminate(c);
         }
         for c in &mut self.children {
             if tokio::time::timeout_at(deadline, c.wait()).await.is_err() {

@@ -3,7 +3,8 @@
 sidecar → B's app, in network namespaces) with iptables REDIRECT capture and with eBPF capture.
 The app side is unmodified: it connects to B's pod IP and capture sends it through the sidecars.
 
-Figures, per capture mode (loadgen runs inside A's app cgroup and network namespace):
+Figures, per capture mode (loadgen runs inside A's app cgroup and network namespace); a run
+fails unless every phase had zero failed requests and both sidecars served every request:
   - connection setup: closed loop of connect, one GET, close (`loadgen connrate`), per second;
   - latency p50 / p99 at a fixed rate on keep-alive connections (`loadgen run`, fortio's method);
   - throughput: 1 MiB responses back to back on keep-alive connections (`loadgen throughput`).
@@ -34,6 +35,31 @@ def loadgen(cluster, args, timeout):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def served_2xx(cluster, pod, prefix):
+    """2xx responses a pod's sidecar has served on its `prefix` connection manager."""
+    code, body = cluster.admin(pod, "/stats")
+    if code != 200:
+        raise RuntimeError(f"{pod}'s sidecar admin: {code}")
+    name = f"http.{prefix}.downstream_rq_2xx"
+    return sum(int(line.rsplit(": ", 1)[1]) for line in body.splitlines() if line.rsplit(": ", 1)[0] == name)
+
+
+def measured(cluster, mode, phase, args, timeout, count_key):
+    """Runs one loadgen phase and checks it is a valid measurement: no failed request, and every
+    request went through both sidecars (A's outbound and B's inbound counted at least as many 2xx
+    as loadgen saw), so the figure is not that of a bypass."""
+    before = served_2xx(cluster, "a", "outbound_http"), served_2xx(cluster, "b", "inbound_http")
+    r = loadgen(cluster, args, timeout)
+    after = served_2xx(cluster, "a", "outbound_http"), served_2xx(cluster, "b", "inbound_http")
+    if r.get("errors", 0) != 0:
+        raise RuntimeError(f"{mode} {phase}: {r['errors']} failed requests: {r}")
+    n = r[count_key]
+    through = after[0] - before[0], after[1] - before[1]
+    if n == 0 or min(through) < n:
+        raise RuntimeError(f"{mode} {phase}: loadgen saw {n} responses, the sidecars served {through}: traffic bypassed them")
+    return r
+
+
 def one_mode(mode, args, netpods):
     tmp = Path(tempfile.mkdtemp(prefix=f"eastguard-capture-{mode}-"))
     c = netpods.Cluster(tmp, capture=mode)
@@ -53,15 +79,21 @@ def one_mode(mode, args, netpods):
         if rc != 0:
             raise RuntimeError(f"{mode}: pod A cannot reach pod B through the sidecars: {out}")
         d = args.duration
-        conn = loadgen(c, ["connrate", "--target", target, "--workers", "4", "--duration", str(d)], d + 30)
-        lat = loadgen(c, ["run", "--target", target, "--rate", str(args.rate), "--connections", "16", "--duration", str(d)], d + 30)
+        conn = measured(c, mode, "connrate", ["connrate", "--target", target, "--workers", "4", "--duration", str(d)], d + 30, "connections")
+        lat = measured(
+            c, mode, "latency", ["run", "--target", target, "--rate", str(args.rate), "--connections", "16", "--duration", str(d)], d + 30, "requests"
+        )
         # Throughput: B's app answers 1 MiB.
         app = c.b_app_proc
         app.send_signal(signal.SIGTERM)
         app.wait(timeout=10)
         c.spawn("b", "app", [LOADGEN, "serve", "--listen", f"0.0.0.0:{netpods.APP_PORT}", "--size", str(1 << 20)], tmp / "b-app-big.log")
-        time.sleep(0.5)
-        thr = loadgen(c, ["throughput", "--target", target, "--connections", "4", "--duration", str(d)], d + 30)
+        deadline = time.time() + 10
+        while c.curl("a", f"http://{target}/")[0] != 0:
+            if time.time() > deadline:
+                raise RuntimeError(f"{mode}: B's 1 MiB app did not come up")
+            time.sleep(0.1)
+        thr = measured(c, mode, "throughput", ["throughput", "--target", target, "--connections", "4", "--duration", str(d)], d + 30, "requests")
         counters = c.capture_status() if mode == "ebpf" else {}
         return {
             "mode": mode,

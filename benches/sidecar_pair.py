@@ -50,6 +50,7 @@ def main():
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--duration", type=int, default=20)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--inventory", choices=["on", "off"], default="on", help="the sidecars' API inventory (inventory.enabled)")
     args = ap.parse_args()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-p", "eastguard", "-p", "eastguard-benches"], cwd=ROOT, check=True)
@@ -66,6 +67,7 @@ def main():
     mesh = conftest.Mesh(work, upstream_port)
     for sc in (mesh.client, mesh.server):
         sc.config.pop("access_log")
+        sc.config["inventory"] = {"enabled": args.inventory == "on"}
         import yaml
 
         sc.config_path.write_text(yaml.safe_dump(sc.config))
@@ -85,7 +87,7 @@ def main():
              " / ".join(f"{(cpu1[k] - cpu0[k]) * 1000 / sent:.1f}" for k in ("client", "server")),
              " / ".join(f"{rss_mib(p):.1f}" for p in pids.values())),
         ]
-        print(f"\nHTTP/1.1, 1 KB responses, {args.rate} req/s fixed rate, {args.connections} connections, {args.duration} s measured")
+        print(f"\nHTTP/1.1, 1 KB responses, {args.rate} req/s fixed rate, {args.connections} connections, {args.duration} s measured, inventory {args.inventory}")
         print(f"{'path':<18} {'requests':>8} {'errors':>6} {'rps':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7}  {'CPU ms/1000 req (client/server)':>32}  {'RSS MiB (client/server)':>24}")
         for name, r, cpu, rss in rows:
             print(f"{name:<18} {r['requests']:>8} {r['errors']:>6} {r['achieved_rps']:>7.0f} {r['p50_ms']:>7.3f} {r['p90_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['max_ms']:>7.3f}  {cpu:>32}  {rss:>24}")

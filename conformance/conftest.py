@@ -58,6 +58,15 @@ def wait_for(what, pred, limit=10.0, step=0.02):
     raise AssertionError(f"timed out: {what}")
 
 
+def listening(port, host="127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on host:port now."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def mtls_socket(mesh, alpn="http/1.1", cert=None, key=None):
     """A TLS connection to the mesh's server sidecar inbound port, as the client workload (or
     with another SVID), offering one ALPN protocol."""
@@ -80,6 +89,110 @@ def http_get(url: str, timeout=5.0):
         return e.code, e.read().decode()
 
 
+def stats(sidecar) -> dict:
+    """A sidecar's /stats (Envoy's text form) as {name: value}."""
+    text = http_get(sidecar.admin("/stats"))[1]
+    out = {}
+    for line in text.splitlines():
+        name, sep, value = line.rpartition(": ")
+        if sep and value.strip().lstrip("-").isdigit():
+            out[name] = int(value)
+    return out
+
+
+def stat(sidecar, suffix) -> int:
+    """The sum of a sidecar's stats whose name is `suffix` or ends with `.suffix`."""
+    return sum(v for k, v in stats(sidecar).items() if k == suffix or k.endswith("." + suffix))
+
+
+def wait_stat(sidecar, suffix, value, limit=10.0):
+    """Waits until `stat(sidecar, suffix)` is `value` (or, for a callable, satisfies it)."""
+    pred = value if callable(value) else (lambda v: v == value)
+    wait_for(f"{sidecar.name} {suffix} to reach {value}", lambda: pred(stat(sidecar, suffix)), limit=limit)
+    return stat(sidecar, suffix)
+
+
+def read_head(s, limit=10.0) -> bytes:
+    """Reads from a socket until the end of an HTTP/1.1 head (or the peer closes)."""
+    s.settimeout(limit)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def read_response(s, limit=10.0):
+    """One HTTP/1.1 response with a content-length body: (status, body, raw); (None, b"", raw)
+    when the peer closed before a head."""
+    data = read_head(s, limit)
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head:
+        return None, b"", data
+    status = int(head.split(b" ")[1])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            length = int(v)
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, body, data
+
+
+# === node agent ===
+
+
+class NodeAgent:
+    """An `eastguard node-agent` serving the Workload API on `<work>/agent.sock` from the
+    registration entries in `<work>/entries.yaml`; its log is `<work>/agent.log`."""
+
+    def __init__(self, work: Path, entries_text: str):
+        self.work = work
+        self.sock = work / "agent.sock"
+        self.entries = work / "entries.yaml"
+        self.entries.write_text(entries_text)
+        self.log_path = work / "agent.log"
+        self.proc = None
+        self.admin = None
+
+    def start(self, admin_port=None, extra=()):
+        self._log = open(self.log_path, "ab")
+        cmd = [binary(), "node-agent", "--workload-api-socket", str(self.sock), "--entries", str(self.entries), *extra]
+        if admin_port:
+            cmd += ["--admin-address", f"127.0.0.1:{admin_port}"]
+            self.admin = f"http://127.0.0.1:{admin_port}"
+        self.proc = subprocess.Popen(cmd, stderr=self._log)
+        token = Path(str(self.sock) + ".admin-token")
+
+        def up():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node-agent exited {self.proc.returncode}: {self.logs()[-2000:]}")
+            return self.sock.exists() and (not admin_port or token.exists())
+
+        wait_for("the node agent serves its socket", up)
+        return self
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self._log.close()
+
+
 # === upstream app ===
 
 
@@ -87,8 +200,12 @@ class EchoHandler(BaseHTTPRequestHandler):
     """Answers JSON with what it received; `?size=N` pads the body, `?delay=S` sleeps first."""
 
     protocol_version = "HTTP/1.1"
+    # Headers and body are two writes: without NODELAY, Nagle and the peer's delayed ACK
+    # add 40 ms to every response.
+    disable_nagle_algorithm = True
 
     def _serve(self):
+        self.server.seen.append(self.path)  # what has arrived, before any delay
         length = int(self.headers.get("content-length") or 0)
         body_in = self.rfile.read(length) if length else b""
         query = dict(q.split("=", 1) for q in self.path.partition("?")[2].split("&") if "=" in q)
@@ -118,12 +235,19 @@ class EchoHandler(BaseHTTPRequestHandler):
 
 
 class Upstream:
+    """The app behind the server sidecar; `seen` lists the request targets that reached it."""
+
     def __init__(self):
         self.port = free_port()
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), EchoHandler)
         self.server.daemon_threads = True
+        self.server.seen = []
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    @property
+    def seen(self):
+        return list(self.server.seen)
 
     def close(self):
         self.server.shutdown()

@@ -48,8 +48,9 @@ class CA:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def mint(self, spiffe_ids, *, ca=False, not_before=None, not_after=None):
-        """An SVID (cert PEM, key PEM). `spiffe_ids` may name several URIs (a broken SVID)."""
+    def mint(self, spiffe_ids, *, ca=False, not_before=None, not_after=None, dns=()):
+        """An SVID (cert PEM, key PEM). `spiffe_ids` may name several URIs (a broken SVID); `dns`
+        adds DNS names (for clients that check a host name, like gRPC's)."""
         if isinstance(spiffe_ids, str):
             spiffe_ids = [spiffe_ids]
         key = ec.generate_private_key(ec.SECP256R1())
@@ -62,7 +63,9 @@ class CA:
             .not_valid_before(not_before or NOW - datetime.timedelta(minutes=5))
             .not_valid_after(not_after or NOW + datetime.timedelta(hours=2))
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in spiffe_ids]),
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(u) for u in spiffe_ids] + [x509.DNSName(d) for d in dns]
+                ),
                 critical=False,
             )
         )

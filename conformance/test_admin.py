@@ -130,8 +130,30 @@ def test_demo_once_exits_zero_with_every_hop_mtls(tmp_path):
     out = subprocess.run([binary(), "demo", "--once", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all 10 expectations held" in out.stdout
+    # The sidecars' API inventory: the orders operation as a template, with its verified caller.
+    assert "API inventory (each sidecar" in out.stdout
+    assert any("/orders/{id}" in l and "sa/frontend" in l and "2xx" in l for l in out.stdout.partition("API inventory (each sidecar")[2].splitlines()), out.stdout
     assert out.stdout.count("admin: http://127.0.0.1:") == 3
-    rows = [line for line in out.stdout.splitlines() if "spiffe://" in line]
+    # The control plane's inventory, against the orders spec: one line per status.
+    cp = out.stdout.partition("API inventory at the control plane")[2].splitlines()
+    def line(status, method, template):
+        return [l for l in cp if l.split()[:1] == [status] and f" {method} " in l and f" {template} " in l]
+    assert line("documented", "GET", "/orders/{id}") and "owner checkout" in line("documented", "GET", "/orders/{id}")[0], cp
+    assert line("shadow", "GET", "/internal/debug/vars"), cp
+    assert line("zombie", "GET", "/orders/{id}/receipt"), cp
+    assert line("unused", "POST", "/orders") and "(not called)" in line("unused", "POST", "/orders")[0], cp
+    ledger = [l for l in cp if "ledger.demo.svc.cluster.local" in l]
+    assert ledger and all("(orphan)" in l for l in ledger), cp
+    # Detections: the frontend's walk through order IDs, the card in the receipt (never its
+    # value), and audit events (ledger's denials among them).
+    detections = out.stdout.partition("Detections (")[2]
+    assert "enumeration (sequential_walk) of GET /orders/{id} by spiffe://cluster.local/ns/demo/sa/frontend" in detections, detections
+    assert "sensitive data: payment_card in the response of GET /orders/{id}/receipt at body:/payment/card" in detections, detections
+    assert "4111" not in detections
+    ledger_audit = [l for l in detections.splitlines() if "ledger" in l and "OCSF audit events" in l]
+    assert ledger_audit and int(ledger_audit[0].split()[1]) >= 4, detections
+    table = out.stdout.partition("API inventory (each sidecar")[0]
+    rows = [line for line in table.splitlines() if "spiffe://" in line]
     assert len(rows) == 10 and all(line.rstrip().endswith("ok") for line in rows)
     denied = [r for r in rows if " 403 " in r]
     assert len(denied) == 4 and sum("ledger-deny-admin" in r for r in denied) == 3

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLIENT_ID, binary, http_get
+from conftest import CLIENT_ID, binary, http_get, wait_for
 from netpods import APP_PORT, TAG, Cluster, cgroup2_root, ip4, ip6, sh
 
 
@@ -95,7 +95,8 @@ def test_curl_to_pod_ip_goes_through_both_sidecars_over_mtls(cluster, family):
         while b"listening on" not in line and time.time() < deadline:
             line = dump.stderr.readline()
         rc, out = cluster.curl("a", f"http://{target}:{APP_PORT}{path}")
-        time.sleep(1)
+        # Written packet by packet (-U): wait until the handshake and application data are in.
+        wait_for("tcpdump wrote the TLS exchange", lambda: pcap.exists() and b"\x16\x03" in pcap.read_bytes() and b"\x17\x03\x03" in pcap.read_bytes())
     finally:
         dump.send_signal(signal.SIGINT)
         dump.wait(timeout=10)

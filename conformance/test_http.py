@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import CLIENT_ID, SERVER_ID, Mesh, require_tool
+from conftest import CLIENT_ID, SERVER_ID, Mesh, require_tool, wait_for
 
 
 def curl(*args):
@@ -16,13 +16,18 @@ def curl(*args):
     return out
 
 
-def wait_for(pred, limit=5.0):
-    deadline = time.time() + limit
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
+def logged(mesh, what, pred):
+    """Waits until a record of the client sidecar's access log satisfies `pred`."""
+    return wait_for(what, lambda: any(pred(r) for r in mesh.client.log_records()))
+
+
+def settle(mesh):
+    """Sends a marker request after everything a test did and waits until both sidecars have
+    logged it: records of the earlier requests, if any were made, are written by then."""
+    marker = f"/settle-{time.time_ns()}"
+    assert curl("-o", "/dev/null", "-H", "host: server", mesh.url(marker)).returncode == 0
+    for sidecar in (mesh.client, mesh.server):
+        wait_for(f"{sidecar.name} logs {marker}", lambda s=sidecar: any(r["path"] == marker for r in s.log_records()))
 
 
 def test_curl_http1_reaches_upstream_with_caller_identity(mesh):
@@ -34,7 +39,7 @@ def test_curl_http1_reaches_upstream_with_caller_identity(mesh):
     assert f"URI={CLIENT_ID}" in xfcc and f"By={SERVER_ID}" in xfcc
     assert len(seen["headers"]["x-request-id"]) == 36
     # The hop between the sidecars was HTTP/2 over mTLS, logged by both ends.
-    assert wait_for(lambda: len(mesh.server.log_records()) >= 1 and len(mesh.client.log_records()) >= 1)
+    wait_for("both sidecars log the request", lambda: len(mesh.server.log_records()) >= 1 and len(mesh.client.log_records()) >= 1)
     srv = mesh.server.log_records()[-1]
     assert srv["protocol"] == "HTTP/2" and srv["downstream_peer_uri_san"] == CLIENT_ID
     cli = mesh.client.log_records()[-1]
@@ -50,7 +55,7 @@ def test_nghttp_http2_reaches_upstream(mesh):
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout)
     assert f"URI={CLIENT_ID}" in seen["headers"]["x-forwarded-client-cert"]
-    assert wait_for(lambda: any(r["protocol"] == "HTTP/2" and r["path"] == "/h2" for r in mesh.client.log_records()))
+    logged(mesh, "r['protocol'] == 'HTTP/2' and r['path'] == '/h2'", lambda r: r["protocol"] == "HTTP/2" and r["path"] == "/h2")
 
 
 def test_forged_identity_headers_never_reach_upstream(mesh):
@@ -72,7 +77,7 @@ def test_forged_identity_headers_never_reach_upstream(mesh):
 def test_unexpected_peer_identity_is_refused_with_503_uf(mesh):
     out = curl("-o", "/dev/null", "-w", "%{http_code}", "-H", "host: wrong-id", mesh.url("/x"))
     assert out.stdout == "503"
-    assert wait_for(lambda: any(r["authority"] == "wrong-id" for r in mesh.client.log_records()))
+    logged(mesh, "r['authority'] == 'wrong-id'", lambda r: r["authority"] == "wrong-id")
     rec = [r for r in mesh.client.log_records() if r["authority"] == "wrong-id"][-1]
     assert rec["response_flags"] == "UF"
     assert "UnexpectedId" in rec["upstream_transport_failure_reason"]
@@ -84,7 +89,7 @@ def test_unexpected_peer_identity_is_refused_with_503_uf(mesh):
 def test_underscore_header_names_are_refused(mesh):
     out = curl("-o", "/dev/null", "-w", "%{http_code}", "-H", "host: server", "-H", "x_user: admin", mesh.url("/u"))
     assert out.stdout == "400"
-    assert wait_for(lambda: any(r["response_flags"] == "DPE" for r in mesh.client.log_records()))
+    logged(mesh, "r['response_flags'] == 'DPE'", lambda r: r["response_flags"] == "DPE")
     assert not any(r.get("path") == "/u" for r in mesh.server.log_records())
 
 
@@ -103,7 +108,7 @@ def test_content_length_with_transfer_encoding_cannot_smuggle(mesh):
         data += chunk
     s.close()
     assert data.count(b"HTTP/1.1 ") == 1, data[:500]
-    time.sleep(0.3)
+    settle(mesh)
     paths = [r.get("path") for r in mesh.server.log_records()]
     assert "/smuggled" not in paths
 
@@ -111,14 +116,13 @@ def test_content_length_with_transfer_encoding_cannot_smuggle(mesh):
 def test_no_route_is_404_nr(mesh):
     out = curl("-o", "/dev/null", "-w", "%{http_code}", "-H", "host: nowhere", mesh.url("/"))
     assert out.stdout == "404"
-    assert wait_for(lambda: any(r["response_flags"] == "NR" for r in mesh.client.log_records()))
+    logged(mesh, "r['response_flags'] == 'NR'", lambda r: r["response_flags"] == "NR")
 
 
 def test_one_access_log_record_per_request(mesh):
     for i in range(5):
         assert curl("-o", "/dev/null", "-H", "host: server", mesh.url(f"/count/{i}")).returncode == 0
-    assert wait_for(lambda: sum(1 for r in mesh.server.log_records() if r["path"].startswith("/count/")) == 5)
-    time.sleep(0.3)
+    settle(mesh)
     assert sum(1 for r in mesh.client.log_records() if r["path"].startswith("/count/")) == 5
     assert sum(1 for r in mesh.server.log_records() if r["path"].startswith("/count/")) == 5
 

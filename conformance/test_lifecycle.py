@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from conftest import CLIENT_ID, SERVER_ID, Load, Mesh, dumped_svid, http_get
+from conftest import CLIENT_ID, SERVER_ID, Load, Mesh, dumped_svid, mtls_socket, stat, wait_for
 
 
 def serial(sidecar):
@@ -17,13 +17,36 @@ def serial(sidecar):
 
 def replace_svid(mesh, name, spiffe_id):
     """Writes a fresh SVID the way a rotating agent does, key first then cert (each an atomic
-    rename), so the proxy briefly sees a key that does not match the cert and must keep the old pair."""
+    rename), so the proxy briefly sees a key that does not match the cert and must keep the old
+    pair. Returns the new leaf certificate (DER)."""
     cert, key = mesh.ca.mint(spiffe_id)
     for path, data in [(mesh.dir / f"{name}.key.pem", key), (mesh.dir / f"{name}.cert.pem", cert)]:
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
-        time.sleep(0.3)
+        time.sleep(0.3)  # the scenario: the mismatched pair is on disk for several polls
+    return leaf_der(cert)
+
+
+def leaf_der(pem: bytes) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return x509.load_pem_x509_certificates(pem)[0].public_bytes(Encoding.DER)
+
+
+def presented_server_cert(mesh) -> bytes:
+    """The leaf the server sidecar presents in a new handshake (DER)."""
+    with mtls_socket(mesh) as s:
+        return s.getpeercert(binary_form=True)
+
+
+def xfcc_hash(mesh, path) -> str:
+    """The `Hash=` the server sidecar puts in XFCC for a request from the client sidecar."""
+    req = urllib.request.Request(mesh.url(path), headers={"host": "server"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        xfcc = json.loads(r.read())["headers"]["x-forwarded-client-cert"]
+    return dict(kv.split("=", 1) for kv in xfcc.split(";"))["Hash"]
 
 
 def test_file_rotation_under_load_drops_nothing(mesh):
@@ -31,10 +54,11 @@ def test_file_rotation_under_load_drops_nothing(mesh):
     load = Load(mesh.outbound_port, workers=4, limit=60).start()
     started = time.time()
     while time.time() - started < 30:
-        time.sleep(4)
-        replace_svid(mesh, "server", SERVER_ID)
+        time.sleep(4)  # the load runs on the current SVIDs for a while
+        server_der = replace_svid(mesh, "server", SERVER_ID)
         replace_svid(mesh, "client", CLIENT_ID)
-        time.sleep(0.5)
+        # A new handshake is made with the rotated server SVID.
+        wait_for("the server presents its new SVID", lambda: presented_server_cert(mesh) == server_der)
         serials["client"].add(serial(mesh.client))
         serials["server"].add(serial(mesh.server))
         # A new connection sees the new server certificate (established ones keep theirs).
@@ -47,11 +71,38 @@ def test_file_rotation_under_load_drops_nothing(mesh):
     assert len(serials["client"]) >= 6 and len(serials["server"]) >= 6
 
 
+def test_rotated_svids_are_used_in_new_handshakes(mesh):
+    """Both sides: the server presents its rotated SVID to a new client, and the client sidecar
+    authenticates with its rotated SVID on the next connection it opens (seen by the server in
+    XFCC `Hash=`, the SHA-256 of the client's leaf)."""
+    import hashlib
+
+    client_before = leaf_der(mesh.client_cert.read_bytes())
+    assert xfcc_hash(mesh, "/before") == hashlib.sha256(client_before).hexdigest()
+    server_der = replace_svid(mesh, "server", SERVER_ID)
+    client_der = replace_svid(mesh, "client", CLIENT_ID)
+    wait_for("the server presents its new SVID", lambda: presented_server_cert(mesh) == server_der)
+    wait_for("the client sidecar shows its new SVID", lambda: dumped_svid(mesh.client)[0] == x509_serial(client_der))
+    # The pooled connection keeps the old client certificate; a restarted server forces a new one.
+    mesh.server.stop()
+    mesh.server.start()
+    assert xfcc_hash(mesh, "/after") == hashlib.sha256(client_der).hexdigest()
+
+
+def x509_serial(der: bytes) -> int:
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).serial_number
+
+
 def test_bad_svid_files_keep_the_current_svid(mesh):
-    before = serial(mesh.server)
+    before = presented_server_cert(mesh)
     (mesh.dir / "server.cert.pem").write_text("not a certificate")
-    time.sleep(1)
-    assert serial(mesh.server) == before
+    wait_for(
+        "the sidecar warns that it keeps the current SVID",
+        lambda: "are not valid; keeping current SVID" in mesh.server.stderr_path.read_text(),
+    )
+    assert presented_server_cert(mesh) == before
     req = urllib.request.Request(mesh.url("/still"), headers={"host": "server"})
     assert urllib.request.urlopen(req, timeout=5).status == 200
 
@@ -65,11 +116,11 @@ def drain_mesh(tmp_path, upstream):
 
 
 @pytest.mark.parametrize("which", ["client", "server"])
-def test_sigterm_under_load_finishes_in_flight_requests(drain_mesh, which):
+def test_sigterm_under_load_finishes_in_flight_requests(drain_mesh, upstream, which):
     mesh = drain_mesh
     sidecar = getattr(mesh, which)
     load = Load(mesh.outbound_port, workers=4, limit=60).start()
-    time.sleep(1)
+    wait_for("the load is flowing", lambda: load.ok >= 20)
     slow_results = []
 
     def slow():
@@ -83,12 +134,12 @@ def test_sigterm_under_load_finishes_in_flight_requests(drain_mesh, which):
     slow_threads = [threading.Thread(target=slow) for _ in range(3)]
     for t in slow_threads:
         t.start()
-    time.sleep(0.3)
+    wait_for("the slow requests reached the app", lambda: upstream.seen.count("/slow?delay=2") == 3)
     ok_before = load.ok
     sigterm_at = time.time()
     sidecar.proc.terminate()
     # Keep the load on inside the drain window (3 s), where every request must still succeed.
-    time.sleep(2)
+    time.sleep(2)  # the scenario: load during the drain
     load.stop()
     for t in slow_threads:
         t.join(timeout=15)
@@ -103,9 +154,7 @@ def test_sigterm_under_load_finishes_in_flight_requests(drain_mesh, which):
 
 
 def upstream_cx_total(sidecar, cluster="outbound|80||server"):
-    stats = http_get(sidecar.admin("/stats"))[1]
-    line = [l for l in stats.splitlines() if l.startswith(f"cluster.{cluster}.upstream_cx_total:")][0]
-    return int(line.rsplit(" ", 1)[1])
+    return stat(sidecar, f"cluster.{cluster}.upstream_cx_total")
 
 
 def test_pooled_connection_is_not_used_past_its_certificates_expiry(tmp_path, upstream):
@@ -113,7 +162,8 @@ def test_pooled_connection_is_not_used_past_its_certificates_expiry(tmp_path, up
 
     mesh = Mesh(tmp_path, upstream.port)
     # The server starts with an SVID that expires in 5 s; the files are then replaced by a long one.
-    cert, key = mesh.ca.mint(SERVER_ID, not_after=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=5))
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=5)
+    cert, key = mesh.ca.mint(SERVER_ID, not_after=expires)
     mesh.server_cert.write_bytes(cert)
     mesh.server_key.write_bytes(key)
     mesh.start()
@@ -129,7 +179,8 @@ def test_pooled_connection_is_not_used_past_its_certificates_expiry(tmp_path, up
         replace_svid(mesh, "server", SERVER_ID)
         get()
         assert upstream_cx_total(mesh.client) == 1, "the live connection is kept while its certificates are valid"
-        time.sleep(5)
+        # The scenario: the first certificate's expiry passes.
+        time.sleep(max(0.0, (expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds()) + 0.2)
         get()
         get()
         assert upstream_cx_total(mesh.client) == 2, "a new connection, authenticated with the new SVID"

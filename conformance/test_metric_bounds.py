@@ -3,14 +3,13 @@ sends is not `destination_service`, claims a peer's sidecar makes about itself m
 names, and past a cap the caller-influenced labels read `overflow`, so a caller spraying values
 cannot grow `/stats/prometheus` without bound."""
 
-import socket
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
 import pytest
 
-from conftest import CLIENT_ID, Mesh, http_get, mtls_socket
+from conftest import CLIENT_ID, Mesh, http_get, mtls_socket, stats
 
 MAX_SERIES = 40
 
@@ -78,6 +77,5 @@ def test_sprayed_claims_hit_the_series_cap(mesh):
     overflowed = [s for s in samples if s.labels["source_workload"] == "overflow"]
     assert overflowed and sum(s.value for s in overflowed) >= n - MAX_SERIES
     assert all(s.labels["source_principal"] == CLIENT_ID for s in overflowed)
-    stats = http_get(mesh.server.admin("/stats"))[1]
-    counted = int(next(line for line in stats.splitlines() if line.startswith("eastguard.metric_series_overflow:")).split(": ")[1])
+    counted = stats(mesh.server)["eastguard.metric_series_overflow"]
     assert counted >= n - MAX_SERIES

@@ -21,7 +21,7 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.events
-from conftest import binary, free_port
+from conftest import NodeAgent, binary, free_port
 
 TD = "cluster.local"
 PY_ID = f"spiffe://{TD}/ns/test/sa/py"
@@ -29,19 +29,8 @@ TARGET_ID = f"spiffe://{TD}/ns/test/sa/target"
 
 
 def start_agent(work: Path, entries_text: str, admin_port=None):
-    sock = work / "agent.sock"
-    (work / "entries.yaml").write_text(entries_text)
-    cmd = [binary(), "node-agent", "--workload-api-socket", str(sock), "--entries", str(work / "entries.yaml")]
-    if admin_port:
-        cmd += ["--admin-address", f"127.0.0.1:{admin_port}"]
-    log = open(work / "agent.log", "wb")
-    proc = subprocess.Popen(cmd, stderr=log)
-    deadline = time.time() + 10
-    while not sock.exists() or (admin_port and not Path(str(sock) + ".admin-token").exists()):
-        assert proc.poll() is None, (work / "agent.log").read_text()
-        assert time.time() < deadline, "agent did not start"
-        time.sleep(0.02)
-    return proc, sock
+    agent = NodeAgent(work, entries_text).start(admin_port=admin_port)
+    return agent.proc, agent.sock
 
 
 def fetch_over(sock_fd: socket.socket) -> tuple:
@@ -90,10 +79,14 @@ def relay_attack(sock_path: Path, target: str, out: Path):
     try:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(str(sock_path))
-        time.sleep(0.3)  # the agent has accepted the connection by now
+        time.sleep(0.3)  # the scenario: connect well before the exec
+        parent = os.getpid()
         if os.fork() == 0:
             try:
-                time.sleep(0.5)  # the parent has exec'd by now
+                # Ask only once the parent runs `target` (an event, read from /proc).
+                deadline = time.time() + 10
+                while os.path.realpath(f"/proc/{parent}/exe") != target and time.time() < deadline:
+                    time.sleep(0.01)
                 status, ids = fetch_over(s)
                 out.write_text(f"{status} {','.join(ids)}")
             finally:
@@ -186,24 +179,15 @@ def test_ca_dir_keeps_the_key_private_and_the_ca_across_restarts(tmp_path):
     entries = f"trust_domain: {TD}\nentries:\n  - spiffe_id: {PY_ID}\n    selectors: [\"unix:uid:{os.getuid()}\"]\n"
 
     def bundle_once():
-        (tmp_path / "entries.yaml").write_text(entries)
-        sock = tmp_path / "agent.sock"
-        log = open(tmp_path / "agent.log", "ab")
-        proc = subprocess.Popen([binary(), "node-agent", "--workload-api-socket", str(sock), "--entries",
-                                 str(tmp_path / "entries.yaml"), "--ca-dir", str(ca_dir)], stderr=log)
+        agent = NodeAgent(tmp_path, entries).start(extra=["--ca-dir", str(ca_dir)])
         try:
-            deadline = time.time() + 10
-            while not sock.exists():
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "agent.log").read_text()
-                time.sleep(0.02)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.connect(str(sock))
+                s.connect(str(agent.sock))
                 status, ids = fetch_over(s)
             assert status == 0 and ids == [PY_ID]
             return (ca_dir / "ca.json").read_text()
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            agent.stop()
 
     first = bundle_once()
     key = ca_dir / "ca.key.pem"

@@ -3,11 +3,10 @@
 accept and counted; from 90 % of it, HTTP/1.1 responses carry `Connection: close`."""
 
 import socket
-import time
 
 import pytest
 
-from conftest import Mesh, http_get
+from conftest import Mesh, read_head, stat, wait_stat
 
 LIMIT = 5
 
@@ -19,27 +18,9 @@ def small(tmp_path, upstream):
     m.stop()
 
 
-def stat(mesh, suffix):
-    text = http_get(mesh.client.admin("/stats"))[1]
-    return sum(int(line.split(": ")[1]) for line in text.splitlines() if line.split(": ")[0].endswith(suffix))
-
-
-def wait_stat(mesh, suffix, value, limit=5.0):
-    deadline = time.time() + limit
-    while stat(mesh, suffix) != value:
-        assert time.time() < deadline, f"{suffix} never reached {value} (is {stat(mesh, suffix)})"
-        time.sleep(0.02)
-
-
 def get_raw(sock):
     sock.sendall(b"GET /o HTTP/1.1\r\nhost: server\r\n\r\n")
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
+    return read_head(sock)
 
 
 def test_global_connection_limit_sheds_then_refuses(small):
@@ -52,22 +33,22 @@ def test_global_connection_limit_sheds_then_refuses(small):
         assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head.lower(), head
         for _ in range(LIMIT - 2):
             held.append(socket.create_connection(("127.0.0.1", small.outbound_port), timeout=10))
-        wait_stat(small, "server.total_connections", LIMIT - 1)
+        wait_stat(small.client, "server.total_connections", LIMIT - 1)
         # At 90 % (4.5 of 5, reached with the fifth): responses ask the client to close.
         s5 = socket.create_connection(("127.0.0.1", small.outbound_port), timeout=10)
         held.append(s5)
-        wait_stat(small, "server.total_connections", LIMIT)
+        wait_stat(small.client, "server.total_connections", LIMIT)
         head = get_raw(s5)
         assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower(), head
         # The proxy closes that one after its response; fill the last place again.
         s5.settimeout(5)
         while s5.recv(65536):  # the rest of the body, then EOF
             pass
-        wait_stat(small, "server.total_connections", LIMIT - 1)
+        wait_stat(small.client, "server.total_connections", LIMIT - 1)
         held.append(socket.create_connection(("127.0.0.1", small.outbound_port), timeout=10))
-        wait_stat(small, "server.total_connections", LIMIT)
+        wait_stat(small.client, "server.total_connections", LIMIT)
         # Full: a sixth connection is closed at accept, and counted.
-        before = stat(small, "downstream_global_cx_overflow")
+        before = stat(small.client, "downstream_global_cx_overflow")
         extra = socket.create_connection(("127.0.0.1", small.outbound_port), timeout=10)
         extra.sendall(b"GET /o HTTP/1.1\r\nhost: server\r\n\r\n")
         extra.settimeout(5)
@@ -76,12 +57,12 @@ def test_global_connection_limit_sheds_then_refuses(small):
         except ConnectionResetError:
             pass
         extra.close()
-        assert stat(small, "downstream_global_cx_overflow") == before + 1
+        assert stat(small.client, "downstream_global_cx_overflow") == before + 1
     finally:
         for s in held:
             s.close()
     # Room again once connections close.
-    wait_stat(small, "server.total_connections", 0)
+    wait_stat(small.client, "server.total_connections", 0)
     s = socket.create_connection(("127.0.0.1", small.outbound_port), timeout=10)
     assert get_raw(s).startswith(b"HTTP/1.1 200")
     s.close()

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import CLIENT_ID, Mesh, binary
+from conftest import CLIENT_ID, Mesh, binary, http_get, wait_for
 
 PLAIN_CHAIN = {
     "name": "plaintext",
@@ -50,12 +50,12 @@ def test_plaintext_caller_cannot_name_its_workload_in_metrics(permissive):
     while s.recv(65536):
         pass
     s.close()
-    import time
-    import urllib.request
+    def requests_total():
+        return [l for l in http_get(permissive.server.admin("/stats/prometheus"))[1].splitlines() if l.startswith("istio_requests_total{")]
 
-    time.sleep(0.3)
-    text = urllib.request.urlopen(permissive.server.admin("/stats/prometheus"), timeout=5).read().decode()
-    line = [l for l in text.splitlines() if l.startswith("istio_requests_total{")][0]
+    wait_for("the call is counted", requests_total)
+    text = http_get(permissive.server.admin("/stats/prometheus"))[1]
+    line = requests_total()[0]
     assert 'source_workload="unknown"' in line and "payments" not in text, line
 
 

@@ -13,38 +13,27 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TD, Load, Sidecar, wait_for, Upstream, binary, dumped_secret, dumped_svid, free_port, http_get, inbound_listener, outbound_listener, peer_cluster, route
+from conftest import (
+    TD,
+    Load,
+    NodeAgent,
+    Sidecar,
+    Upstream,
+    binary,
+    dumped_secret,
+    dumped_svid,
+    free_port,
+    http_get,
+    inbound_listener,
+    outbound_listener,
+    peer_cluster,
+    route,
+    stat,
+    wait_for,
+)
 
 SERVER = f"spiffe://{TD}/ns/test/sa/server"
 CLIENT = f"spiffe://{TD}/ns/test/sa/client"
-
-
-class Agent:
-    def __init__(self, work, entries_text):
-        self.sock = work / "agent.sock"
-        self.entries = work / "entries.yaml"
-        self.entries.write_text(entries_text)
-        self.work = work
-        self.proc = None
-
-    def start(self, admin_port=None):
-        self.log = open(self.work / "agent.log", "ab")
-        cmd = [binary(), "node-agent", "--workload-api-socket", str(self.sock), "--entries", str(self.entries)]
-        if admin_port:
-            cmd += ["--admin-address", f"127.0.0.1:{admin_port}"]
-            self.admin = f"http://127.0.0.1:{admin_port}"
-        self.proc = subprocess.Popen(cmd, stderr=self.log)
-        for _ in range(200):
-            if self.sock.exists():
-                return self
-            time.sleep(0.02)
-        raise RuntimeError((self.work / "agent.log").read_text())
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.log.close()
 
 
 def own_binary(work, name):
@@ -84,7 +73,7 @@ def start(s, wait=True):
 def pair(tmp_path):
     upstream = Upstream()
     server_exe, client_exe = own_binary(tmp_path, "server"), own_binary(tmp_path, "client")
-    agent = Agent(tmp_path, entries(server_exe, client_exe, ttl="10s"))
+    agent = NodeAgent(tmp_path, entries(server_exe, client_exe, ttl="10s"))
     inbound, outbound = free_port(), free_port()
     server = sidecar(tmp_path, "server", server_exe, agent, [inbound_listener(inbound)], [{"name": "inbound|app||", "endpoints": [f"127.0.0.1:{upstream.port}"]}])
     vhosts = [{"name": "server", "domains": ["server"], "routes": [route("outbound|80||server")]}]
@@ -118,9 +107,7 @@ def test_fail_closed_until_the_agent_then_ready_within_a_second(pair):
     except ConnectionResetError:
         pass  # refused: closed with our bytes unread
     s.close()
-    stats = http_get(server.admin("/stats"))[1]
-    refused = [l for l in stats.splitlines() if "downstream_cx_no_svid: " in l]
-    assert refused and int(refused[0].rsplit(" ", 1)[1]) >= 1, refused
+    assert stat(server, "downstream_cx_no_svid") == 1, "refused because there is no SVID yet"
     agent.start()
     up = time.time()
     while http_get(server.admin("/ready"), timeout=1)[0] != 200:
@@ -146,9 +133,11 @@ def test_identity_by_executable_path_and_rotation_under_load(pair):
     seen = json.loads(urllib.request.urlopen(req, timeout=5).read())
     assert f"URI={CLIENT}" in seen["headers"]["x-forwarded-client-cert"]
     # Istio metrics name the local side by the SVID it holds now (there was none at startup).
-    time.sleep(0.3)
-    metrics = http_get(client.admin("/stats/prometheus"))[1]
-    line = [l for l in metrics.splitlines() if l.startswith("istio_requests_total{")][0]
+    def requests_total():
+        return [l for l in http_get(client.admin("/stats/prometheus"))[1].splitlines() if l.startswith("istio_requests_total{")]
+
+    wait_for("the call is counted", requests_total)
+    line = requests_total()[0]
     assert f'source_principal="{CLIENT}"' in line and f'destination_principal="{SERVER}"' in line, line
     # 60 s of load with 10 s SVIDs: renewal at half-life, so about 12 rotations per sidecar.
     serials = {"server": set(), "client": set()}
@@ -251,8 +240,7 @@ def test_expiry_without_renewal_fails_closed_and_recovers(pair):
     start(server)
     agent.stop()  # the agent goes away; the sidecar keeps its SVID until it expires
     assert http_get(server.admin("/ready"))[0] == 200
-    time.sleep(3.5)
-    assert http_get(server.admin("/ready")) == (503, "SVID_EXPIRED\n")
+    wait_for("the SVID expires (3 s TTL)", lambda: http_get(server.admin("/ready")) == (503, "SVID_EXPIRED\n"))
     import socket
 
     s = socket.create_connection(("127.0.0.1", inbound), timeout=5)
@@ -262,9 +250,7 @@ def test_expiry_without_renewal_fails_closed_and_recovers(pair):
     except ConnectionResetError:
         pass
     s.close()
-    stats = http_get(server.admin("/stats"))[1]
-    refused = [l for l in stats.splitlines() if "downstream_cx_no_svid: " in l]
-    assert int(refused[0].rsplit(" ", 1)[1]) >= 1
+    assert stat(server, "downstream_cx_no_svid") == 1, "refused because there is no valid SVID"
     # The agent comes back: a new SVID, ready again.
     agent.start()
     deadline = time.time() + 10

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs what the tests need, then runs every test.
 #   - Debian packages: curl, nghttp2-client, openssl; for eBPF capture clang-19, llvm-19,
-#     libbpf-dev, bpftool, tcpdump, iproute2, iptables (installed when running as root)
+#     libbpf-dev, bpftool, tcpdump, iproute2, iptables; chromium and chromium-driver for the web UI
+#     test (installed when running as root)
 #   - a Python venv in .venv with conformance/requirements.txt
 #   - the eastguard binary built once with a fresh, empty CARGO_HOME, as on a new machine (the
 #     README's first command must work right after a clone; a warm cache hides what it needs)
@@ -10,6 +11,12 @@
 #     conformance suite (pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Disk: a fresh CI machine may have little free. Say how much there is at each stage, and build
+# without incremental state (one build, nothing to reuse; it doubled target/ in size).
+export CARGO_INCREMENTAL=0
+disk() { echo "-- disk: $(df -h --output=avail . | tail -n 1 | tr -d ' ') free (target/: $(du -sh target 2>/dev/null | cut -f1))"; }
+disk
 
 need_pkgs=()
 command -v curl >/dev/null || need_pkgs+=(curl)
@@ -22,6 +29,8 @@ command -v bpftool >/dev/null || need_pkgs+=(bpftool)
 command -v tcpdump >/dev/null || need_pkgs+=(tcpdump)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v iptables >/dev/null || need_pkgs+=(iptables)
+command -v chromium >/dev/null || need_pkgs+=(chromium)
+command -v chromedriver >/dev/null || need_pkgs+=(chromium-driver)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "== installing ${need_pkgs[*]}"
@@ -66,6 +75,21 @@ echo "== cargo deny (licenses, bans, sources; advisories need GitHub, see README
 # included, which no build on this one downloads: fetch them all first (a warm cache hides this).
 cargo fetch --locked
 cargo deny --offline check licenses bans sources
+# RustSec advisories: the database is a git repository on GitHub, which this project's machines
+# cannot reach. Given a local checkout of it (EASTGUARD_ADVISORY_DB=/path/to/advisory-db), check
+# against it; otherwise say loudly that advisories were not checked.
+if [ -n "${EASTGUARD_ADVISORY_DB:-}" ]; then
+  echo "== cargo deny check advisories (database: $EASTGUARD_ADVISORY_DB)"
+  adv_root=$(mktemp -d)
+  git clone -q "$EASTGUARD_ADVISORY_DB" "$adv_root/advisory-db-3157b0e258782691"
+  touch "$adv_root/advisory-db-3157b0e258782691/FETCH_HEAD"
+  printf '[advisories]\ndb-path = "%s"\ndb-urls = ["https://github.com/rustsec/advisory-db"]\n' "$adv_root" > "$adv_root/deny.toml"
+  cargo deny --offline --config "$adv_root/deny.toml" check advisories
+  rm -rf "$adv_root"
+else
+  echo "!!! NOT CHECKED: RustSec advisories (set EASTGUARD_ADVISORY_DB to a local advisory-db checkout)"
+fi
+disk
 echo "== cargo test"
 # Tests that need ../shared/conformance or clang are #[ignore]d for a plain `cargo test` (listed as
 # ignored there); here they run, and fail if what they need is missing.
@@ -90,6 +114,9 @@ for target in policy:normalize policy:compile_evaluate proxy:translate; do
   tail -n 1 "$fuzz_out.log"
   rm -rf "$fuzz_out" "$fuzz_out.log"
 done
+# Under CI the fuzz builds (a target directory per crate, 1.5 GB) are not needed past this point.
+[[ -n "${CI:-}" ]] && rm -rf policy/fuzz/target proxy/fuzz/target
+disk
 
 echo "== conformance (pytest)"
 EASTGUARD_BIN="$PWD/target/debug/eastguard" .venv/bin/python -m pytest conformance -v -rs -p no:cacheprovider "$@"

@@ -69,6 +69,26 @@ spec:
     - from: [{source: {principals: ["cluster.local/ns/demo/sa/orders"]}}]
 "#;
 const NAMESPACE: &str = "demo";
+
+/// The orders service's API spec, as its team wrote it: the demo calls one operation it does
+/// not list (shadow) and one it marks deprecated (zombie).
+const ORDERS_SPEC: &str = r#"openapi: 3.0.3
+info: {title: orders, version: "1.4"}
+paths:
+  /orders/{orderId}:
+    get:
+      responses:
+        "200": {content: {application/json: {}}}
+  /orders/{orderId}/receipt:
+    get:
+      deprecated: true
+      responses:
+        "200": {content: {application/json: {}}}
+  /orders:
+    post:
+      responses:
+        "201": {content: {application/json: {}}}
+"#;
 const WORKLOADS: [&str; 3] = ["frontend", "orders", "ledger"];
 
 /// Ports of one workload (app and sidecar).
@@ -133,7 +153,7 @@ pub async fn run(once: bool, dir: Option<PathBuf>, shutdown: Shutdown) -> anyhow
 struct Started {
     sidecars: Vec<(&'static str, tokio::process::Child)>,
     control_plane: Option<Task<String>>,
-    agent: Option<Task<identity::agent::AgentError>>,
+    agent: Option<Task<node_agent::AgentError>>,
     binaries: Vec<PathBuf>,
 }
 
@@ -217,7 +237,15 @@ async fn start_and_script(started: &mut Started, dir: &Path) -> anyhow::Result<b
     let istio_dir = dir.join("istio");
     std::fs::create_dir_all(&istio_dir)?;
     std::fs::write(istio_dir.join("demo.yaml"), istio_registry(&mesh))?;
+    std::fs::create_dir_all(istio_dir.join("openapi"))?;
+    std::fs::write(
+        istio_dir
+            .join("openapi")
+            .join(format!("{}.yaml", service_host("orders"))),
+        ORDERS_SPEC,
+    )?;
     let xds_address = free_port()?;
+    let inventory_address = free_port()?;
     let (cp_stop, cp_stopped) = tokio::sync::oneshot::channel::<()>();
     let control_plane = tokio::spawn(control_plane::run(
         control_plane::Options {
@@ -230,6 +258,10 @@ async fn start_and_script(started: &mut Started, dir: &Path) -> anyhow::Result<b
                 default_mtls: policy::istio::peer_authn::MtlsMode::Strict,
             },
             poll_interval: Duration::from_millis(200),
+            data_dir: None,
+            http_address: Some(inventory_address),
+            inventory: Default::default(),
+            audit_log: None,
         },
         async move {
             let _ = cp_stopped.await;
@@ -240,7 +272,7 @@ async fn start_and_script(started: &mut Started, dir: &Path) -> anyhow::Result<b
         handle: control_plane,
     });
     println!(
-        "control plane (ADS): {xds_address}, reading {}",
+        "control plane (ADS): {xds_address}, reading {}; API inventory: http://{inventory_address}/ui/ (UI), /apis (JSON)",
         istio_dir.display()
     );
     for (i, w) in WORKLOADS.iter().enumerate() {
@@ -271,6 +303,10 @@ async fn start_and_script(started: &mut Started, dir: &Path) -> anyhow::Result<b
 
     let hops = script(&mesh, dir).await;
     print_table(&hops);
+    inventory_traffic(&mesh).await;
+    print_inventory(&mesh).await;
+    print_control_plane_inventory(inventory_address).await;
+    print_detections(&mesh, dir).await;
     let all_ok = hops.iter().all(|h| h.ok);
     if all_ok {
         println!(
@@ -291,7 +327,7 @@ struct NodeAgent {
     socket: PathBuf,
     /// One copy of this binary per workload, in `workloads` order.
     binaries: Vec<PathBuf>,
-    task: Task<identity::agent::AgentError>,
+    task: Task<node_agent::AgentError>,
 }
 
 /// Starts the node agent in-process. Every sidecar runs from its own copy of the binary, and the
@@ -316,8 +352,8 @@ fn start_agent(dir: &Path, uid: u32, workloads: &[&str]) -> anyhow::Result<NodeA
     std::fs::write(&entries_path, entries)?;
     let socket = dir.join("agent.sock");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(identity::agent::run(
-        identity::agent::AgentConfig {
+    let task = tokio::spawn(node_agent::run(
+        node_agent::AgentConfig {
             socket: socket.clone(),
             entries: entries_path,
             poll: Duration::from_millis(500),
@@ -547,6 +583,135 @@ fn failed(callee: &str, protocol: &'static str, e: &anyhow::Error) -> Hop {
     }
 }
 
+/// What each sidecar's API inventory (`/apis`) learned from the calls it served: operations as
+/// path templates, with the verified callers and status classes.
+async fn print_inventory(mesh: &Mesh) {
+    println!(
+        "\nAPI inventory (each sidecar's /apis: inbound calls by path template and verified caller):"
+    );
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let Ok((200, body)) = client::get(mesh.ports[i].admin, "admin", "/apis", &[], false).await
+        else {
+            println!("  {w}: /apis did not answer");
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+            continue;
+        };
+        for row in v["rows"].as_array().into_iter().flatten() {
+            let caller = row["caller"].as_str().unwrap_or("plaintext");
+            println!(
+                "  {w:>9}  {:<6} {:<22} {} ← {caller} ({} calls, {} denied)",
+                row["method"].as_str().unwrap_or("-"),
+                row["template"].as_str().unwrap_or("-"),
+                row["status_class"].as_str().unwrap_or("-"),
+                row["calls"],
+                row["denied"],
+            );
+        }
+    }
+}
+
+/// Calls the inventory should flag: one operation the orders spec does not list (shadow) and one
+/// it marks deprecated (zombie). Not expectations of the table: any answer is recorded.
+async fn inventory_traffic(mesh: &Mesh) {
+    let frontend_out = mesh.ports[0].outbound;
+    for path in ["/internal/debug/vars", "/orders/7/receipt"] {
+        let _ = client::get(frontend_out, "orders", path, &[], false).await;
+    }
+    // A compromised frontend walks order IDs one by one (BOLA / enumeration).
+    for id in 1000..1030 {
+        let _ = client::get(frontend_out, "orders", &format!("/orders/{id}"), &[], false).await;
+    }
+}
+
+/// What the sidecars detected, and how many audit events they wrote.
+async fn print_detections(mesh: &Mesh, dir: &Path) {
+    println!("\nDetections (each sidecar's /apis; values are never kept):");
+    // The classifier runs off the request path: give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        let Ok((200, body)) = client::get(mesh.ports[i].admin, "admin", "/apis", &[], false).await
+        else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        for d in v["detections"].as_array().into_iter().flatten() {
+            println!(
+                "  {w:>9}  enumeration ({}) of {} {} by {}: examples {}",
+                d["pattern"].as_str().unwrap_or("-"),
+                d["method"].as_str().unwrap_or("-"),
+                d["template"].as_str().unwrap_or("-"),
+                d["caller"].as_str().unwrap_or("plaintext"),
+                d["examples"],
+            );
+        }
+        for f in v["sensitive"].as_array().into_iter().flatten() {
+            println!(
+                "  {w:>9}  sensitive data: {} in the {} of {} {} at {}",
+                f["data_type"].as_str().unwrap_or("-"),
+                f["direction"].as_str().unwrap_or("-"),
+                f["method"].as_str().unwrap_or("-"),
+                f["template"].as_str().unwrap_or("-"),
+                f["location"].as_str().unwrap_or("-"),
+            );
+        }
+    }
+    for w in WORKLOADS {
+        let path = dir.join(format!("{w}-audit.log"));
+        let n = std::fs::read_to_string(&path).map_or(0, |t| t.lines().count());
+        println!("  {w:>9}  {n} OCSF audit events in {}", path.display());
+    }
+}
+
+/// The control plane's view (`/apis`): every operation the sidecars reported, against the specs.
+async fn print_control_plane_inventory(address: SocketAddr) {
+    // Sidecars export every 300 ms; wait for the last calls to arrive.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let view = loop {
+        let v = match client::get(address, "control-plane", "/apis", &[], false).await {
+            Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body).ok(),
+            _ => None,
+        };
+        let complete = v.as_ref().is_some_and(|v| {
+            let text = v["operations"].to_string();
+            text.contains("/internal/debug/vars") && text.contains("/orders/{id}/receipt")
+        });
+        if complete || tokio::time::Instant::now() >= deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "\nAPI inventory at the control plane, against the specs (http://{address}/apis, or `eastguard apis list --control-plane {address}`):"
+    );
+    let Some(view) = view else {
+        println!("  the control plane's /apis did not answer");
+        return;
+    };
+    for op in view["operations"].as_array().into_iter().flatten() {
+        let callers: Vec<&str> = op["callers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["id"].as_str())
+            .collect();
+        println!(
+            "  {:<10} {:<30} {:<6} {:<24} owner {:<9} {}",
+            op["status"].as_str().unwrap_or("-"),
+            op["service"].as_str().unwrap_or("-"),
+            op["method"].as_str().unwrap_or("-"),
+            op["template"].as_str().unwrap_or("-"),
+            op["owner"].as_str().unwrap_or("(orphan)"),
+            if callers.is_empty() {
+                "(not called)".to_owned()
+            } else {
+                format!("← {}", callers.join(", "))
+            },
+        );
+    }
+}
+
 fn print_table(hops: &[Hop]) {
     let header = [
         "caller SPIFFE ID",
@@ -718,8 +883,10 @@ fn istio_registry(mesh: &Mesh) -> String {
         ),
     ] {
         out.push_str(&format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {w}, namespace: {NAMESPACE}}}\nspec:\n  hosts: [{}]\n  ports: {ports}\n  workloadSelector: {{labels: {{app: {w}}}}}\n---\n",
-            service_host(w)
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {w}, namespace: {NAMESPACE}{labels}}}\nspec:\n  hosts: [{}]\n  ports: {ports}\n  workloadSelector: {{labels: {{app: {w}}}}}\n---\n",
+            service_host(w),
+            // orders has an owning team; ledger has none (an orphan in the inventory).
+            labels = if w == "orders" { ", labels: {team: checkout}" } else { "" },
         ));
     }
     out.push_str(LEDGER_POLICIES);
@@ -843,5 +1010,21 @@ fn sidecar_config(
             delta: false,
         }),
         capture: None,
+        audit: Some(proxy::audit::AuditConfig {
+            path: file("-audit.log"),
+            format: proxy::audit::AuditFormat::Ocsf,
+        }),
+        inventory: proxy::config::InventoryConfig {
+            export: proxy::config::InventoryExport {
+                interval: Duration::from_millis(300),
+                ..Default::default()
+            },
+            // Every call is classified here (1 % by default).
+            sensitive: proxy::config::SensitiveConfig {
+                sample_rate: 1.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
     }
 }

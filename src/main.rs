@@ -9,6 +9,7 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
+mod apis_cmd;
 mod capture_cmd;
 mod demo;
 mod lifecycle;
@@ -45,7 +46,8 @@ enum Command {
         xds: Option<String>,
     },
     /// Serve xDS (ADS) from Istio ServiceEntry, WorkloadEntry, AuthorizationPolicy and
-    /// PeerAuthentication files in a directory (watched).
+    /// PeerAuthentication files in a directory (watched); receive the sidecars' API inventory and
+    /// audit events (OTLP) and serve them (`--http-address`: `/apis`, `/ui/`, `/report`).
     ControlPlane {
         /// The directory of YAML files.
         #[arg(long)]
@@ -75,7 +77,36 @@ enum Command {
         /// The trust bundle callers' SVIDs are verified against (PEM).
         #[arg(long)]
         bundle: Option<PathBuf>,
+        /// Keep the API inventory here (`inventory.sqlite3`, kept across restarts); default: in
+        /// memory only.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Serve the API inventory over HTTP (`/apis`, `/ui/`, read by `eastguard apis`) on this
+        /// loopback address; off by default.
+        #[arg(long)]
+        http_address: Option<std::net::SocketAddr>,
+        /// Write policy changes (AuthorizationPolicy, PeerAuthentication created, updated or
+        /// deleted) here as OCSF events, one per line; they are also at `/apis/events`.
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+        /// Inventory rows not seen for this many hours are deleted (the window for "unused").
+        #[arg(long, default_value_t = 720, value_parser = clap::value_parser!(u64).range(1..=87_600))]
+        inventory_retention_hours: u64,
     },
+    /// The evidence report (PCI DSS v4.0.1, SOC 2) from a control plane's registry and inventory:
+    /// self-contained HTML, printable to PDF.
+    Report {
+        /// The control plane's `--http-address`.
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        control_plane: String,
+        /// Write here instead of standard output.
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
+    },
+    /// The API inventory a control plane built from its sidecars' reports: operations with their
+    /// status against the specs (documented, shadow, zombie, unused, drift), owners and callers.
+    #[command(subcommand)]
+    Apis(apis_cmd::ApisCommand),
     /// Run a node agent, the control plane, three sample services with their sidecars on loopback,
     /// and scripted traffic.
     Demo {
@@ -132,7 +163,8 @@ enum Command {
         #[arg(long)]
         ca_dir: Option<PathBuf>,
     },
-    /// Offline policy tools: translate Istio AuthorizationPolicy to Envoy RBAC; check a request.
+    /// Policy tools: translate Istio AuthorizationPolicy to Envoy RBAC, check a request, and least
+    /// privilege from a control plane's inventory (suggest, unused).
     #[command(subcommand)]
     Policy(Box<policy_cmd::PolicyCommand>),
 }
@@ -214,6 +246,18 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
         }
         Command::DemoRawSocket => Ok(demo::raw_socket_probe()),
         Command::Policy(cmd) => policy_cmd::run(*cmd),
+        Command::Apis(cmd) => apis_cmd::run(cmd),
+        Command::Report {
+            control_plane,
+            file,
+        } => {
+            let html = apis_cmd::http_get(&control_plane, "/report")?;
+            match file {
+                Some(f) => std::fs::write(&f, html).with_context(|| f.display().to_string())?,
+                None => print!("{html}"),
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::ControlPlane {
             config_dir,
             xds_address,
@@ -224,7 +268,19 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             cert,
             key,
             bundle,
+            data_dir,
+            http_address,
+            audit_log,
+            inventory_retention_hours,
         } => {
+            // The inventory API and UI have no authentication of their own: like Envoy's admin
+            // port, they listen on loopback only (reach them with a port-forward).
+            if let Some(a) = http_address {
+                anyhow::ensure!(
+                    a.ip().is_loopback(),
+                    "--http-address {a}: the inventory API must listen on a loopback address"
+                );
+            }
             let tls = match (tls_address, cert, key, bundle) {
                 (Some(address), Some(cert), Some(key), Some(bundle)) => {
                     Some(control_plane::TlsOptions {
@@ -251,6 +307,13 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                     },
                 },
                 poll_interval: std::time::Duration::from_millis(200),
+                data_dir,
+                http_address,
+                inventory: control_plane::inventory::store::StoreLimits {
+                    retention: std::time::Duration::from_secs(inventory_retention_hours * 3600),
+                    ..Default::default()
+                },
+                audit_log,
             };
             let shutdown = listen_signals()?;
             runtime
@@ -282,7 +345,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 }
             };
             let identity_task = workload_api_socket.zip(entries).map(|(socket, entries)| {
-                let config = identity::agent::AgentConfig {
+                let config = node_agent::AgentConfig {
                     socket,
                     entries,
                     poll: std::time::Duration::from_millis(500),
@@ -291,7 +354,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 };
                 let stop = stopped();
                 async move {
-                    identity::agent::run(config, stop)
+                    node_agent::run(config, stop)
                         .await
                         .map_err(anyhow::Error::from)
                 }

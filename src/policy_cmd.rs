@@ -13,6 +13,27 @@ const EXIT_DENY: u8 = 3;
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
+    /// Least privilege from traffic: Istio AuthorizationPolicies (YAML) that allow exactly the
+    /// calls a control plane's inventory observed, per workload and verified caller.
+    Suggest {
+        /// The control plane's `--http-address`.
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        control_plane: String,
+        /// Only calls seen in the last this many hours (default: everything kept).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=87_600))]
+        window_hours: Option<u64>,
+        /// Write here instead of standard output.
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
+    },
+    /// ALLOW rules of the policies in force that admitted none of the observed calls
+    /// (over-permissive); exit 3 if there is any.
+    Unused {
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        control_plane: String,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=87_600))]
+        window_hours: Option<u64>,
+    },
     /// Print the Envoy RBAC filters istiod would generate for a workload (YAML, proto3 JSON form).
     Translate {
         #[command(flatten)]
@@ -93,6 +114,42 @@ impl Workload {
 
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        PolicyCommand::Suggest {
+            control_plane,
+            window_hours,
+            file,
+        } => {
+            let q = window_hours.map_or(String::new(), |h| format!("?window_hours={h}"));
+            let yaml =
+                crate::apis_cmd::http_get(&control_plane, &format!("/apis/policy/suggest{q}"))?;
+            match file {
+                Some(f) => std::fs::write(&f, &yaml).with_context(|| f.display().to_string())?,
+                None => print!("{yaml}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Unused {
+            control_plane,
+            window_hours,
+        } => {
+            let q = window_hours.map_or(String::new(), |h| format!("?window_hours={h}"));
+            let body =
+                crate::apis_cmd::http_get(&control_plane, &format!("/apis/policy/unused{q}"))?;
+            let rules: Vec<serde_json::Value> =
+                serde_json::from_str(&body).context("the control plane's answer is not JSON")?;
+            for r in &rules {
+                println!(
+                    "{}  {}  admitted no observed call",
+                    r["workload"].as_str().unwrap_or("?"),
+                    r["rule"].as_str().unwrap_or("?")
+                );
+            }
+            Ok(if rules.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_DENY)
+            })
+        }
         PolicyCommand::Translate {
             workload,
             tcp,

@@ -241,6 +241,8 @@ struct Sim {
 }
 
 impl Handler for Sim {
+    type Error = String;
+
     fn apply(&mut self, type_url: &str, _: &str, resources: Vec<Any>) -> Result<(), String> {
         if type_url == types::CLUSTER {
             self.clusters = resources

@@ -374,6 +374,9 @@ async fn throughput(
                     .header("host", host.as_str())
                     .body(Empty::<Bytes>::new())?;
                 let resp = s.send_request(req).await?;
+                if !resp.status().is_success() {
+                    bail!("throughput: status {}", resp.status());
+                }
                 let n = resp.into_body().collect().await?.to_bytes().len() as u64;
                 if t0 >= start {
                     bytes += n;

@@ -5,7 +5,9 @@
 //! change to the directory is pushed within one poll interval; a bad file is rejected (logged,
 //! naming file, document and field) and its last good content keeps being served.
 
+pub mod audit;
 pub mod generate;
+pub mod inventory;
 pub mod registry;
 
 use std::collections::HashMap;
@@ -31,6 +33,13 @@ pub struct Options {
     pub tls: Option<TlsOptions>,
     pub mesh: Mesh,
     pub poll_interval: Duration,
+    /// Where the inventory store lives (`inventory.sqlite3`); in memory without one.
+    pub data_dir: Option<PathBuf>,
+    /// The inventory's HTTP API (`/apis`); off without one.
+    pub http_address: Option<SocketAddr>,
+    pub inventory: inventory::store::StoreLimits,
+    /// Policy changes as OCSF events, one per line (they are also at `/apis/events`).
+    pub audit_log: Option<PathBuf>,
 }
 
 /// The control plane's own SVID (PEM files, re-read when they change) and where to serve mTLS.
@@ -69,6 +78,10 @@ impl ControlPlane {
             generation: watch::channel(0).0,
             cache: Mutex::default(),
         })
+    }
+
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
     }
 
     pub fn registry(&self) -> Arc<Registry> {
@@ -135,9 +148,7 @@ impl ControlPlane {
             SnapshotKey::Proxyless(_) => Ok(generate::proxyless(reg)),
             SnapshotKey::Sidecar(namespace, name) => {
                 let w = reg
-                    .workloads
-                    .iter()
-                    .find(|w| &w.meta.namespace == namespace && &w.meta.name == name)
+                    .workload(namespace, name)
                     .ok_or_else(|| Status::unavailable("the workload was just removed"))?;
                 let (snap, notes) = generate::sidecar(w, reg, &self.mesh);
                 for n in notes {
@@ -146,6 +157,40 @@ impl ControlPlane {
                 Ok(snap)
             }
         }
+    }
+
+    /// Which workload (`namespace/name`) an inventory report is from, checked as a stream's
+    /// caller is; and the hosts of services it does not back (it may not report for them).
+    pub fn reporter(
+        &self,
+        node_id: &str,
+        peer: Option<&str>,
+    ) -> Result<(String, std::collections::BTreeSet<String>), Status> {
+        let reg = self.registry();
+        let caller = Caller {
+            node: xds::pb::envoy::config::core::v3::Node {
+                id: node_id.to_owned(),
+                ..Default::default()
+            },
+            peer_id: peer.map(str::to_owned),
+        };
+        let SnapshotKey::Sidecar(namespace, name) = self.resolve(&caller, &reg)? else {
+            return Err(unknown_node(node_id));
+        };
+        let w = reg
+            .workload(&namespace, &name)
+            .ok_or_else(|| unknown_node(node_id))?;
+        let (mine, theirs): (Vec<_>, Vec<_>) =
+            reg.services.iter().partition(|s| generate::selects(s, w));
+        let mine: std::collections::BTreeSet<&String> =
+            mine.iter().flat_map(|s| &s.hosts).collect();
+        let foreign = theirs
+            .iter()
+            .flat_map(|s| &s.hosts)
+            .filter(|h| !mine.contains(h))
+            .cloned()
+            .collect();
+        Ok((format!("{namespace}/{name}"), foreign))
     }
 
     /// How many snapshots are cached (bounded by the registry, whatever callers send).
@@ -207,9 +252,20 @@ pub async fn run(
         errors = dir.errors.len(),
         "registry loaded"
     );
+    let apis =
+        inventory::ApiInventory::open(opts.data_dir.as_deref(), &opts.config_dir, opts.inventory)
+            .map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(opts.xds_address)
         .await
         .map_err(|e| format!("xDS address {}: {e}", opts.xds_address))?;
+    let http_listener = match opts.http_address {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| format!("HTTP address {a}: {e}"))?,
+        ),
+        None => None,
+    };
     let (closing_tx, closing) = watch::channel(false);
     let server = AdsServer::new(cp.clone()).with_shutdown(closing.clone());
     let mut closing_wait = closing;
@@ -219,6 +275,8 @@ pub async fn run(
             AggregatedDiscoveryServiceServer::new(server)
                 .max_decoding_message_size(16 * 1024 * 1024),
         )
+        .add_service(receiver(&cp, &apis))
+        .add_service(log_receiver(&cp, &apis))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move {
@@ -226,15 +284,49 @@ pub async fn run(
             },
         );
     tracing::info!(address = %opts.xds_address, "serving ADS (plaintext)");
+    let http_task = http_listener.map(|l| {
+        tracing::info!(address = ?opts.http_address, "serving the API inventory over HTTP (/apis)");
+        tokio::spawn(inventory::http::serve(
+            l,
+            cp.clone(),
+            apis.clone(),
+            closing_tx.subscribe(),
+        ))
+    });
+    let audit_log =
+        audit::AuditLog::open(opts.audit_log.as_ref()).map_err(|e| format!("--audit-log: {e}"))?;
     let cp2 = cp.clone();
+    let apis2 = apis.clone();
     let poll = opts.poll_interval;
     let watcher = tokio::spawn(async move {
         loop {
             tokio::time::sleep(poll).await;
+            let a = apis2.clone();
+            let _ = tokio::task::spawn_blocking(move || a.refresh()).await;
             match dir.refresh() {
                 Ok(true) => {
-                    cp2.set(dir.registry());
-                    tracing::info!("registry changed; pushing");
+                    let new = dir.registry();
+                    let events: Vec<apisec::otlp::Event> = audit::changes(&cp2.registry(), &new)
+                        .into_iter()
+                        .map(|(id, activity, kind, name)| {
+                            let e = audit::event(id, activity, kind, &name);
+                            audit_log.write(&e);
+                            apisec::otlp::Event {
+                                time_ms: e["time"].as_u64().unwrap_or(0),
+                                class_uid: 3004,
+                                class_name: "Entity Management".into(),
+                                severity_id: 2,
+                                message: e["message"].as_str().unwrap_or("").to_owned(),
+                                ocsf: e,
+                            }
+                        })
+                        .collect();
+                    cp2.set(new);
+                    tracing::info!(policy_changes = events.len(), "registry changed; pushing");
+                    let a = apis2.clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || a.add_events("control-plane", &events))
+                            .await;
                 }
                 Ok(false) => {}
                 Err(e) => tracing::error!(error = %e, "cannot read the config directory"),
@@ -244,7 +336,7 @@ pub async fn run(
     let server_task = tokio::spawn(serve);
     let tls_task = match &opts.tls {
         Some(t) => Some(tokio::spawn(
-            serve_tls(t.clone(), cp.clone(), closing_tx.subscribe()).await?,
+            serve_tls(t.clone(), cp.clone(), apis.clone(), closing_tx.subscribe()).await?,
         )),
         None => None,
     };
@@ -256,13 +348,49 @@ pub async fn run(
     if let Some(t) = tls_task {
         let _ = t.await;
     }
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
     Ok(())
+}
+
+/// The OTLP logs receiver for sidecars' audit events.
+fn log_receiver(
+    cp: &Arc<ControlPlane>,
+    apis: &Arc<inventory::ApiInventory>,
+) -> opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer<
+    inventory::receiver::Receiver,
+> {
+    opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer::new(
+        inventory::receiver::Receiver {
+            control_plane: cp.clone(),
+            inventory: apis.clone(),
+        },
+    )
+    .max_decoding_message_size(16 * 1024 * 1024)
+}
+
+/// The OTLP metrics receiver for sidecars' inventory reports.
+fn receiver(
+    cp: &Arc<ControlPlane>,
+    apis: &Arc<inventory::ApiInventory>,
+) -> opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer<
+    inventory::receiver::Receiver,
+>{
+    opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer::new(
+        inventory::receiver::Receiver {
+            control_plane: cp.clone(),
+            inventory: apis.clone(),
+        },
+    )
+    .max_decoding_message_size(16 * 1024 * 1024)
 }
 
 /// The mTLS ADS server: binds, then returns the serving future.
 async fn serve_tls(
     t: TlsOptions,
     cp: Arc<ControlPlane>,
+    apis: Arc<inventory::ApiInventory>,
     closing: watch::Receiver<bool>,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
     let creds = identity::FileSource {
@@ -284,12 +412,16 @@ async fn serve_tls(
         tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         |certs| identity::tls::peer_spiffe_id(certs).map(|id| id.as_str().to_owned()),
     );
+    let otlp = receiver(&cp, &apis);
+    let otlp_logs = log_receiver(&cp, &apis);
     let server = AdsServer::new(cp).with_shutdown(closing.clone());
     let mut closing_wait = closing;
     Ok(async move {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(AggregatedDiscoveryServiceServer::new(server))
+            .add_service(otlp)
+            .add_service(otlp_logs)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = closing_wait.wait_for(|c| *c).await;
             })

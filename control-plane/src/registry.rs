@@ -19,6 +19,15 @@ pub struct Registry {
     pub peer_authentication: Vec<PeerAuthentication>,
 }
 
+impl Registry {
+    /// The WorkloadEntry `namespace/name`.
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&WorkloadEntry> {
+        self.workloads
+            .iter()
+            .find(|w| w.meta.namespace == namespace && w.meta.name == name)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
     pub name: String,

@@ -5,7 +5,6 @@
 //! This crate must never accept a peer it cannot tie to a bundle of the trust domain named in the
 //! peer's own certificate, and never hands out a TLS config that falls back to "any certificate".
 
-pub mod agent;
 mod bundle;
 mod dev_ca;
 mod source;

@@ -26,6 +26,8 @@ pub enum VerifyError {
     #[error("certificate chain does not verify against the {trust_domain} bundle: {reason}")]
     Chain {
         trust_domain: String,
+        /// What went wrong, for the TLS alert.
+        failure: ChainFailure,
         reason: String,
     },
     #[error("peer SPIFFE ID {got} is not one of the expected IDs [{expected}]")]
@@ -60,6 +62,7 @@ pub fn verify_peer_svid(
         .ok_or_else(|| VerifyError::UnknownTrustDomain(td.to_owned()))?;
     let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| VerifyError::Chain {
         trust_domain: td.to_owned(),
+        failure: ChainFailure::of(&e),
         reason: format!("{e:?}"),
     })?;
     let usage = match role {
@@ -77,6 +80,7 @@ pub fn verify_peer_svid(
     )
     .map_err(|e| VerifyError::Chain {
         trust_domain: td.to_owned(),
+        failure: ChainFailure::of(&e),
         reason: format!("{e:?}"),
     })?;
     Ok(leaf.spiffe_id)
@@ -89,17 +93,35 @@ fn algorithms() -> &'static WebPkiSupportedAlgorithms {
     &ALGS
 }
 
-fn to_rustls(e: VerifyError) -> rustls::Error {
+/// The kind of a chain failure, which decides the TLS alert the peer gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainFailure {
+    Expired,
+    NotValidYet,
+    UnknownIssuer,
+    Other,
+}
+
+impl ChainFailure {
+    fn of(e: &webpki::Error) -> Self {
+        match e {
+            webpki::Error::CertExpired { .. } => Self::Expired,
+            webpki::Error::CertNotValidYet { .. } => Self::NotValidYet,
+            webpki::Error::UnknownIssuer => Self::UnknownIssuer,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// A refusal as rustls reports it: expiry, not-yet-valid and unknown issuer (or trust domain)
+/// with their own certificate errors, so the peer gets the matching alert; the rest as ours.
+pub fn to_rustls(e: VerifyError) -> rustls::Error {
     let cert_err = match &e {
-        VerifyError::Chain { reason, .. } if reason.contains("Expired") => {
-            CertificateError::Expired
-        }
-        VerifyError::Chain { reason, .. } if reason.contains("NotValidYet") => {
-            CertificateError::NotValidYet
-        }
-        VerifyError::Chain { reason, .. } if reason.contains("UnknownIssuer") => {
-            CertificateError::UnknownIssuer
-        }
+        VerifyError::Chain { failure, .. } if *failure != ChainFailure::Other => match failure {
+            ChainFailure::Expired => CertificateError::Expired,
+            ChainFailure::NotValidYet => CertificateError::NotValidYet,
+            _ => CertificateError::UnknownIssuer,
+        },
         VerifyError::UnknownTrustDomain(_) => CertificateError::UnknownIssuer,
         _ => CertificateError::Other(rustls::OtherError(Arc::new(e.clone()))),
     };

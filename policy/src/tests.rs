@@ -1,5 +1,7 @@
 use super::*;
 
+mod semantics;
+
 fn engine(yaml: &str) -> Engine {
     Engine::compile(&parse_filters(yaml).unwrap()).unwrap()
 }

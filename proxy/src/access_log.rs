@@ -89,6 +89,11 @@ impl AccessLog {
         })
     }
 
+    /// Whether records are written at all (no file configured: the access log is off).
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
     pub fn write(&self, record: &Record) {
         let Some(tx) = &self.tx else { return };
         let line = match self.format {

@@ -181,9 +181,17 @@ async fn route(
             "listener-only draining is not supported; POST /quitquitquit drains and exits\n",
         ),
         "/logging" => logging(state, &query),
+        "/apis" => apis(state),
+        "/drift/baseline" => match &state.telemetry.drift {
+            Some(d) => json_response(serde_json::json!(d.baseline())),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "authorization drift is off (inventory.drift.mode)\n",
+            ),
+        },
         "/" => text(
             StatusCode::OK,
-            "eastguard admin: /ready /server_info /config_dump /stats /stats/prometheus /listeners /clusters; POST /quitquitquit /healthcheck/fail /healthcheck/ok /logging\n",
+            "eastguard admin: /ready /server_info /config_dump /stats /stats/prometheus /listeners /clusters /apis; POST /quitquitquit /healthcheck/fail /healthcheck/ok /logging\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -197,6 +205,39 @@ fn text(status: StatusCode, s: &str) -> Response<Body> {
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// The API inventory of inbound calls: rows per (service, method, path template, verified
+/// caller, status class), the templates with example paths, and the calls past a cap.
+fn apis(state: &AdminState) -> Response<Body> {
+    let Some(inventory) = &state.telemetry.inventory else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "the API inventory is off (inventory.enabled)\n",
+        );
+    };
+    let inv = inventory
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let templates: Vec<Value> = inv
+        .templates()
+        .into_iter()
+        .map(|(service, template, examples)| {
+            serde_json::json!({"service": service, "template": template, "examples": examples})
+        })
+        .collect();
+    json_response(serde_json::json!({
+        "rows": inv.rows(),
+        "templates": templates,
+        "overflow_calls": inv.overflow_calls(),
+        "sensitive": inv.sensitive(),
+        "detections": state
+            .telemetry
+            .detections
+            .lock()
+            .map(|d| d.iter().cloned().collect::<Vec<_>>())
+            .unwrap_or_default(),
+    }))
 }
 
 fn json_response(v: Value) -> Response<Body> {

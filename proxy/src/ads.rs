@@ -150,18 +150,19 @@ impl Handler {
         &mut self,
         type_url: &'static str,
         resources: &[Any],
-    ) -> Result<(BTreeMap<String, Any>, Vec<Rejected>), String> {
+    ) -> Result<(BTreeMap<String, Any>, Vec<Rejected>), UpdateError> {
         let mut by_name = BTreeMap::new();
         for (i, r) in resources.iter().enumerate() {
-            let name = resource_name(type_url, r).map_err(|e| format!("resources[{i}]: {e}"))?;
+            let name = resource_name(type_url, r)
+                .map_err(|source| UpdateError::Unreadable { index: i, source })?;
             if name.is_empty() {
-                return Err(format!(
-                    "resources[{i}]: a {} resource needs a name",
-                    types::short(type_url)
-                ));
+                return Err(UpdateError::Unnamed {
+                    index: i,
+                    type_name: types::short(type_url),
+                });
             }
             if by_name.insert(name.clone(), r.clone()).is_some() {
-                return Err(format!("resources[{i}]: {name} appears twice"));
+                return Err(UpdateError::Duplicate { index: i, name });
             }
         }
         // Envoy's behaviour: the resources that translate are applied; one that does not keeps
@@ -187,21 +188,24 @@ impl Handler {
                     };
                     rejected.push(r);
                 }
-                Err(r) => return Err(r.to_string()),
+                Err(r) => return Err(UpdateError::Invalid(r)),
             }
         };
         let mut all = self.base.clone();
         for l in &built.model.listeners {
             if all.listeners.iter().any(|s| s.name == l.name) {
-                return Err(format!(
-                    "listener {}: the name of a static listener",
-                    l.name
-                ));
+                return Err(UpdateError::StaticName {
+                    kind: "listener",
+                    name: l.name.clone(),
+                });
             }
         }
         for c in &built.model.clusters {
             if all.clusters.iter().any(|s| s.name == c.name) {
-                return Err(format!("cluster {}: the name of a static cluster", c.name));
+                return Err(UpdateError::StaticName {
+                    kind: "cluster",
+                    name: c.name.clone(),
+                });
             }
         }
         all.listeners.extend(built.model.listeners.iter().cloned());
@@ -225,12 +229,19 @@ impl Handler {
 }
 
 impl xds::client::Handler for Handler {
-    fn apply(&mut self, type_url: &str, version: &str, resources: Vec<Any>) -> Result<(), String> {
+    type Error = UpdateError;
+
+    fn apply(
+        &mut self,
+        type_url: &str,
+        version: &str,
+        resources: Vec<Any>,
+    ) -> Result<(), UpdateError> {
         let Some(type_url) = types::ALL.iter().copied().find(|t| *t == type_url) else {
-            return Err(format!("unexpected type {type_url}"));
+            return Err(UpdateError::UnexpectedType(type_url.to_owned()));
         };
         if type_url == types::SECRET {
-            return Err("SDS over ADS is not used: secrets come from the Workload API".into());
+            return Err(UpdateError::SdsOverAds);
         }
         let counters = self.updates.get(type_url);
         if let Some(c) = counters {
@@ -264,19 +275,18 @@ impl xds::client::Handler for Handler {
                     Ok(())
                 } else {
                     // The version stays the last one accepted whole; the rest is in force.
-                    let details = rejected
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; ");
+                    let error = UpdateError::Partial(rejected);
                     entry.error = Some(Failure {
                         version: version.to_owned(),
-                        details: details.clone(),
+                        details: error.to_string(),
                         at: now,
                         resources: offered(),
-                        rejected: rejected.into_iter().map(|r| r.name).collect(),
+                        rejected: match &error {
+                            UpdateError::Partial(r) => r.iter().map(|r| r.name.clone()).collect(),
+                            _ => BTreeSet::new(),
+                        },
                     });
-                    Err(details)
+                    Err(error)
                 };
                 drop(types_state);
                 let have = |t| {
@@ -289,15 +299,15 @@ impl xds::client::Handler for Handler {
                 }
                 outcome
             }
-            Err(details) => {
+            Err(error) => {
                 entry.error = Some(Failure {
                     version: version.to_owned(),
-                    details: details.clone(),
+                    details: error.to_string(),
                     at: now,
                     resources: offered(),
                     rejected: BTreeSet::new(),
                 });
-                Err(details)
+                Err(error)
             }
         }
     }
@@ -326,30 +336,62 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn resource_name(type_url: &str, r: &Any) -> Result<String, String> {
+fn resource_name(type_url: &str, r: &Any) -> Result<String, NameError> {
     if r.type_url != type_url {
-        return Err(format!(
-            "a {} response carries a {}",
-            types::short(type_url),
-            r.type_url
-        ));
+        return Err(NameError::WrongType {
+            expected: types::short(type_url),
+            got: r.type_url.clone(),
+        });
     }
-    let e = |e: prost::DecodeError| e.to_string();
     Ok(match type_url {
-        types::LISTENER => Listener::decode(r.value.as_slice()).map_err(e)?.name,
-        types::ROUTE => {
-            RouteConfiguration::decode(r.value.as_slice())
-                .map_err(e)?
-                .name
-        }
-        types::CLUSTER => Cluster::decode(r.value.as_slice()).map_err(e)?.name,
-        types::ENDPOINT => {
-            ClusterLoadAssignment::decode(r.value.as_slice())
-                .map_err(e)?
-                .cluster_name
-        }
-        _ => return Err(format!("{type_url} is not handled")),
+        types::LISTENER => Listener::decode(r.value.as_slice())?.name,
+        types::ROUTE => RouteConfiguration::decode(r.value.as_slice())?.name,
+        types::CLUSTER => Cluster::decode(r.value.as_slice())?.name,
+        types::ENDPOINT => ClusterLoadAssignment::decode(r.value.as_slice())?.cluster_name,
+        _ => return Err(NameError::Unhandled(type_url.to_owned())),
     })
+}
+
+/// Why a resource's name could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum NameError {
+    #[error("a {expected} response carries a {got}")]
+    WrongType { expected: &'static str, got: String },
+    #[error(transparent)]
+    Decode(#[from] prost::DecodeError),
+    #[error("{0} is not handled")]
+    Unhandled(String),
+}
+
+/// Why an xDS update was NACKed. `Partial`: the rest of the update is in force; otherwise nothing
+/// of it was applied.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("unexpected type {0}")]
+    UnexpectedType(String),
+    #[error("SDS over ADS is not used: secrets come from the Workload API")]
+    SdsOverAds,
+    #[error("resources[{index}]: {source}")]
+    Unreadable {
+        index: usize,
+        #[source]
+        source: NameError,
+    },
+    #[error("resources[{index}]: a {type_name} resource needs a name")]
+    Unnamed {
+        index: usize,
+        type_name: &'static str,
+    },
+    #[error("resources[{index}]: {name} appears twice")]
+    Duplicate { index: usize, name: String },
+    #[error("{0}")]
+    Invalid(Rejected),
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Partial(Vec<Rejected>),
+    #[error("{kind} {name}: the name of a static {kind}")]
+    StaticName { kind: &'static str, name: String },
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::ApplyError),
 }
 
 /// The dynamic model from a set of accepted resources, and the names to subscribe to next.

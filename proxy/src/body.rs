@@ -1,5 +1,5 @@
-//! Body types: one boxed body for everything the proxy sends, and wrappers that count bytes and
-//! carry a call's [`CallGuard`] until the response body ends.
+//! Body types: one boxed body for everything the proxy sends, and a wrapper that counts bytes.
+//! (The wrapper that carries a call's guard to the end of its response is `telemetry::Guarded`.)
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -7,10 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt as _;
-
-use crate::telemetry::CallGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every request and response the proxy builds.
@@ -39,6 +37,8 @@ pub fn empty() -> Body {
 pub struct Counting<B> {
     inner: B,
     count: Arc<AtomicU64>,
+    /// A sampled call's request copy (sensitive-data classification).
+    tee: Option<Arc<std::sync::Mutex<crate::sampling::Tee>>>,
 }
 
 impl<B> Counting<B>
@@ -46,8 +46,13 @@ where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    pub fn boxed(inner: B, count: Arc<AtomicU64>) -> Body {
-        Self { inner, count }.boxed_unsync()
+    /// Counting, and with a `tee` copying the first bytes into it.
+    pub fn boxed_tee(
+        inner: B,
+        count: Arc<AtomicU64>,
+        tee: Option<Arc<std::sync::Mutex<crate::sampling::Tee>>>,
+    ) -> Body {
+        Self { inner, count, tee }.boxed_unsync()
     }
 }
 
@@ -68,79 +73,13 @@ where
             && let Some(d) = f.data_ref()
         {
             self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+            if let Some(tee) = &self.tee
+                && let Ok(mut t) = tee.lock()
+            {
+                t.push(d);
+            }
         }
         Poll::Ready(frame.map(|r| r.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A response body that counts bytes, notes the gRPC status from trailers, and drops the call's
-/// guard (writing its log record) when the body ends or is abandoned.
-pub struct Guarded {
-    inner: Body,
-    guard: Option<CallGuard>,
-}
-
-impl Guarded {
-    pub fn boxed(inner: Body, guard: CallGuard) -> Body {
-        let mut this = Self {
-            inner,
-            guard: Some(guard),
-        };
-        if this.inner.is_end_stream() {
-            this.finish();
-        }
-        this.boxed_unsync()
-    }
-
-    fn finish(&mut self) {
-        if let Some(mut g) = self.guard.take() {
-            g.completed = true;
-        }
-    }
-}
-
-impl http_body::Body for Guarded {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(g) = self.guard.as_mut() {
-                    if let Some(d) = f.data_ref() {
-                        g.response_bytes
-                            .fetch_add(d.len() as u64, Ordering::Relaxed);
-                    } else if let Some(t) = f.trailers_ref()
-                        && let Some(s) = t.get("grpc-status").and_then(|v| v.to_str().ok())
-                    {
-                        g.grpc_status = Some(s.to_owned());
-                    }
-                }
-                if self.inner.is_end_stream() {
-                    self.finish();
-                }
-            }
-            Some(Err(_)) => {
-                if let Some(g) = self.guard.as_mut() {
-                    g.record.response_flags = "UPE".into();
-                }
-                self.guard = None;
-            }
-            None => self.finish(),
-        }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {

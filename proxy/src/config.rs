@@ -54,6 +54,274 @@ pub struct Bootstrap {
     /// Traffic capture this sidecar depends on: it is not ready until capture is attached.
     #[serde(default)]
     pub capture: Option<CaptureConfig>,
+    /// The API inventory of inbound calls (`GET /apis` on the admin port).
+    #[serde(default)]
+    pub inventory: InventoryConfig,
+    /// Audit events (OCSF or CEF) for every denial and detection.
+    #[serde(default)]
+    pub audit: Option<crate::audit::AuditConfig>,
+}
+
+/// The API inventory's switch and bounds (see `apisec::Limits`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Aggregation rows (service, method, template, caller, status class); past it, one overflow row.
+    #[serde(default = "default_inventory_rows")]
+    pub max_rows: usize,
+    /// Distinct literals at one path position before they become one parameter.
+    #[serde(default = "default_literal_fanout")]
+    pub literal_fanout: usize,
+    /// Path templates per service; past it, calls count as `{overflow}`.
+    #[serde(default = "default_inventory_templates")]
+    pub max_templates: usize,
+    /// Deltas exported as OTLP metrics: to the xDS server (over the same mTLS) unless an address
+    /// is given; off without either.
+    #[serde(default)]
+    pub export: InventoryExport,
+    /// Sensitive-data classification of a sampled copy of calls (never delaying or altering them).
+    #[serde(default)]
+    pub sensitive: SensitiveConfig,
+    /// Object-level enumeration (BOLA) detection per (verified caller, operation).
+    #[serde(default)]
+    pub bola: BolaConfig,
+    /// Authorization drift against a baseline of caller → operation edges.
+    #[serde(default)]
+    pub drift: crate::drift::DriftConfig,
+}
+
+/// Thresholds of the BOLA / enumeration detector (see `apisec::bola`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BolaConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_bola_window", with = "duration")]
+    pub window: Duration,
+    #[serde(default = "default_bola_distinct")]
+    pub distinct_ids: usize,
+    #[serde(default = "default_bola_sequential")]
+    pub sequential: u32,
+    #[serde(default = "default_bola_ratio")]
+    pub error_ratio: f64,
+    #[serde(default = "default_bola_min_calls")]
+    pub min_calls: u32,
+    #[serde(default = "default_bola_keys")]
+    pub max_keys: usize,
+}
+
+impl Default for BolaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window: default_bola_window(),
+            distinct_ids: default_bola_distinct(),
+            sequential: default_bola_sequential(),
+            error_ratio: default_bola_ratio(),
+            min_calls: default_bola_min_calls(),
+            max_keys: default_bola_keys(),
+        }
+    }
+}
+
+fn default_bola_window() -> Duration {
+    apisec::bola::Limits::default().window
+}
+fn default_bola_distinct() -> usize {
+    apisec::bola::Limits::default().distinct_ids
+}
+fn default_bola_sequential() -> u32 {
+    apisec::bola::Limits::default().sequential
+}
+fn default_bola_ratio() -> f64 {
+    apisec::bola::Limits::default().error_ratio
+}
+fn default_bola_min_calls() -> u32 {
+    apisec::bola::Limits::default().min_calls
+}
+fn default_bola_keys() -> usize {
+    apisec::bola::Limits::default().max_keys
+}
+
+/// What share of inbound HTTP calls is copied and classified, how much of each body, and custom
+/// types. The copy is classified off the request path; findings keep no value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensitiveConfig {
+    /// 0 (off) to 1 (every call).
+    #[serde(default = "default_sample_rate")]
+    pub sample_rate: f64,
+    /// Bytes of each body copied.
+    #[serde(default = "default_sample_bytes")]
+    pub body_bytes: usize,
+    /// Copies waiting for the classifier; past it, copies are dropped and counted
+    /// (`inventory.sensitive_dropped`).
+    #[serde(default = "default_sample_queue")]
+    pub max_queue: usize,
+    #[serde(default)]
+    pub custom: Vec<CustomDataType>,
+}
+
+/// A data type of one's own: a key regex, a value regex, or both.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomDataType {
+    pub name: String,
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+impl Default for SensitiveConfig {
+    fn default() -> Self {
+        Self {
+            sample_rate: default_sample_rate(),
+            body_bytes: default_sample_bytes(),
+            max_queue: default_sample_queue(),
+            custom: Vec::new(),
+        }
+    }
+}
+
+fn default_sample_rate() -> f64 {
+    0.01
+}
+
+fn default_sample_bytes() -> usize {
+    16 * 1024
+}
+
+fn default_sample_queue() -> usize {
+    64
+}
+
+impl SensitiveConfig {
+    /// The classifier for this config; a custom type's regex that does not compile is an error
+    /// naming it.
+    pub fn classifier(&self) -> Result<apisec::sensitive::Classifier, (String, String)> {
+        let mut custom = Vec::new();
+        for (i, c) in self.custom.iter().enumerate() {
+            let re = |field: &str,
+                      v: &Option<String>|
+             -> Result<Option<regex::Regex>, (String, String)> {
+                v.as_deref()
+                    .map(|r| {
+                        regex::RegexBuilder::new(r)
+                            .size_limit(1 << 20)
+                            .build()
+                            .map_err(|e| {
+                                (
+                                    format!("inventory.sensitive.custom[{i}].{field}"),
+                                    e.to_string(),
+                                )
+                            })
+                    })
+                    .transpose()
+            };
+            if c.key.is_none() && c.value.is_none() {
+                return Err((
+                    format!("inventory.sensitive.custom[{i}]"),
+                    "needs a key or a value regex".into(),
+                ));
+            }
+            custom.push(apisec::sensitive::CustomType {
+                name: c.name.clone(),
+                key: re("key", &c.key)?,
+                value: re("value", &c.value)?,
+            });
+        }
+        Ok(apisec::sensitive::Classifier {
+            custom,
+            limits: apisec::sensitive::Limits {
+                body_bytes: self.body_bytes,
+                ..Default::default()
+            },
+        })
+    }
+}
+
+/// Where and how often the inventory is exported (OTLP/gRPC `MetricsService/Export`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryExport {
+    /// `host:port` or `http://host:port` of an OTLP/gRPC receiver (plaintext); default: the xDS
+    /// server, with the xDS client's mTLS.
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default = "default_export_interval", with = "duration")]
+    pub interval: Duration,
+    /// Rows kept while the receiver cannot be reached; past it, new rows are dropped and counted
+    /// (`inventory.export_dropped_rows`). Requests are never slowed or failed by the export.
+    #[serde(default = "default_inventory_rows")]
+    pub max_backlog: usize,
+}
+
+impl Default for InventoryExport {
+    fn default() -> Self {
+        Self {
+            address: None,
+            interval: default_export_interval(),
+            max_backlog: default_inventory_rows(),
+        }
+    }
+}
+
+fn default_export_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for InventoryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_rows: default_inventory_rows(),
+            literal_fanout: default_literal_fanout(),
+            max_templates: default_inventory_templates(),
+            export: InventoryExport::default(),
+            sensitive: SensitiveConfig::default(),
+            bola: BolaConfig::default(),
+            drift: crate::drift::DriftConfig::default(),
+        }
+    }
+}
+
+impl InventoryConfig {
+    pub fn limits(&self) -> apisec::Limits {
+        let d = apisec::Limits::default();
+        let b = &self.bola;
+        apisec::Limits {
+            bola: b.enabled.then_some(apisec::bola::Limits {
+                window: b.window,
+                distinct_ids: b.distinct_ids,
+                sequential: b.sequential,
+                error_ratio: b.error_ratio,
+                min_calls: b.min_calls,
+                max_keys: b.max_keys,
+            }),
+            max_rows: self.max_rows,
+            templates: apisec::template::TemplateLimits {
+                literal_fanout: self.literal_fanout,
+                max_templates: self.max_templates,
+                ..d.templates
+            },
+            ..d
+        }
+    }
+}
+
+fn default_inventory_rows() -> usize {
+    apisec::Limits::default().max_rows
+}
+
+fn default_literal_fanout() -> usize {
+    apisec::template::TemplateLimits::default().literal_fanout
+}
+
+fn default_inventory_templates() -> usize {
+    apisec::template::TemplateLimits::default().max_templates
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -227,28 +495,56 @@ pub struct FilterConfig {
 /// The filter names this proxy runs.
 pub const ROUTER_FILTER: &str = "envoy.filters.http.router";
 
+/// Why a filter chain's filters or routes do not build (the chain then refuses its connections;
+/// static configuration is refused at load with the field and line).
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("[{index}] {name}: typed_config is required")]
+    NoTypedConfig { index: usize, name: String },
+    #[error("[{index}] {name}: {source}")]
+    Filter {
+        index: usize,
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Rbac(#[from] policy::CompileError),
+    #[error("regex {pattern:?}: {source}")]
+    Regex {
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
+}
+
 /// Compiles the RBAC filters of a chain, in order; any other filter (but the router) is refused.
-pub fn compile_rbac(filters: &[FilterConfig]) -> Result<Option<policy::Engine>, String> {
+pub fn compile_rbac(filters: &[FilterConfig]) -> Result<Option<policy::Engine>, ChainError> {
     let mut rbac = Vec::new();
-    for (i, f) in filters.iter().enumerate() {
+    for (index, f) in filters.iter().enumerate() {
         if f.name == ROUTER_FILTER {
             continue;
         }
         let Some(tc) = &f.typed_config else {
-            return Err(format!("[{i}] {}: typed_config is required", f.name));
+            return Err(ChainError::NoTypedConfig {
+                index,
+                name: f.name.clone(),
+            });
         };
         let value =
             policy::proto_json_keys(serde_json::json!({ "name": f.name, "typedConfig": tc }));
         let parsed: policy::rbac::Filter =
-            serde_json::from_value(value).map_err(|e| format!("[{i}] {}: {e}", f.name))?;
+            serde_json::from_value(value).map_err(|source| ChainError::Filter {
+                index,
+                name: f.name.clone(),
+                source,
+            })?;
         rbac.push(parsed);
     }
     if rbac.is_empty() {
         return Ok(None);
     }
-    policy::Engine::compile(&rbac)
-        .map(Some)
-        .map_err(|e| e.to_string())
+    Ok(Some(policy::Engine::compile(&rbac)?))
 }
 
 /// Selects a chain. The first chain (in file order) whose every given criterion matches is used.
@@ -760,6 +1056,57 @@ impl Bootstrap {
                 &self.admin.address.to_string(),
             ));
         }
+        let bola = &self.inventory.bola;
+        if bola.distinct_ids < 2
+            || bola.distinct_ids > 10_000
+            || bola.sequential < 2
+            || bola.min_calls < 1
+            || !(0.0..=1.0).contains(&bola.error_ratio)
+            || bola.max_keys > 1_000_000
+            || bola.window < Duration::from_secs(1)
+        {
+            return Err(invalid(
+                "inventory.bola".into(),
+                "distinct_ids 2..=10000, sequential ≥ 2, min_calls ≥ 1, error_ratio 0..=1, max_keys ≤ 1000000, window ≥ 1s".into(),
+                "bola:",
+            ));
+        }
+        let sensitive = &self.inventory.sensitive;
+        if !(0.0..=1.0).contains(&sensitive.sample_rate) {
+            return Err(invalid(
+                "inventory.sensitive.sample_rate".into(),
+                "between 0 and 1".into(),
+                "sample_rate:",
+            ));
+        }
+        if sensitive.body_bytes > 1024 * 1024
+            || sensitive.max_queue == 0
+            || sensitive.max_queue > 4096
+        {
+            return Err(invalid(
+                "inventory.sensitive".into(),
+                "body_bytes at most 1048576, max_queue between 1 and 4096".into(),
+                "sensitive:",
+            ));
+        }
+        if let Err((field, message)) = sensitive.classifier() {
+            return Err(invalid(field, message, "custom:"));
+        }
+        let export = &self.inventory.export;
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&export.interval) {
+            return Err(invalid(
+                "inventory.export.interval".into(),
+                "between 100ms and 1h".into(),
+                "interval:",
+            ));
+        }
+        if export.max_backlog == 0 || export.max_backlog > 1_000_000 {
+            return Err(invalid(
+                "inventory.export.max_backlog".into(),
+                "between 1 and 1000000 rows".into(),
+                "max_backlog:",
+            ));
+        }
         let mut clusters = std::collections::BTreeSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
             let field = |f: &str| format!("clusters[{i}].{f}");
@@ -878,12 +1225,12 @@ impl Bootstrap {
                     }
                 }
                 compile_rbac(&fc.rbac_filters)
-                    .map_err(|e| invalid(cfield("rbac_filters"), e, "rbac_filters"))?;
+                    .map_err(|e| invalid(cfield("rbac_filters"), e.to_string(), "rbac_filters"))?;
                 if let Some(hcm) = &fc.http_connection_manager {
                     compile_rbac(&hcm.http_filters).map_err(|e| {
                         invalid(
                             cfield("http_connection_manager.http_filters"),
-                            e,
+                            e.to_string(),
                             "http_filters",
                         )
                     })?;
@@ -921,7 +1268,7 @@ pub fn check_route(r: &Route) -> Result<(), (&'static str, String)> {
         ));
     }
     if let Some(re) = &m.safe_regex {
-        crate::route::compile_path_regex(re).map_err(|e| ("match.safe_regex", e))?;
+        compile_path_regex(re).map_err(|e| ("match.safe_regex", e.to_string()))?;
     }
     if let Some(p) = &m.path_separated_prefix
         && (!p.starts_with('/') || p.ends_with('/') || p.contains(['?', '#']))
@@ -955,6 +1302,17 @@ fn line_of(text: &str, needle: &str) -> Option<usize> {
         return None;
     }
     text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+/// Compiles a route's `safe_regex`: it must match the whole path; size-limited.
+pub fn compile_path_regex(re: &str) -> Result<regex::Regex, ChainError> {
+    regex::RegexBuilder::new(&format!("^(?:{re})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|source| ChainError::Regex {
+            pattern: re.to_owned(),
+            source,
+        })
 }
 
 #[cfg(test)]

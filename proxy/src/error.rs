@@ -1,6 +1,11 @@
 //! Every way a proxied request can fail, and the one place that says what each failure looks like
 //! to the client (status, gRPC status, Envoy response flag, details).
 
+use http::header;
+use http::{Response, StatusCode};
+
+use crate::body::{self, Body};
+
 /// A failure while handling one request. Adding a variant does not compile until
 /// [`ProxyError::response`] maps it.
 #[derive(Debug, thiserror::Error)]
@@ -11,6 +16,8 @@ pub enum ProxyError {
     NoHealthyUpstream { cluster: String },
     #[error("connecting to {endpoint} failed: {reason}")]
     UpstreamConnect { endpoint: String, reason: String },
+    #[error("connecting to {endpoint} timed out")]
+    UpstreamConnectTimeout { endpoint: String },
     #[error("TLS handshake with {endpoint} failed: {reason}")]
     UpstreamTls { endpoint: String, reason: String },
     #[error("upstream did not respond within {0:?}")]
@@ -25,6 +32,8 @@ pub enum ProxyError {
     UpgradeRefused { protocol: String },
     #[error("denied by RBAC policy {}", policy.as_deref().unwrap_or("(no ALLOW policy matched)"))]
     RbacDenied { policy: Option<String> },
+    #[error("authorization drift: {caller} has no {operation} in the baseline")]
+    Drift { caller: String, operation: String },
     #[error("cluster {cluster} does not exist")]
     NoCluster { cluster: String },
     #[error("outbound traffic to cluster {cluster}, which has no mTLS transport socket")]
@@ -75,6 +84,13 @@ impl ProxyError {
                 "upstream_reset_before_response_started{connection_failure}",
                 false,
             ),
+            Self::UpstreamConnectTimeout { .. } => r(
+                503,
+                UNAVAILABLE,
+                "UF",
+                "upstream_reset_before_response_started{connection_timeout}",
+                false,
+            ),
             Self::UpstreamTls { .. } => r(
                 503,
                 UNAVAILABLE,
@@ -96,6 +112,7 @@ impl ProxyError {
             Self::RbacDenied { .. } => {
                 r(403, PERMISSION_DENIED, "RBAC", "rbac_access_denied", false)
             }
+            Self::Drift { .. } => r(403, PERMISSION_DENIED, "RBAC", "authorization_drift", false),
             Self::NoCluster { .. } => r(503, UNAVAILABLE, "NC", "cluster_not_found", false),
             Self::PlaintextOutbound { .. } => {
                 r(503, UNAVAILABLE, "UF", "outbound_requires_mtls", false)
@@ -111,6 +128,70 @@ impl ProxyError {
             _ => None,
         }
     }
+}
+
+/// Envoy's local reply body when the upstream connection failed before response headers.
+fn reset_reply(reason: &str) -> String {
+    format!("upstream connect error or disconnect/reset before headers. reset reason: {reason}")
+}
+
+/// The response for a request the proxy answers itself.
+pub fn local_reply(e: &ProxyError, grpc: bool) -> Response<Body> {
+    let r = e.response();
+    let mut builder = Response::builder();
+    if r.close {
+        builder = builder.header(header::CONNECTION, "close");
+    }
+    let message = match e {
+        ProxyError::UpstreamConnect { .. } => reset_reply("connection failure"),
+        ProxyError::UpstreamConnectTimeout { .. } => reset_reply("connection timeout"),
+        ProxyError::UpstreamTls { reason, .. } => reset_reply(&format!(
+            "connection failure, transport failure reason: TLS_error: {reason}"
+        )),
+        ProxyError::UpstreamReset(_) => reset_reply("connection termination"),
+        ProxyError::UpstreamTimeout(_) => "upstream request timeout".to_owned(),
+        ProxyError::NoHealthyUpstream { .. } => "no healthy upstream".to_owned(),
+        ProxyError::NoCluster { .. } | ProxyError::ChainRemoved => "no cluster".to_owned(),
+        ProxyError::PlaintextOutbound { .. } => "outbound traffic requires mTLS".to_owned(),
+        ProxyError::NoRoute { .. } => String::new(),
+        ProxyError::BadRequest(why) => format!("Bad Request: {why}"),
+        ProxyError::Upgrade(_) | ProxyError::UpgradeRefused { .. } => "upgrade failed".to_owned(),
+        ProxyError::RbacDenied { .. } => "RBAC: access denied".to_owned(),
+        ProxyError::Drift { caller, operation } => {
+            format!("authorization drift: {caller} has not called {operation} before")
+        }
+    };
+    let built = if grpc {
+        // gRPC: a trailers-only response carrying the status.
+        builder
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header("grpc-status", r.grpc_status.to_string())
+            .header("grpc-message", message.replace(['\r', '\n'], " "))
+            .body(body::empty())
+    } else {
+        builder
+            .status(r.status)
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(body::full(message))
+    };
+    built.unwrap_or_else(|_| {
+        let mut resp = Response::new(body::empty());
+        *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        resp
+    })
+}
+
+/// An error and its sources, joined: hyper's top-level messages alone say little.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
 }
 
 #[cfg(test)]
@@ -142,6 +223,14 @@ mod tests {
                 ProxyError::UpstreamConnect {
                     endpoint: "e".into(),
                     reason: "r".into(),
+                },
+                503,
+                14,
+                "UF",
+            ),
+            (
+                ProxyError::UpstreamConnectTimeout {
+                    endpoint: "e".into(),
                 },
                 503,
                 14,

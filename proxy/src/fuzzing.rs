@@ -107,9 +107,9 @@ pub fn check_translate(data: &[u8]) -> Result<(), String> {
                 ));
             }
             for c in &out.filter_chains {
-                crate::config::compile_rbac(&c.rbac_filters)?;
+                crate::config::compile_rbac(&c.rbac_filters).map_err(|e| e.to_string())?;
                 if let Some(h) = &c.http_connection_manager {
-                    crate::config::compile_rbac(&h.http_filters)?;
+                    crate::config::compile_rbac(&h.http_filters).map_err(|e| e.to_string())?;
                 }
             }
         }

@@ -12,24 +12,27 @@
 mod access_log;
 pub mod admin;
 mod ads;
+pub mod audit;
 mod body;
 mod chain_match;
 pub mod config;
 mod conn_slot;
 mod drain;
+pub mod drift;
 pub mod envoy;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http;
 mod idle;
+mod inventory_export;
 mod listener;
 mod route;
 pub mod runtime;
+mod sampling;
 mod stats;
 mod tcp;
 mod telemetry;
-mod upgrade;
 mod upstream;
 
 use std::collections::HashMap;
@@ -89,8 +92,14 @@ pub enum StartError {
     },
     #[error("access log: {0}")]
     AccessLog(std::io::Error),
+    #[error("sensitive-data sampling: {0}")]
+    Sampling(std::io::Error),
+    #[error("audit log: {0}")]
+    Audit(std::io::Error),
+    #[error("authorization drift baseline: {0}")]
+    Drift(#[from] drift::BaselineError),
     #[error("configuration: {0}")]
-    Config(String),
+    Config(#[from] runtime::ApplyError),
 }
 
 /// Knobs the binary passes in.
@@ -120,6 +129,9 @@ pub struct AuthzEvent {
 /// Receives every authorization decision; must be quick (it runs on the request path).
 pub type AuthzHook = std::sync::Arc<dyn Fn(&AuthzEvent) + Send + Sync>;
 
+/// How long a draining proxy must see no open connection before it stops accepting early.
+const DRAIN_QUIET: Duration = Duration::from_secs(1);
+
 /// Starts the proxy and runs until `shutdown` resolves (SIGTERM) or `/quitquitquit`, then drains:
 /// not ready at once, connections told to close (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close`),
 /// listeners open for `drain.duration`, in-flight requests given `drain.grace` more, then return.
@@ -133,12 +145,50 @@ pub async fn run(
     let access_log =
         access_log::AccessLog::open(config.access_log.as_ref(), stats.stat("access_log.dropped"))
             .map_err(StartError::AccessLog)?;
-    let telemetry = Arc::new(telemetry::Telemetry::new(
+    let mut telemetry = telemetry::Telemetry::new(
         &config.node,
         access_log,
         stats,
         config.limits.max_metric_series,
-    ));
+        config.inventory.enabled.then(|| config.inventory.limits()),
+    );
+    // Audit events also go to the inventory's receiver when the inventory is exported.
+    let exported = config.inventory.enabled
+        && (config.inventory.export.address.is_some() || config.xds.is_some());
+    telemetry.audit = audit::Audit::open(
+        config.audit.as_ref(),
+        &config.node.workload,
+        exported,
+        telemetry.stats.stat("audit.dropped"),
+        telemetry.stats.stat("audit.written"),
+    )
+    .map_err(StartError::Audit)?;
+    if config.inventory.enabled && config.inventory.drift.mode != drift::DriftMode::Off {
+        telemetry.drift = Some(drift::Drift::load(&config.inventory.drift)?);
+    }
+    if let Some(inventory) = &telemetry.inventory
+        && config.inventory.sensitive.sample_rate > 0.0
+    {
+        // Checked when the config was read; a failure here is a start failure all the same.
+        let classifier = config
+            .inventory
+            .sensitive
+            .classifier()
+            .map_err(|(field, e)| {
+                StartError::Sampling(std::io::Error::other(format!("{field}: {e}")))
+            })?;
+        telemetry.sensitive = Some(
+            sampling::Sensitive::start(
+                &config.inventory.sensitive,
+                classifier,
+                inventory.clone(),
+                &telemetry.stats,
+                telemetry.audit.clone(),
+            )
+            .map_err(StartError::Sampling)?,
+        );
+    }
+    let telemetry = Arc::new(telemetry);
 
     let total_connections = telemetry.stats.stat("server.total_connections");
     let shared = Arc::new(Shared {
@@ -191,6 +241,7 @@ pub async fn run(
         .as_ref()
         .map(|_| Arc::new(ads::XdsState::default()));
     let (xds_stop, xds_stop_rx) = watch::channel(false);
+    let mut export_tls = None;
     if let (Some(x), Some(state)) = (&config.xds, &xds_state) {
         let server = if x.address.contains("://") {
             x.address.clone()
@@ -217,7 +268,39 @@ pub async fn run(
                 server_name: x.server_name.clone(),
             });
         }
-        tokio::spawn(xds::client::run(client, handler, xds_stop_rx));
+        export_tls = client.tls.clone();
+        tokio::spawn(xds::client::run(client, handler, xds_stop_rx.clone()));
+    }
+    let export = &config.inventory.export;
+    let export_server = export
+        .address
+        .clone()
+        .map(|a| (a, None))
+        .or_else(|| config.xds.as_ref().map(|x| (x.address.clone(), export_tls)));
+    if let Some((server, tls)) = export_server
+        && telemetry.inventory.is_some()
+    {
+        let exporter = inventory_export::Exporter {
+            server,
+            tls,
+            reporter: apisec::otlp::Reporter {
+                node_id: config.node.id.clone(),
+                service_name: config
+                    .node
+                    .app
+                    .clone()
+                    .unwrap_or_else(|| config.node.workload.clone()),
+                svid: None,
+            },
+            interval: export.interval,
+            max_backlog: export.max_backlog,
+            creds: Some(creds.clone()),
+        };
+        tokio::spawn(inventory_export::run(
+            exporter,
+            telemetry.clone(),
+            xds_stop_rx,
+        ));
     }
 
     let config = Arc::new(config);
@@ -249,10 +332,22 @@ pub async fn run(
     xds_stop.send_replace(true);
     drain_signal.start();
     let drain_cfg = &config.drain;
-    // Keep accepting (each new connection told to close) for the drain window, or until idle.
-    let window_end = tokio::time::Instant::now() + drain_cfg.duration;
-    while tokio::time::Instant::now() < window_end && shared.total_connections.get() > 0 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // Keep accepting (each new connection told to close) for the drain window, or until no
+    // connection has been open for a quiet period: clients told to close reconnect, so a moment
+    // with none open does not mean they are gone.
+    let started = tokio::time::Instant::now();
+    let window_end = started + drain_cfg.duration;
+    let quiet = DRAIN_QUIET.min(drain_cfg.duration);
+    let mut last_busy = started;
+    loop {
+        let now = tokio::time::Instant::now();
+        if shared.total_connections.get() > 0 {
+            last_busy = now;
+        }
+        if now >= window_end || now.duration_since(last_busy) >= quiet {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     runtime.stop().await;
     if tokio::time::timeout(drain_cfg.grace, drain_signal.finished())

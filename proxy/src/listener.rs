@@ -8,22 +8,24 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
+use tracing::Instrument as _;
 
 use crate::Clusters;
 use crate::config::{Direction, FilterChainMatch, Limits, Listener};
 use crate::conn_slot::ConnSlot;
 use crate::drain;
+use crate::error::error_chain;
 use crate::http::ConnCtx;
 use crate::route::HttpChain;
 use crate::stats::{EnvoyStats, Stat};
 use crate::telemetry::{Reporter, Telemetry};
-use crate::upstream::error_chain;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the outbound side waits for a client's first bytes before calling it opaque TCP
@@ -46,47 +48,46 @@ pub struct ListenerRt {
     slots: Arc<Semaphore>,
 }
 
-/// A listener's chains, replaceable as a whole; `generation` ticks at each replacement.
-pub struct ChainTable(std::sync::RwLock<Arc<Vec<ChainRt>>>, watch::Sender<u64>);
+/// A listener's chains, replaceable as a whole; `changes` ticks at each replacement.
+pub struct ChainTable {
+    chains: ArcSwap<Vec<ChainRt>>,
+    changes: watch::Sender<u64>,
+}
 
 impl Default for ChainTable {
     fn default() -> Self {
-        Self(std::sync::RwLock::default(), watch::channel(0).0)
+        Self {
+            chains: ArcSwap::default(),
+            changes: watch::channel(0).0,
+        }
     }
 }
 
 impl ChainTable {
     fn changes(&self) -> watch::Receiver<u64> {
-        self.1.subscribe()
+        self.changes.subscribe()
     }
 
     /// The RBAC of the TCP chain of this name now (`None`: the chain is gone).
     fn tcp_rbac(&self, name: &str) -> Option<Option<Arc<policy::Engine>>> {
-        self.get().iter().find_map(|c| match &c.kind {
+        self.chains.load().iter().find_map(|c| match &c.kind {
             ChainKind::Tcp { rbac, .. } if c.name == name => Some(rbac.clone()),
             _ => None,
         })
     }
 
     fn get(&self) -> Arc<Vec<ChainRt>> {
-        match self.0.read() {
-            Ok(g) => Arc::clone(&g),
-            Err(p) => Arc::clone(&p.into_inner()),
-        }
+        self.chains.load_full()
     }
 
     fn set(&self, chains: Vec<ChainRt>) {
-        let new = Arc::new(chains);
-        match self.0.write() {
-            Ok(mut g) => *g = new,
-            Err(p) => *p.into_inner() = new,
-        }
-        self.1.send_modify(|g| *g += 1);
+        self.chains.store(Arc::new(chains));
+        self.changes.send_modify(|g| *g += 1);
     }
 
     /// The HTTP chain of this name now, if there still is one.
     fn http(&self, name: &str) -> Option<Arc<HttpChain>> {
-        self.get().iter().find_map(|c| match &c.kind {
+        self.chains.load().iter().find_map(|c| match &c.kind {
             ChainKind::Http(h) if c.name == name => Some(h.clone()),
             _ => None,
         })
@@ -95,21 +96,15 @@ impl ChainTable {
 
 /// The clusters in force, replaceable as a whole.
 #[derive(Default)]
-pub struct LiveClusters(std::sync::RwLock<Clusters>);
+pub struct LiveClusters(ArcSwap<HashMap<String, Arc<crate::upstream::ClusterRt>>>);
 
 impl LiveClusters {
     pub fn get(&self) -> Clusters {
-        match self.0.read() {
-            Ok(g) => Arc::clone(&g),
-            Err(p) => Arc::clone(&p.into_inner()),
-        }
+        self.0.load_full()
     }
 
     pub fn set(&self, clusters: Clusters) {
-        match self.0.write() {
-            Ok(mut g) => *g = clusters,
-            Err(p) => *p.into_inner() = clusters,
-        }
+        self.0.store(clusters);
     }
 }
 
@@ -134,24 +129,17 @@ pub struct Shared {
 
 /// `bind_to_port: false` listeners by address, replaced as a whole by `Runtime::apply`.
 #[derive(Default)]
-pub struct HandoffTable(std::sync::RwLock<Arc<HashMap<SocketAddr, Arc<ListenerRt>>>>);
+pub struct HandoffTable(ArcSwap<HashMap<SocketAddr, Arc<ListenerRt>>>);
 
 impl HandoffTable {
     pub fn set(&self, table: HashMap<SocketAddr, Arc<ListenerRt>>) {
-        *self
-            .0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(table);
+        self.0.store(Arc::new(table));
     }
 
     /// The listener for a connection going to `dst`: the exact address, else the wildcard address
     /// of its family on that port (Envoy's order).
     pub fn find(&self, dst: SocketAddr) -> Option<Arc<ListenerRt>> {
-        let table = self
-            .0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let table = self.0.load();
         let any: IpAddr = if dst.is_ipv4() {
             Ipv4Addr::UNSPECIFIED.into()
         } else {
@@ -214,14 +202,14 @@ pub fn build_chains(config: &Listener, stats: &EnvoyStats) -> Vec<ChainRt> {
                 match (&fc.http_connection_manager, &fc.tcp_proxy) {
                     (Some(hcm), _) => match HttpChain::new(hcm, stats) {
                         Ok(h) => ChainKind::Http(h),
-                        Err(e) => ChainKind::Refuse(e.into()),
+                        Err(e) => ChainKind::Refuse(e.to_string().into()),
                     },
                     (None, Some(tcp)) => match crate::config::compile_rbac(&fc.rbac_filters) {
                         Ok(rbac) => ChainKind::Tcp {
                             cluster: tcp.cluster.clone(),
                             rbac: rbac.map(Arc::new),
                         },
-                        Err(e) => ChainKind::Refuse(e.into()),
+                        Err(e) => ChainKind::Refuse(e.to_string().into()),
                     },
                     (None, None) => ChainKind::Refuse("no network filter".into()),
                 }
@@ -247,6 +235,9 @@ struct ListenerStats {
     original_dst_missing: Stat,
     ssl_handshake_error: Stat,
     downstream_cx_no_svid: Stat,
+    /// Envoy's `downstream_rq_header_timeout`: request headers not complete within
+    /// `limits.header_read_timeout` (HTTP/1.1; the connection is closed).
+    downstream_rq_header_timeout: Stat,
 }
 
 /// What the TLS handshake established about the downstream peer (nothing, for plaintext).
@@ -295,6 +286,7 @@ impl ListenerRt {
             original_dst_missing: s("original_dst_missing"),
             ssl_handshake_error: s("ssl.handshake_error"),
             downstream_cx_no_svid: s("downstream_cx_no_svid"),
+            downstream_rq_header_timeout: s("downstream_rq_header_timeout"),
         };
         Self {
             slots: Arc::new(Semaphore::new(config.max_connections)),
@@ -352,18 +344,29 @@ impl ListenerRt {
             let this = self.clone();
             let watch = drain.watch();
             let stop = stop.clone();
-            tokio::spawn(async move {
-                this.stats.downstream_cx_total.inc();
-                let slot = Arc::new(ConnSlot::new(
-                    permit,
-                    vec![
-                        this.stats.downstream_cx_active.clone(),
-                        this.shared.total_connections.clone(),
-                    ],
-                ));
-                this.serve_conn(tcp, remote, local_id, Draining { watch, stop, slot })
-                    .await;
-            });
+            // Every log line of the connection carries its listener, peer address and (once the
+            // handshake verified it) peer SPIFFE ID.
+            let span = tracing::info_span!(
+                "conn",
+                listener = %self.config.name,
+                remote = %remote,
+                peer = tracing::field::Empty,
+            );
+            tokio::spawn(
+                async move {
+                    this.stats.downstream_cx_total.inc();
+                    let slot = Arc::new(ConnSlot::new(
+                        permit,
+                        vec![
+                            this.stats.downstream_cx_active.clone(),
+                            this.shared.total_connections.clone(),
+                        ],
+                    ));
+                    this.serve_conn(tcp, remote, local_id, Draining { watch, stop, slot })
+                        .await;
+                }
+                .instrument(span),
+            );
         }
         tracing::info!(listener = %self.config.name, "listener closed");
     }
@@ -444,10 +447,22 @@ impl ListenerRt {
             Ok(Err(e)) => {
                 self.stats.ssl_handshake_error.inc();
                 tracing::debug!(%remote, error = %e, "inbound TLS handshake failed");
+                self.shared.telemetry.audit.connection_refused(
+                    remote,
+                    local,
+                    None,
+                    &format!("mTLS handshake failed: {e}"),
+                );
                 return;
             }
             Err(_) => {
                 self.stats.ssl_handshake_error.inc();
+                self.shared.telemetry.audit.connection_refused(
+                    remote,
+                    local,
+                    None,
+                    "mTLS handshake timed out",
+                );
                 return;
             }
         };
@@ -461,6 +476,9 @@ impl ListenerRt {
             leaf.map(|c| hex(ring::digest::digest(&ring::digest::SHA256, c).as_ref()));
         let peer_id = identity::tls::peer_spiffe_id(session.peer_certificates())
             .map(|id| Arc::<str>::from(id.as_str()));
+        if let Some(id) = &peer_id {
+            tracing::Span::current().record("peer", &**id);
+        }
         let chains = self.chains.get();
         let conn = crate::chain_match::Conn {
             local,
@@ -687,7 +705,7 @@ impl ListenerRt {
         let recheck = {
             let table = chains.clone();
             let name = chain_name.clone();
-            crate::upgrade::ChainRecheck {
+            crate::http::upgrade::ChainRecheck {
                 changes: chains.changes(),
                 current: Arc::new(move || table.http(&name)),
             }
@@ -737,6 +755,11 @@ impl ListenerRt {
             }
         };
         if let Err(e) = result {
+            if e.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout)
+            {
+                self.stats.downstream_rq_header_timeout.inc();
+            }
             tracing::debug!(error = %error_chain(&*e), "downstream connection ended with an error");
         }
     }

@@ -45,21 +45,13 @@ struct RouteRt {
     picks: std::sync::atomic::AtomicU64,
 }
 
-/// Compiles a route's `safe_regex`: it must match the whole path; size-limited.
-pub fn compile_path_regex(re: &str) -> Result<regex::Regex, String> {
-    regex::RegexBuilder::new(&format!("^(?:{re})$"))
-        .size_limit(1 << 20)
-        .build()
-        .map_err(|e| format!("regex {re:?}: {e}"))
-}
-
 impl RouteRt {
-    fn new(route: &Route) -> Result<Self, String> {
+    fn new(route: &Route) -> Result<Self, crate::config::ChainError> {
         let regex = route
             .match_
             .safe_regex
             .as_deref()
-            .map(compile_path_regex)
+            .map(crate::config::compile_path_regex)
             .transpose()?;
         Ok(Self {
             route: route.clone(),
@@ -121,7 +113,10 @@ pub struct Selected<'a> {
 
 impl HttpChain {
     /// Builds the chain; fails only if its RBAC filters do not compile (validated at load).
-    pub fn new(hcm: &HttpConnectionManager, stats: &EnvoyStats) -> Result<Arc<Self>, String> {
+    pub fn new(
+        hcm: &HttpConnectionManager,
+        stats: &EnvoyStats,
+    ) -> Result<Arc<Self>, crate::config::ChainError> {
         let s = |n: &str| stats.stat(&format!("http.{}.{n}", hcm.stat_prefix));
         let rbac = crate::config::compile_rbac(&hcm.http_filters)?;
         Ok(Arc::new(Self {
@@ -146,10 +141,10 @@ impl HttpChain {
                             .routes
                             .iter()
                             .map(RouteRt::new)
-                            .collect::<Result<_, String>>()?,
+                            .collect::<Result<_, crate::config::ChainError>>()?,
                     })
                 })
-                .collect::<Result<_, String>>()?,
+                .collect::<Result<_, crate::config::ChainError>>()?,
             stats: HttpStats {
                 rbac_allowed: s("rbac.allowed"),
                 rbac_denied: s("rbac.denied"),

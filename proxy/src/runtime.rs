@@ -30,6 +30,28 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Why a configuration could not be installed (nothing was changed).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
+    #[error("{kind} {name}: defined twice")]
+    DefinedTwice { kind: &'static str, name: String },
+    #[error("cluster {name}: TLS setup: {source}")]
+    ClusterTls {
+        name: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("listener {name}: another listener that binds no port has address {address}")]
+    HandoffAddressTaken {
+        name: String,
+        address: std::net::SocketAddr,
+    },
+    #[error(transparent)]
+    Bind(#[from] Box<crate::StartError>),
+}
+
 pub struct Runtime {
     shared: Arc<Shared>,
     telemetry: Arc<Telemetry>,
@@ -71,10 +93,10 @@ impl Runtime {
     }
 
     /// Installs `model` in place of what runs now. On error nothing has changed.
-    pub fn apply(&self, model: &Model) -> Result<(), String> {
+    pub fn apply(&self, model: &Model) -> Result<(), ApplyError> {
         let mut inner = self.lock();
         if inner.stopped {
-            return Err("the proxy is shutting down".into());
+            return Err(ApplyError::ShuttingDown);
         }
         // Clusters: keep the runtime (and its connection pool) of every unchanged cluster.
         let mut clusters = HashMap::new();
@@ -88,18 +110,27 @@ impl Runtime {
                         &self.shared.limits,
                         &self.telemetry.stats,
                     )
-                    .map_err(|e| format!("cluster {}: {e}", c.name))?,
+                    .map_err(|source| ApplyError::ClusterTls {
+                        name: c.name.clone(),
+                        source,
+                    })?,
                 ),
             };
             if clusters.insert(c.name.clone(), rt).is_some() {
-                return Err(format!("cluster {}: defined twice", c.name));
+                return Err(ApplyError::DefinedTwice {
+                    kind: "cluster",
+                    name: c.name.clone(),
+                });
             }
         }
         // Listeners: a changed address or direction is a new listener; bind those first.
         let mut wanted = BTreeMap::new();
         for l in &model.listeners {
             if wanted.insert(l.name.clone(), l).is_some() {
-                return Err(format!("listener {}: defined twice", l.name));
+                return Err(ApplyError::DefinedTwice {
+                    kind: "listener",
+                    name: l.name.clone(),
+                });
             }
         }
         // Not bound: reached by hand-off. Reuse each unchanged one; addresses must be unique.
@@ -115,10 +146,10 @@ impl Runtime {
                 _ => (self.listener_rt(l), None),
             };
             if handoff.insert(l.address, rt.clone()).is_some() {
-                return Err(format!(
-                    "listener {name}: another listener that binds no port has address {}",
-                    l.address
-                ));
+                return Err(ApplyError::HandoffAddressTaken {
+                    name: (*name).clone(),
+                    address: l.address,
+                });
             }
             // Chains to rebuild at commit: reused with a changed configuration.
             let stale = built_from.is_some_and(|b| b != *l);
@@ -141,8 +172,7 @@ impl Runtime {
         }
         let mut bound = Vec::new();
         for l in to_bind {
-            let tcp = crate::listener::bind(&l.name, l.address)
-                .map_err(|e| format!("listener {}: {e}", l.name))?;
+            let tcp = crate::listener::bind(&l.name, l.address).map_err(Box::new)?;
             bound.push((l, tcp));
         }
 

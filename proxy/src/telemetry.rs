@@ -1,13 +1,19 @@
 //! One access-log record and one metrics update per request or TCP connection, written by a drop
 //! guard so that every exit path (success, local error, client gone) counts exactly once.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
+use bytes::Bytes;
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt as _;
 use tokio::time::Instant;
 
 use crate::access_log::{AccessLog, Record, format_time};
+use crate::body::{Body, BoxError};
 use crate::config::{DestinationMetadata, Node};
 use crate::stats::{EnvoyStats, IstioMetrics, Lv, RequestLabels};
 
@@ -26,6 +32,32 @@ pub struct Telemetry {
     series: [AtomicUsize; 2],
     max_series: usize,
     overflow: crate::stats::Stat,
+    /// The API inventory of inbound HTTP calls, if on; the service a call is for is the routed
+    /// cluster's, else this workload's (never a name the caller sent).
+    pub inventory: Option<Arc<std::sync::Mutex<apisec::Inventory>>>,
+    /// Sensitive-data sampling of inbound HTTP calls (with the inventory).
+    pub sensitive: Option<crate::sampling::Sensitive>,
+    /// Audit events (denials, detections); off unless `audit` is configured.
+    pub audit: crate::audit::Audit,
+    /// Authorization drift against a learned baseline (with the inventory), if on.
+    pub drift: Option<crate::drift::Drift>,
+    /// The latest BOLA / enumeration findings (at most [`DETECTIONS_KEPT`]), for `/apis`.
+    pub detections: std::sync::Mutex<std::collections::VecDeque<apisec::inventory::BolaEvent>>,
+    local_service: Box<str>,
+}
+
+/// BOLA / enumeration findings kept for `/apis`.
+pub const DETECTIONS_KEPT: usize = 100;
+
+/// What the API inventory needs of an inbound HTTP call beyond its log record.
+#[derive(Debug, Default)]
+pub struct ApiCall {
+    /// The normalized path (set once the request was normalized; a call refused before is not
+    /// an API call).
+    pub path: Option<String>,
+    pub request_type: Option<String>,
+    pub response_type: Option<String>,
+    pub auth: Option<apisec::AuthScheme>,
 }
 
 #[derive(Debug, Clone)]
@@ -62,6 +94,8 @@ pub struct CallGuard {
     telemetry: Arc<Telemetry>,
     reporter: Reporter,
     started: Instant,
+    /// Wall-clock start, formatted as `%START_TIME%` only if the access log is written.
+    started_at: SystemTime,
     pub record: Record,
     pub peer: Peer,
     pub grpc: bool,
@@ -82,14 +116,31 @@ pub struct CallGuard {
     pub stream_resets: Option<Arc<crate::idle::StreamResets>>,
     /// This proxy's SPIFFE ID on the call's connection.
     local_id: Arc<str>,
+    /// Inbound HTTP with the inventory on: what it records of the call.
+    pub api: Option<ApiCall>,
+    /// A sampled call's copy for sensitive-data classification.
+    pub sample: Option<Box<crate::sampling::SampleCopy>>,
 }
 
 // === impl Telemetry ===
 
 impl Telemetry {
-    pub fn new(node: &Node, access_log: AccessLog, stats: EnvoyStats, max_series: usize) -> Self {
+    pub fn new(
+        node: &Node,
+        access_log: AccessLog,
+        stats: EnvoyStats,
+        max_series: usize,
+        inventory: Option<apisec::Limits>,
+    ) -> Self {
         let lv = |s: &str| Lv::from(s);
         Self {
+            inventory: inventory
+                .map(|l| Arc::new(std::sync::Mutex::new(apisec::Inventory::new(l)))),
+            sensitive: None,
+            audit: crate::audit::Audit::off(stats.stat("audit.dropped")),
+            detections: Default::default(),
+            drift: None,
+            local_service: node.workload.as_str().into(),
             metrics: IstioMetrics::new(),
             series: Default::default(),
             max_series,
@@ -113,8 +164,8 @@ impl Telemetry {
             telemetry: self.clone(),
             reporter,
             started: Instant::now(),
+            started_at: SystemTime::now(),
             record: Record {
-                start_time: format_time(SystemTime::now()),
                 response_flags: "-".into(),
                 ..Default::default()
             },
@@ -130,6 +181,9 @@ impl Telemetry {
             inflight: None,
             stream_resets: None,
             local_id,
+            api: (reporter == Reporter::Destination && self.inventory.is_some())
+                .then(ApiCall::default),
+            sample: None,
         }
     }
 }
@@ -358,11 +412,150 @@ impl Drop for CallGuard {
                 .get_or_create(&labels)
                 .observe(self.record.bytes_sent as f64);
         }
-        self.telemetry.access_log.write(&self.record);
+        if self.telemetry.access_log.enabled() {
+            self.record.start_time = format_time(self.started_at);
+            self.telemetry.access_log.write(&self.record);
+        }
+        if self.record.rbac_decision.as_deref() == Some("denied") {
+            let audit = &self.telemetry.audit;
+            if self.tcp {
+                if let (Ok(remote), Ok(local)) = (
+                    self.record.downstream_remote_address.parse(),
+                    self.record.downstream_local_address.parse(),
+                ) {
+                    let reason = match &self.record.rbac_policy {
+                        Some(p) => format!("TCP connection denied by {p}"),
+                        None => "TCP connection denied: no ALLOW policy matched".to_owned(),
+                    };
+                    audit.connection_refused(
+                        remote,
+                        local,
+                        self.record.downstream_peer_uri_san.as_deref(),
+                        &reason,
+                    );
+                }
+            } else {
+                audit.call_denied(&self.record, self.destination_service.as_deref());
+            }
+        }
+        self.observe_api();
     }
 }
 
 impl CallGuard {
+    /// Adds an inbound HTTP call to the API inventory.
+    fn observe_api(&mut self) {
+        let (Some(inventory), Some(api)) = (&self.telemetry.inventory, &self.api) else {
+            return;
+        };
+        let Some(path) = api.path.as_deref() else {
+            return;
+        };
+        if self.tcp {
+            return;
+        }
+        let call = apisec::Call {
+            service: self
+                .destination_service
+                .as_deref()
+                .unwrap_or(&self.telemetry.local_service),
+            method: self.record.method.as_deref().unwrap_or("-"),
+            path,
+            status: self.record.response_code,
+            caller: self.record.downstream_peer_uri_san.as_deref(),
+            allowed: self.record.rbac_decision.as_deref() != Some("denied"),
+            request_bytes: self.record.bytes_received,
+            response_bytes: self.record.bytes_sent,
+            latency: self.started.elapsed(),
+            request_type: api.request_type.as_deref(),
+            response_type: api.response_type.as_deref(),
+            auth: api.auth.unwrap_or(apisec::AuthScheme::None),
+            grpc: self.grpc,
+        };
+        let finding = inventory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .observe(&call, SystemTime::now());
+        if let Some(drift) = &self.telemetry.drift
+            && self.record.rbac_decision.as_deref() != Some("denied")
+            && drift.mode != crate::drift::DriftMode::Enforce
+        {
+            self.drift_after_call(drift, &call, path);
+        }
+        if let Some(f) = finding {
+            self.telemetry.stats.stat("inventory.bola_detections").inc();
+            self.telemetry.audit.bola(&f);
+            let mut kept = self
+                .telemetry
+                .detections
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if kept.len() >= DETECTIONS_KEPT {
+                kept.pop_front();
+            }
+            kept.push_back(f);
+        }
+        if let (Some(sensitive), Some(copy)) = (&self.telemetry.sensitive, self.sample.take()) {
+            sensitive.submit(crate::sampling::Job {
+                service: call.service.to_owned(),
+                method: call.method.to_owned(),
+                path: path.to_owned(),
+                request_type: api.request_type.clone(),
+                response_type: api.response_type.clone(),
+                copy,
+            });
+        }
+    }
+}
+
+impl CallGuard {
+    /// The drift baseline, when it is enforced.
+    pub fn telemetry_drift_enforce(&self) -> Option<&crate::drift::Drift> {
+        self.telemetry
+            .drift
+            .as_ref()
+            .filter(|d| d.mode == crate::drift::DriftMode::Enforce)
+    }
+
+    /// The service a call is for, as the inventory names it.
+    pub fn service_name(&self) -> &str {
+        self.destination_service
+            .as_deref()
+            .unwrap_or(&self.telemetry.local_service)
+    }
+
+    /// Learn and audit modes, once the call is done: learn its edge, or flag it if new.
+    fn drift_after_call(&self, drift: &crate::drift::Drift, call: &apisec::Call<'_>, path: &str) {
+        let caller = call.caller.unwrap_or("plaintext");
+        if drift.known(caller, call.service, call.method, path) {
+            return;
+        }
+        let Some(template) = self.telemetry.inventory.as_ref().and_then(|i| {
+            i.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .template_of(call.service, path)
+        }) else {
+            return;
+        };
+        let edge = crate::drift::Edge {
+            caller: caller.to_owned(),
+            service: call.service.to_owned(),
+            method: call.method.to_owned(),
+            template,
+        };
+        match drift.mode {
+            crate::drift::DriftMode::Learn => drift.learn(edge),
+            crate::drift::DriftMode::Audit if drift.flag(edge.clone()) => {
+                self.telemetry
+                    .stats
+                    .stat("inventory.drift_detections")
+                    .inc();
+                self.telemetry.audit.drift(&edge, call.status);
+            }
+            _ => {}
+        }
+    }
+
     /// For TCP: counts the connection as opened (closed is counted on drop).
     pub fn tcp_opened(&mut self) {
         self.tcp = true;
@@ -372,5 +565,78 @@ impl CallGuard {
             .tcp_connections_opened
             .get_or_create(&labels)
             .inc();
+    }
+}
+/// A response body that counts bytes, notes the gRPC status from trailers, and drops the call's
+/// guard (writing its log record) when the body ends or is abandoned.
+pub struct Guarded {
+    inner: Body,
+    guard: Option<CallGuard>,
+}
+
+impl Guarded {
+    pub fn boxed(inner: Body, guard: CallGuard) -> Body {
+        let mut this = Self {
+            inner,
+            guard: Some(guard),
+        };
+        if this.inner.is_end_stream() {
+            this.finish();
+        }
+        this.boxed_unsync()
+    }
+
+    fn finish(&mut self) {
+        if let Some(mut g) = self.guard.take() {
+            g.completed = true;
+        }
+    }
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(g) = self.guard.as_mut() {
+                    if let Some(d) = f.data_ref() {
+                        g.response_bytes
+                            .fetch_add(d.len() as u64, Ordering::Relaxed);
+                        if let Some(copy) = g.sample.as_mut() {
+                            copy.response.push(d);
+                        }
+                    } else if let Some(t) = f.trailers_ref()
+                        && let Some(s) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+                    {
+                        g.grpc_status = Some(s.to_owned());
+                    }
+                }
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(g) = self.guard.as_mut() {
+                    g.record.response_flags = "UPE".into();
+                }
+                self.guard = None;
+            }
+            None => self.finish(),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

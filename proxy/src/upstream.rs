@@ -18,7 +18,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::body::Body;
 use crate::config::{Cluster, Limits, UpstreamProtocol};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, error_chain};
 use crate::stats::{EnvoyStats, Stat};
 
 /// ALPN offered to peer sidecars for multiplexed HTTP.
@@ -63,6 +63,9 @@ pub struct ClusterStats {
     pub upstream_cx_total: Stat,
     pub upstream_cx_active: Stat,
     pub upstream_cx_connect_fail: Stat,
+    /// Connects (TCP, or TCP + TLS) not done within the cluster's `connect_timeout`; also counted
+    /// in `upstream_cx_connect_fail`, as in Envoy.
+    pub upstream_cx_connect_timeout: Stat,
     pub upstream_rq_total: Stat,
     pub upstream_rq_timeout: Stat,
 }
@@ -124,6 +127,7 @@ impl ClusterRt {
             upstream_cx_total: s("upstream_cx_total"),
             upstream_cx_active: s("upstream_cx_active"),
             upstream_cx_connect_fail: s("upstream_cx_connect_fail"),
+            upstream_cx_connect_timeout: s("upstream_cx_connect_timeout"),
             upstream_rq_total: s("upstream_rq_total"),
             upstream_rq_timeout: s("upstream_rq_timeout"),
         };
@@ -173,6 +177,12 @@ impl ClusterRt {
             let response = self.h1.request(req).await.map_err(|e| {
                 if e.is_connect() {
                     self.stats.upstream_cx_connect_fail.inc();
+                    if timed_out(&e) {
+                        self.stats.upstream_cx_connect_timeout.inc();
+                        return ProxyError::UpstreamConnectTimeout {
+                            endpoint: endpoint.to_string(),
+                        };
+                    }
                     ProxyError::UpstreamConnect {
                         endpoint: endpoint.to_string(),
                         reason: error_chain(&e),
@@ -328,9 +338,16 @@ impl ClusterRt {
                 reason,
             }
         };
+        let timed_out = || {
+            self.stats.upstream_cx_connect_fail.inc();
+            self.stats.upstream_cx_connect_timeout.inc();
+            ProxyError::UpstreamConnectTimeout {
+                endpoint: endpoint.to_string(),
+            }
+        };
         let tcp = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(endpoint))
             .await
-            .map_err(|_| connect_fail("connect timeout".into()))?
+            .map_err(|_| timed_out())?
             .map_err(|e| connect_fail(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let Some(tls) = &self.tls else {
@@ -346,7 +363,7 @@ impl ClusterRt {
             connector.connect(tls.server_name.clone(), tcp),
         )
         .await
-        .map_err(|_| connect_fail("TLS handshake timeout".into()))?
+        .map_err(|_| timed_out())?
         .map_err(|e| {
             self.stats.upstream_cx_connect_fail.inc();
             ProxyError::UpstreamTls {
@@ -491,14 +508,18 @@ fn set_host_from_uri(req: &mut http::Request<Body>) {
     }
 }
 
-/// An error and its sources, joined: hyper's top-level messages alone say little.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
+/// Whether an error (or one of its sources) is an I/O timeout, as hyper-util's connector reports
+/// its connect timeout.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = err.source();
     }
-    s
+    false
 }

@@ -63,7 +63,7 @@ struct Net {
     cgroup_root: PathBuf,
     bpffs: PathBuf,
     children: Vec<tokio::process::Child>,
-    agent: Option<Task<identity::agent::AgentError>>,
+    agent: Option<Task<node_agent::AgentError>>,
     capture: Option<Capture>,
     binaries: Vec<PathBuf>,
 }

@@ -25,9 +25,16 @@ use crate::types;
 
 /// What the proxy does with resources.
 pub trait Handler: Send + 'static {
-    /// A type's complete state. `Ok` is ACKed; `Err(detail)` is NACKed and must leave the handler's
-    /// state as it was.
-    fn apply(&mut self, type_url: &str, version: &str, resources: Vec<Any>) -> Result<(), String>;
+    /// Why an update is refused; its text is the NACK's `error_detail`.
+    type Error: std::fmt::Display;
+    /// A type's complete state. `Ok` is ACKed; `Err` is NACKed and must leave the handler's state
+    /// as it was (or, for a partial rejection, leave in force only what it names as applied).
+    fn apply(
+        &mut self,
+        type_url: &str,
+        version: &str,
+        resources: Vec<Any>,
+    ) -> Result<(), Self::Error>;
     /// The names wanted per type now, in subscription order; `None` subscribes to all (LDS, CDS).
     fn interest(&self) -> Vec<(&'static str, Option<BTreeSet<String>>)>;
     /// The stream came up (`true`) or went down.
@@ -221,7 +228,9 @@ fn on_response<H: Handler>(
             types::short(type_url),
             r.type_url
         )),
-        None => handler.apply(type_url, &response.version_info, response.resources),
+        None => handler
+            .apply(type_url, &response.version_info, response.resources)
+            .map_err(|e| e.to_string()),
     };
     let h = held.entry(type_url).or_default();
     h.last_nonce = response.nonce.clone();
@@ -369,11 +378,13 @@ async fn delta_session<H: Handler>(
         }
         let outcome = match bad {
             Some(e) => Err(e),
-            None => handler.apply(
-                type_url,
-                &response.system_version_info,
-                candidate.values().map(|(_, a)| a.clone()).collect(),
-            ),
+            None => handler
+                .apply(
+                    type_url,
+                    &response.system_version_info,
+                    candidate.values().map(|(_, a)| a.clone()).collect(),
+                )
+                .map_err(|e| e.to_string()),
         };
         let error_detail = match outcome {
             Ok(()) => {

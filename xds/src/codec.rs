@@ -44,6 +44,58 @@ pub fn pool() -> Result<&'static DescriptorPool, CodecError> {
         .map_err(|e| CodecError::Descriptors(e.clone()))
 }
 
+/// The messages configuration translation converts on its common path (RBAC filters, with URI
+/// templates; upstream HTTP options) and `Struct`. A pool of just these and the files they need
+/// is a small fraction of [`pool`] (which Istio's whole API makes ~45 MiB resident), so a
+/// sidecar builds the full one only when something else asks for it (`/config_dump`, an
+/// unusual typed config).
+const LIGHT_ROOTS: &[&str] = &[
+    "envoy.extensions.filters.http.rbac.v3.RBAC",
+    "envoy.extensions.filters.network.rbac.v3.RBAC",
+    "envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "google.protobuf.Struct",
+];
+
+/// The pool of [`LIGHT_ROOTS`] and their dependencies.
+pub fn light_pool() -> Result<&'static DescriptorPool, CodecError> {
+    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
+    POOL.get_or_init(build_light_pool)
+        .as_ref()
+        .map_err(|e| CodecError::Descriptors(e.clone()))
+}
+
+fn build_light_pool() -> Result<DescriptorPool, String> {
+    use std::collections::{HashMap, HashSet};
+    let set = prost_types::FileDescriptorSet::decode(DESCRIPTORS).map_err(|e| e.to_string())?;
+    let by_name: HashMap<&str, &prost_types::FileDescriptorProto> =
+        set.file.iter().map(|f| (f.name(), f)).collect();
+    let mut wanted: Vec<&str> = Vec::new();
+    for root in LIGHT_ROOTS {
+        let (package, message) = root.rsplit_once('.').unwrap_or(("", root));
+        let file = set
+            .file
+            .iter()
+            .find(|f| f.package() == package && f.message_type.iter().any(|m| m.name() == message))
+            .ok_or_else(|| format!("{root} is not in the descriptor set"))?;
+        wanted.push(file.name());
+    }
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut files = Vec::new();
+    while let Some(name) = wanted.pop() {
+        if !seen.insert(name) {
+            continue;
+        }
+        let f = by_name
+            .get(name)
+            .ok_or_else(|| format!("{name} is not in the descriptor set"))?;
+        wanted.extend(f.dependency.iter().map(String::as_str));
+        files.push((*f).clone());
+    }
+    DescriptorPool::from_file_descriptor_set(prost_types::FileDescriptorSet { file: files })
+        .map_err(|e| e.to_string())
+}
+
 fn message_name(type_url: &str) -> &str {
     type_url.rsplit_once('/').map_or(type_url, |(_, n)| n)
 }
@@ -61,7 +113,14 @@ fn serialize_options() -> SerializeOptions {
 
 /// An `Any` as Envoy's admin API writes it: `{"@type": ..., fields...}`, nested `Any`s expanded.
 pub fn any_to_json(any: &Any) -> Result<Value, CodecError> {
-    let pool = pool()?;
+    if !LIGHT_ROOTS.contains(&message_name(&any.type_url)) {
+        return any_to_json_in(pool()?, any);
+    }
+    // A nested typed config the light pool does not hold fails there: the full one may know it.
+    any_to_json_in(light_pool()?, any).or_else(|_| any_to_json_in(pool()?, any))
+}
+
+fn any_to_json_in(pool: &DescriptorPool, any: &Any) -> Result<Value, CodecError> {
     let desc = pool
         .get_message_by_name("google.protobuf.Any")
         .ok_or_else(|| CodecError::UnknownType("google.protobuf.Any".into()))?;
@@ -93,8 +152,39 @@ pub fn message_to_json<M: Message + prost::Name>(m: &M) -> Result<Value, CodecEr
 /// An `Any` from proto3 JSON with an `@type`. Nested typed configs of types the descriptor set does
 /// not know become `xds.type.v3.TypedStruct` (see the module comment); unknown fields of known
 /// types are errors.
-pub fn json_to_any(mut value: Value) -> Result<Any, CodecError> {
-    let pool = pool()?;
+pub fn json_to_any(value: Value) -> Result<Any, CodecError> {
+    let type_url = value
+        .get("@type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if LIGHT_ROOTS.contains(&message_name(&type_url)) {
+        let light = light_pool()?;
+        // Only if the light pool knows every typed config inside, so that it reads the value
+        // exactly as the full pool would.
+        if all_types_known(light, &value)
+            && let Ok(any) = json_to_any_in(light, value.clone())
+        {
+            return Ok(any);
+        }
+    }
+    json_to_any_in(pool()?, value)
+}
+
+fn all_types_known(pool: &DescriptorPool, value: &Value) -> bool {
+    match value {
+        Value::Object(o) => {
+            let known = o.get("@type").and_then(Value::as_str).is_none_or(|t| {
+                !t.starts_with(TYPE_PREFIX) || pool.get_message_by_name(message_name(t)).is_some()
+            });
+            known && o.values().all(|v| all_types_known(pool, v))
+        }
+        Value::Array(a) => a.iter().all(|v| all_types_known(pool, v)),
+        _ => true,
+    }
+}
+
+fn json_to_any_in(pool: &DescriptorPool, mut value: Value) -> Result<Any, CodecError> {
     wrap_unknown_anys(pool, &mut value);
     let desc = pool
         .get_message_by_name("google.protobuf.Any")
@@ -191,8 +281,40 @@ pub fn effective_type_url(any: &Any) -> String {
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+
+    #[test]
+    fn the_light_pool_reads_rbac_as_the_full_pool_does() {
+        let rbac = serde_json::json!({
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "DENY", "policies": {"p": {
+                "permissions": [{"uri_template": {
+                    "name": "envoy.path.match.uri_template.uri_template_matcher",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
+                        "path_template": "/files/{x=**}.pdf"}}},
+                    {"header": {"name": "x-user", "string_match": {"exact": "admin"}}}],
+                "principals": [{"authenticated": {"principal_name": {"exact": "spiffe://td/ns/a/sa/b"}}}]}}}
+        });
+        let light = json_to_any_in(light_pool().unwrap(), rbac.clone()).unwrap();
+        let full = json_to_any_in(pool().unwrap(), rbac.clone()).unwrap();
+        assert_eq!(light, full);
+        assert_eq!(
+            any_to_json_in(light_pool().unwrap(), &light).unwrap(),
+            any_to_json_in(pool().unwrap(), &full).unwrap()
+        );
+        // A nested type outside the light pool: the full pool is used, with the same result.
+        let mut other = rbac;
+        other["rules"]["policies"]["p"]["permissions"][0]["uri_template"]["typed_config"] = serde_json::json!({
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"});
+        assert!(!all_types_known(light_pool().unwrap(), &other));
+        assert_eq!(
+            json_to_any(other.clone()).unwrap(),
+            json_to_any_in(pool().unwrap(), other).unwrap()
+        );
+    }
 
     #[test]
     fn round_trips_a_cluster_through_proto3_json() {

@@ -2,7 +2,7 @@
 //! subscriptions, ACK and NACK, per-node snapshots, and reconnection without duplicate pushes.
 #![expect(clippy::unwrap_used, reason = "test helpers")]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,76 +12,29 @@ use eastguard_xds::pb::envoy::config::core::v3::Node;
 use eastguard_xds::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use eastguard_xds::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use eastguard_xds::pb::google::protobuf::Any;
-use eastguard_xds::server::{AdsServer, Caller, ServerStats, Snapshot, SnapshotSource};
+use eastguard_xds::server::AdsServer;
 use eastguard_xds::{codec, types};
+use test_util::ads::{FakeAds, Source, snapshot};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Per node id: cluster names and endpoint names.
-struct Source {
-    nodes: Mutex<BTreeMap<String, Arc<Snapshot>>>,
-    changes: watch::Sender<u64>,
-    nacks: Mutex<Vec<String>>,
-}
-
-impl Source {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            nodes: Mutex::default(),
-            changes: watch::channel(0).0,
-            nacks: Mutex::default(),
-        })
-    }
-
-    fn set(&self, node: &str, clusters: &[&str], endpoints: &[&str]) {
-        let mut snap = Snapshot::default();
-        let c = snap.resources.entry(types::CLUSTER.into()).or_default();
-        for name in clusters {
-            c.insert(
-                (*name).into(),
-                codec::pack(&Cluster {
-                    name: (*name).into(),
-                    ..Default::default()
-                }),
-            );
-        }
-        let e = snap.resources.entry(types::ENDPOINT.into()).or_default();
-        for name in endpoints {
-            e.insert(
-                (*name).into(),
-                codec::pack(&ClusterLoadAssignment {
-                    cluster_name: (*name).into(),
-                    ..Default::default()
-                }),
-            );
-        }
-        self.nodes
-            .lock()
-            .unwrap()
-            .insert(node.into(), Arc::new(snap));
-        self.changes.send_modify(|v| *v += 1);
-    }
-}
-
-impl SnapshotSource for Source {
-    fn snapshot(&self, caller: &Caller) -> Result<Arc<Snapshot>, tonic::Status> {
-        self.nodes
-            .lock()
-            .unwrap()
-            .get(&caller.node.id)
-            .cloned()
-            .ok_or_else(|| tonic::Status::permission_denied("unknown node"))
-    }
-    fn changes(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-    fn nacked(&self, caller: &Caller, type_url: &str, _version: &str, detail: &str) {
-        self.nacks.lock().unwrap().push(format!(
-            "{} {} {detail}",
-            caller.node.id,
-            types::short(type_url)
-        ));
-    }
+/// Node `node` gets clusters and endpoints (CLA) of these names.
+fn set(source: &Source, node: &str, clusters: &[&str], endpoints: &[&str]) {
+    let c = clusters.iter().map(|n| {
+        let any = codec::pack(&Cluster {
+            name: (*n).into(),
+            ..Default::default()
+        });
+        (types::CLUSTER, *n, any)
+    });
+    let e = endpoints.iter().map(|n| {
+        let any = codec::pack(&ClusterLoadAssignment {
+            cluster_name: (*n).into(),
+            ..Default::default()
+        });
+        (types::ENDPOINT, *n, any)
+    });
+    source.set(node, snapshot(c.chain(e)));
 }
 
 /// Applies CDS then subscribes to EDS for the clusters it holds; refuses names starting "bad".
@@ -98,6 +51,8 @@ struct State {
 }
 
 impl Handler for Recorder {
+    type Error = String;
+
     fn apply(&mut self, type_url: &str, version: &str, resources: Vec<Any>) -> Result<(), String> {
         let mut names = BTreeSet::new();
         for r in &resources {
@@ -133,38 +88,6 @@ impl Handler for Recorder {
     }
 }
 
-struct Running {
-    stats: Arc<ServerStats>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.stop.send_replace(true);
-        let _ = self.task.await;
-    }
-}
-
-async fn serve(source: Arc<Source>, listener: TcpListener) -> Running {
-    let (stop, closing) = watch::channel(false);
-    let server = AdsServer::new(source).with_shutdown(closing.clone());
-    let stats = server.stats();
-    let mut closing2 = closing;
-    let task = tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(AggregatedDiscoveryServiceServer::new(server))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    let _ = closing2.wait_for(|c| *c).await;
-                },
-            )
-            .await;
-    });
-    Running { stats, stop, task }
-}
-
 fn config(addr: std::net::SocketAddr, node: &str, delta: bool) -> ClientConfig {
     let mut c = ClientConfig::new(
         format!("http://{addr}"),
@@ -179,14 +102,8 @@ fn config(addr: std::net::SocketAddr, node: &str, delta: bool) -> ClientConfig {
     c
 }
 
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..300 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
+async fn eventually(what: &str, f: impl FnMut() -> bool) {
+    test_util::eventually(what, Duration::from_secs(3), f).await;
 }
 
 #[tokio::test]
@@ -213,7 +130,7 @@ async fn delta_restarted_server_does_not_push_what_the_client_holds() {
 #[tokio::test]
 async fn streams_stay_open_without_a_shutdown_signal() {
     let source = Source::new();
-    source.set("a", &["c1"], &["c1"]);
+    set(&source, "a", &["c1"], &["c1"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = AdsServer::new(source.clone());
@@ -230,7 +147,7 @@ async fn streams_stay_open_without_a_shutdown_signal() {
     eventually("sync", || st.lock().unwrap().endpoints.len() == 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(stats.streams.load(std::sync::atomic::Ordering::Relaxed), 1);
-    source.set("a", &["c1", "c2"], &["c1", "c2"]);
+    set(&source, "a", &["c1", "c2"], &["c1", "c2"]);
     eventually("push on the same stream", || {
         st.lock().unwrap().endpoints.len() == 2
     })
@@ -240,11 +157,11 @@ async fn streams_stay_open_without_a_shutdown_signal() {
 
 async fn derived_subscriptions_ack_nack_and_per_node_snapshots(delta: bool) {
     let source = Source::new();
-    source.set("a", &["c1", "c2"], &["c1", "c2", "c3"]);
-    source.set("b", &["other"], &["other"]);
+    set(&source, "a", &["c1", "c2"], &["c1", "c2", "c3"]);
+    set(&source, "b", &["other"], &["other"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = serve(source.clone(), listener).await;
+    let server = FakeAds::serve(source.clone(), listener).await;
     let stats = server.stats.clone();
     let (stop_tx, stop) = watch::channel(false);
 
@@ -268,14 +185,14 @@ async fn derived_subscriptions_ack_nack_and_per_node_snapshots(delta: bool) {
     }
 
     // A bad update is NACKed; the handler keeps what it had; the server hears about it.
-    source.set("a", &["c1", "bad"], &["c1"]);
-    eventually("NACK", || !source.nacks.lock().unwrap().is_empty()).await;
-    assert!(source.nacks.lock().unwrap()[0].starts_with("a CDS bad: refused"));
+    set(&source, "a", &["c1", "bad"], &["c1"]);
+    eventually("NACK", || !source.nacks().is_empty()).await;
+    assert!(source.nacks()[0].starts_with("a CDS bad: refused"));
     assert_eq!(st.lock().unwrap().clusters.len(), 2);
     assert_eq!(stats.nacks.load(std::sync::atomic::Ordering::Relaxed), 1);
 
     // Fixed: ACKed, and EDS follows the new cluster set.
-    source.set("a", &["c3"], &["c1", "c3"]);
+    set(&source, "a", &["c3"], &["c1", "c3"]);
     eventually("recovery", || {
         let s = st.lock().unwrap();
         s.clusters == BTreeSet::from(["c3".into()]) && s.endpoints == BTreeSet::from(["c3".into()])
@@ -289,17 +206,17 @@ async fn derived_subscriptions_ack_nack_and_per_node_snapshots(delta: bool) {
         stranger.clone(),
         stop.clone(),
     ));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the stranger's stream refused", || source.refused() >= 1).await;
     assert!(stranger.state.lock().unwrap().applied.is_empty());
     stop_tx.send_replace(true);
 }
 
 async fn a_restarted_server_does_not_push_what_the_client_holds(delta: bool) {
     let source = Source::new();
-    source.set("a", &["c1"], &["c1"]);
+    set(&source, "a", &["c1"], &["c1"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = serve(source.clone(), listener).await;
+    let server = FakeAds::serve(source.clone(), listener).await;
     let (stop_tx, stop) = watch::channel(false);
     let rec = Recorder::default();
     tokio::spawn(client::run(
@@ -318,25 +235,30 @@ async fn a_restarted_server_does_not_push_what_the_client_holds(delta: bool) {
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
-    let server2 = serve(source.clone(), listener).await;
+    let server2 = FakeAds::serve(source.clone(), listener).await;
     let stats2 = server2.stats.clone();
     eventually("resubscription", || {
         stats2.streams.load(std::sync::atomic::Ordering::Relaxed) == 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        stats2.responses.load(std::sync::atomic::Ordering::Relaxed),
-        0,
-        "nothing changed, so nothing is pushed again"
-    );
     assert_eq!(st.lock().unwrap().applied.len(), 2);
 
-    // A change after the restart still arrives.
-    source.set("a", &["c1", "c2"], &["c1", "c2"]);
+    // A change after the restart arrives, and it is all the new server ever sent: nothing was
+    // pushed again for what the client already held.
+    set(&source, "a", &["c1", "c2"], &["c1", "c2"]);
     eventually("push after restart", || {
         st.lock().unwrap().endpoints.len() == 2
     })
     .await;
+    assert_eq!(
+        st.lock().unwrap().applied.len(),
+        4,
+        "one CDS and one EDS update more"
+    );
+    assert_eq!(
+        stats2.responses.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "the new server sent only the change"
+    );
     stop_tx.send_replace(true);
 }

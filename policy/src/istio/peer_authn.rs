@@ -62,6 +62,16 @@ pub struct PeerAuthentication {
     spec: Spec,
 }
 
+impl PeerAuthentication {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+}
+
 /// Every PeerAuthentication in a multi-document YAML text (other kinds are skipped).
 pub fn parse(text: &str) -> Result<Vec<PeerAuthentication>, IstioError> {
     let mut out = Vec::new();

@@ -1,0 +1,639 @@
+//! Listeners and their filter chains (HTTP connection manager, TCP proxy, downstream TLS), and
+//! the inverse for `/config_dump`.
+
+use super::*;
+
+/// A listener, or `None` when the whole listener is one this proxy does not serve (an API listener
+/// for proxyless gRPC, a listener that is not bound to a port): that is said in `notes`.
+pub fn listener(l: &Listener, notes: &mut Notes) -> Result<Option<config::Listener>, Invalid> {
+    // Static listeners may be unnamed (Envoy names them itself); xDS ones are checked by the handler.
+    let name = if l.name.is_empty() {
+        socket_addr(l.address.as_ref())
+            .map_or_else(|_| "(unnamed listener)".to_owned(), |a| a.to_string())
+    } else {
+        l.name.clone()
+    };
+    let name = name.as_str();
+    let mut cx = Ctx {
+        resource: &format!("listener {name}"),
+        notes,
+    };
+    if l.api_listener.is_some() {
+        cx.note("api_listener is for proxyless gRPC clients; not served by the proxy");
+        return Ok(None);
+    }
+    if matches!(
+        l.listener_specifier,
+        Some(
+            xds::pb::envoy::config::listener::v3::listener::ListenerSpecifier::InternalListener(_)
+        )
+    ) {
+        cx.note("internal_listener (waypoint tunnels) not supported; listener not served");
+        return Ok(None);
+    }
+    // Not bound: reached by hand-off from a `use_original_dst` listener (capture).
+    let bind_to_port = l.bind_to_port.as_ref().is_none_or(|b| b.value);
+    let address = socket_addr(l.address.as_ref()).map_err(|m| cx.invalid("address", m))?;
+    let use_original_dst = l.use_original_dst.as_ref().is_some_and(|b| b.value);
+    let original_dst = use_original_dst
+        || l.listener_filters
+            .iter()
+            .any(|lf| lf.name == "envoy.filters.listener.original_dst");
+    for lf in &l.listener_filters {
+        if !matches!(
+            lf.name.as_str(),
+            "envoy.filters.listener.tls_inspector"
+                | "envoy.filters.listener.http_inspector"
+                | "envoy.filters.listener.original_dst"
+                | "istio.original_src"
+        ) {
+            cx.note(format!("listener filter {} skipped", lf.name));
+        }
+    }
+    let has_tls = l
+        .filter_chains
+        .iter()
+        .any(|fc| fc.transport_socket.as_ref().is_some_and(is_tls_socket));
+    // TrafficDirection: 1 INBOUND, 2 OUTBOUND.
+    let direction = match l.traffic_direction {
+        1 => Direction::Inbound,
+        2 => Direction::Outbound,
+        _ if has_tls => Direction::Inbound,
+        _ => Direction::Outbound,
+    };
+    let mut chains = Vec::new();
+    for (i, fc) in l.filter_chains.iter().enumerate() {
+        chains.push(filter_chain(
+            fc,
+            direction,
+            &format!("filter_chains[{i}]"),
+            &mut cx,
+        )?);
+    }
+    if let Some(fc) = &l.default_filter_chain {
+        let mut c = filter_chain(fc, direction, "default_filter_chain", &mut cx)?;
+        if c.name.is_empty() {
+            c.name = format!("{name}#default");
+        }
+        chains.push(c);
+    }
+    if chains.is_empty() {
+        return Err(cx.invalid("filter_chains", "a listener needs a filter chain"));
+    }
+    // Envoy picks the most specific chain; the model takes the first match, so order by specificity
+    // (destination port, then the longest destination prefix, then server names, then transport
+    // protocol, then ALPN), stably.
+    chains.sort_by_key(|c| {
+        let m = &c.filter_chain_match;
+        let longest_prefix = m.prefix_ranges.iter().map(|r| {
+            // Compare IPv4 and IPv6 prefixes on one scale.
+            u16::from(r.prefix_len) + if r.address.is_ipv4() { 96 } else { 0 }
+        });
+        std::cmp::Reverse((
+            m.destination_port.is_some(),
+            longest_prefix.max().map_or(0, |l| l + 1),
+            !m.server_names.is_empty(),
+            m.transport_protocol.is_some(),
+            !m.application_protocols.is_empty(),
+        ))
+    });
+    Ok(Some(config::Listener {
+        name: name.to_owned(),
+        address,
+        direction,
+        filter_chains: chains,
+        max_connections: 10_000,
+        original_dst,
+        bind_to_port,
+        use_original_dst,
+    }))
+}
+
+fn filter_chain(
+    fc: &FilterChain,
+    direction: Direction,
+    field: &str,
+    cx: &mut Ctx<'_>,
+) -> Result<config::FilterChain, Invalid> {
+    let chain_name = if fc.name.is_empty() {
+        String::new()
+    } else {
+        fc.name.clone()
+    };
+    let mut out = config::FilterChain {
+        name: chain_name,
+        filter_chain_match: config::FilterChainMatch::default(),
+        http_connection_manager: None,
+        tcp_proxy: None,
+        rbac_filters: Vec::new(),
+        refuse: None,
+    };
+    let mut refuse = Vec::new();
+    if let Some(m) = &fc.filter_chain_match {
+        if let Some(p) = &m.destination_port {
+            out.filter_chain_match.destination_port =
+                Some(u16::try_from(p.value).map_err(|_| {
+                    cx.invalid(
+                        format!("{field}.filter_chain_match.destination_port"),
+                        "out of range",
+                    )
+                })?);
+        }
+        out.filter_chain_match.server_names = m.server_names.clone();
+        out.filter_chain_match.application_protocols = m.application_protocols.clone();
+        match m.transport_protocol.as_str() {
+            "" => {}
+            "tls" | "raw_buffer" => {
+                out.filter_chain_match.transport_protocol = Some(m.transport_protocol.clone())
+            }
+            other => refuse.push(format!("transport_protocol {other:?}")),
+        }
+        for (j, r) in m.prefix_ranges.iter().enumerate() {
+            let len = r.prefix_len.as_ref().map_or(0, |l| l.value);
+            let text = format!("{}/{len}", r.address_prefix);
+            let range: config::CidrRange = text.parse().map_err(|e: String| {
+                cx.invalid(format!("{field}.filter_chain_match.prefix_ranges[{j}]"), e)
+            })?;
+            out.filter_chain_match.prefix_ranges.push(range);
+        }
+        for (set, what) in [
+            (!m.source_prefix_ranges.is_empty(), "source_prefix_ranges"),
+            (
+                !m.direct_source_prefix_ranges.is_empty(),
+                "direct_source_prefix_ranges",
+            ),
+            (!m.source_ports.is_empty(), "source_ports"),
+            (m.source_type != 0, "source_type"),
+            (!m.address_suffix.is_empty(), "address_suffix"),
+        ] {
+            if set {
+                refuse.push(what.to_owned());
+            }
+        }
+    }
+    let tls = fc.transport_socket.as_ref().filter(|ts| is_tls_socket(ts));
+    match (direction, tls) {
+        (Direction::Inbound, Some(ts)) => {
+            downstream_tls(ts, &format!("{field}.transport_socket"), cx)?;
+            if out.filter_chain_match.transport_protocol.as_deref() == Some("raw_buffer") {
+                return Err(cx.invalid(
+                    format!("{field}.transport_socket"),
+                    "a raw_buffer chain cannot terminate TLS",
+                ));
+            }
+            out.filter_chain_match.transport_protocol = Some("tls".into());
+        }
+        (Direction::Inbound, None) => {
+            if out.filter_chain_match.transport_protocol.as_deref() == Some("tls") {
+                refuse.push("TLS passthrough (tls match without a TLS transport socket)".into());
+            }
+            out.filter_chain_match.transport_protocol = Some("raw_buffer".into());
+            out.filter_chain_match.server_names.clear();
+            out.filter_chain_match.application_protocols.clear();
+        }
+        (Direction::Outbound, Some(_)) => {
+            refuse.push("TLS termination on an outbound listener".into());
+        }
+        (Direction::Outbound, None) => {
+            // Outbound chains see the app's plaintext; a transport_protocol criterion there is
+            // Istio's "raw_buffer" (always true) or "tls" (an app speaking TLS: refused below).
+            if out.filter_chain_match.transport_protocol.as_deref() == Some("tls") {
+                refuse.push("TLS originated by the app".into());
+            }
+            out.filter_chain_match.transport_protocol = None;
+        }
+    }
+
+    let mut blackhole = false;
+    for (i, f) in fc.filters.iter().enumerate() {
+        let ffield = format!("{field}.filters[{i}]");
+        let Some(filter::ConfigType::TypedConfig(tc)) = &f.config_type else {
+            if SKIPPABLE_NETWORK_FILTERS.contains(&f.name.as_str()) {
+                cx.note(format!("network filter {} skipped", f.name));
+                continue;
+            }
+            return Err(cx.invalid(
+                &ffield,
+                format!("network filter {} has no typed_config", f.name),
+            ));
+        };
+        let type_url = codec::effective_type_url(tc);
+        if out.http_connection_manager.is_some() || out.tcp_proxy.is_some() {
+            return Err(cx.invalid(&ffield, "no network filter may follow a terminal filter"));
+        }
+        match type_url.as_str() {
+            HCM_TYPE => {
+                let hcm: PbHcm =
+                    codec::unpack(tc).map_err(|e| cx.invalid(&ffield, e.to_string()))?;
+                out.http_connection_manager = Some(http_connection_manager(&hcm, &ffield, cx)?);
+            }
+            TCP_PROXY_TYPE => {
+                let tcp: PbTcpProxy =
+                    codec::unpack(tc).map_err(|e| cx.invalid(&ffield, e.to_string()))?;
+                let cluster = match &tcp.cluster_specifier {
+                    Some(tcp_proxy::ClusterSpecifier::Cluster(c)) if !c.is_empty() => c.clone(),
+                    Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+                        // One weighted cluster is a plain cluster; a split is not supported for TCP.
+                        match w.clusters.as_slice() {
+                            [one] => one.name.clone(),
+                            _ => {
+                                return Err(cx.invalid(
+                                    format!("{ffield}.weighted_clusters"),
+                                    "a weighted TCP split is not supported",
+                                ));
+                            }
+                        }
+                    }
+                    _ => {
+                        return Err(
+                            cx.invalid(format!("{ffield}.cluster"), "a cluster is required")
+                        );
+                    }
+                };
+                if cluster == "BlackHoleCluster" {
+                    // Istio's black hole (REGISTRY_ONLY): every connection is refused.
+                    blackhole = true;
+                    continue;
+                }
+                out.tcp_proxy = Some(TcpProxy {
+                    stat_prefix: tcp.stat_prefix.clone(),
+                    cluster,
+                });
+            }
+            policy::rbac::NETWORK_RBAC_TYPE => {
+                let json =
+                    codec::any_to_json(tc).map_err(|e| cx.invalid(&ffield, e.to_string()))?;
+                let fcfg = FilterConfig {
+                    name: policy::rbac::NETWORK_RBAC_FILTER.into(),
+                    typed_config: Some(json),
+                };
+                config::compile_rbac(std::slice::from_ref(&fcfg))
+                    .map_err(|e| cx.invalid(&ffield, format!("RBAC does not compile: {e}")))?;
+                out.rbac_filters.push(fcfg);
+            }
+            _ if SKIPPABLE_NETWORK_FILTERS.contains(&f.name.as_str()) => {
+                cx.note(format!("network filter {} skipped", f.name));
+            }
+            other => {
+                return Err(cx.invalid(
+                    &ffield,
+                    format!("network filter {} ({other}) is not supported", f.name),
+                ));
+            }
+        }
+    }
+    if blackhole && out.http_connection_manager.is_none() && out.tcp_proxy.is_none() {
+        out.refuse = Some("BlackHoleCluster".into());
+        return Ok(out);
+    }
+    if out.http_connection_manager.is_none() && out.tcp_proxy.is_none() {
+        return Err(cx.invalid(
+            format!("{field}.filters"),
+            "a filter chain needs an http_connection_manager or a tcp_proxy",
+        ));
+    }
+    if !refuse.is_empty() {
+        let reason = format!("unsupported match: {}", refuse.join(", "));
+        cx.note(format!("{field}: refuses its connections ({reason})"));
+        out.refuse = Some(reason);
+    }
+    Ok(out)
+}
+
+fn downstream_tls(ts: &TransportSocket, field: &str, cx: &mut Ctx<'_>) -> Result<(), Invalid> {
+    let Some(any) = typed(ts) else {
+        return Err(cx.invalid(field, "a TLS transport socket needs a DownstreamTlsContext"));
+    };
+    let ctx: DownstreamTlsContext =
+        codec::unpack(any).map_err(|e| cx.invalid(field, e.to_string()))?;
+    if !ctx
+        .require_client_certificate
+        .as_ref()
+        .is_some_and(|b| b.value)
+    {
+        cx.note(format!(
+            "{field}: require_client_certificate is not set; a client SVID is required anyway"
+        ));
+    }
+    if let Some(common) = &ctx.common_tls_context {
+        own_certificate(common, field, cx)?;
+    }
+    Ok(())
+}
+
+/// The certificate to present must be this workload's SVID (SDS `default`), never inline keys.
+pub(super) fn own_certificate(
+    common: &CommonTlsContext,
+    field: &str,
+    cx: &mut Ctx<'_>,
+) -> Result<(), Invalid> {
+    if !common.tls_certificates.is_empty() {
+        return Err(cx.invalid(
+            format!("{field}.common_tls_context.tls_certificates"),
+            "inline certificates are not supported; the SVID comes from the Workload API (SDS \"default\")",
+        ));
+    }
+    for s in &common.tls_certificate_sds_secret_configs {
+        if !SDS_CERT_NAMES.contains(&s.name.as_str()) && !s.name.starts_with("spiffe://") {
+            return Err(cx.invalid(
+                format!("{field}.common_tls_context.tls_certificate_sds_secret_configs"),
+                format!(
+                    "SDS secret {:?} is not served (\"default\": this workload's SVID)",
+                    s.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn http_connection_manager(
+    hcm: &PbHcm,
+    field: &str,
+    cx: &mut Ctx<'_>,
+) -> Result<HttpConnectionManager, Invalid> {
+    let (route_config, rds) = match &hcm.route_specifier {
+        Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
+            if let Some(src) = &rds.config_source {
+                ads_source(src).map_err(|m| cx.invalid(format!("{field}.rds.config_source"), m))?;
+            }
+            if rds.route_config_name.is_empty() {
+                return Err(cx.invalid(format!("{field}.rds.route_config_name"), "required"));
+            }
+            (
+                RouteConfiguration::default(),
+                Some(rds.route_config_name.clone()),
+            )
+        }
+        Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => (
+            route_configuration_in(rc, &format!("{field}.route_config"), cx)?,
+            None,
+        ),
+        _ => {
+            return Err(cx.invalid(
+                field,
+                "scoped routes are not supported; use rds or route_config",
+            ));
+        }
+    };
+    // ForwardClientCertDetails: 0 SANITIZE, 1 FORWARD_ONLY, 2 APPEND_FORWARD, 3 SANITIZE_SET,
+    // 4 ALWAYS_FORWARD_ONLY. A caller's own XFCC is never trusted here, so the forwarding modes
+    // become "set from the verified peer" (APPEND_FORWARD) or "remove" (the forward-only modes).
+    let forward_client_cert_details = match hcm.forward_client_cert_details {
+        0 => ForwardClientCertDetails::Sanitize,
+        3 => ForwardClientCertDetails::SanitizeSet,
+        2 => {
+            cx.note(format!(
+                "{field}: forward_client_cert_details APPEND_FORWARD applied as SANITIZE_SET (a caller's XFCC is never forwarded)"
+            ));
+            ForwardClientCertDetails::SanitizeSet
+        }
+        other => {
+            cx.note(format!(
+                "{field}: forward_client_cert_details {other} applied as SANITIZE (a caller's XFCC is never forwarded)"
+            ));
+            ForwardClientCertDetails::Sanitize
+        }
+    };
+    if hcm.normalize_path.as_ref().is_some_and(|b| !b.value) {
+        cx.note(format!(
+            "{field}: normalize_path false: paths are always normalized"
+        ));
+    }
+    if hcm.tracing.is_some() {
+        cx.note(format!("{field}: tracing skipped"));
+    }
+    let mut http_filters = Vec::new();
+    let mut router = false;
+    for (i, f) in hcm.http_filters.iter().enumerate() {
+        let ffield = format!("{field}.http_filters[{i}]");
+        if router {
+            return Err(cx.invalid(&ffield, "no HTTP filter may follow the router"));
+        }
+        let tc = match &f.config_type {
+            Some(http_filter::ConfigType::TypedConfig(tc)) => Some(tc),
+            _ => None,
+        };
+        let type_url = tc.map(codec::effective_type_url).unwrap_or_default();
+        if f.name == config::ROUTER_FILTER || type_url == ROUTER_TYPE {
+            router = true;
+            continue;
+        }
+        if type_url == policy::rbac::HTTP_RBAC_TYPE {
+            let Some(tc) = tc else { continue };
+            let json = codec::any_to_json(tc).map_err(|e| cx.invalid(&ffield, e.to_string()))?;
+            let fcfg = FilterConfig {
+                name: policy::rbac::HTTP_RBAC_FILTER.into(),
+                typed_config: Some(json),
+            };
+            config::compile_rbac(std::slice::from_ref(&fcfg))
+                .map_err(|e| cx.invalid(&ffield, format!("RBAC does not compile: {e}")))?;
+            http_filters.push(fcfg);
+            continue;
+        }
+        if SKIPPABLE_HTTP_FILTERS.contains(&f.name.as_str()) || f.is_optional {
+            cx.note(format!("{field}: HTTP filter {} skipped", f.name));
+            continue;
+        }
+        return Err(cx.invalid(
+            &ffield,
+            format!(
+                "HTTP filter {} ({}) is required and not supported",
+                f.name,
+                if type_url.is_empty() {
+                    "no typed_config"
+                } else {
+                    &type_url
+                }
+            ),
+        ));
+    }
+    if !router {
+        return Err(cx.invalid(
+            format!("{field}.http_filters"),
+            "the router filter is required",
+        ));
+    }
+    // Envoy's `upgrade_configs`, as listed (none listed: no upgrade is tunnelled, as in Envoy).
+    let upgrade_configs = hcm
+        .upgrade_configs
+        .iter()
+        .map(|u| UpgradeConfig {
+            upgrade_type: u.upgrade_type.clone(),
+            enabled: u.enabled.is_none_or(|e| e.value),
+        })
+        .collect();
+    for (i, u) in hcm.upgrade_configs.iter().enumerate() {
+        if !u.filters.is_empty() {
+            cx.note(format!(
+                "{field}.upgrade_configs[{i}]: upgrade filters skipped"
+            ));
+        }
+    }
+    Ok(HttpConnectionManager {
+        stat_prefix: hcm.stat_prefix.clone(),
+        route_config,
+        rds,
+        forward_client_cert_details,
+        http_filters,
+        upgrade_configs,
+        // REJECT_REQUEST; the other actions are what normalization does anyway.
+        reject_ambiguous_paths: hcm.path_with_escaped_slashes_action == REJECT_REQUEST,
+    })
+}
+
+/// Resources must come over the same ADS stream (`ads: {}`) — or `self`, which means the same.
+pub(super) fn ads_source(src: &ConfigSource) -> Result<(), String> {
+    match &src.config_source_specifier {
+        Some(
+            config_source::ConfigSourceSpecifier::Ads(_)
+            | config_source::ConfigSourceSpecifier::Self_(_),
+        ) => Ok(()),
+        _ => Err("config sources other than ADS are not supported".into()),
+    }
+}
+
+// === the model back to Envoy's message ===
+
+/// A model listener as Envoy's message (what `/config_dump` shows for the static ones).
+pub fn listener_pb(l: &config::Listener) -> Listener {
+    use xds::pb::envoy::config::listener::v3 as pb;
+    let chains = l
+        .filter_chains
+        .iter()
+        .map(|fc| {
+            let m = &fc.filter_chain_match;
+            let mut filters: Vec<pb::Filter> = fc
+                .rbac_filters
+                .iter()
+                .map(|f| pb::Filter {
+                    name: f.name.clone(),
+                    config_type: typed_filter(f).map(filter::ConfigType::TypedConfig),
+                })
+                .collect();
+            if let Some(h) = &fc.http_connection_manager {
+                let hcm = PbHcm {
+                    stat_prefix: h.stat_prefix.clone(),
+                    route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+                        route_configuration_pb(&h.route_config),
+                    )),
+                    http_filters: h
+                        .http_filters
+                        .iter()
+                        .map(|f| xds::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter {
+                            name: f.name.clone(),
+                            config_type: typed_filter(f).map(http_filter::ConfigType::TypedConfig),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    forward_client_cert_details: match h.forward_client_cert_details {
+                        ForwardClientCertDetails::Sanitize => 0,
+                        ForwardClientCertDetails::SanitizeSet => 3,
+                    },
+                    path_with_escaped_slashes_action: if h.reject_ambiguous_paths {
+                        REJECT_REQUEST
+                    } else {
+                        0
+                    },
+                    upgrade_configs: h
+                        .upgrade_configs
+                        .iter()
+                        .map(|u| http_connection_manager::UpgradeConfig {
+                            upgrade_type: u.upgrade_type.clone(),
+                            enabled: (!u.enabled).then_some(xds::pb::google::protobuf::BoolValue { value: false }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                };
+                filters.push(pb::Filter {
+                    name: "envoy.filters.network.http_connection_manager".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(codec::pack(&hcm))),
+                });
+            }
+            if let Some(t) = &fc.tcp_proxy {
+                filters.push(pb::Filter {
+                    name: "envoy.filters.network.tcp_proxy".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(codec::pack(&PbTcpProxy {
+                        stat_prefix: t.stat_prefix.clone(),
+                        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(t.cluster.clone())),
+                        ..Default::default()
+                    }))),
+                });
+            }
+            let tls = l.direction == Direction::Inbound && m.transport_protocol.as_deref() != Some("raw_buffer");
+            pb::FilterChain {
+                name: fc.name.clone(),
+                filter_chain_match: Some(pb::FilterChainMatch {
+                    destination_port: m.destination_port.map(|p| xds::pb::google::protobuf::UInt32Value { value: u32::from(p) }),
+                    prefix_ranges: m
+                        .prefix_ranges
+                        .iter()
+                        .map(|r| xds::pb::envoy::config::core::v3::CidrRange {
+                            address_prefix: r.address.to_string(),
+                            prefix_len: Some(xds::pb::google::protobuf::UInt32Value { value: u32::from(r.prefix_len) }),
+                        })
+                        .collect(),
+                    server_names: m.server_names.clone(),
+                    transport_protocol: m.transport_protocol.clone().unwrap_or_default(),
+                    application_protocols: m.application_protocols.clone(),
+                    ..Default::default()
+                }),
+                filters,
+                transport_socket: tls.then(|| TransportSocket {
+                    name: "envoy.transport_sockets.tls".into(),
+                    config_type: Some(transport_socket::ConfigType::TypedConfig(codec::pack(&DownstreamTlsContext {
+                        require_client_certificate: Some(xds::pb::google::protobuf::BoolValue { value: true }),
+                        common_tls_context: Some(CommonTlsContext {
+                            tls_certificate_sds_secret_configs: vec![sds("default")],
+                            validation_context_type: Some(
+                                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds("ROOTCA")),
+                            ),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }))),
+                }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    Listener {
+        name: l.name.clone(),
+        address: Some(socket_address_pb(l.address)),
+        filter_chains: chains,
+        traffic_direction: match l.direction {
+            Direction::Inbound => 1,
+            Direction::Outbound => 2,
+        },
+        bind_to_port: (!l.bind_to_port)
+            .then_some(xds::pb::google::protobuf::BoolValue { value: false }),
+        use_original_dst: l
+            .use_original_dst
+            .then_some(xds::pb::google::protobuf::BoolValue { value: true }),
+        listener_filters: if l.original_dst && !l.use_original_dst {
+            vec![xds::pb::envoy::config::listener::v3::ListenerFilter {
+                name: "envoy.filters.listener.original_dst".into(),
+                ..Default::default()
+            }]
+        } else {
+            vec![]
+        },
+        ..Default::default()
+    }
+}
+
+fn typed_filter(f: &FilterConfig) -> Option<Any> {
+    f.typed_config
+        .clone()
+        .and_then(|v| codec::json_to_any(v).ok())
+}
+
+pub(super) fn sds(
+    name: &str,
+) -> xds::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig {
+    xds::pb::envoy::extensions::transport_sockets::tls::v3::SdsSecretConfig {
+        name: name.into(),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,280 @@
+use super::*;
+
+fn listener_json(v: serde_json::Value) -> Listener {
+    let mut v = v;
+    v["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener".into();
+    codec::unpack(&codec::json_to_any(v).unwrap()).unwrap()
+}
+
+fn hcm_filter(extra_filters: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": HCM_TYPE,
+            "stat_prefix": "in",
+            "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+                {"match": {"prefix": "/"}, "route": {"cluster": "inbound|8080||"}}]}]},
+            "http_filters": extra_filters,
+        }
+    })
+}
+
+#[test]
+fn per_route_overrides_are_judged_by_type_not_by_filter_name() {
+    let rc = |per_filter: serde_json::Value, weighted: bool| {
+        let action = if weighted {
+            serde_json::json!({"weighted_clusters": {"clusters": [
+                {"name": "a", "weight": 1, "typed_per_filter_config": per_filter}]}})
+        } else {
+            serde_json::json!({"cluster": "a"})
+        };
+        let route = if weighted {
+            serde_json::json!({"match": {"prefix": "/"}, "route": action})
+        } else {
+            serde_json::json!({"match": {"prefix": "/"}, "route": action,
+                "typed_per_filter_config": per_filter})
+        };
+        let v = serde_json::json!({
+            "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            "name": "r",
+            "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}],
+        });
+        let pb: PbRouteConfiguration = codec::unpack(&codec::json_to_any(v).unwrap()).unwrap();
+        let mut notes = Notes::default();
+        route_configuration(&pb, &mut notes).map(|_| notes)
+    };
+    let rbac_override = serde_json::json!({"my-authz": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"}});
+    let disabled = serde_json::json!({"anything": {
+        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true}});
+    for weighted in [false, true] {
+        for bad in [&rbac_override, &disabled] {
+            let e = rc(bad.clone(), weighted).unwrap_err();
+            assert!(e.to_string().contains("typed_per_filter_config"), "{e}");
+        }
+    }
+    // An override of a filter this proxy does not run is skipped, with a note.
+    let fault = serde_json::json!({"envoy.filters.http.fault": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}});
+    let notes = rc(fault, false).unwrap();
+    assert!(
+        format!("{notes:?}").contains("HTTPFault override skipped"),
+        "{notes:?}"
+    );
+}
+
+#[test]
+fn unevaluable_chains_refuse_and_specific_chains_come_first() {
+    let l = listener_json(serde_json::json!({
+        "name": "virtualOutbound",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
+        "traffic_direction": "OUTBOUND",
+        "filter_chains": [
+            {"filters": [hcm_filter(serde_json::json!([{"name": "envoy.filters.http.router",
+                "typed_config": {"@type": ROUTER_TYPE}}]))]},
+            {"filter_chain_match": {"source_prefix_ranges": [{"address_prefix": "10.0.0.0", "prefix_len": 8}],
+                "destination_port": 8080},
+             "filters": [hcm_filter(serde_json::json!([{"name": "envoy.filters.http.router",
+                "typed_config": {"@type": ROUTER_TYPE}}]))]},
+        ],
+    }));
+    let mut notes = Vec::new();
+    let out = listener(&l, &mut notes).unwrap().unwrap();
+    assert_eq!(out.filter_chains.len(), 2);
+    assert_eq!(
+        out.filter_chains[0].filter_chain_match.destination_port,
+        Some(8080)
+    );
+    assert!(
+        out.filter_chains[0]
+            .refuse
+            .as_deref()
+            .unwrap()
+            .contains("source_prefix_ranges")
+    );
+    assert!(out.filter_chains[1].refuse.is_none());
+}
+
+#[test]
+fn capture_listeners_translate_for_hand_off() {
+    let router = || {
+        hcm_filter(serde_json::json!([{"name": "envoy.filters.http.router",
+            "typed_config": {"@type": ROUTER_TYPE}}]))
+    };
+    let virtual_outbound = listener_json(serde_json::json!({
+        "name": "virtualOutbound",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
+        "use_original_dst": true,
+        "traffic_direction": "OUTBOUND",
+        "filter_chains": [{"filters": [router()]}],
+    }));
+    let out = listener(&virtual_outbound, &mut Vec::new())
+        .unwrap()
+        .unwrap();
+    assert!(out.use_original_dst && out.original_dst && out.bind_to_port);
+    let target = listener_json(serde_json::json!({
+        "name": "0.0.0.0_8080",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": 8080}},
+        "bind_to_port": false,
+        "traffic_direction": "OUTBOUND",
+        "filter_chains": [{"filters": [router()]}],
+    }));
+    let out = listener(&target, &mut Vec::new()).unwrap().unwrap();
+    assert!(!out.bind_to_port && !out.use_original_dst);
+    // And back, for /config_dump.
+    let pb = listener_pb(&out);
+    assert_eq!(pb.bind_to_port.map(|b| b.value), Some(false));
+    let inbound = listener_json(serde_json::json!({
+        "name": "virtualInbound",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
+        "listener_filters": [{"name": "envoy.filters.listener.original_dst"}],
+        "traffic_direction": "INBOUND",
+        "filter_chains": [{"filters": [router()]}],
+    }));
+    let out = listener(&inbound, &mut Vec::new()).unwrap().unwrap();
+    assert!(out.original_dst && !out.use_original_dst);
+}
+
+#[test]
+fn destination_prefix_ranges_translate_and_the_longest_prefix_comes_first() {
+    let chain = |prefix: &str, len: u32, name: &str| {
+        serde_json::json!({"name": name,
+            "filter_chain_match": {"prefix_ranges": [{"address_prefix": prefix, "prefix_len": len}]},
+            "filters": [hcm_filter(serde_json::json!([{"name": "envoy.filters.http.router",
+                "typed_config": {"@type": ROUTER_TYPE}}]))]})
+    };
+    let l = listener_json(serde_json::json!({
+        "name": "virtualOutbound",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
+        "traffic_direction": "OUTBOUND",
+        "filter_chains": [chain("10.0.0.0", 8, "wide"), chain("10.1.2.3", 32, "narrow"), chain("fd00::", 8, "v6")],
+    }));
+    let out = listener(&l, &mut Vec::new()).unwrap().unwrap();
+    let names: Vec<&str> = out.filter_chains.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["narrow", "wide", "v6"]);
+    assert!(out.filter_chains.iter().all(|c| c.refuse.is_none()));
+    let narrow = &out.filter_chains[0].filter_chain_match.prefix_ranges[0];
+    assert!(narrow.contains("10.1.2.3".parse().unwrap()));
+    assert!(!narrow.contains("10.1.2.4".parse().unwrap()));
+    assert!(narrow.contains("::ffff:10.1.2.3".parse().unwrap()));
+    // A bad range is an error naming the field.
+    let bad = listener_json(serde_json::json!({
+        "name": "l",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15001}},
+        "filter_chains": [chain("10.0.0.0", 33, "bad")],
+    }));
+    let err = listener(&bad, &mut Vec::new()).unwrap_err().to_string();
+    assert!(err.contains("prefix_ranges[0]"), "{err}");
+}
+
+#[test]
+fn unsupported_required_filters_and_bad_rbac_are_rejected_naming_the_field() {
+    let with = |filters: serde_json::Value| {
+        listener_json(serde_json::json!({
+            "name": "l",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+            "filter_chains": [{"filters": [hcm_filter(filters)]}],
+        }))
+    };
+    let ext_authz = with(serde_json::json!([
+        {"name": "envoy.filters.http.ext_authz", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"}},
+        {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}]));
+    let e = listener(&ext_authz, &mut Vec::new()).unwrap_err();
+    assert_eq!(e.field, "filter_chains[0].filters[0].http_filters[0]");
+    assert!(e.message.contains("not supported"));
+    let bad_rbac = with(serde_json::json!([
+        {"name": "envoy.filters.http.rbac", "typed_config": {"@type": policy::rbac::HTTP_RBAC_TYPE,
+            "rules": {"action": "ALLOW", "policies": {"p": {"permissions": [{"any": true}],
+            "principals": [{"direct_remote_ip": {"address_prefix": "not-an-ip", "prefix_len": 8}}]}}}}},
+        {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}]));
+    let e = listener(&bad_rbac, &mut Vec::new()).unwrap_err();
+    assert!(e.message.contains("RBAC does not compile"), "{e}");
+    // Istio's observe-only filters are skipped and said so.
+    let stats = with(serde_json::json!([
+        {"name": "istio.stats", "typed_config": {"@type": "type.googleapis.com/stats.PluginConfig"}},
+        {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}]));
+    let mut notes = Vec::new();
+    assert!(listener(&stats, &mut notes).unwrap().is_some());
+    assert!(notes.iter().any(|n| n.contains("istio.stats skipped")));
+}
+
+#[test]
+fn upstream_identity_must_be_exact_spiffe_ids() {
+    let cluster_with = |matcher: serde_json::Value| -> Cluster {
+        codec::unpack(&codec::json_to_any(serde_json::json!({
+            "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            "name": "outbound|80||ledger.bank.svc.cluster.local",
+            "type": "STATIC",
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": UPSTREAM_TLS_TYPE, "sni": "outbound_.80_._.ledger.bank.svc.cluster.local",
+                "common_tls_context": {"combined_validation_context": {
+                    "default_validation_context": {"match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": matcher}]},
+                    "validation_context_sds_secret_config": {"name": "ROOTCA"}}}}},
+        })).unwrap()).unwrap()
+    };
+    let ok = cluster(
+        &cluster_with(serde_json::json!({"exact": "spiffe://cluster.local/ns/bank/sa/ledger"})),
+        &mut Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(
+        ok.transport_socket.unwrap().match_spiffe_ids[0].as_str(),
+        "spiffe://cluster.local/ns/bank/sa/ledger"
+    );
+    assert_eq!(
+        ok.metadata.service.as_deref(),
+        Some("ledger.bank.svc.cluster.local")
+    );
+    assert_eq!(ok.metadata.namespace.as_deref(), Some("bank"));
+    let prefix = cluster(
+        &cluster_with(serde_json::json!({"prefix": "spiffe://cluster.local/"})),
+        &mut Vec::new(),
+    );
+    assert!(
+        prefix
+            .unwrap_err()
+            .message
+            .contains("non-exact SAN matchers are not supported")
+    );
+}
+
+#[test]
+fn inbound_clusters_name_their_service_from_istio_metadata() {
+    let inbound = |metadata: serde_json::Value| {
+        let c: xds::pb::envoy::config::cluster::v3::Cluster = codec::unpack(
+            &codec::json_to_any(serde_json::json!({
+                "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+                "name": "inbound|8080||",
+                "type": "STATIC",
+                "metadata": metadata,
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        cluster(&c, &mut Vec::new()).unwrap().metadata
+    };
+    // As istiod writes it.
+    let m = inbound(
+        serde_json::json!({"filter_metadata": {"istio": {"services": [
+        {"host": "ledger.bank.svc.cluster.local", "name": "ledger", "namespace": "bank"},
+        {"host": "ledger-v2.bank.svc.cluster.local", "name": "ledger-v2", "namespace": "bank"}]}}}),
+    );
+    assert_eq!(m.service.as_deref(), Some("ledger.bank.svc.cluster.local"));
+    assert_eq!(m.namespace.as_deref(), Some("bank"));
+    // As eastguard's control plane writes it: the host only.
+    let m = inbound(
+        serde_json::json!({"filter_metadata": {"istio": {"services": [
+        {"host": "ledger.bank.svc.cluster.local"}]}}}),
+    );
+    assert_eq!(m.namespace.as_deref(), Some("bank"));
+    // Anything else labels nothing (and refuses nothing).
+    for odd in [
+        serde_json::json!({}),
+        serde_json::json!({"filter_metadata": {"istio": {"services": "ledger"}}}),
+        serde_json::json!({"filter_metadata": {"istio": {"services": [{"host": 7}]}}}),
+    ] {
+        assert_eq!(inbound(odd).service, None);
+    }
+}

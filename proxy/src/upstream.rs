@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,8 +50,12 @@ struct PeerTls {
     tcp: TlsConnector,
 }
 
+/// Tells pooled connections apart, so a retry evicts the one that refused it and not a newer one.
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(0);
+
 #[derive(Clone)]
 struct H2Conn {
+    id: u64,
     sender: http2::SendRequest<Body>,
     peer: Option<Arc<str>>,
     /// When the first of the two certificates it was authenticated with expires; the pool opens a
@@ -68,6 +72,8 @@ pub struct ClusterStats {
     pub upstream_cx_connect_timeout: Stat,
     pub upstream_rq_total: Stat,
     pub upstream_rq_timeout: Stat,
+    /// Requests sent once more because the peer refused them unprocessed (GOAWAY, REFUSED_STREAM).
+    pub upstream_rq_retry: Stat,
 }
 
 /// An upstream connection for a byte stream (TCP proxy, upgrades).
@@ -130,6 +136,7 @@ impl ClusterRt {
             upstream_cx_connect_timeout: s("upstream_cx_connect_timeout"),
             upstream_rq_total: s("upstream_rq_total"),
             upstream_rq_timeout: s("upstream_rq_timeout"),
+            upstream_rq_retry: s("upstream_rq_retry"),
         };
         Ok(Self {
             config,
@@ -199,19 +206,26 @@ impl ClusterRt {
         }
         *req.version_mut() = http::Version::HTTP_2;
         req.headers_mut().remove(http::header::HOST);
-        // A request the peer refused unprocessed (GOAWAY, closed connection) is retried once on a
-        // fresh connection; anything else is returned as is.
+        // A request the peer never processed is sent once more on a fresh connection: one hyper
+        // hands back unsent, and one the peer refused by GOAWAY (a draining sidecar) or
+        // REFUSED_STREAM. The latter come back without the request, so only a request without a
+        // body (kept as its head) can be sent again; one with a body fails as it did.
         let mut req = req;
+        let mut conn_id = None;
         for attempt in 0..2 {
+            if let Some(id) = conn_id.take() {
+                self.evict(endpoint, id).await;
+                self.stats.upstream_rq_retry.inc();
+            }
             let mut conn = self.h2_conn(endpoint).await?;
-            match conn.sender.ready().await {
-                Ok(()) => {}
-                Err(_) if attempt == 0 => {
-                    self.evict(endpoint);
+            if let Err(e) = conn.sender.ready().await {
+                if attempt == 0 {
+                    conn_id = Some(conn.id);
                     continue;
                 }
-                Err(e) => return Err(ProxyError::UpstreamReset(error_chain(&e))),
+                return Err(ProxyError::UpstreamReset(error_chain(&e)));
             }
+            let replay = http_body::Body::is_end_stream(req.body()).then(|| head_of(&req));
             match conn.sender.try_send_request(req).await {
                 Ok(response) => {
                     return Ok(Sent {
@@ -220,13 +234,18 @@ impl ClusterRt {
                         peer: conn.peer,
                     });
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(r) if attempt == 0 => {
-                        self.evict(endpoint);
-                        req = r;
+                Err(mut e) => {
+                    let again = e
+                        .take_message()
+                        .or_else(|| replay.filter(|_| unprocessed(e.error())));
+                    match again {
+                        Some(r) if attempt == 0 => {
+                            conn_id = Some(conn.id);
+                            req = r;
+                        }
+                        _ => return Err(ProxyError::UpstreamReset(error_chain(e.error()))),
                     }
-                    _ => return Err(ProxyError::UpstreamReset(error_chain(e.error()))),
-                },
+                }
             }
         }
         Err(ProxyError::UpstreamReset(
@@ -239,10 +258,13 @@ impl ClusterRt {
         pool.entry(endpoint).or_default().clone()
     }
 
-    fn evict(&self, endpoint: SocketAddr) {
+    /// Drops the pooled connection `id` to `endpoint`, unless another request has already put a
+    /// newer one in its place.
+    async fn evict(&self, endpoint: SocketAddr, id: u64) {
         let slot = self.slot(endpoint);
-        if let Ok(mut s) = slot.try_lock() {
-            *s = None;
+        let mut slot = slot.lock().await;
+        if slot.as_ref().is_some_and(|c| c.id == id) {
+            *slot = None;
         }
     }
 
@@ -294,6 +316,7 @@ impl ClusterRt {
             active.dec();
         });
         let c = H2Conn {
+            id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
             sender,
             peer,
             expires,
@@ -491,6 +514,32 @@ pub enum StreamKind {
 }
 
 /// `http://<endpoint><path?query>`.
+/// A copy of a request without a body: what is sent again when the peer refused the original.
+fn head_of(req: &http::Request<Body>) -> http::Request<Body> {
+    let mut copy = http::Request::new(crate::body::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    *copy.extensions_mut() = req.extensions().clone();
+    copy
+}
+
+/// Whether an HTTP/2 error says the peer did not process the stream: it arrived after (or was
+/// opened past the last stream of) the peer's GOAWAY, or was refused with REFUSED_STREAM
+/// (RFC 9113 §8.7). A reset or a closed connection says nothing of the kind.
+fn unprocessed(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return (h2.is_go_away() && h2.is_remote())
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = err.source();
+    }
+    false
+}
+
 fn endpoint_uri(endpoint: SocketAddr, uri: &http::Uri) -> Result<http::Uri, ProxyError> {
     let pq = uri.path_and_query().map_or("/", |p| p.as_str());
     format!("http://{endpoint}{pq}")

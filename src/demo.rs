@@ -1010,6 +1010,7 @@ fn sidecar_config(
             delta: false,
         }),
         capture: None,
+        tracing: None,
         audit: Some(proxy::audit::AuditConfig {
             path: file("-audit.log"),
             format: proxy::audit::AuditFormat::Ocsf,

@@ -60,6 +60,9 @@ pub struct Bootstrap {
     /// Audit events (OCSF or CEF) for every denial and detection.
     #[serde(default)]
     pub audit: Option<crate::audit::AuditConfig>,
+    /// Distributed tracing: W3C / B3 propagation and OTLP span export.
+    #[serde(default)]
+    pub tracing: Option<crate::trace::TracingConfig>,
 }
 
 /// The API inventory's switch and bounds (see `apisec::Limits`).
@@ -1091,6 +1094,9 @@ impl Bootstrap {
         }
         if let Err((field, message)) = sensitive.classifier() {
             return Err(invalid(field, message, "custom:"));
+        }
+        if let Some(Err((field, message))) = self.tracing.as_ref().map(|t| t.check()) {
+            return Err(invalid(field.into(), message, "tracing:"));
         }
         let export = &self.inventory.export;
         if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&export.interval) {

@@ -33,6 +33,7 @@ mod sampling;
 mod stats;
 mod tcp;
 mod telemetry;
+pub mod trace;
 mod upstream;
 
 use std::collections::HashMap;
@@ -96,6 +97,8 @@ pub enum StartError {
     Sampling(std::io::Error),
     #[error("audit log: {0}")]
     Audit(std::io::Error),
+    #[error("tracing: {0}")]
+    Tracing(String),
     #[error("authorization drift baseline: {0}")]
     Drift(#[from] drift::BaselineError),
     #[error("configuration: {0}")]
@@ -188,6 +191,16 @@ pub async fn run(
             .map_err(StartError::Sampling)?,
         );
     }
+    let trace_export = match &config.tracing {
+        Some(t) => {
+            let (tracer, export) = trace::Tracer::new(t, &config.node, &telemetry.stats)
+                .map_err(StartError::Tracing)?;
+            telemetry.tracer = Some(tracer);
+            tracing::info!(collector = %t.address, sampling = t.sampling, "tracing on (OTLP)");
+            Some(export)
+        }
+        None => None,
+    };
     let telemetry = Arc::new(telemetry);
 
     let total_connections = telemetry.stats.stat("server.total_connections");
@@ -241,6 +254,9 @@ pub async fn run(
         .as_ref()
         .map(|_| Arc::new(ads::XdsState::default()));
     let (xds_stop, xds_stop_rx) = watch::channel(false);
+    if let Some(export) = trace_export {
+        tokio::spawn(export.run(xds_stop_rx.clone()));
+    }
     let mut export_tls = None;
     if let (Some(x), Some(state)) = (&config.xds, &xds_state) {
         let server = if x.address.contains("://") {

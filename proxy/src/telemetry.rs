@@ -41,6 +41,8 @@ pub struct Telemetry {
     pub audit: crate::audit::Audit,
     /// Authorization drift against a learned baseline (with the inventory), if on.
     pub drift: Option<crate::drift::Drift>,
+    /// Distributed tracing, if configured.
+    pub tracer: Option<crate::trace::Tracer>,
     /// The latest BOLA / enumeration findings (at most [`DETECTIONS_KEPT`]), for `/apis`.
     pub detections: std::sync::Mutex<std::collections::VecDeque<apisec::inventory::BolaEvent>>,
     local_service: Box<str>,
@@ -120,6 +122,8 @@ pub struct CallGuard {
     pub api: Option<ApiCall>,
     /// A sampled call's copy for sensitive-data classification.
     pub sample: Option<Box<crate::sampling::SampleCopy>>,
+    /// This call's span, if tracing is on and the call is sampled.
+    pub span: Option<crate::trace::ActiveSpan>,
 }
 
 // === impl Telemetry ===
@@ -140,6 +144,7 @@ impl Telemetry {
             audit: crate::audit::Audit::off(stats.stat("audit.dropped")),
             detections: Default::default(),
             drift: None,
+            tracer: None,
             local_service: node.workload.as_str().into(),
             metrics: IstioMetrics::new(),
             series: Default::default(),
@@ -184,6 +189,7 @@ impl Telemetry {
             api: (reporter == Reporter::Destination && self.inventory.is_some())
                 .then(ApiCall::default),
             sample: None,
+            span: None,
         }
     }
 }
@@ -229,6 +235,14 @@ fn unknown(v: &Option<Arc<str>>) -> Lv {
 }
 
 impl CallGuard {
+    /// Starts this call's span (if tracing is on) and rewrites the request's trace headers so it
+    /// leaves with that span as its parent.
+    pub fn start_span(&mut self, headers: &mut http::HeaderMap) {
+        if let Some(tracer) = &self.telemetry.tracer {
+            self.span = tracer.begin(headers, self.reporter);
+        }
+    }
+
     /// Records a local failure: status, flag and details.
     pub fn fail(&mut self, e: &crate::error::ProxyError) {
         let r = e.response();
@@ -437,6 +451,9 @@ impl Drop for CallGuard {
             } else {
                 audit.call_denied(&self.record, self.destination_service.as_deref());
             }
+        }
+        if let (Some(span), Some(tracer)) = (self.span.take(), &self.telemetry.tracer) {
+            tracer.finish(span, &self.record, &self.local_id);
         }
         self.observe_api();
     }

@@ -14,6 +14,7 @@ mod capture_cmd;
 mod demo;
 mod lifecycle;
 mod policy_cmd;
+mod proxy_config_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -107,6 +108,10 @@ enum Command {
     /// status against the specs (documented, shadow, zombie, unused, drift), owners and callers.
     #[command(subcommand)]
     Apis(apis_cmd::ApisCommand),
+    /// A sidecar's configuration as `istioctl proxy-config` shows it: listeners, routes, clusters,
+    /// endpoints, secrets (SVIDs and bundles) and authorization policies, from its admin port or a
+    /// saved `/config_dump`.
+    ProxyConfig(proxy_config_cmd::ProxyConfigArgs),
     /// Run a node agent, the control plane, three sample services with their sidecars on loopback,
     /// and scripted traffic.
     Demo {
@@ -247,6 +252,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
         Command::DemoRawSocket => Ok(demo::raw_socket_probe()),
         Command::Policy(cmd) => policy_cmd::run(*cmd),
         Command::Apis(cmd) => apis_cmd::run(cmd),
+        Command::ProxyConfig(args) => proxy_config_cmd::run(&args),
         Command::Report {
             control_plane,
             file,

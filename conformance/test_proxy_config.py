@@ -6,6 +6,7 @@ as the live one, and bad input is refused with a clear message."""
 import json
 import subprocess
 
+import pytest
 import yaml
 from cryptography import x509
 
@@ -126,3 +127,54 @@ def test_bad_input_is_refused_clearly(tmp_path):
     ]}))
     rc, out, err = proxy_config("all", "--file", str(odd))
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("mode", ["sotw", "delta"])
+def test_proxy_status_shows_synced_and_nacked_per_type(tmp_path, mode):
+    http = free_port()
+    m = XdsMesh(tmp_path, delta=mode == "delta", cp_extra=["--http-address", f"127.0.0.1:{http}"])
+    cp = f"127.0.0.1:{http}"
+    nodes = {name: s.config["node"]["id"] for name, s in m.sidecars.items()}
+
+    def rows():
+        r = subprocess.run([binary(), "proxy-status", "--control-plane", cp], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.split("\nNACKED: ")
+        return {row["NAME"]: row for row in table(lines[0])}, r.stdout
+
+    def status(name, ty):
+        return rows()[0].get(nodes[name], {}).get(ty)
+
+    try:
+        wait_for("config from the control plane", lambda: m.get("/hello")[0] == 200)
+        for name in nodes:
+            for ty in ("CDS", "LDS", "EDS"):
+                wait_for(f"{name} {ty} SYNCED", lambda name=name, ty=ty: status(name, ty) == "SYNCED")
+        assert set(rows()[0]) == set(nodes.values())
+        # A cluster the proxies cannot build: both NACK the CDS update, and say why.
+        (m.config_dir / "bad-host.yaml").write_text(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: bad, namespace: test}\n"
+            "spec: {hosts: ['bad host!'], ports: [{number: 80, name: http, protocol: HTTP}], workloadSelector: {labels: {app: server}}}\n"
+        )
+        for name in nodes:
+            wait_for(f"{name} CDS NACKED", lambda name=name: status(name, "CDS") == "NACKED")
+        out = rows()[1]
+        assert f"NACKED: {nodes['client']} CDS version" in out and "invalid SNI" in out, out
+        assert status("client", "LDS") == "SYNCED"
+        rc = subprocess.run([binary(), "proxy-status", "--control-plane", cp, "-o", "json"], capture_output=True, text=True, timeout=30)
+        proxies = {p["node"]: p for p in json.loads(rc.stdout)["proxies"]}
+        assert "invalid SNI" in proxies[nodes["server"]]["types"]["CDS"]["nack"]
+        assert proxies[nodes["server"]]["delta"] is (mode == "delta")
+        # Fixed: the next update is ACKed, the NACK is gone.
+        (m.config_dir / "bad-host.yaml").unlink()
+        for name in nodes:
+            wait_for(f"{name} CDS SYNCED again", lambda name=name: status(name, "CDS") == "SYNCED")
+        assert "NACKED:" not in rows()[1]
+        # A sidecar that goes away leaves the view.
+        m.sidecars["client"].stop()
+        wait_for("the stopped sidecar's row gone", lambda: nodes["client"] not in rows()[0])
+        assert nodes["server"] in rows()[0]
+    finally:
+        m.stop()
+    rc = subprocess.run([binary(), "proxy-status", "--control-plane", cp], capture_output=True, text=True, timeout=30)
+    assert rc.returncode != 0 and "cannot read /debug/syncz" in rc.stderr

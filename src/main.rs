@@ -112,6 +112,9 @@ enum Command {
     /// endpoints, secrets (SVIDs and bundles) and authorization policies, from its admin port or a
     /// saved `/config_dump`.
     ProxyConfig(proxy_config_cmd::ProxyConfigArgs),
+    /// Per sidecar connected to a control plane, whether each resource type it was sent is ACKed
+    /// (SYNCED), pending (STALE) or rejected (NACKED), like `istioctl proxy-status`.
+    ProxyStatus(proxy_config_cmd::ProxyStatusArgs),
     /// Run a node agent, the control plane, three sample services with their sidecars on loopback,
     /// and scripted traffic.
     Demo {
@@ -253,6 +256,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
         Command::Policy(cmd) => policy_cmd::run(*cmd),
         Command::Apis(cmd) => apis_cmd::run(cmd),
         Command::ProxyConfig(args) => proxy_config_cmd::run(&args),
+        Command::ProxyStatus(args) => proxy_config_cmd::status(&args),
         Command::Report {
             control_plane,
             file,

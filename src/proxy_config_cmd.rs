@@ -653,3 +653,63 @@ fn render(t: &Table) -> String {
     }
     out
 }
+
+#[derive(Debug, clap::Args)]
+pub struct ProxyStatusArgs {
+    /// The control plane's HTTP address (`control-plane --http-address`).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    pub control_plane: String,
+    /// Output format: `short` (a table), `json` or `yaml`.
+    #[arg(short = 'o', long, value_enum, default_value = "short")]
+    pub output: Output,
+}
+
+/// `eastguard proxy-status`: per connected sidecar, whether each resource type it was sent is
+/// ACKed (SYNCED), not yet (STALE) or rejected (NACKED), as `istioctl proxy-status` shows it.
+pub fn status(args: &ProxyStatusArgs) -> anyhow::Result<ExitCode> {
+    let text =
+        crate::apis_cmd::http_get(&args.control_plane, "/debug/syncz").with_context(|| {
+            format!(
+                "cannot read /debug/syncz from the control plane at {} (is --http-address set?)",
+                args.control_plane
+            )
+        })?;
+    let view: Value =
+        serde_json::from_str(&text).context("the control plane's answer is not JSON")?;
+    let out = match args.output {
+        Output::Json => serde_json::to_string_pretty(&view)? + "\n",
+        Output::Yaml => serde_yaml::to_string(&view)?,
+        Output::Short => {
+            let mut t = Table::new(&["NAME", "CLUSTER", "CDS", "LDS", "EDS", "RDS", "VERSION"]);
+            let mut nacks = Vec::new();
+            for p in array(Some(&view), "proxies") {
+                let node = s(p, &["node"]).unwrap_or("-").to_owned();
+                let mut row = vec![node.clone(), dash(s(p, &["cluster"]).unwrap_or(""))];
+                for ty in ["CDS", "LDS", "EDS", "RDS"] {
+                    let state = p.pointer(&format!("/types/{ty}"));
+                    row.push(
+                        state
+                            .and_then(|st| s(st, &["status"]))
+                            .unwrap_or("NOT SENT")
+                            .to_owned(),
+                    );
+                    if let Some(detail) = state.and_then(|st| s(st, &["nack"])) {
+                        let version = state
+                            .and_then(|st| s(st, &["nacked_version"]))
+                            .unwrap_or("");
+                        nacks.push(format!("{node} {ty} version {version}: {detail}"));
+                    }
+                }
+                row.push(dash(s(p, &["version"]).unwrap_or("")));
+                t.row(row);
+            }
+            let mut out = render(&t);
+            for n in nacks {
+                let _ = writeln!(out, "NACKED: {n}");
+            }
+            out
+        }
+    };
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}

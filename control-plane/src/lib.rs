@@ -59,6 +59,8 @@ pub struct ControlPlane {
     /// Snapshots by what they are generated from (never by what a node says about itself), so
     /// the cache holds at most two entries per workload of the registry, plus one.
     cache: Mutex<HashMap<(SnapshotKey, u64), Arc<Snapshot>>>,
+    /// What each connected proxy holds (sent / ACKed / NACKed per type), for `proxy-status`.
+    pub sync: Arc<xds::sync::SyncRegistry>,
 }
 
 /// What a snapshot is generated from.
@@ -77,6 +79,7 @@ impl ControlPlane {
             registry: RwLock::new(Arc::new(registry)),
             generation: watch::channel(0).0,
             cache: Mutex::default(),
+            sync: Arc::default(),
         })
     }
 
@@ -267,7 +270,9 @@ pub async fn run(
         None => None,
     };
     let (closing_tx, closing) = watch::channel(false);
-    let server = AdsServer::new(cp.clone()).with_shutdown(closing.clone());
+    let server = AdsServer::new(cp.clone())
+        .with_shutdown(closing.clone())
+        .with_sync(cp.sync.clone());
     let mut closing_wait = closing;
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -414,7 +419,10 @@ async fn serve_tls(
     );
     let otlp = receiver(&cp, &apis);
     let otlp_logs = log_receiver(&cp, &apis);
-    let server = AdsServer::new(cp).with_shutdown(closing.clone());
+    let sync = cp.sync.clone();
+    let server = AdsServer::new(cp)
+        .with_shutdown(closing.clone())
+        .with_sync(sync);
     let mut closing_wait = closing;
     Ok(async move {
         let result = tonic::transport::Server::builder()

@@ -7,5 +7,6 @@ pub mod codec;
 pub use envoy_types::pb;
 pub mod client;
 pub mod server;
+pub mod sync;
 pub mod tls;
 pub mod types;

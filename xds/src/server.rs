@@ -63,6 +63,7 @@ pub struct AdsServer<S> {
     source: Arc<S>,
     stats: Arc<ServerStats>,
     closing: watch::Receiver<bool>,
+    sync: Arc<crate::sync::SyncRegistry>,
 }
 
 /// Counters for tests and benchmarks.
@@ -80,7 +81,15 @@ impl<S: SnapshotSource> AdsServer<S> {
             source,
             stats: Arc::default(),
             closing: watch::channel(false).1,
+            sync: Arc::default(),
         }
+    }
+
+    /// Records each stream's sent / ACKed / NACKed versions in `sync` (one registry may serve
+    /// several servers).
+    pub fn with_sync(mut self, sync: Arc<crate::sync::SyncRegistry>) -> Self {
+        self.sync = sync;
+        self
     }
 
     /// Ends every stream when `closing` turns true (ADS streams never end on their own, so a
@@ -113,6 +122,7 @@ impl<S: SnapshotSource> AggregatedDiscoveryService for AdsServer<S> {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let stream = Stream {
+            sync: self.sync.open(false),
             source: self.source.clone(),
             stats: self.stats.clone(),
             peer_id,
@@ -139,6 +149,7 @@ impl<S: SnapshotSource> AggregatedDiscoveryService for AdsServer<S> {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let stream = DeltaStream {
+            sync: self.sync.open(true),
             source: self.source.clone(),
             stats: self.stats.clone(),
             peer_id,
@@ -166,6 +177,7 @@ struct TypeState {
 }
 
 struct Stream<S> {
+    sync: crate::sync::StreamSync,
     source: Arc<S>,
     stats: Arc<ServerStats>,
     peer_id: Option<String>,
@@ -203,6 +215,7 @@ impl<S: SnapshotSource> Stream<S> {
         if self.caller.is_none() {
             let (caller, snapshot) = open(&*self.source, req.node.as_ref(), &self.peer_id)?;
             self.snapshot = snapshot;
+            self.sync.caller(&caller);
             self.caller = Some(caller);
         }
         if !types::is_known(&req.type_url) {
@@ -236,11 +249,14 @@ impl<S: SnapshotSource> Stream<S> {
                 self.source
                     .nacked(c, &type_url, &state.sent_version, &err.message);
             }
+            self.sync
+                .nacked(&type_url, &state.sent_version, &err.message);
         } else if !req.response_nonce.is_empty() {
             self.stats
                 .acks
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             state.acked_version = req.version_info.clone();
+            self.sync.acked(&type_url, &req.version_info);
         }
         let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
         let new_names = if names.is_empty() && types::wildcard_by_default(&type_url) {
@@ -253,6 +269,10 @@ impl<S: SnapshotSource> Stream<S> {
         if req.response_nonce.is_empty() {
             // A (re)subscription: the client says what it holds; do not send that again.
             state.sent_version = req.version_info.clone();
+            if !req.version_info.is_empty() {
+                self.sync.sent(&type_url, &req.version_info);
+                self.sync.acked(&type_url, &req.version_info);
+            }
             self.respond(&type_url).await
         } else if names_changed {
             self.respond(&type_url).await
@@ -294,6 +314,7 @@ impl<S: SnapshotSource> Stream<S> {
         let nonce = self.nonce.to_string();
         state.sent_version = version.clone();
         state.sent_nonce = nonce.clone();
+        self.sync.sent(type_url, &version);
         let response = DiscoveryResponse {
             version_info: version,
             resources: items.into_iter().cloned().collect(),
@@ -319,12 +340,15 @@ struct DeltaType {
     names: Option<BTreeSet<String>>,
     held: BTreeMap<String, String>,
     sent_nonce: String,
+    /// The `system_version_info` of the last response (what a proxy-status view compares).
+    sent_system: String,
     /// What the client held before the last response, restored if that response is NACKed.
     before: Option<BTreeMap<String, String>>,
 }
 
 /// The delta variant: only changed resources are sent, removals by name.
 struct DeltaStream<S> {
+    sync: crate::sync::StreamSync,
     source: Arc<S>,
     stats: Arc<ServerStats>,
     peer_id: Option<String>,
@@ -362,6 +386,7 @@ impl<S: SnapshotSource> DeltaStream<S> {
         if self.caller.is_none() {
             let (caller, snapshot) = open(&*self.source, req.node.as_ref(), &self.peer_id)?;
             self.snapshot = snapshot;
+            self.sync.caller(&caller);
             self.caller = Some(caller);
         }
         if !types::is_known(&req.type_url) {
@@ -387,6 +412,8 @@ impl<S: SnapshotSource> DeltaStream<S> {
                 if let Some(c) = &self.caller {
                     self.source.nacked(c, &type_url, "", &err.message);
                 }
+                self.sync
+                    .nacked(&type_url, &state.sent_system, &err.message);
                 if let Some(before) = state.before.take() {
                     state.held = before;
                 }
@@ -396,6 +423,7 @@ impl<S: SnapshotSource> DeltaStream<S> {
             self.stats
                 .acks
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.sync.acked(&type_url, &state.sent_system);
         }
         if fresh {
             state.held = req
@@ -481,14 +509,23 @@ impl<S: SnapshotSource> DeltaStream<S> {
             state.held.remove(n);
         }
         if resources.is_empty() && removed.is_empty() && !always {
+            if state.before.is_none() {
+                // Nothing in flight and nothing to send: the client holds what it should (after a
+                // NACK, too, once the rejected resources are gone from the snapshot).
+                state.sent_system = version_of(all, state.names.as_ref());
+                self.sync.sent(type_url, &state.sent_system);
+                self.sync.acked(type_url, &state.sent_system);
+            }
             return Ok(());
         }
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         state.sent_nonce = nonce.clone();
         state.before = Some(before);
+        state.sent_system = version_of(all, state.names.as_ref());
+        self.sync.sent(type_url, &state.sent_system);
         let response = DeltaDiscoveryResponse {
-            system_version_info: version_of(all, state.names.as_ref()),
+            system_version_info: state.sent_system.clone(),
             resources,
             type_url: type_url.to_owned(),
             removed_resources: removed,

@@ -97,6 +97,8 @@ fn handle(
     };
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
+        // Per connected proxy and resource type: sent, ACKed, NACKed (istiod's /debug/syncz).
+        "/debug/syncz" => json(&cp.sync.view()),
         "/" | "/ui" => Response::builder()
             .status(StatusCode::FOUND)
             .header("location", "/ui/")

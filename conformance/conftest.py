@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import threading
 import time
@@ -535,3 +536,60 @@ class Load:
                     self.failures.append(f"{type(e).__name__}: {e}")
                 conn = None
             time.sleep(self.pause)
+
+
+# === opaque TCP beside HTTP (protocol sniffing on one outbound port) ===
+
+TCP_SNI = "outbound_.9000_._.server.test.svc.cluster.local"
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+@pytest.fixture
+def tcp_mesh(tmp_path, upstream):
+    echo = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    echo.daemon_threads = True
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    tcp_chain = {
+        "name": "tcp-9000",
+        "filter_chain_match": {"server_names": [TCP_SNI]},
+        "tcp_proxy": {"stat_prefix": "inbound_9000", "cluster": "inbound|9000||"},
+    }
+    m = Mesh(
+        tmp_path,
+        upstream.port,
+        server_chains=[tcp_chain],
+        server_clusters=[{"name": "inbound|9000||", "endpoints": [f"127.0.0.1:{echo.server_address[1]}"]}],
+    )
+    m.tcp_port = free_port()
+    m.client.config["listeners"].append(
+        {
+            "name": "outbound_9000",
+            "address": f"127.0.0.1:{m.tcp_port}",
+            "direction": "OUTBOUND",
+            # Both kinds of chain on one port, as Istio's protocol sniffing builds them: what the
+            # first bytes look like decides which one takes the connection.
+            "filter_chains": [
+                {
+                    "name": "http",
+                    "filter_chain_match": {"application_protocols": ["http/1.1", "h2c"]},
+                    "http_connection_manager": {
+                        "stat_prefix": "outbound_9000_http",
+                        "route_config": {"virtual_hosts": [{"name": "server", "domains": ["*"], "routes": [route("outbound|80||server")]}]},
+                    },
+                },
+                {"name": "tcp", "tcp_proxy": {"stat_prefix": "outbound_9000", "cluster": "outbound|9000||server"}},
+            ],
+        }
+    )
+    m.client.config["clusters"].append(peer_cluster("outbound|9000||server", m.inbound_port, [SERVER_ID], sni=TCP_SNI))
+    m.client.rewrite()
+    m.start()
+    yield m
+    m.stop()
+    echo.shutdown()
+    echo.server_close()

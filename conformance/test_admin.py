@@ -86,6 +86,11 @@ def test_listeners_clusters_server_info_ready(mesh):
     assert f"outbound|80||server::127.0.0.1:{mesh.inbound_port}::health_flags::healthy" in text
     info = json.loads(http_get(mesh.client.admin("/server_info"))[1])
     assert info["state"] == "LIVE"
+    assert info["version"].startswith("eastguard/") and info["node"]["id"] == "client"
+    memory = json.loads(http_get(mesh.client.admin("/memory"))[1])
+    rss = int(open(f"/proc/{mesh.client.proc.pid}/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    assert 0 < int(memory["allocated"]) <= int(memory["total_physical_bytes"])
+    assert abs(int(memory["total_physical_bytes"]) - rss) < rss // 2  # the same process, read moments apart
     assert http_get(mesh.client.admin("/ready")) == (200, "LIVE\n")
     stats = http_get(mesh.client.admin("/stats"))[1]
     assert "cluster.outbound|80||server.upstream_rq_total:" in stats

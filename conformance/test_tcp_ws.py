@@ -1,67 +1,13 @@
 """Opaque TCP and WebSocket (HTTP/1.1 Upgrade) through the sidecar pair."""
 
 import socket
-import socketserver
 import threading
 import time
 
 import pytest
 
-from conftest import CLIENT_ID, SERVER_ID, Mesh, free_port, mtls_socket, peer_cluster, require_tool, route, wait_for
+from conftest import CLIENT_ID, TCP_SNI, Mesh, free_port, mtls_socket, require_tool, wait_for
 
-TCP_SNI = "outbound_.9000_._.server.test.svc.cluster.local"
-
-
-class _Echo(socketserver.BaseRequestHandler):
-    def handle(self):
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
-
-
-@pytest.fixture
-def tcp_mesh(tmp_path, upstream):
-    echo = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
-    echo.daemon_threads = True
-    threading.Thread(target=echo.serve_forever, daemon=True).start()
-    tcp_chain = {
-        "name": "tcp-9000",
-        "filter_chain_match": {"server_names": [TCP_SNI]},
-        "tcp_proxy": {"stat_prefix": "inbound_9000", "cluster": "inbound|9000||"},
-    }
-    m = Mesh(
-        tmp_path,
-        upstream.port,
-        server_chains=[tcp_chain],
-        server_clusters=[{"name": "inbound|9000||", "endpoints": [f"127.0.0.1:{echo.server_address[1]}"]}],
-    )
-    m.tcp_port = free_port()
-    m.client.config["listeners"].append(
-        {
-            "name": "outbound_9000",
-            "address": f"127.0.0.1:{m.tcp_port}",
-            "direction": "OUTBOUND",
-            # Both kinds of chain on one port, as Istio's protocol sniffing builds them: what the
-            # first bytes look like decides which one takes the connection.
-            "filter_chains": [
-                {
-                    "name": "http",
-                    "filter_chain_match": {"application_protocols": ["http/1.1", "h2c"]},
-                    "http_connection_manager": {
-                        "stat_prefix": "outbound_9000_http",
-                        "route_config": {"virtual_hosts": [{"name": "server", "domains": ["*"], "routes": [route("outbound|80||server")]}]},
-                    },
-                },
-                {"name": "tcp", "tcp_proxy": {"stat_prefix": "outbound_9000", "cluster": "outbound|9000||server"}},
-            ],
-        }
-    )
-    m.client.config["clusters"].append(peer_cluster("outbound|9000||server", m.inbound_port, [SERVER_ID], sni=TCP_SNI))
-    m.client.rewrite()
-    m.start()
-    yield m
-    m.stop()
-    echo.shutdown()
-    echo.server_close()
 
 
 def test_opaque_tcp_round_trips_over_mtls(tcp_mesh):

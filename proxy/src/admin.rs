@@ -139,6 +139,7 @@ async fn route(
             Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("{why}\n")),
         },
         "/server_info" => json_response(server_info(state)),
+        "/memory" => json_response(memory()),
         "/config_dump" => json_response(config_dump(state)),
         "/stats" => {
             let mut s = state.telemetry.stats.render_text();
@@ -191,7 +192,7 @@ async fn route(
         },
         "/" => text(
             StatusCode::OK,
-            "eastguard admin: /ready /server_info /config_dump /stats /stats/prometheus /listeners /clusters /apis; POST /quitquitquit /healthcheck/fail /healthcheck/ok /logging\n",
+            "eastguard admin: /ready /server_info /memory /config_dump /stats /stats/prometheus /listeners /clusters /apis; POST /quitquitquit /healthcheck/fail /healthcheck/ok /logging\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -283,6 +284,32 @@ fn server_info(state: &AdminState) -> Value {
         "node": node_json(state),
         "uptime_current_epoch": uptime(state),
         "uptime_all_epochs": uptime(state),
+    })
+}
+
+/// Envoy's `/memory` keys, from the kernel's view of this process (`/proc/self/status`): eastguard
+/// uses the system allocator, which keeps no counters of its own. `allocated` is the resident
+/// anonymous memory (heap and stacks), `heap_size` the data segment, `total_physical_bytes` the
+/// resident set; the page-heap fields have no counterpart and read 0. Values are decimal strings
+/// of bytes, as Envoy writes them.
+fn memory() -> Value {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |k| k * 1024)
+    };
+    let s = |v: u64| Value::String(v.to_string());
+    json!({
+        "allocated": s(kib("RssAnon")),
+        "heap_size": s(kib("VmData")),
+        "pageheap_unmapped": s(0),
+        "pageheap_free": s(0),
+        "total_thread_cache": s(0),
+        "total_physical_bytes": s(kib("VmRSS")),
+        "peak_physical_bytes": s(kib("VmHWM")),
     })
 }
 

@@ -315,6 +315,7 @@ impl<S: SnapshotSource> Stream<S> {
         state.sent_version = version.clone();
         state.sent_nonce = nonce.clone();
         self.sync.sent(type_url, &version);
+        self.sync.pushed(type_url);
         let response = DiscoveryResponse {
             version_info: version,
             resources: items.into_iter().cloned().collect(),
@@ -524,6 +525,7 @@ impl<S: SnapshotSource> DeltaStream<S> {
         state.before = Some(before);
         state.sent_system = version_of(all, state.names.as_ref());
         self.sync.sent(type_url, &state.sent_system);
+        self.sync.pushed(type_url);
         let response = DeltaDiscoveryResponse {
             system_version_info: state.sent_system.clone(),
             resources,

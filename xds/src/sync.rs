@@ -21,6 +21,19 @@ pub const MAX_DETAIL: usize = 512;
 pub struct SyncRegistry {
     next: AtomicU64,
     streams: Mutex<BTreeMap<u64, ProxySync>>,
+    /// Since start, by short type name (`cds`, …): responses sent, and NACKs received.
+    totals: Mutex<BTreeMap<&'static str, (u64, u64)>>,
+}
+
+/// Counters for a control plane's `/metrics` (Istio's `pilot_xds*` names).
+#[derive(Debug, Default)]
+pub struct SyncTotals {
+    /// Streams whose node has said who it is.
+    pub connected: u64,
+    /// By lowercase short type name: responses sent.
+    pub pushes: BTreeMap<String, u64>,
+    /// By lowercase short type name: NACKs received.
+    pub rejects: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +84,27 @@ impl SyncRegistry {
 
     fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<u64, ProxySync>) -> T) -> T {
         f(&mut self.streams.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn count(&self, type_url: &str, push: bool) {
+        let short = short_lower(type_url);
+        let mut t = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let e = t.entry(short).or_default();
+        if push {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+
+    pub fn totals(&self) -> SyncTotals {
+        let connected = self.with(|s| s.values().filter(|p| !p.node.is_empty()).count()) as u64;
+        let t = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        SyncTotals {
+            connected,
+            pushes: t.iter().map(|(k, v)| ((*k).to_owned(), v.0)).collect(),
+            rejects: t.iter().map(|(k, v)| ((*k).to_owned(), v.1)).collect(),
+        }
     }
 
     /// Every stream that has said who it is: node, cluster, version, and per short type name
@@ -160,6 +194,11 @@ impl StreamSync {
         self.update(|p| p.types.entry(type_url.to_owned()).or_default().sent = version.to_owned());
     }
 
+    /// A response went out (counted; [`Self::sent`] records what it holds).
+    pub fn pushed(&self, type_url: &str) {
+        self.registry.count(type_url, true);
+    }
+
     pub fn acked(&self, type_url: &str, version: &str) {
         self.update(|p| {
             let t = p.types.entry(type_url.to_owned()).or_default();
@@ -169,6 +208,7 @@ impl StreamSync {
     }
 
     pub fn nacked(&self, type_url: &str, version: &str, detail: &str) {
+        self.registry.count(type_url, false);
         self.update(|p| {
             p.types.entry(type_url.to_owned()).or_default().nack =
                 Some((version.to_owned(), cut(detail)));
@@ -179,6 +219,18 @@ impl StreamSync {
 impl Drop for StreamSync {
     fn drop(&mut self) {
         self.registry.with(|s| s.remove(&self.id));
+    }
+}
+
+/// `cds`, `lds`, … — a fixed set, so the counters stay bounded whatever type URLs arrive.
+fn short_lower(type_url: &str) -> &'static str {
+    match crate::types::short(type_url) {
+        "CDS" => "cds",
+        "LDS" => "lds",
+        "EDS" => "eds",
+        "RDS" => "rds",
+        "SDS" => "sds",
+        _ => "other",
     }
 }
 

@@ -99,6 +99,11 @@ fn handle(
         "/healthz" => text(StatusCode::OK, "ok\n"),
         // Per connected proxy and resource type: sent, ACKed, NACKed (istiod's /debug/syncz).
         "/debug/syncz" => json(&cp.sync.view()),
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics(cp),
+        ),
         "/" | "/ui" => Response::builder()
             .status(StatusCode::FOUND)
             .header("location", "/ui/")
@@ -263,4 +268,48 @@ mod tests {
         assert!(query(Some("a=%ff")).is_none(), "not UTF-8");
         assert!(query(Some(&"a".repeat(MAX_QUERY + 1))).is_none());
     }
+}
+
+/// The control plane's metrics under istiod's names, so Istio's control-plane dashboards read
+/// them: `pilot_xds` (connected proxies), `pilot_xds_pushes{type}` (responses sent) and
+/// `pilot_total_xds_rejects{type}` (NACKs). istiod exports its counters without a `_total`
+/// suffix; they are written as gauges here to keep those names.
+fn metrics(cp: &ControlPlane) -> String {
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    type Labels = Vec<(&'static str, String)>;
+    let totals = cp.sync.totals();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let connected = Family::<Labels, Gauge>::default();
+    connected
+        .get_or_create(&vec![(
+            "version",
+            format!("eastguard-{}", env!("CARGO_PKG_VERSION")),
+        )])
+        .set(i64::try_from(totals.connected).unwrap_or(i64::MAX));
+    registry.register("pilot_xds", "Proxies connected over ADS", connected);
+    for (name, help, by_type) in [
+        (
+            "pilot_xds_pushes",
+            "xDS responses sent, by type",
+            &totals.pushes,
+        ),
+        (
+            "pilot_total_xds_rejects",
+            "xDS responses the proxies rejected (NACK), by type",
+            &totals.rejects,
+        ),
+    ] {
+        let family = Family::<Labels, Gauge>::default();
+        for t in ["cds", "eds", "lds", "rds"] {
+            let n = by_type.get(t).copied().unwrap_or(0);
+            family
+                .get_or_create(&vec![("type", t.to_owned())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        registry.register(name, help, family);
+    }
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode_registry(&mut out, &registry);
+    out
 }

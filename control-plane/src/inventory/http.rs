@@ -255,21 +255,6 @@ pub async fn serve(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn queries_decode_and_bad_ones_are_refused() {
-        let q = query(Some("service=a.b&caller=spiffe%3A%2F%2Ftd%2Fns%2Fx&x")).unwrap();
-        assert_eq!(q["caller"], "spiffe://td/ns/x");
-        assert_eq!(q["x"], "");
-        assert!(query(Some("a=%zz")).is_none());
-        assert!(query(Some("a=%ff")).is_none(), "not UTF-8");
-        assert!(query(Some(&"a".repeat(MAX_QUERY + 1))).is_none());
-    }
-}
-
 /// The control plane's metrics under istiod's names, so Istio's control-plane dashboards read
 /// them: `pilot_xds` (connected proxies), `pilot_xds_pushes{type}` (responses sent) and
 /// `pilot_total_xds_rejects{type}` (NACKs). istiod exports its counters without a `_total`
@@ -312,4 +297,19 @@ fn metrics(cp: &ControlPlane) -> String {
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode_registry(&mut out, &registry);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_decode_and_bad_ones_are_refused() {
+        let q = query(Some("service=a.b&caller=spiffe%3A%2F%2Ftd%2Fns%2Fx&x")).unwrap();
+        assert_eq!(q["caller"], "spiffe://td/ns/x");
+        assert_eq!(q["x"], "");
+        assert!(query(Some("a=%zz")).is_none());
+        assert!(query(Some("a=%ff")).is_none(), "not UTF-8");
+        assert!(query(Some(&"a".repeat(MAX_QUERY + 1))).is_none());
+    }
 }

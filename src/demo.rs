@@ -997,6 +997,8 @@ fn sidecar_config(
         access_log: Some(AccessLogConfig {
             path: file("-access.log"),
             format: AccessLogFormat::Json,
+            text_format: None,
+            json_format: None,
         }),
         limits: Limits::default(),
         drain: DrainConfig {

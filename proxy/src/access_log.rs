@@ -7,6 +7,8 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+pub mod format;
+
 use crate::config::{AccessLogConfig, AccessLogFormat};
 use crate::stats::Stat;
 
@@ -34,6 +36,7 @@ pub struct Record {
     pub authority: Option<String>,
     pub upstream_host: Option<String>,
     pub upstream_cluster: Option<String>,
+    pub upstream_local_address: Option<String>,
     pub downstream_remote_address: String,
     pub downstream_local_address: String,
     pub downstream_peer_uri_san: Option<String>,
@@ -52,8 +55,68 @@ pub struct Record {
 #[derive(Clone, Debug)]
 pub struct AccessLog {
     tx: Option<SyncSender<String>>,
-    format: AccessLogFormat,
+    format: std::sync::Arc<Formatter>,
     dropped: Stat,
+}
+
+/// How a record becomes a line.
+#[derive(Debug)]
+pub enum Formatter {
+    /// Envoy's default text format.
+    EnvoyText,
+    /// JSON with Istio's key names (every field of the record).
+    IstioJson,
+    /// A format string of Envoy operators (`text_format`, or Istio's default with `ISTIO`).
+    Text(format::Template),
+    /// `json_format`: key → format string, typed as Envoy types them.
+    Json(Vec<(String, format::Template)>),
+}
+
+impl Formatter {
+    /// The formatter a config asks for; errors name the field.
+    pub fn of(config: &AccessLogConfig) -> Result<Self, (&'static str, String)> {
+        match (&config.text_format, &config.json_format) {
+            (Some(_), Some(_)) => Err((
+                "access_log",
+                "text_format and json_format cannot both be set".into(),
+            )),
+            (Some(t), None) => format::Template::parse(t)
+                .map(Self::Text)
+                .map_err(|e| ("access_log.text_format", e)),
+            (None, Some(j)) => j
+                .iter()
+                .map(|(k, v)| {
+                    format::Template::parse(v)
+                        .map(|t| (k.clone(), t))
+                        .map_err(|e| ("access_log.json_format", format!("{k}: {e}")))
+                })
+                .collect::<Result<_, _>>()
+                .map(Self::Json),
+            (None, None) => Ok(match config.format {
+                AccessLogFormat::Text => Self::EnvoyText,
+                AccessLogFormat::Json => Self::IstioJson,
+                AccessLogFormat::Istio => Self::Text(
+                    format::Template::parse(format::ISTIO_TEXT)
+                        .map_err(|e| ("access_log.format", e))?,
+                ),
+            }),
+        }
+    }
+
+    pub fn line(&self, record: &Record) -> Option<String> {
+        Some(match self {
+            Self::EnvoyText => record.to_text(),
+            Self::Text(t) => t.render(record),
+            Self::IstioJson => serde_json::to_string(record).ok()? + "\n",
+            Self::Json(fields) => {
+                let map: serde_json::Map<String, serde_json::Value> = fields
+                    .iter()
+                    .map(|(k, t)| (k.clone(), t.render_json(record)))
+                    .collect();
+                serde_json::to_string(&map).ok()? + "\n"
+            }
+        })
+    }
 }
 
 // === impl AccessLog ===
@@ -64,10 +127,13 @@ impl AccessLog {
         let Some(config) = config else {
             return Ok(Self {
                 tx: None,
-                format: AccessLogFormat::Text,
+                format: std::sync::Arc::new(Formatter::EnvoyText),
                 dropped,
             });
         };
+        // Checked when the config was read; an error here still stops the start.
+        let format = Formatter::of(config)
+            .map_err(|(field, e)| std::io::Error::other(format!("{field}: {e}")))?;
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -84,7 +150,7 @@ impl AccessLog {
             })?;
         Ok(Self {
             tx: Some(tx),
-            format: config.format,
+            format: std::sync::Arc::new(format),
             dropped,
         })
     }
@@ -96,15 +162,8 @@ impl AccessLog {
 
     pub fn write(&self, record: &Record) {
         let Some(tx) = &self.tx else { return };
-        let line = match self.format {
-            AccessLogFormat::Text => record.to_text(),
-            AccessLogFormat::Json => match serde_json::to_string(record) {
-                Ok(mut s) => {
-                    s.push('\n');
-                    s
-                }
-                Err(_) => return,
-            },
+        let Some(line) = self.format.line(record) else {
+            return;
         };
         match tx.try_send(line) {
             Ok(()) => {}

@@ -868,6 +868,12 @@ pub struct AccessLogConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub format: AccessLogFormat,
+    /// A format string of Envoy operators (`%START_TIME%`, `%REQ(:AUTHORITY)%`, …).
+    #[serde(default)]
+    pub text_format: Option<String>,
+    /// JSON lines: key → format string (Envoy's `json_format`).
+    #[serde(default)]
+    pub json_format: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -876,7 +882,10 @@ pub enum AccessLogFormat {
     /// Envoy's default text format.
     #[default]
     Text,
+    /// Every field, with Istio's JSON key names.
     Json,
+    /// Istio's default text format (`meshConfig.accessLogFile` without a format).
+    Istio,
 }
 
 /// DESIGN §5 limits; every field has the safe default.
@@ -1094,6 +1103,13 @@ impl Bootstrap {
         }
         if let Err((field, message)) = sensitive.classifier() {
             return Err(invalid(field, message, "custom:"));
+        }
+        if let Some(Err((field, message))) = self
+            .access_log
+            .as_ref()
+            .map(crate::access_log::Formatter::of)
+        {
+            return Err(invalid(field.into(), message, "access_log:"));
         }
         if let Some(Err((field, message))) = self.tracing.as_ref().map(|t| t.check()) {
             return Err(invalid(field.into(), message, "tracing:"));

@@ -80,6 +80,7 @@ pub async fn proxy<D>(
         }
     };
     guard.record.upstream_host = Some(endpoint.to_string());
+    guard.record.upstream_local_address = up.local_addr().map(|a| a.to_string());
     guard.record.upstream_peer_uri_san = peer.as_deref().map(Into::into);
     if ctx.reporter == Reporter::Source {
         let p = std::mem::take(&mut guard.peer);

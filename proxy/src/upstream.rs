@@ -57,6 +57,7 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(0);
 struct H2Conn {
     id: u64,
     sender: http2::SendRequest<Body>,
+    local: Option<SocketAddr>,
     peer: Option<Arc<str>>,
     /// When the first of the two certificates it was authenticated with expires; the pool opens a
     /// new connection from then on, so no request rides on an expired identity.
@@ -88,6 +89,8 @@ pub struct Sent {
     pub endpoint: SocketAddr,
     /// The verified SPIFFE ID of the peer, for mTLS upstreams.
     pub peer: Option<Arc<str>>,
+    /// This proxy's end of the upstream connection (`%UPSTREAM_LOCAL_ADDRESS%`).
+    pub local: Option<SocketAddr>,
 }
 
 // === impl ClusterRt ===
@@ -198,10 +201,15 @@ impl ClusterRt {
                     ProxyError::UpstreamReset(error_chain(&e))
                 }
             })?;
+            let local = response
+                .extensions()
+                .get::<hyper_util::client::legacy::connect::HttpInfo>()
+                .map(|i| i.local_addr());
             return Ok(Sent {
                 response,
                 endpoint,
                 peer: None,
+                local,
             });
         }
         *req.version_mut() = http::Version::HTTP_2;
@@ -232,6 +240,7 @@ impl ClusterRt {
                         response,
                         endpoint,
                         peer: conn.peer,
+                        local: conn.local,
                     });
                 }
                 Err(mut e) => {
@@ -290,6 +299,7 @@ impl ClusterRt {
         }
         let (io, peer) = self.connect(endpoint, StreamKind::H2).await?;
         let expires = self.identity_expiry(&io);
+        let local = io.local_addr();
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -318,6 +328,7 @@ impl ClusterRt {
         let c = H2Conn {
             id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
             sender,
+            local,
             peer,
             expires,
         };
@@ -405,6 +416,7 @@ impl ClusterRt {
         let endpoint = self.pick()?;
         self.stats.upstream_rq_total.inc();
         let (io, peer) = self.connect(endpoint, StreamKind::Http1).await?;
+        let local = io.local_addr();
         let handshake = |e: hyper::Error| ProxyError::Upgrade(error_chain(&e));
         set_host_from_uri(&mut req);
         *req.version_mut() = http::Version::HTTP_11;
@@ -428,6 +440,7 @@ impl ClusterRt {
             response,
             endpoint,
             peer,
+            local,
         })
     }
 
@@ -440,6 +453,16 @@ impl ClusterRt {
 }
 
 // === impl Stream ===
+
+impl Stream {
+    /// This proxy's end of the connection.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Plain(t) => t.local_addr().ok(),
+            Self::Tls(t) => t.get_ref().0.local_addr().ok(),
+        }
+    }
+}
 
 impl tokio::io::AsyncRead for Stream {
     fn poll_read(

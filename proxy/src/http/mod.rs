@@ -308,6 +308,7 @@ async fn forward(
     let sent = sent.inspect_err(|e| note_upstream_failure(guard, &cluster, e))?;
     guard.record.upstream_service_time = Some(started.elapsed().as_millis() as u64);
     guard.record.upstream_host = Some(sent.endpoint.to_string());
+    guard.record.upstream_local_address = sent.local.map(|a| a.to_string());
     if ctx.reporter == Reporter::Source {
         guard.record.upstream_peer_uri_san = sent.peer.as_deref().map(Into::into);
         let peer = std::mem::take(&mut guard.peer);

@@ -1,0 +1,112 @@
+"""Access-log formats operators configure: Istio's default text format, a format string of Envoy
+operators, and `json_format` with Envoy's typing, each filled from a real call through the pair;
+an operator the proxy cannot fill is refused at start, by name."""
+
+import json
+import re
+import subprocess
+import urllib.error
+import urllib.request
+
+import yaml
+
+from conftest import CLIENT_ID, SERVER_ID, Mesh, binary, free_port, wait_for
+
+# Istio's default format, field by field (quoted fields may hold spaces).
+ISTIO_LINE = re.compile(
+    r'^\[(?P<start>[0-9T:.\-]+Z)\] "(?P<method>\S+) (?P<path>\S+) (?P<protocol>\S+)" (?P<code>\d+) (?P<flags>\S+) '
+    r'(?P<details>\S+) (?P<termination>\S+) "(?P<transport_failure>[^"]*)" (?P<rx>\d+) (?P<tx>\d+) (?P<duration>\d+) '
+    r'(?P<upstream_time>\S+) "(?P<xff>[^"]*)" "(?P<ua>[^"]*)" "(?P<request_id>[^"]*)" "(?P<authority>[^"]*)" '
+    r'"(?P<upstream_host>[^"]*)" (?P<cluster>\S+) (?P<upstream_local>\S+) (?P<downstream_local>\S+) '
+    r'(?P<downstream_remote>\S+) (?P<sni>\S+) (?P<route>\S+)$'
+)
+
+
+def mesh_with(tmp_path, upstream, access_log):
+    m = Mesh(tmp_path, upstream.port)
+    for s in (m.client, m.server):
+        s.config["access_log"] = {"path": str(s.access_log), **access_log}
+        s.rewrite()
+    return m.start()
+
+
+def get(m, path, host="server"):
+    req = urllib.request.Request(m.url(path), headers={"host": host, "user-agent": "fmt-test"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            r.read()  # the whole response: a client gone before its end is logged DC
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def lines(sidecar, n):
+    wait_for(f"{n} line(s) in {sidecar.name}'s access log",
+             lambda: sidecar.access_log.exists() and len(sidecar.access_log.read_text().splitlines()) >= n)
+    return sidecar.access_log.read_text().splitlines()
+
+
+def test_istio_default_text_format(tmp_path, upstream):
+    m = mesh_with(tmp_path, upstream, {"format": "ISTIO"})
+    try:
+        assert get(m, "/orders/7?x=1") == 200
+        server = ISTIO_LINE.match(lines(m.server, 1)[-1])
+        client = ISTIO_LINE.match(lines(m.client, 1)[-1])
+        assert server and client, (lines(m.server, 1), lines(m.client, 1))
+        for f in (server, client):
+            assert (f["method"], f["path"], f["code"], f["flags"]) == ("GET", "/orders/7?x=1", "200", "-")
+            assert f["ua"] == "fmt-test" and len(f["request_id"]) == 36
+        assert server["request_id"] == client["request_id"]  # one call, seen from both sides
+        assert client["cluster"] == "outbound|80||server" and server["cluster"] == "inbound|app||"
+        assert server["upstream_host"] == f"127.0.0.1:{upstream.port}"
+        assert client["upstream_host"] == f"127.0.0.1:{m.inbound_port}"
+        # The client sidecar's end of its mTLS connection is the server sidecar's remote address.
+        assert client["upstream_local"] == server["downstream_remote"]
+        assert server["downstream_local"] == f"127.0.0.1:{m.inbound_port}"
+    finally:
+        m.stop()
+
+
+def test_envoy_operators_in_text_and_json(tmp_path, upstream):
+    text = "%RESPONSE_CODE% %RESPONSE_FLAGS% %DOWNSTREAM_PEER_URI_SAN% %UPSTREAM_PEER_URI_SAN% %REQ(:AUTHORITY)% %%\n"
+    m = Mesh(tmp_path, upstream.port)
+    m.server.config["access_log"] = {"path": str(m.server.access_log), "text_format": text}
+    m.client.config["access_log"] = {
+        "path": str(m.client.access_log),
+        "json_format": {"code": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%", "peer": "%UPSTREAM_PEER_URI_SAN%",
+                        "bytes": "%BYTES_RECEIVED%", "sni": "%REQUESTED_SERVER_NAME%", "call": "%REQ(:METHOD)% %REQ(:PATH)%"},
+    }
+    m.server.rewrite()
+    m.client.rewrite()
+    m.start()
+    try:
+        assert get(m, "/a") == 200
+        assert lines(m.server, 1)[-1] == f"200 - {CLIENT_ID} - server %"
+        rec = json.loads(lines(m.client, 1)[-1])
+        assert rec == {"code": 200, "flags": "-", "peer": SERVER_ID, "bytes": 0, "sni": None, "call": "GET /a"}
+        # A peer with the wrong identity: refused, and the flag says why.
+        assert get(m, "/b", host="wrong-id") == 503
+        rec = json.loads(lines(m.client, 2)[-1])
+        assert (rec["code"], rec["flags"], rec["peer"]) == (503, "UF", None)
+    finally:
+        m.stop()
+
+
+def test_an_operator_the_proxy_cannot_fill_is_refused_by_name(tmp_path):
+    for access_log, message in [
+        ({"text_format": "%DYNAMIC_METADATA(istio.mixer:status)%"}, "access_log.text_format: unsupported operator %DYNAMIC_METADATA(istio.mixer:status)%"),
+        ({"json_format": {"x": "%REQ(X-SECRET)%"}}, "access_log.json_format: x: unsupported operator %REQ(X-SECRET)%"),
+        ({"text_format": "%RESPONSE_CODE"}, "unterminated operator"),
+        ({"text_format": "x", "json_format": {"a": "b"}}, "cannot both be set"),
+        ({"format": "SYSLOG"}, "unknown variant"),
+    ]:
+        cfg = {
+            "node": {"id": "n", "workload": "w", "namespace": "test"},
+            "admin": {"address": f"127.0.0.1:{free_port()}"},
+            "identity": {"files": {"cert": "c.pem", "key": "k.pem", "bundle": "b.pem"}},
+            "access_log": {"path": str(tmp_path / "a.log"), **access_log},
+        }
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        r = subprocess.run([binary(), "proxy", "--config", str(path)], capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and message in r.stderr, (access_log, r.stderr)

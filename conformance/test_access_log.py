@@ -110,3 +110,32 @@ def test_an_operator_the_proxy_cannot_fill_is_refused_by_name(tmp_path):
         path.write_text(yaml.safe_dump(cfg))
         r = subprocess.run([binary(), "proxy", "--config", str(path)], capture_output=True, text=True, timeout=30)
         assert r.returncode != 0 and message in r.stderr, (access_log, r.stderr)
+
+
+def test_a_connection_managers_own_logs_share_writers_and_show_in_config_dump(tmp_path, upstream):
+    from conftest import http_get
+
+    own = tmp_path / "inbound-http.log"
+    m = Mesh(tmp_path, upstream.port)
+    hcm = m.server.config["listeners"][0]["filter_chains"][-1]["http_connection_manager"]
+    hcm["access_log"] = [
+        {"path": str(own), "text_format": "%RESPONSE_CODE% %DOWNSTREAM_PEER_URI_SAN% %REQ(:PATH)%\n"},
+        # The bootstrap's file too: one writer per file, so records never interleave mid-line.
+        {"path": str(m.server.access_log), "format": "JSON"},
+    ]
+    m.server.rewrite()
+    m.start()
+    try:
+        for i in range(20):
+            assert get(m, f"/own/{i}") == 200
+        wait_for("the connection manager's log", lambda: own.exists() and len(own.read_text().splitlines()) == 20)
+        assert own.read_text().splitlines()[0] == f"200 {CLIENT_ID} /own/0"
+        # The bootstrap's record and the connection manager's, both whole JSON lines.
+        records = [json.loads(l) for l in lines(m.server, 40)]
+        assert len(records) == 40 and {r["path"] for r in records} == {f"/own/{i}" for i in range(20)}
+        dump = json.loads(http_get(m.server.admin("/config_dump"))[1])
+        text = json.dumps(dump)
+        assert "envoy.extensions.access_loggers.file.v3.FileAccessLog" in text
+        assert "%RESPONSE_CODE% %DOWNSTREAM_PEER_URI_SAN% %REQ(:PATH)%" in text
+    finally:
+        m.stop()

@@ -827,6 +827,7 @@ fn hcm(stat_prefix: &str, virtual_hosts: Vec<VirtualHost>) -> HttpConnectionMana
         http_filters: vec![],
         upgrade_configs: vec![UpgradeConfig::websocket()],
         reject_ambiguous_paths: false,
+        access_log: vec![],
     }
 }
 

@@ -134,25 +134,18 @@ impl AccessLog {
         // Checked when the config was read; an error here still stops the start.
         let format = Formatter::of(config)
             .map_err(|(field, e)| std::io::Error::other(format!("{field}: {e}")))?;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&config.path)?;
-        let (tx, rx) = sync_channel::<String>(QUEUE);
-        std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || {
-                while let Ok(line) = rx.recv() {
-                    if let Err(e) = file.write_all(line.as_bytes()) {
-                        tracing::warn!(error = %e, "access log write failed");
-                    }
-                }
-            })?;
+        let tx = writer(&config.path)?;
         Ok(Self {
             tx: Some(tx),
             format: std::sync::Arc::new(format),
             dropped,
         })
+    }
+
+    /// A connection manager's own log (from xDS): same file, same writer as any other log of
+    /// that path.
+    pub fn shared(config: &AccessLogConfig, dropped: Stat) -> std::io::Result<Self> {
+        Self::open(Some(config), dropped)
     }
 
     /// Whether records are written at all (no file configured: the access log is off).
@@ -170,6 +163,46 @@ impl AccessLog {
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
         }
     }
+}
+
+/// Distinct access-log files one process writes; a config naming more is refused (each file has
+/// a writer thread, and the paths come from the control plane).
+pub const MAX_FILES: usize = 16;
+
+/// The writer of `path`: one thread per file, shared by every log that names it.
+fn writer(path: &std::path::Path) -> std::io::Result<SyncSender<String>> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static WRITERS: OnceLock<Mutex<HashMap<std::path::PathBuf, SyncSender<String>>>> =
+        OnceLock::new();
+    let mut writers = WRITERS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(tx) = writers.get(path) {
+        return Ok(tx.clone());
+    }
+    if writers.len() >= MAX_FILES {
+        return Err(std::io::Error::other(format!(
+            "more than {MAX_FILES} access log files"
+        )));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let (tx, rx) = sync_channel::<String>(QUEUE);
+    std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || {
+            while let Ok(line) = rx.recv() {
+                if let Err(e) = file.write_all(line.as_bytes()) {
+                    tracing::warn!(error = %e, "access log write failed");
+                }
+            }
+        })?;
+    writers.insert(path.to_owned(), tx.clone());
+    Ok(tx)
 }
 
 // === impl Record ===

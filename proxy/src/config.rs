@@ -669,6 +669,10 @@ pub struct HttpConnectionManager {
     /// translates to it. Off by default: DENY rules already match every such reading.
     #[serde(default)]
     pub reject_ambiguous_paths: bool,
+    /// This connection manager's access logs (Envoy's `access_log`: file, stdout, stderr), besides
+    /// the bootstrap's `access_log`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access_log: Vec<AccessLogConfig>,
 }
 
 /// One entry of [`HttpConnectionManager::upgrade_configs`].
@@ -860,7 +864,7 @@ pub struct DestinationMetadata {
     pub app: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessLogConfig {
     /// A file to append to; `/dev/stdout` by default.

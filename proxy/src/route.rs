@@ -18,6 +18,8 @@ pub struct HttpChain {
     pub reject_ambiguous_paths: bool,
     virtual_hosts: Vec<VirtualHostRt>,
     pub stats: HttpStats,
+    /// This connection manager's own access logs (xDS `access_log`).
+    pub access_logs: Arc<[crate::access_log::AccessLog]>,
 }
 
 pub struct HttpStats {
@@ -119,7 +121,20 @@ impl HttpChain {
     ) -> Result<Arc<Self>, crate::config::ChainError> {
         let s = |n: &str| stats.stat(&format!("http.{}.{n}", hcm.stat_prefix));
         let rbac = crate::config::compile_rbac(&hcm.http_filters)?;
+        // A log that cannot be opened costs its records, not the chain's traffic.
+        let access_logs = hcm
+            .access_log
+            .iter()
+            .filter_map(|c| {
+                crate::access_log::AccessLog::shared(c, stats.stat("access_log.dropped"))
+                    .inspect_err(|e| {
+                        tracing::warn!(path = %c.path.display(), error = %e, "access log not opened; its records are lost");
+                    })
+                    .ok()
+            })
+            .collect();
         Ok(Arc::new(Self {
+            access_logs,
             rbac,
             forward_client_cert: hcm.forward_client_cert_details,
             upgrade_types: hcm
@@ -305,6 +320,7 @@ mod tests {
                 http_filters: vec![],
                 upgrade_configs: vec![],
                 reject_ambiguous_paths: false,
+                access_log: vec![],
                 rds: None,
                 route_config: RouteConfiguration {
                     name: "r".into(),

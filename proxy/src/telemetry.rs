@@ -124,6 +124,8 @@ pub struct CallGuard {
     pub sample: Option<Box<crate::sampling::SampleCopy>>,
     /// This call's span, if tracing is on and the call is sampled.
     pub span: Option<crate::trace::ActiveSpan>,
+    /// The connection manager's own access logs (xDS), besides the bootstrap's.
+    pub chain_logs: Option<Arc<[AccessLog]>>,
 }
 
 // === impl Telemetry ===
@@ -190,6 +192,7 @@ impl Telemetry {
                 .then(ApiCall::default),
             sample: None,
             span: None,
+            chain_logs: None,
         }
     }
 }
@@ -426,9 +429,13 @@ impl Drop for CallGuard {
                 .get_or_create(&labels)
                 .observe(self.record.bytes_sent as f64);
         }
-        if self.telemetry.access_log.enabled() {
+        let chain_logs = self.chain_logs.take().filter(|l| !l.is_empty());
+        if self.telemetry.access_log.enabled() || chain_logs.is_some() {
             self.record.start_time = format_time(self.started_at);
             self.telemetry.access_log.write(&self.record);
+            for log in chain_logs.iter().flat_map(|l| l.iter()) {
+                log.write(&self.record);
+            }
         }
         if self.record.rbac_decision.as_deref() == Some("denied") {
             let audit = &self.telemetry.audit;

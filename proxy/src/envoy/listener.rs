@@ -403,6 +403,7 @@ fn http_connection_manager(
     if hcm.tracing.is_some() {
         cx.note(format!("{field}: tracing skipped"));
     }
+    let access_log = access_logs(&hcm.access_log, &format!("{field}.access_log"), cx)?;
     let mut http_filters = Vec::new();
     let mut router = false;
     for (i, f) in hcm.http_filters.iter().enumerate() {
@@ -479,7 +480,208 @@ fn http_connection_manager(
         upgrade_configs,
         // REJECT_REQUEST; the other actions are what normalization does anyway.
         reject_ambiguous_paths: hcm.path_with_escaped_slashes_action == REJECT_REQUEST,
+        access_log,
     })
+}
+
+const FILE_ACCESS_LOG: &str =
+    "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog";
+const STDOUT_ACCESS_LOG: &str =
+    "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
+const STDERR_ACCESS_LOG: &str =
+    "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
+
+/// Envoy's access loggers (file, stdout, stderr — what Istio's `accessLogFile` and Telemetry API
+/// generate) as the model's; others are skipped with a note. A format the proxy cannot fill is
+/// invalid (NACK), as a bad format is in Envoy.
+use std::path::PathBuf;
+use xds::pb::envoy::config::core::v3::{data_source, substitution_format_string};
+
+#[expect(
+    deprecated,
+    reason = "Istio and older control planes still send the deprecated format fields"
+)]
+fn access_logs(
+    logs: &[xds::pb::envoy::config::accesslog::v3::AccessLog],
+    field: &str,
+    cx: &mut Ctx<'_>,
+) -> Result<Vec<config::AccessLogConfig>, Invalid> {
+    use xds::pb::envoy::config::accesslog::v3::access_log::ConfigType;
+    use xds::pb::envoy::config::core::v3::SubstitutionFormatString;
+    use xds::pb::envoy::extensions::access_loggers::file::v3::{FileAccessLog, file_access_log};
+    use xds::pb::envoy::extensions::access_loggers::stream::v3::{
+        StderrAccessLog, StdoutAccessLog, stderr_access_log, stdout_access_log,
+    };
+    let mut out = Vec::new();
+    for (i, log) in logs.iter().enumerate() {
+        let lfield = format!("{field}[{i}]");
+        let Some(ConfigType::TypedConfig(tc)) = &log.config_type else {
+            cx.note(format!(
+                "{lfield}: access log {} without typed_config skipped",
+                log.name
+            ));
+            continue;
+        };
+        let type_url = codec::effective_type_url(tc);
+        let unpack_err = |e: xds::codec::CodecError| e.to_string();
+        let (path, format): (PathBuf, Option<SubstitutionFormatString>) = match type_url.as_str() {
+            FILE_ACCESS_LOG => {
+                let f: FileAccessLog =
+                    codec::unpack(tc).map_err(|e| cx.invalid(&lfield, unpack_err(e)))?;
+                if f.path.is_empty() {
+                    return Err(cx.invalid(format!("{lfield}.path"), "required"));
+                }
+                let format = match f.access_log_format {
+                    Some(file_access_log::AccessLogFormat::LogFormat(s)) => Some(s),
+                    Some(file_access_log::AccessLogFormat::Format(t)) => Some(text_format(t)),
+                    Some(
+                        file_access_log::AccessLogFormat::JsonFormat(j)
+                        | file_access_log::AccessLogFormat::TypedJsonFormat(j),
+                    ) => Some(SubstitutionFormatString {
+                        format: Some(substitution_format_string::Format::JsonFormat(j)),
+                        ..Default::default()
+                    }),
+                    None => None,
+                };
+                (PathBuf::from(f.path), format)
+            }
+            STDOUT_ACCESS_LOG => {
+                let f: StdoutAccessLog =
+                    codec::unpack(tc).map_err(|e| cx.invalid(&lfield, unpack_err(e)))?;
+                let format = f
+                    .access_log_format
+                    .map(|stdout_access_log::AccessLogFormat::LogFormat(s)| s);
+                ("/dev/stdout".into(), format)
+            }
+            STDERR_ACCESS_LOG => {
+                let f: StderrAccessLog =
+                    codec::unpack(tc).map_err(|e| cx.invalid(&lfield, unpack_err(e)))?;
+                let format = f
+                    .access_log_format
+                    .map(|stderr_access_log::AccessLogFormat::LogFormat(s)| s);
+                ("/dev/stderr".into(), format)
+            }
+            other => {
+                cx.note(format!(
+                    "{lfield}: access logger {} ({other}) skipped",
+                    log.name
+                ));
+                continue;
+            }
+        };
+        if log.filter.is_some() {
+            cx.note(format!(
+                "{lfield}: access log filter skipped; every call is logged"
+            ));
+        }
+        let mut c = config::AccessLogConfig {
+            path,
+            format: config::AccessLogFormat::Text,
+            text_format: None,
+            json_format: None,
+        };
+        match format.and_then(|f| f.format) {
+            None => {}
+            Some(substitution_format_string::Format::TextFormat(t)) => c.text_format = Some(t),
+            Some(substitution_format_string::Format::TextFormatSource(ds)) => match ds.specifier {
+                Some(data_source::Specifier::InlineString(t)) => c.text_format = Some(t),
+                Some(data_source::Specifier::InlineBytes(b)) => {
+                    c.text_format = Some(String::from_utf8(b).map_err(|_| {
+                        cx.invalid(format!("{lfield}.log_format"), "format is not UTF-8")
+                    })?);
+                }
+                _ => {
+                    return Err(cx.invalid(
+                        format!("{lfield}.log_format.text_format_source"),
+                        "only inline formats are supported",
+                    ));
+                }
+            },
+            Some(substitution_format_string::Format::JsonFormat(j)) => {
+                let mut map = std::collections::BTreeMap::new();
+                for (k, v) in j.fields {
+                    match v.kind {
+                        Some(xds::pb::google::protobuf::value::Kind::StringValue(s)) => {
+                            map.insert(k, s);
+                        }
+                        _ => {
+                            return Err(cx.invalid(
+                                format!("{lfield}.log_format.json_format.{k}"),
+                                "only string values (format strings) are supported",
+                            ));
+                        }
+                    }
+                }
+                c.json_format = Some(map);
+            }
+        }
+        crate::access_log::Formatter::of(&c)
+            .map_err(|(f, e)| cx.invalid(format!("{lfield}: {f}"), e))?;
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// A model access log as Envoy's file logger (the inverse of [`access_logs`], for `/config_dump`).
+fn access_log_pb(c: &config::AccessLogConfig) -> xds::pb::envoy::config::accesslog::v3::AccessLog {
+    use xds::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
+    use xds::pb::envoy::config::core::v3::{DataSource, SubstitutionFormatString};
+    use xds::pb::envoy::extensions::access_loggers::file::v3::{FileAccessLog, file_access_log};
+    use xds::pb::google::protobuf::{Struct, Value, value};
+    let format = match (&c.text_format, &c.json_format, c.format) {
+        (Some(t), _, _) => Some(substitution_format_string::Format::TextFormatSource(
+            DataSource {
+                specifier: Some(data_source::Specifier::InlineString(t.clone())),
+                ..Default::default()
+            },
+        )),
+        (None, Some(j), _) => Some(substitution_format_string::Format::JsonFormat(Struct {
+            fields: j
+                .iter()
+                .map(|(k, v)| {
+                    let v = Value {
+                        kind: Some(value::Kind::StringValue(v.clone())),
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        })),
+        (None, None, config::AccessLogFormat::Istio) => Some(
+            substitution_format_string::Format::TextFormatSource(DataSource {
+                specifier: Some(data_source::Specifier::InlineString(
+                    crate::access_log::format::ISTIO_TEXT.into(),
+                )),
+                ..Default::default()
+            }),
+        ),
+        _ => None,
+    };
+    AccessLog {
+        name: "envoy.access_loggers.file".into(),
+        config_type: Some(access_log::ConfigType::TypedConfig(codec::pack(
+            &FileAccessLog {
+                path: c.path.display().to_string(),
+                access_log_format: format.map(|f| {
+                    file_access_log::AccessLogFormat::LogFormat(SubstitutionFormatString {
+                        format: Some(f),
+                        ..Default::default()
+                    })
+                }),
+            },
+        ))),
+        ..Default::default()
+    }
+}
+
+#[expect(
+    deprecated,
+    reason = "the deprecated `format` field becomes the deprecated text_format"
+)]
+fn text_format(t: String) -> xds::pb::envoy::config::core::v3::SubstitutionFormatString {
+    xds::pb::envoy::config::core::v3::SubstitutionFormatString {
+        format: Some(substitution_format_string::Format::TextFormat(t)),
+        ..Default::default()
+    }
 }
 
 /// Resources must come over the same ADS stream (`ads: {}`) — or `self`, which means the same.
@@ -535,6 +737,7 @@ pub fn listener_pb(l: &config::Listener) -> Listener {
                     } else {
                         0
                     },
+                    access_log: h.access_log.iter().map(access_log_pb).collect(),
                     upgrade_configs: h
                         .upgrade_configs
                         .iter()

@@ -93,6 +93,9 @@ pub async fn handle(
         ctx.stream_idle_timeout,
     );
     let req = Request::from_parts(parts, counted);
+    if let Some(chain) = chain.as_ref().filter(|c| !c.access_logs.is_empty()) {
+        guard.chain_logs = Some(chain.access_logs.clone());
+    }
     let forwarded = match &chain {
         Some(chain) => {
             let cx = Forwarding {

@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--duration", type=int, default=20)
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--inventory", choices=["on", "off"], default="on", help="the sidecars' API inventory (inventory.enabled)")
+    ap.add_argument("--tracing", type=float, default=None, metavar="PERCENT",
+                    help="tracing on both sidecars at this sampling percent, exporting to an OTLP receiver in this script")
     args = ap.parse_args()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-p", "eastguard", "-p", "eastguard-benches"], cwd=ROOT, check=True)
@@ -63,11 +65,18 @@ def main():
         stdout=subprocess.DEVNULL,
     )
     work = Path(tempfile.mkdtemp(prefix="eastguard-bench-"))
+    collector = None
+    if args.tracing is not None:
+        from test_tracing import Collector
+
+        collector = Collector()
     # The access log is off for the benchmark, as in a default Istio install.
     mesh = conftest.Mesh(work, upstream_port)
     for sc in (mesh.client, mesh.server):
         sc.config.pop("access_log")
         sc.config["inventory"] = {"enabled": args.inventory == "on"}
+        if collector is not None:
+            sc.config["tracing"] = {"address": f"127.0.0.1:{collector.port}", "sampling": args.tracing}
         import yaml
 
         sc.config_path.write_text(yaml.safe_dump(sc.config))
@@ -87,14 +96,21 @@ def main():
              " / ".join(f"{(cpu1[k] - cpu0[k]) * 1000 / sent:.1f}" for k in ("client", "server")),
              " / ".join(f"{rss_mib(p):.1f}" for p in pids.values())),
         ]
-        print(f"\nHTTP/1.1, 1 KB responses, {args.rate} req/s fixed rate, {args.connections} connections, {args.duration} s measured, inventory {args.inventory}")
+        tracing = "off" if collector is None else f"{args.tracing:g} %"
+        print(f"\nHTTP/1.1, 1 KB responses, {args.rate} req/s fixed rate, {args.connections} connections, {args.duration} s measured, inventory {args.inventory}, tracing {tracing}")
         print(f"{'path':<18} {'requests':>8} {'errors':>6} {'rps':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7}  {'CPU ms/1000 req (client/server)':>32}  {'RSS MiB (client/server)':>24}")
         for name, r, cpu, rss in rows:
             print(f"{name:<18} {r['requests']:>8} {r['errors']:>6} {r['achieved_rps']:>7.0f} {r['p50_ms']:>7.3f} {r['p90_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['max_ms']:>7.3f}  {cpu:>32}  {rss:>24}")
+        if collector is not None:
+            time.sleep(1.5)  # the last batch
+            dropped = sum(conftest.stat(sc, "tracing.opentelemetry.spans_dropped") for sc in (mesh.client, mesh.server))
+            print(f"spans received by the OTLP receiver: {len(collector.spans)}, dropped by the sidecars: {dropped}")
     finally:
         mesh.stop()
         upstream.terminate()
         upstream.wait()
+        if collector is not None:
+            collector.stop()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import CLIENT_ID, SERVER_ID, Mesh, require_tool, wait_for
+from conftest import CLIENT_ID, SERVER_ID, Mesh, read_response, require_tool, stat, wait_for
 
 
 def curl(*args):
@@ -56,6 +56,20 @@ def test_nghttp_http2_reaches_upstream(mesh):
     seen = json.loads(out.stdout)
     assert f"URI={CLIENT_ID}" in seen["headers"]["x-forwarded-client-cert"]
     logged(mesh, "r['protocol'] == 'HTTP/2' and r['path'] == '/h2'", lambda r: r["protocol"] == "HTTP/2" and r["path"] == "/h2")
+
+
+def test_a_client_slow_to_send_its_first_bytes_is_still_served(mesh):
+    """Protocol detection gives up after 100 ms only where opaque TCP could go; this outbound
+    listener has HTTP chains alone, so a client that connects and waits is still served."""
+    import socket
+
+    for delay in (0.0, 0.5):
+        with socket.create_connection(("127.0.0.1", mesh.outbound_port), timeout=10) as s:
+            time.sleep(delay)  # the scenario: a client slow to write after connecting
+            s.sendall(b"GET /slow-start HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n")
+            status, body, _ = read_response(s)
+        assert (status, b"canary" in body) == (200, True), delay
+    assert stat(mesh.client, "no_filter_chain_match") == 0
 
 
 def test_forged_identity_headers_never_reach_upstream(mesh):

@@ -28,8 +28,9 @@ use crate::stats::{EnvoyStats, Stat};
 use crate::telemetry::{Reporter, Telemetry};
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the outbound side waits for a client's first bytes before calling it opaque TCP
-/// (server-first protocols send nothing).
+/// How long the outbound side waits for a client's first bytes before calling it opaque TCP, on a
+/// listener with somewhere for opaque TCP to go (server-first protocols send nothing); a listener
+/// of HTTP chains alone waits the header read timeout.
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(100);
 /// How long a connection closed for premature resets gets for its streams in flight.
 const PREMATURE_RESET_CLOSE: Duration = Duration::from_secs(1);
@@ -557,7 +558,20 @@ impl ListenerRt {
         local_id: Arc<str>,
         drain: Draining,
     ) {
-        let sniffed = sniff(&tcp).await;
+        // Protocol detection gives up early only where opaque TCP has somewhere to go: a client
+        // that waits for the server to speak first. On a listener of HTTP chains alone, a client
+        // slow to send its first bytes is still an HTTP client, so it gets the header read timeout.
+        let tcp_possible = self
+            .chains
+            .get()
+            .iter()
+            .any(|c| matches!(c.kind, ChainKind::Tcp { .. } | ChainKind::Refuse(_)));
+        let patience = if tcp_possible {
+            SNIFF_TIMEOUT
+        } else {
+            self.shared.limits.header_read_timeout
+        };
+        let sniffed = sniff(&tcp, patience).await;
         let chains = self.chains.get();
         let conn = crate::chain_match::Conn {
             local,
@@ -787,7 +801,7 @@ fn server_builder(limits: &Limits, draining: bool) -> auto::Builder<TokioExecuto
 }
 
 /// Looks at an app's first bytes without consuming them.
-async fn sniff(tcp: &TcpStream) -> Sniffed {
+async fn sniff(tcp: &TcpStream, patience: Duration) -> Sniffed {
     const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     const METHODS: &[&[u8]] = &[
         b"GET ",
@@ -800,7 +814,7 @@ async fn sniff(tcp: &TcpStream) -> Sniffed {
         b"TRACE ",
         b"CONNECT ",
     ];
-    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + patience;
     let mut buf = [0u8; 24];
     loop {
         let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {

@@ -316,6 +316,7 @@ class Sidecar:
         self.admin_port = free_port()
         self.access_log = workdir / f"{name}-access.log"
         self.stderr_path = workdir / f"{name}.log"
+        self.stdout_path = workdir / f"{name}.out"  # where a /dev/stdout access log goes
         self.config = {
             "node": {"id": name, "workload": name, "namespace": "test"},
             "admin": {"address": f"127.0.0.1:{self.admin_port}"},
@@ -335,9 +336,10 @@ class Sidecar:
 
     def start(self, wait=True):
         self.stderr = open(self.stderr_path, "ab")
+        self.stdout = open(self.stdout_path, "ab")
         self.proc = subprocess.Popen(
             [binary(), "--log-level", os.environ.get("EASTGUARD_TEST_LOG", "info"), "proxy", "--config", str(self.config_path)],
-            stdout=subprocess.DEVNULL,
+            stdout=self.stdout,
             stderr=self.stderr,
         )
         if wait:
@@ -375,6 +377,7 @@ class Sidecar:
                 self.proc.wait()
         if self.proc:
             self.stderr.close()
+            self.stdout.close()
 
 
 class Mesh:

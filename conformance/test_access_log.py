@@ -5,6 +5,7 @@ an operator the proxy cannot fill is refused at start, by name."""
 import json
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -139,3 +140,100 @@ def test_a_connection_managers_own_logs_share_writers_and_show_in_config_dump(tm
         assert "%RESPONSE_CODE% %DOWNSTREAM_PEER_URI_SAN% %REQ(:PATH)%" in text
     finally:
         m.stop()
+
+
+ROOT_TELEMETRY = """\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging: [{providers: [{name: envoy}]}]
+"""
+
+SERVER_OFF = """\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: server-quiet, namespace: test}
+spec:
+  selector: {matchLabels: {app: server}}
+  accessLogging: [{disabled: true}]
+"""
+
+
+def test_istio_telemetry_api_turns_sidecar_access_logs_on_and_off(tmp_path):
+    """Over xDS, as Istio does it: no log by default; a root-namespace Telemetry with the built-in
+    `envoy` provider gives every sidecar Istio's text format on stdout; a workload's Telemetry
+    with `disabled: true` turns only its own off; an unknown provider is refused by name."""
+    from test_xds import XdsMesh
+
+    m = XdsMesh(tmp_path)
+    out = {name: s.stdout_path for name, s in m.sidecars.items()}
+
+    def logged(name, path):
+        return any(f" {path} " in l or f'"GET {path} ' in l for l in out[name].read_text().splitlines())
+
+    try:
+        wait_for("config from the control plane", lambda: m.get("/before")[0] == 200)
+        (m.config_dir / "telemetry.yaml").write_text(ROOT_TELEMETRY)
+        n = iter(range(100000))
+
+        def both_log():
+            i = next(n)
+            m.get(f"/on/{i}")
+            time.sleep(0.05)  # the writer threads
+            return logged("client", f"/on/{i}") and logged("server", f"/on/{i}")
+
+        wait_for("both sidecars log", both_log)
+        assert m.get("/on/x")[0] == 200
+        wait_for("the server sidecar logged /on/x", lambda: logged("server", "/on/x"))
+        line = next(l for l in out["server"].read_text().splitlines() if '"GET /on/x ' in l)
+        assert ISTIO_LINE.match(line), line
+        assert not logged("server", "/before") and not logged("client", "/before")
+        # The server's own Telemetry turns its log off; the client keeps logging.
+        (m.config_dir / "server-quiet.yaml").write_text(SERVER_OFF)
+        k = iter(range(100000))
+
+        def quiet():
+            i = next(k)
+            m.get(f"/off/{i}")
+            time.sleep(0.05)  # the writer threads
+            return logged("client", f"/off/{i}") and not logged("server", f"/off/{i}")
+
+        wait_for("the server sidecar's log off, the client's on", quiet)
+        # Not only quiet: the server sidecar's connection managers carry no logger at all.
+        from conftest import http_get
+
+        def loggers(name):
+            return json.dumps(json.loads(http_get(m.sidecars[name].admin("/config_dump"))[1])).count("FileAccessLog")
+
+        wait_for("the server's loggers removed", lambda: loggers("server") == 0)
+        assert loggers("client") >= 1
+        # A provider the control plane does not have: the file is refused, naming it.
+        (m.config_dir / "otel.yaml").write_text(ROOT_TELEMETRY.replace("mesh-default", "otel").replace("envoy", "otel-als"))
+        wait_for("the bad provider refused", lambda: '"otel-als" is not a provider here' in m.cp.logs())
+    finally:
+        m.stop()
+
+
+def test_mesh_wide_access_log_flags_as_istio_mesh_config(tmp_path):
+    """`--access-log-file` / `--access-log-encoding JSON`: every sidecar writes Istio's JSON keys,
+    typed; a bad `--access-log-format` stops the control plane with a clear error."""
+    from test_xds import XdsMesh
+
+    log = tmp_path / "mesh-access.log"
+    m = XdsMesh(tmp_path, cp_extra=["--access-log-file", str(log), "--access-log-encoding", "JSON"])
+    try:
+        wait_for("config from the control plane", lambda: m.get("/json")[0] == 200)
+        wait_for("two JSON records (client and server)", lambda: log.exists() and len(log.read_text().splitlines()) >= 2)
+        records = [json.loads(l) for l in log.read_text().splitlines()]
+        r = next(r for r in records if r["path"] == "/json")
+        assert r["response_code"] == 200 and r["method"] == "GET" and isinstance(r["duration"], int)
+        assert {"upstream_cluster", "upstream_local_address", "x_forwarded_for", "start_time"} <= set(r)
+    finally:
+        m.stop()
+    bad = subprocess.run(
+        [binary(), "control-plane", "--config-dir", str(tmp_path), "--xds-address", f"127.0.0.1:{free_port()}",
+         "--access-log-format", "%NOT_AN_OPERATOR%"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert bad.returncode != 0 and "--access-log-format: unsupported operator %NOT_AN_OPERATOR%" in bad.stderr, bad.stderr

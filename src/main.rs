@@ -66,6 +66,17 @@ enum Command {
         /// `permissive` (Istio's default).
         #[arg(long, default_value = "strict", value_parser = ["strict", "permissive"])]
         default_mtls: String,
+        /// Mesh-wide access log of every sidecar (Istio's meshConfig.accessLogFile, e.g.
+        /// /dev/stdout); Telemetry resources turn it on or off per namespace or workload.
+        #[arg(long, default_value = "")]
+        access_log_file: String,
+        /// Istio's meshConfig.accessLogEncoding: TEXT or JSON.
+        #[arg(long, default_value = "TEXT", value_parser = ["TEXT", "JSON"])]
+        access_log_encoding: String,
+        /// Istio's meshConfig.accessLogFormat: Envoy operators (TEXT), or a JSON object of key →
+        /// operators (JSON). Default: Istio's.
+        #[arg(long)]
+        access_log_format: Option<String>,
         /// ADS over mTLS (Istio's 15012); needs --cert, --key and --bundle.
         #[arg(long, requires_all = ["cert", "key", "bundle"])]
         tls_address: Option<std::net::SocketAddr>,
@@ -274,6 +285,9 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             trust_domain,
             root_namespace,
             default_mtls,
+            access_log_file,
+            access_log_encoding,
+            access_log_format,
             tls_address,
             cert,
             key,
@@ -315,6 +329,11 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                     } else {
                         policy::istio::peer_authn::MtlsMode::Strict
                     },
+                    access_log: mesh_access_log(
+                        access_log_file,
+                        access_log_encoding == "JSON",
+                        access_log_format,
+                    )?,
                 },
                 poll_interval: std::time::Duration::from_millis(200),
                 data_dir,
@@ -434,5 +453,34 @@ fn init_logging(level: &str) -> anyhow::Result<proxy::LogControl> {
     Ok(Arc::new(move |level: &str| {
         let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
         handle.reload(f).map_err(|e| e.to_string())
+    }))
+}
+
+/// The control plane's `--access-log-*` flags, checked here: every sidecar would NACK a format
+/// it cannot fill.
+fn mesh_access_log(
+    file: String,
+    json: bool,
+    format: Option<String>,
+) -> anyhow::Result<Option<control_plane::generate::telemetry::MeshAccessLog>> {
+    use proxy::access_log::format::Template;
+    if let Some(f) = &format {
+        if json {
+            let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(f)
+                .context("--access-log-format with JSON encoding must be a JSON object")?;
+            for (k, v) in &map {
+                let v = v.as_str().with_context(|| {
+                    format!("--access-log-format: {k}: values must be format strings")
+                })?;
+                Template::parse(v).map_err(|e| anyhow::anyhow!("--access-log-format: {k}: {e}"))?;
+            }
+        } else {
+            Template::parse(f).map_err(|e| anyhow::anyhow!("--access-log-format: {e}"))?;
+        }
+    }
+    Ok(Some(control_plane::generate::telemetry::MeshAccessLog {
+        file,
+        json,
+        format,
     }))
 }

@@ -467,6 +467,7 @@ mod tests {
                 trust_domain: "cluster.local".into(),
                 root_namespace: "istio-system".into(),
                 default_mtls: policy::istio::peer_authn::MtlsMode::Strict,
+                access_log: None,
             },
             d.registry(),
         )

@@ -17,6 +17,102 @@ pub struct Registry {
     pub workloads: Vec<WorkloadEntry>,
     pub authorization: Vec<AuthorizationPolicy>,
     pub peer_authentication: Vec<PeerAuthentication>,
+    /// `telemetry.istio.io` Telemetry (access logging).
+    pub telemetry: Vec<Telemetry>,
+}
+
+/// A Telemetry resource: which workloads (`selector`, else its whole namespace; in the root
+/// namespace, the mesh) and its access-logging rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Telemetry {
+    pub meta: Meta,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub access_logging: Vec<AccessLogging>,
+}
+
+/// One `accessLogging` entry: on (Istio's built-in `envoy` provider) or `disabled`, for the
+/// sides `match.mode` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogging {
+    pub sides: Vec<crate::generate::telemetry::Side>,
+    pub disabled: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TelemetrySpec {
+    #[serde(default)]
+    selector: Option<MatchLabels>,
+    #[serde(default)]
+    access_logging: Vec<AccessLoggingSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MatchLabels {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AccessLoggingSpec {
+    #[serde(default)]
+    providers: Vec<ProviderRef>,
+    #[serde(default)]
+    disabled: Option<bool>,
+    #[serde(default, rename = "match")]
+    match_: Option<ModeMatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderRef {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModeMatch {
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+fn telemetry(meta: Meta, spec: serde_json::Value, what: &str) -> Result<Telemetry, String> {
+    use crate::generate::telemetry::Side;
+    let s: TelemetrySpec = serde_json::from_value(spec).map_err(|e| {
+        format!("{what}: spec: {e} (eastguard reads `selector` and `accessLogging`; tracing is set in each sidecar's bootstrap, metrics are Istio's standard set)")
+    })?;
+    let mut access_logging = Vec::new();
+    for (i, a) in s.access_logging.iter().enumerate() {
+        for p in &a.providers {
+            if p.name != "envoy" {
+                return Err(format!(
+                    "{what}: spec.accessLogging[{i}].providers: {:?} is not a provider here (only Istio's built-in `envoy`; its file and format are the control plane's --access-log-* flags)",
+                    p.name
+                ));
+            }
+        }
+        let sides = match a.match_.as_ref().and_then(|m| m.mode.as_deref()) {
+            None | Some("CLIENT_AND_SERVER") => vec![Side::Client, Side::Server],
+            Some("CLIENT") => vec![Side::Client],
+            Some("SERVER") => vec![Side::Server],
+            Some(other) => {
+                return Err(format!(
+                    "{what}: spec.accessLogging[{i}].match.mode: {other:?} is not CLIENT, SERVER or CLIENT_AND_SERVER"
+                ));
+            }
+        };
+        access_logging.push(AccessLogging {
+            sides,
+            disabled: a.disabled.unwrap_or(false),
+        });
+    }
+    Ok(Telemetry {
+        meta,
+        selector: s.selector.map(|m| m.match_labels),
+        access_logging,
+    })
 }
 
 impl Registry {
@@ -176,6 +272,7 @@ struct FileContent {
     workloads: Vec<WorkloadEntry>,
     authorization: Vec<AuthorizationPolicy>,
     peer_authentication: Vec<PeerAuthentication>,
+    telemetry: Vec<Telemetry>,
 }
 
 /// Parses one file (all its documents) or says what is wrong with it.
@@ -285,9 +382,12 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContent, String> {
                     );
                 }
             }
+            ("telemetry.istio.io", "Telemetry") => {
+                out.telemetry.push(telemetry(meta, spec, &what)?);
+            }
             _ => {
                 return Err(format!(
-                    "{what}: unsupported kind {:?} (apiVersion {:?}); ServiceEntry, WorkloadEntry, AuthorizationPolicy and PeerAuthentication are read",
+                    "{what}: unsupported kind {:?} (apiVersion {:?}); ServiceEntry, WorkloadEntry, AuthorizationPolicy, PeerAuthentication and Telemetry are read",
                     d.kind, d.api_version
                 ));
             }
@@ -428,6 +528,7 @@ impl Directory {
             r.authorization.extend(c.authorization.iter().cloned());
             r.peer_authentication
                 .extend(c.peer_authentication.iter().cloned());
+            r.telemetry.extend(c.telemetry.iter().cloned());
         }
         r
     }

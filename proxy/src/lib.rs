@@ -9,7 +9,7 @@
 //! client-supplied identity header (XFCC, `x-envoy-*`, `x-eastguard-*`) upstream, and never panic on
 //! anything a peer sends.
 
-mod access_log;
+pub mod access_log;
 pub mod admin;
 mod ads;
 pub mod audit;

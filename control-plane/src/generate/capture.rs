@@ -4,9 +4,14 @@
 
 use super::*;
 
-pub(super) fn listeners(w: &WorkloadEntry, handoff: &outbound::Handoff, snap: &mut Snapshot) {
+pub(super) fn listeners(
+    w: &WorkloadEntry,
+    handoff: &outbound::Handoff,
+    access_log: &[xds::pb::envoy::config::accesslog::v3::AccessLog],
+    snap: &mut Snapshot,
+) {
     for ((ip, port), (cluster, http)) in handoff {
-        let l = handoff_listener(ip, *port, cluster, *http);
+        let l = handoff_listener(ip, *port, cluster, *http, access_log);
         put(snap, types::LISTENER, &l.name, &l);
     }
     let l = Listener {
@@ -22,7 +27,13 @@ pub(super) fn listeners(w: &WorkloadEntry, handoff: &outbound::Handoff, snap: &m
 
 /// A hand-off target (`bind_to_port: false`) at `ip:port` for one service port: HTTP routed to
 /// its cluster whatever the Host, or TCP proxied to it.
-fn handoff_listener(ip: &str, port: u16, cluster: &str, http: bool) -> Listener {
+fn handoff_listener(
+    ip: &str,
+    port: u16,
+    cluster: &str,
+    http: bool,
+    access_log: &[xds::pb::envoy::config::accesslog::v3::AccessLog],
+) -> Listener {
     let name = format!("outbound_{ip}_{port}");
     let filter = if http {
         let hcm = HttpConnectionManager {
@@ -41,6 +52,7 @@ fn handoff_listener(ip: &str, port: u16, cluster: &str, http: bool) -> Listener 
             )),
             http_filters: vec![router()],
             upgrade_configs: websocket(),
+            access_log: access_log.to_vec(),
             ..Default::default()
         };
         Filter {

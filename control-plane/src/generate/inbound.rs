@@ -16,6 +16,7 @@ pub(super) fn generate(
     reg: &Registry,
     mtls: &MtlsSettings,
     rbac: &Rbac,
+    access_log: &[xds::pb::envoy::config::accesslog::v3::AccessLog],
     snap: &mut Snapshot,
     notes: &mut Vec<String>,
 ) {
@@ -77,6 +78,7 @@ pub(super) fn generate(
                         .collect(),
                     forward_client_cert_details: 3, // SANITIZE_SET
                     upgrade_configs: websocket(),
+                    access_log: access_log.to_vec(),
                     ..Default::default()
                 };
                 vec![Filter {

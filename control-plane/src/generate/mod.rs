@@ -58,6 +58,7 @@ mod capture;
 mod inbound;
 mod outbound;
 mod proxyless;
+pub mod telemetry;
 
 pub use proxyless::proxyless;
 
@@ -75,6 +76,9 @@ pub struct Mesh {
     /// The mTLS mode where no PeerAuthentication sets one (Istio: PERMISSIVE; here STRICT unless
     /// configured otherwise).
     pub default_mtls: MtlsMode,
+    /// Mesh-wide access logging (Istio's `accessLogFile` / `accessLogEncoding` /
+    /// `accessLogFormat`); Telemetry resources override it per namespace or workload.
+    pub access_log: Option<telemetry::MeshAccessLog>,
 }
 
 impl Mesh {
@@ -350,12 +354,14 @@ pub fn sidecar(w: &WorkloadEntry, reg: &Registry, mesh: &Mesh) -> (Snapshot, Vec
         http: rbac_filters(reg, &target, false, &mut notes),
         tcp: rbac_filters(reg, &target, true, &mut notes),
     };
-    inbound::generate(w, reg, &mtls, &rbac, &mut snap, &mut notes);
+    let server_log = telemetry::access_logs(w, reg, mesh, telemetry::Side::Server);
+    let client_log = telemetry::access_logs(w, reg, mesh, telemetry::Side::Client);
+    inbound::generate(w, reg, &mtls, &rbac, &server_log, &mut snap, &mut notes);
     let handoff = outbound::generate(w, reg, mesh, &mut snap, &mut notes);
     if captured(w) {
-        capture::listeners(w, &handoff, &mut snap);
+        capture::listeners(w, &handoff, &client_log, &mut snap);
     } else {
-        outbound::by_host_listener(w, &mut snap);
+        outbound::by_host_listener(w, &client_log, &mut snap);
     }
     (snap, notes)
 }

@@ -119,7 +119,11 @@ pub(super) fn generate(
 }
 
 /// `virtualOutbound` without capture: the app dials it, and the Host picks the service.
-pub(super) fn by_host_listener(w: &WorkloadEntry, snap: &mut Snapshot) {
+pub(super) fn by_host_listener(
+    w: &WorkloadEntry,
+    access_log: &[xds::pb::envoy::config::accesslog::v3::AccessLog],
+    snap: &mut Snapshot,
+) {
     let hcm = HttpConnectionManager {
         stat_prefix: format!("outbound_0.0.0.0_{}", outbound_port(w)),
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
@@ -128,6 +132,7 @@ pub(super) fn by_host_listener(w: &WorkloadEntry, snap: &mut Snapshot) {
         })),
         http_filters: vec![router()],
         upgrade_configs: websocket(),
+        access_log: access_log.to_vec(),
         ..Default::default()
     };
     let by_host = FilterChain {

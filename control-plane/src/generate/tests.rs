@@ -50,6 +50,7 @@ fn sample() -> Registry {
         workloads: vec![workload("ledger-1", "ledger"), workload("web-1", "web")],
         authorization: policies,
         peer_authentication: vec![],
+        telemetry: vec![],
     }
 }
 
@@ -58,6 +59,7 @@ fn mesh() -> Mesh {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         default_mtls: MtlsMode::Strict,
+        access_log: None,
     }
 }
 

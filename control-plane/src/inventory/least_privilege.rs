@@ -288,6 +288,7 @@ mod registry_tests {
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             default_mtls: policy::istio::peer_authn::MtlsMode::Strict,
+            access_log: None,
         };
         let reg = registry();
         let edges = [edge("test/server", CLIENT, "GET", "/orders/{id}", 3)];

@@ -82,7 +82,7 @@ impl Formatter {
             )),
             (Some(t), None) => format::Template::parse(t)
                 .map(Self::Text)
-                .map_err(|e| ("access_log.text_format", e)),
+                .map_err(|e| ("access_log.text_format", e.to_string())),
             (None, Some(j)) => j
                 .iter()
                 .map(|(k, v)| {
@@ -97,7 +97,7 @@ impl Formatter {
                 AccessLogFormat::Json => Self::IstioJson,
                 AccessLogFormat::Istio => Self::Text(
                     format::Template::parse(format::ISTIO_TEXT)
-                        .map_err(|e| ("access_log.format", e))?,
+                        .map_err(|e| ("access_log.format", e.to_string()))?,
                 ),
             }),
         }

@@ -98,7 +98,7 @@ pub enum StartError {
     #[error("audit log: {0}")]
     Audit(std::io::Error),
     #[error("tracing: {0}")]
-    Tracing(String),
+    Tracing(#[from] trace::BadCollector),
     #[error("authorization drift baseline: {0}")]
     Drift(#[from] drift::BaselineError),
     #[error("configuration: {0}")]
@@ -193,8 +193,7 @@ pub async fn run(
     }
     let trace_export = match &config.tracing {
         Some(t) => {
-            let (tracer, export) = trace::Tracer::new(t, &config.node, &telemetry.stats)
-                .map_err(StartError::Tracing)?;
+            let (tracer, export) = trace::Tracer::new(t, &config.node, &telemetry.stats)?;
             telemetry.tracer = Some(tracer);
             tracing::info!(collector = %t.address, sampling = t.sampling, "tracing on (OTLP)");
             Some(export)

@@ -79,23 +79,35 @@ impl TracingConfig {
         }
         endpoint(&self.address)
             .map(|_| ())
-            .map_err(|e| ("tracing.address", e))
+            .map_err(|e| ("tracing.address", e.to_string()))
     }
 }
 
-fn endpoint(address: &str) -> Result<tonic::transport::Endpoint, String> {
+/// A collector address that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{address:?}: {reason}")]
+pub struct BadCollector {
+    address: String,
+    reason: String,
+}
+
+fn endpoint(address: &str) -> Result<tonic::transport::Endpoint, BadCollector> {
+    let bad = |reason: String| BadCollector {
+        address: address.to_owned(),
+        reason,
+    };
     let uri = if address.contains("://") {
         address.to_owned()
     } else {
         format!("http://{address}")
     };
-    let parsed: http::Uri = uri.parse().map_err(|e| format!("{address:?}: {e}"))?;
+    let parsed: http::Uri = uri.parse().map_err(|e| bad(format!("{e}")))?;
     if parsed.host().is_none_or(str::is_empty) || parsed.port_u16().is_none() {
-        return Err(format!("{address:?}: needs a host and a port"));
+        return Err(bad("needs a host and a port".into()));
     }
     tonic::transport::Endpoint::from_shared(uri)
         .map(|e| e.connect_timeout(EXPORT_TIMEOUT).timeout(EXPORT_TIMEOUT))
-        .map_err(|e| format!("{address:?}: {e}"))
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// How the caller sent its trace context, so the request leaves in the same form (plus W3C).
@@ -152,7 +164,7 @@ impl Tracer {
         config: &TracingConfig,
         node: &crate::config::Node,
         stats: &EnvoyStats,
-    ) -> Result<(Self, Export), String> {
+    ) -> Result<(Self, Export), BadCollector> {
         let endpoint = endpoint(&config.address)?;
         let (tx, rx) = mpsc::channel(config.max_queue);
         let dropped = stats.stat("tracing.opentelemetry.spans_dropped");

@@ -232,3 +232,32 @@ def test_a_bad_tracing_config_is_refused_with_the_field_named(tmp_path, tracing,
     r = subprocess.run([binary(), "proxy", "--config", str(path)], capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     assert message in r.stderr, r.stderr
+
+
+def test_a_connection_managers_own_tracing_exports_to_its_cluster(tmp_path, upstream, collector):
+    """Envoy's per-connection-manager `tracing` (what istiod sends over xDS): the server sidecar's
+    inbound connection manager traces to a cluster naming the collector, with no bootstrap
+    tracing anywhere; the client sidecar, untraced, sends no context, so the server span is a root
+    and the app gets it as parent."""
+    from conftest import http_get
+
+    otel = {"name": "otel-collector", "endpoints": [f"127.0.0.1:{collector.port}"]}
+    m = Mesh(tmp_path, upstream.port, server_clusters=[otel])
+    hcm = m.server.config["listeners"][0]["filter_chains"][-1]["http_connection_manager"]
+    hcm["tracing"] = {"sampling": 100, "cluster": "otel-collector"}
+    m.server.rewrite()
+    m.start()
+    try:
+        status, seen = call(m, "/chain-traced")
+        assert status == 200
+        trace, parent, flags = traceparent_of(seen)
+        assert flags == "01"
+        wait_for("the server span", lambda: len(collector.of_trace(trace)) == 1)
+        (svc, span), = collector.of_trace(trace)
+        assert svc == "server.test" and span.kind == trace_pb2.Span.SPAN_KIND_SERVER
+        assert span.parent_span_id == b"" and span.span_id.hex() == parent
+        assert attrs(span)["source.principal"] == CLIENT_ID
+        dump = http_get(m.server.admin("/config_dump"))[1]
+        assert "envoy.config.trace.v3.OpenTelemetryConfig" in dump and "otel-collector" in dump
+    finally:
+        m.stop()

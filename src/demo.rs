@@ -829,6 +829,7 @@ fn hcm(stat_prefix: &str, virtual_hosts: Vec<VirtualHost>) -> HttpConnectionMana
         upgrade_configs: vec![UpgradeConfig::websocket()],
         reject_ambiguous_paths: false,
         access_log: vec![],
+        tracing: None,
     }
 }
 

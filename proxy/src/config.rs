@@ -673,6 +673,28 @@ pub struct HttpConnectionManager {
     /// the bootstrap's `access_log`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub access_log: Vec<AccessLogConfig>,
+    /// Tracing of this connection manager's calls (Envoy's `tracing` with the OpenTelemetry
+    /// provider); overrides the bootstrap's `tracing` for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<HcmTracing>,
+}
+
+/// A connection manager's tracing: sampling, and where spans go — an address, or a cluster
+/// (Envoy's `envoy_grpc.cluster_name`) whose first endpoint is used when the chain is built.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HcmTracing {
+    /// Percent of new traces sampled (Envoy's `random_sampling`; a caller's flag wins).
+    #[serde(default = "default_hcm_sampling")]
+    pub sampling: f64,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub cluster: Option<String>,
+}
+
+fn default_hcm_sampling() -> f64 {
+    100.0
 }
 
 /// One entry of [`HttpConnectionManager::upgrade_configs`].

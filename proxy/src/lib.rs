@@ -194,7 +194,7 @@ pub async fn run(
     let trace_export = match &config.tracing {
         Some(t) => {
             let (tracer, export) = trace::Tracer::new(t, &config.node, &telemetry.stats)?;
-            telemetry.tracer = Some(tracer);
+            telemetry.tracer = Some(Arc::new(tracer));
             tracing::info!(collector = %t.address, sampling = t.sampling, "tracing on (OTLP)");
             Some(export)
         }

@@ -183,7 +183,49 @@ enum ChainKind {
 
 /// Compiles a listener's chains. Chains that fail to compile are left out (the config was validated
 /// before it got here; this only guards against a bug turning into a wider chain).
-pub fn build_chains(config: &Listener, stats: &EnvoyStats) -> Vec<ChainRt> {
+/// A connection manager's own tracer (xDS `tracing`), exporting to its address or to the first
+/// endpoint of its cluster as the cluster is now; its export task ends with the last handle.
+fn chain_tracer(
+    hcm: &crate::config::HttpConnectionManager,
+    shared: &Shared,
+) -> Option<Arc<crate::trace::Tracer>> {
+    let t = hcm.tracing.as_ref()?;
+    let address = match (&t.address, &t.cluster) {
+        (Some(a), _) => a.clone(),
+        (None, Some(c)) => match shared
+            .clusters
+            .get()
+            .get(c)
+            .and_then(|rt| rt.config.endpoints.first().copied())
+        {
+            Some(e) => e.to_string(),
+            None => {
+                tracing::warn!(cluster = %c, "tracing cluster has no endpoint (yet); calls on this chain are not traced");
+                return None;
+            }
+        },
+        (None, None) => return None,
+    };
+    let config = crate::trace::TracingConfig {
+        sampling: t.sampling,
+        address,
+        max_queue: 2048,
+    };
+    let telemetry = &shared.telemetry;
+    match crate::trace::Tracer::new(&config, &telemetry.node, &telemetry.stats) {
+        Ok((tracer, export)) => {
+            tokio::spawn(export.run_until_dropped());
+            Some(Arc::new(tracer))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "connection manager tracing not started");
+            None
+        }
+    }
+}
+
+pub fn build_chains(config: &Listener, shared: &Shared) -> Vec<ChainRt> {
+    let stats = &shared.telemetry.stats;
     config
         .filter_chains
         .iter()
@@ -201,7 +243,7 @@ pub fn build_chains(config: &Listener, stats: &EnvoyStats) -> Vec<ChainRt> {
                 ChainKind::Refuse(reason.as_str().into())
             } else {
                 match (&fc.http_connection_manager, &fc.tcp_proxy) {
-                    (Some(hcm), _) => match HttpChain::new(hcm, stats) {
+                    (Some(hcm), _) => match HttpChain::new(hcm, stats, chain_tracer(hcm, shared)) {
                         Ok(h) => ChainKind::Http(h),
                         Err(e) => ChainKind::Refuse(e.to_string().into()),
                     },
@@ -275,7 +317,7 @@ impl ListenerRt {
         stats: &EnvoyStats,
     ) -> Self {
         let chains = Arc::new(ChainTable::default());
-        chains.set(build_chains(&config, stats));
+        chains.set(build_chains(&config, &shared));
         let s = |n: &str| stats.stat(&format!("listener.{}.{n}", config.address));
         let stats = ListenerStats {
             downstream_cx_total: s("downstream_cx_total"),
@@ -300,8 +342,8 @@ impl ListenerRt {
     }
 
     /// Replaces the chains (same name, address and direction; xDS updates).
-    pub fn update(&self, config: &Listener, stats: &EnvoyStats) {
-        self.chains.set(build_chains(config, stats));
+    pub fn update(&self, config: &Listener) {
+        self.chains.set(build_chains(config, &self.shared));
     }
 
     /// Accepts until `stop` flips; each connection watches `drain`.

@@ -20,6 +20,8 @@ pub struct HttpChain {
     pub stats: HttpStats,
     /// This connection manager's own access logs (xDS `access_log`).
     pub access_logs: Arc<[crate::access_log::AccessLog]>,
+    /// This connection manager's own tracer (xDS `tracing`), over the bootstrap's.
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 pub struct HttpStats {
@@ -118,6 +120,7 @@ impl HttpChain {
     pub fn new(
         hcm: &HttpConnectionManager,
         stats: &EnvoyStats,
+        tracer: Option<Arc<crate::trace::Tracer>>,
     ) -> Result<Arc<Self>, crate::config::ChainError> {
         let s = |n: &str| stats.stat(&format!("http.{}.{n}", hcm.stat_prefix));
         let rbac = crate::config::compile_rbac(&hcm.http_filters)?;
@@ -135,6 +138,7 @@ impl HttpChain {
             .collect();
         Ok(Arc::new(Self {
             access_logs,
+            tracer,
             rbac,
             forward_client_cert: hcm.forward_client_cert_details,
             upgrade_types: hcm
@@ -321,6 +325,7 @@ mod tests {
                 upgrade_configs: vec![],
                 reject_ambiguous_paths: false,
                 access_log: vec![],
+                tracing: None,
                 rds: None,
                 route_config: RouteConfiguration {
                     name: "r".into(),
@@ -336,6 +341,7 @@ mod tests {
                 },
             },
             &EnvoyStats::default(),
+            None,
         )
         .unwrap()
     }

@@ -181,7 +181,7 @@ impl Runtime {
         inner.clusters = clusters;
         for (rt, l, stale) in virtuals.values() {
             if *stale {
-                rt.update(l, &self.telemetry.stats);
+                rt.update(l);
             }
         }
         self.shared.handoff.set(handoff);
@@ -206,7 +206,7 @@ impl Runtime {
                 && !replaced.contains(name)
                 && r.config != **l
             {
-                r.rt.update(l, &self.telemetry.stats);
+                r.rt.update(l);
                 r.config = (*l).clone();
             }
         }

@@ -42,7 +42,9 @@ pub struct Telemetry {
     /// Authorization drift against a learned baseline (with the inventory), if on.
     pub drift: Option<crate::drift::Drift>,
     /// Distributed tracing, if configured.
-    pub tracer: Option<crate::trace::Tracer>,
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
+    /// Who this proxy is (a connection manager's tracer names it too).
+    pub node: Node,
     /// The latest BOLA / enumeration findings (at most [`DETECTIONS_KEPT`]), for `/apis`.
     pub detections: std::sync::Mutex<std::collections::VecDeque<apisec::inventory::BolaEvent>>,
     local_service: Box<str>,
@@ -122,8 +124,9 @@ pub struct CallGuard {
     pub api: Option<ApiCall>,
     /// A sampled call's copy for sensitive-data classification.
     pub sample: Option<Box<crate::sampling::SampleCopy>>,
-    /// This call's span, if tracing is on and the call is sampled.
+    /// This call's span, if tracing is on and the call is sampled, and the tracer it goes to.
     pub span: Option<crate::trace::ActiveSpan>,
+    tracer: Option<Arc<crate::trace::Tracer>>,
     /// The connection manager's own access logs (xDS), besides the bootstrap's.
     pub chain_logs: Option<Arc<[AccessLog]>>,
 }
@@ -147,6 +150,7 @@ impl Telemetry {
             detections: Default::default(),
             drift: None,
             tracer: None,
+            node: node.clone(),
             local_service: node.workload.as_str().into(),
             metrics: IstioMetrics::new(),
             series: Default::default(),
@@ -192,6 +196,7 @@ impl Telemetry {
                 .then(ApiCall::default),
             sample: None,
             span: None,
+            tracer: None,
             chain_logs: None,
         }
     }
@@ -240,9 +245,17 @@ fn unknown(v: &Option<Arc<str>>) -> Lv {
 impl CallGuard {
     /// Starts this call's span (if tracing is on) and rewrites the request's trace headers so it
     /// leaves with that span as its parent.
-    pub fn start_span(&mut self, headers: &mut http::HeaderMap) {
-        if let Some(tracer) = &self.telemetry.tracer {
+    /// `chain` is the connection manager's own tracer, which wins over the bootstrap's.
+    pub fn start_span(
+        &mut self,
+        headers: &mut http::HeaderMap,
+        chain: Option<&Arc<crate::trace::Tracer>>,
+    ) {
+        if let Some(tracer) = chain.or(self.telemetry.tracer.as_ref()) {
             self.span = tracer.begin(headers, self.reporter);
+            if self.span.is_some() {
+                self.tracer = Some(tracer.clone());
+            }
         }
     }
 
@@ -459,7 +472,7 @@ impl Drop for CallGuard {
                 audit.call_denied(&self.record, self.destination_service.as_deref());
             }
         }
-        if let (Some(span), Some(tracer)) = (self.span.take(), &self.telemetry.tracer) {
+        if let (Some(span), Some(tracer)) = (self.span.take(), self.tracer.take()) {
             tracer.finish(span, &self.record, &self.local_id);
         }
         self.observe_api();

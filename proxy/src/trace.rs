@@ -543,6 +543,13 @@ fn inject(
 
 impl Export {
     /// Exports batches until `stop` turns true, then what is queued, once.
+    /// Exports until every [`Tracer`] handle is gone (a connection manager's tracer, replaced
+    /// with its chain), then what is queued, once.
+    pub async fn run_until_dropped(self) {
+        let (_keep, stop) = watch::channel(false);
+        self.run(stop).await;
+    }
+
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut client = TraceServiceClient::new(self.endpoint.connect_lazy());
         let scope = InstrumentationScope {

@@ -400,9 +400,10 @@ fn http_connection_manager(
             "{field}: normalize_path false: paths are always normalized"
         ));
     }
-    if hcm.tracing.is_some() {
-        cx.note(format!("{field}: tracing skipped"));
-    }
+    let tracing = match &hcm.tracing {
+        Some(t) => tracing_in(t, &format!("{field}.tracing"), cx)?,
+        None => None,
+    };
     let access_log = access_logs(&hcm.access_log, &format!("{field}.access_log"), cx)?;
     let mut http_filters = Vec::new();
     let mut router = false;
@@ -481,7 +482,103 @@ fn http_connection_manager(
         // REJECT_REQUEST; the other actions are what normalization does anyway.
         reject_ambiguous_paths: hcm.path_with_escaped_slashes_action == REJECT_REQUEST,
         access_log,
+        tracing,
     })
+}
+
+const OTEL_TRACER: &str = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig";
+
+/// Envoy's `tracing` with the OpenTelemetry provider over gRPC (what istiod sends for an
+/// `opentelemetry` extension provider). Other providers, and OTLP over HTTP, are skipped with a
+/// note: the calls are served, only not traced.
+fn tracing_in(
+    t: &http_connection_manager::Tracing,
+    field: &str,
+    cx: &mut Ctx<'_>,
+) -> Result<Option<config::HcmTracing>, Invalid> {
+    use xds::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
+    use xds::pb::envoy::config::trace::v3::OpenTelemetryConfig;
+    use xds::pb::envoy::config::trace::v3::tracing::http::ConfigType;
+    let sampling = t.random_sampling.as_ref().map_or(100.0, |p| p.value);
+    if !(0.0..=100.0).contains(&sampling) {
+        return Err(cx.invalid(format!("{field}.random_sampling"), "a percentage, 0 to 100"));
+    }
+    let Some(provider) = &t.provider else {
+        cx.note(format!("{field}: no provider; not traced"));
+        return Ok(None);
+    };
+    let tc = match &provider.config_type {
+        Some(ConfigType::TypedConfig(tc)) if codec::effective_type_url(tc) == OTEL_TRACER => tc,
+        _ => {
+            cx.note(format!(
+                "{field}: tracing provider {} skipped (OpenTelemetry over gRPC only)",
+                provider.name
+            ));
+            return Ok(None);
+        }
+    };
+    let otel: OpenTelemetryConfig =
+        codec::unpack(tc).map_err(|e| cx.invalid(format!("{field}.provider"), e.to_string()))?;
+    let target = otel.grpc_service.and_then(|g| g.target_specifier);
+    let (address, cluster) = match target {
+        Some(TargetSpecifier::EnvoyGrpc(e)) if !e.cluster_name.is_empty() => {
+            (None, Some(e.cluster_name))
+        }
+        Some(TargetSpecifier::GoogleGrpc(g)) if !g.target_uri.is_empty() => {
+            (Some(g.target_uri), None)
+        }
+        _ => {
+            cx.note(format!("{field}: OpenTelemetry provider without a gRPC service skipped (OTLP over HTTP is not supported)"));
+            return Ok(None);
+        }
+    };
+    let out = config::HcmTracing {
+        sampling,
+        address,
+        cluster,
+    };
+    if let Some(a) = &out.address {
+        crate::trace::TracingConfig {
+            sampling,
+            address: a.clone(),
+            max_queue: 2048,
+        }
+        .check()
+        .map_err(|(_, m)| cx.invalid(format!("{field}.provider.grpc_service"), m))?;
+    }
+    Ok(Some(out))
+}
+
+/// A connection manager's tracing as Envoy's message (the inverse of [`tracing_in`]).
+fn tracing_pb(t: &config::HcmTracing) -> http_connection_manager::Tracing {
+    use xds::pb::envoy::config::core::v3::{GrpcService, grpc_service};
+    use xds::pb::envoy::config::trace::v3::{OpenTelemetryConfig, tracing};
+    let target = match (&t.address, &t.cluster) {
+        (Some(a), _) => grpc_service::TargetSpecifier::GoogleGrpc(grpc_service::GoogleGrpc {
+            target_uri: a.clone(),
+            ..Default::default()
+        }),
+        (None, c) => grpc_service::TargetSpecifier::EnvoyGrpc(grpc_service::EnvoyGrpc {
+            cluster_name: c.clone().unwrap_or_default(),
+            ..Default::default()
+        }),
+    };
+    http_connection_manager::Tracing {
+        random_sampling: Some(xds::pb::envoy::r#type::v3::Percent { value: t.sampling }),
+        provider: Some(tracing::Http {
+            name: "envoy.tracers.opentelemetry".into(),
+            config_type: Some(tracing::http::ConfigType::TypedConfig(codec::pack(
+                &OpenTelemetryConfig {
+                    grpc_service: Some(GrpcService {
+                        target_specifier: Some(target),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ))),
+        }),
+        ..Default::default()
+    }
 }
 
 const FILE_ACCESS_LOG: &str =
@@ -738,6 +835,7 @@ pub fn listener_pb(l: &config::Listener) -> Listener {
                         0
                     },
                     access_log: h.access_log.iter().map(access_log_pb).collect(),
+                    tracing: h.tracing.as_ref().map(tracing_pb),
                     upgrade_configs: h
                         .upgrade_configs
                         .iter()

@@ -380,3 +380,85 @@ fn access_loggers_translate_as_istio_sends_them_and_round_trip() {
     let e = listener(&nested, &mut Vec::new()).unwrap_err();
     assert!(e.message.contains("only string values"), "{e}");
 }
+
+#[test]
+fn opentelemetry_tracing_translates_and_other_providers_are_skipped() {
+    let router = serde_json::json!([{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}]);
+    let with = |tracing: serde_json::Value| {
+        let mut hcm = hcm_filter(router.clone());
+        hcm["typed_config"]["tracing"] = tracing;
+        listener_json(serde_json::json!({
+            "name": "l",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+            "filter_chains": [{"filters": [hcm]}],
+        }))
+    };
+    const OTEL: &str = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig";
+    let tracing_of = |l: &Listener, notes: &mut Vec<String>| {
+        listener(l, notes).map(|l| {
+            l.unwrap().filter_chains[0]
+                .http_connection_manager
+                .as_ref()
+                .unwrap()
+                .tracing
+                .clone()
+        })
+    };
+    // What istiod sends for an `opentelemetry` extension provider: a cluster and a sampling rate.
+    let istio = with(
+        serde_json::json!({"random_sampling": {"value": 10.0}, "provider": {
+        "name": "envoy.tracers.opentelemetry", "typed_config": {"@type": OTEL,
+        "grpc_service": {"envoy_grpc": {"cluster_name": "outbound|4317||otel.observability.svc.cluster.local"}},
+        "service_name": "server.test"}}}),
+    );
+    let t = tracing_of(&istio, &mut Vec::new()).unwrap().unwrap();
+    assert_eq!(t.sampling, 10.0);
+    assert_eq!(
+        t.cluster.as_deref(),
+        Some("outbound|4317||otel.observability.svc.cluster.local")
+    );
+    // Round trip through /config_dump's message.
+    let l = listener(&istio, &mut Vec::new()).unwrap().unwrap();
+    let mut back = listener_pb(&l);
+    let Some(filter::ConfigType::TypedConfig(tc)) = &back.filter_chains[0].filters[0].config_type
+    else {
+        panic!("no HCM in the dump");
+    };
+    let mut pb: PbHcm = codec::unpack(tc).unwrap();
+    let r: PbHcm = codec::unpack(
+        &codec::json_to_any(serde_json::json!({"@type": HCM_TYPE, "http_filters": router}))
+            .unwrap(),
+    )
+    .unwrap();
+    pb.http_filters = r.http_filters;
+    back.filter_chains[0].filters[0].config_type =
+        Some(filter::ConfigType::TypedConfig(codec::pack(&pb)));
+    assert_eq!(tracing_of(&back, &mut Vec::new()).unwrap(), Some(t));
+    // A direct target; no sampling given: Envoy's 100 %.
+    let direct = with(
+        serde_json::json!({"provider": {"name": "otel", "typed_config": {"@type": OTEL,
+        "grpc_service": {"google_grpc": {"target_uri": "127.0.0.1:4317", "stat_prefix": "otel"}}}}}),
+    );
+    let t = tracing_of(&direct, &mut Vec::new()).unwrap().unwrap();
+    assert_eq!(
+        (t.sampling, t.address.as_deref()),
+        (100.0, Some("127.0.0.1:4317"))
+    );
+    // Another provider: served, not traced, said so.
+    let zipkin = with(
+        serde_json::json!({"provider": {"name": "envoy.tracers.zipkin", "typed_config": {
+        "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig", "collector_cluster": "z", "collector_endpoint": "/api/v2/spans"}}}),
+    );
+    let mut notes = Vec::new();
+    assert_eq!(tracing_of(&zipkin, &mut notes).unwrap(), None);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("envoy.tracers.zipkin skipped")),
+        "{notes:?}"
+    );
+    // Out-of-range sampling is invalid.
+    let bad = with(serde_json::json!({"random_sampling": {"value": 150.0}}));
+    let e = listener(&bad, &mut Vec::new()).unwrap_err();
+    assert!(e.field.ends_with("tracing.random_sampling"), "{e}");
+}

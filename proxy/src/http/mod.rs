@@ -181,7 +181,7 @@ async fn forward(
     }
     strip_request_headers(req.headers_mut());
     ensure_request_id(req.headers_mut(), guard);
-    guard.start_span(req.headers_mut());
+    guard.start_span(req.headers_mut(), chain.tracer.as_ref());
 
     // One view of the request for routing, policy and the upstream (DESIGN §7).
     let raw_authority =

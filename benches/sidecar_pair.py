@@ -51,6 +51,7 @@ def main():
     ap.add_argument("--duration", type=int, default=20)
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--inventory", choices=["on", "off"], default="on", help="the sidecars' API inventory (inventory.enabled)")
+    ap.add_argument("--concurrency", type=int, default=None, help="the sidecars' worker threads (eastguard proxy --concurrency)")
     ap.add_argument("--tracing", type=float, default=None, metavar="PERCENT",
                     help="tracing on both sidecars at this sampling percent, exporting to an OTLP receiver in this script")
     args = ap.parse_args()
@@ -77,6 +78,8 @@ def main():
         sc.config["inventory"] = {"enabled": args.inventory == "on"}
         if collector is not None:
             sc.config["tracing"] = {"address": f"127.0.0.1:{collector.port}", "sampling": args.tracing}
+        if args.concurrency is not None:
+            sc.args = ["--concurrency", str(args.concurrency)]
         import yaml
 
         sc.config_path.write_text(yaml.safe_dump(sc.config))
@@ -97,7 +100,8 @@ def main():
              " / ".join(f"{rss_mib(p):.1f}" for p in pids.values())),
         ]
         tracing = "off" if collector is None else f"{args.tracing:g} %"
-        print(f"\nHTTP/1.1, 1 KB responses, {args.rate} req/s fixed rate, {args.connections} connections, {args.duration} s measured, inventory {args.inventory}, tracing {tracing}")
+        workers = "one per CPU" if args.concurrency is None else str(args.concurrency)
+        print(f"\nHTTP/1.1, 1 KB responses, {args.rate} req/s fixed rate, {args.connections} connections, {args.duration} s measured, inventory {args.inventory}, tracing {tracing}, workers {workers}")
         print(f"{'path':<18} {'requests':>8} {'errors':>6} {'rps':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7}  {'CPU ms/1000 req (client/server)':>32}  {'RSS MiB (client/server)':>24}")
         for name, r, cpu, rss in rows:
             print(f"{name:<18} {r['requests']:>8} {r['errors']:>6} {r['achieved_rps']:>7.0f} {r['p50_ms']:>7.3f} {r['p90_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['max_ms']:>7.3f}  {cpu:>32}  {rss:>24}")

@@ -317,6 +317,7 @@ class Sidecar:
         self.access_log = workdir / f"{name}-access.log"
         self.stderr_path = workdir / f"{name}.log"
         self.stdout_path = workdir / f"{name}.out"  # where a /dev/stdout access log goes
+        self.args = []  # more `eastguard proxy` flags
         self.config = {
             "node": {"id": name, "workload": name, "namespace": "test"},
             "admin": {"address": f"127.0.0.1:{self.admin_port}"},
@@ -338,7 +339,7 @@ class Sidecar:
         self.stderr = open(self.stderr_path, "ab")
         self.stdout = open(self.stdout_path, "ab")
         self.proc = subprocess.Popen(
-            [binary(), "--log-level", os.environ.get("EASTGUARD_TEST_LOG", "info"), "proxy", "--config", str(self.config_path)],
+            [binary(), "--log-level", os.environ.get("EASTGUARD_TEST_LOG", "info"), "proxy", "--config", str(self.config_path), *self.args],
             stdout=self.stdout,
             stderr=self.stderr,
         )

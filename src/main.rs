@@ -45,6 +45,10 @@ enum Command {
         /// in addition to the file's static ones (overrides the file's `xds.address`).
         #[arg(long)]
         xds: Option<String>,
+        /// Worker threads (Envoy's `--concurrency`; Istio runs sidecars with 2). Default: one
+        /// per CPU.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        concurrency: Option<u16>,
     },
     /// Serve xDS (ADS) from Istio ServiceEntry, WorkloadEntry, AuthorizationPolicy and
     /// PeerAuthentication files in a directory (watched); receive the sidecars' API inventory and
@@ -205,7 +209,15 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
     }
     let cli = Cli::parse();
     let log_control = init_logging(&cli.log_level)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Proxy {
+        concurrency: Some(n),
+        ..
+    } = &cli.command
+    {
+        builder.worker_threads(usize::from(*n));
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -215,7 +227,9 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
         lifecycle::Shutdown::listen()
     };
     match cli.command {
-        Command::Proxy { config, check, xds } => {
+        Command::Proxy {
+            config, check, xds, ..
+        } => {
             let mut bootstrap = proxy::Bootstrap::from_file(&config)
                 .with_context(|| format!("refusing to start with config {}", config.display()))?;
             if let Some(address) = xds {

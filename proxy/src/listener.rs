@@ -611,7 +611,7 @@ impl ListenerRt {
         let patience = if tcp_possible {
             SNIFF_TIMEOUT
         } else {
-            self.shared.limits.header_read_timeout
+            self.shared.limits.header_read_timeout.max(SNIFF_TIMEOUT)
         };
         let sniffed = sniff(&tcp, patience).await;
         let chains = self.chains.get();

@@ -16,12 +16,12 @@ use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{
-    ResourceSpans, ScopeSpans, Span, Status, span, status,
+
+mod otlp;
+use otlp::{
+    ExportTraceServiceRequest, ResourceSpans, ScopeSpans, Span, SpanKind, Status, StatusCode,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -319,8 +319,8 @@ impl Tracer {
             || r.response_code >= 500
             || (s.kind == Reporter::Source && r.response_code >= 400);
         let kind = match s.kind {
-            Reporter::Destination => span::SpanKind::Server,
-            Reporter::Source => span::SpanKind::Client,
+            Reporter::Destination => SpanKind::Server,
+            Reporter::Source => SpanKind::Client,
         };
         let name = format!(
             "{} {}",
@@ -341,12 +341,11 @@ impl Tracer {
             status: Some(Status {
                 message: String::new(),
                 code: if error {
-                    status::StatusCode::Error
+                    StatusCode::Error
                 } else {
-                    status::StatusCode::Unset
+                    StatusCode::Unset
                 } as i32,
             }),
-            ..Default::default()
         };
         if self.tx.try_send(span).is_err() {
             self.dropped.inc();
@@ -551,7 +550,7 @@ impl Export {
     }
 
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut client = TraceServiceClient::new(self.endpoint.connect_lazy());
+        let channel = self.endpoint.connect_lazy();
         let scope = InstrumentationScope {
             name: "eastguard".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -578,12 +577,11 @@ impl Export {
                         scope_spans: vec![ScopeSpans {
                             scope: Some(scope.clone()),
                             spans: std::mem::take(&mut batch),
-                            ..Default::default()
                         }],
-                        ..Default::default()
                     }],
                 };
-                match tokio::time::timeout(EXPORT_TIMEOUT, client.export(request)).await {
+                let sent = otlp::export(channel.clone(), request);
+                match tokio::time::timeout(EXPORT_TIMEOUT, sent).await {
                     Ok(Ok(_)) => self.sent.add(n),
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, spans = n, "span export failed");

@@ -50,8 +50,8 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
         concurrency: Option<u16>,
     },
-    /// Serve xDS (ADS) from Istio ServiceEntry, WorkloadEntry, AuthorizationPolicy and
-    /// PeerAuthentication files in a directory (watched); receive the sidecars' API inventory and
+    /// Serve xDS (ADS) from Istio ServiceEntry, WorkloadEntry, AuthorizationPolicy,
+    /// PeerAuthentication and Telemetry files in a directory (watched); receive the sidecars' API inventory and
     /// audit events (OTLP) and serve them (`--http-address`: `/apis`, `/ui/`, `/report`).
     ControlPlane {
         /// The directory of YAML files.

@@ -43,8 +43,35 @@ def require_tool(name: str) -> str:
     return path
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_handed_out = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port nothing listens on, below the ephemeral range: the kernel hands ports in
+    that range to outgoing connections, so a port picked there can be taken by one before the
+    process meant to listen on it binds it. Never the same port twice in one test run."""
+    import random
+
+    low = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randrange(10000, max(low, 10001))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # the range is exhausted: fall back to the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -317,6 +344,7 @@ class Sidecar:
         self.access_log = workdir / f"{name}-access.log"
         self.stderr_path = workdir / f"{name}.log"
         self.stdout_path = workdir / f"{name}.out"  # where a /dev/stdout access log goes
+        self.stdout = None
         self.args = []  # more `eastguard proxy` flags
         self.config = {
             "node": {"id": name, "workload": name, "namespace": "test"},
@@ -378,7 +406,8 @@ class Sidecar:
                 self.proc.wait()
         if self.proc:
             self.stderr.close()
-            self.stdout.close()
+            if self.stdout is not None:  # a test that starts the process itself may not set it
+                self.stdout.close()
 
 
 class Mesh:

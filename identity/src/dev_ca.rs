@@ -126,12 +126,26 @@ impl DevCa {
             std::fs::write(path, data)
                 .map_err(|e| DevCaError::Persist(format!("{}: {e}", path.display())))
         };
-        write(&key_path, ca.key.serialize_pem().as_bytes())?;
-        std::fs::set_permissions(
-            &key_path,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .map_err(|e| DevCaError::Persist(format!("{}: {e}", key_path.display())))?;
+        // The key file is created 0600: written first and restricted after, it would be readable
+        // by others for a moment (and for ever if the process died in between).
+        {
+            use std::io::Write as _;
+            use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+            let key_err =
+                |e: std::io::Error| DevCaError::Persist(format!("{}: {e}", key_path.display()));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&key_path)
+                .map_err(key_err)?;
+            // An existing file keeps its mode through `open`: restrict it before writing.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(key_err)?;
+            f.write_all(ca.key.serialize_pem().as_bytes())
+                .map_err(key_err)?;
+        }
         write(
             &meta_path,
             &serde_json::to_vec(&meta).map_err(|e| DevCaError::Persist(e.to_string()))?,

@@ -16,7 +16,7 @@ use super::Mesh;
 use crate::registry::{Registry, Telemetry, WorkloadEntry};
 
 /// Istio's default text format (`accessLogEncoding: TEXT` without `accessLogFormat`).
-const ISTIO_TEXT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
+const ISTIO_TEXT: &str = xds::types::ISTIO_ACCESS_LOG_FORMAT;
 
 /// Istio's default JSON keys (`accessLogEncoding: JSON`) and the operator behind each.
 const ISTIO_JSON: &[(&str, &str)] = &[

@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "envoy")]
+pub mod envoy;
+
 /// `envoy.extensions.filters.http.rbac.v3.RBAC` (HTTP) and
 /// `envoy.extensions.filters.network.rbac.v3.RBAC` (network) share these fields.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,5 +1,8 @@
 //! proto3 JSON for Envoy's messages, driven by the descriptor set `envoy-types` ships (DESIGN §4):
-//! `/config_dump` is written with it and Istio's golden dumps are read with it. Field names are
+//! `/config_dump` is written with it and Istio's golden dumps are read with it. The pool it builds
+//! is large (~45 MiB resident), so nothing on the configuration path uses it: translation reads
+//! the prost messages (RBAC through `policy::rbac::envoy`), and a sidecar builds the pool only when
+//! an operator asks for `/config_dump`. Field names are
 //! written as in the `.proto` (snake_case), as Envoy's admin API writes them; both spellings are read.
 //!
 //! A typed config whose type is not in the descriptor set (Istio's own extensions, say) cannot be
@@ -44,58 +47,6 @@ pub fn pool() -> Result<&'static DescriptorPool, CodecError> {
         .map_err(|e| CodecError::Descriptors(e.clone()))
 }
 
-/// The messages configuration translation converts on its common path (RBAC filters, with URI
-/// templates; upstream HTTP options) and `Struct`. A pool of just these and the files they need
-/// is a small fraction of [`pool`] (which Istio's whole API makes ~45 MiB resident), so a
-/// sidecar builds the full one only when something else asks for it (`/config_dump`, an
-/// unusual typed config).
-const LIGHT_ROOTS: &[&str] = &[
-    "envoy.extensions.filters.http.rbac.v3.RBAC",
-    "envoy.extensions.filters.network.rbac.v3.RBAC",
-    "envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
-    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-    "google.protobuf.Struct",
-];
-
-/// The pool of [`LIGHT_ROOTS`] and their dependencies.
-pub fn light_pool() -> Result<&'static DescriptorPool, CodecError> {
-    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
-    POOL.get_or_init(build_light_pool)
-        .as_ref()
-        .map_err(|e| CodecError::Descriptors(e.clone()))
-}
-
-fn build_light_pool() -> Result<DescriptorPool, String> {
-    use std::collections::{HashMap, HashSet};
-    let set = prost_types::FileDescriptorSet::decode(DESCRIPTORS).map_err(|e| e.to_string())?;
-    let by_name: HashMap<&str, &prost_types::FileDescriptorProto> =
-        set.file.iter().map(|f| (f.name(), f)).collect();
-    let mut wanted: Vec<&str> = Vec::new();
-    for root in LIGHT_ROOTS {
-        let (package, message) = root.rsplit_once('.').unwrap_or(("", root));
-        let file = set
-            .file
-            .iter()
-            .find(|f| f.package() == package && f.message_type.iter().any(|m| m.name() == message))
-            .ok_or_else(|| format!("{root} is not in the descriptor set"))?;
-        wanted.push(file.name());
-    }
-    let mut seen: HashSet<&str> = HashSet::new();
-    let mut files = Vec::new();
-    while let Some(name) = wanted.pop() {
-        if !seen.insert(name) {
-            continue;
-        }
-        let f = by_name
-            .get(name)
-            .ok_or_else(|| format!("{name} is not in the descriptor set"))?;
-        wanted.extend(f.dependency.iter().map(String::as_str));
-        files.push((*f).clone());
-    }
-    DescriptorPool::from_file_descriptor_set(prost_types::FileDescriptorSet { file: files })
-        .map_err(|e| e.to_string())
-}
-
 fn message_name(type_url: &str) -> &str {
     type_url.rsplit_once('/').map_or(type_url, |(_, n)| n)
 }
@@ -113,11 +64,7 @@ fn serialize_options() -> SerializeOptions {
 
 /// An `Any` as Envoy's admin API writes it: `{"@type": ..., fields...}`, nested `Any`s expanded.
 pub fn any_to_json(any: &Any) -> Result<Value, CodecError> {
-    if !LIGHT_ROOTS.contains(&message_name(&any.type_url)) {
-        return any_to_json_in(pool()?, any);
-    }
-    // A nested typed config the light pool does not hold fails there: the full one may know it.
-    any_to_json_in(light_pool()?, any).or_else(|_| any_to_json_in(pool()?, any))
+    any_to_json_in(pool()?, any)
 }
 
 fn any_to_json_in(pool: &DescriptorPool, any: &Any) -> Result<Value, CodecError> {
@@ -153,35 +100,7 @@ pub fn message_to_json<M: Message + prost::Name>(m: &M) -> Result<Value, CodecEr
 /// not know become `xds.type.v3.TypedStruct` (see the module comment); unknown fields of known
 /// types are errors.
 pub fn json_to_any(value: Value) -> Result<Any, CodecError> {
-    let type_url = value
-        .get("@type")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    if LIGHT_ROOTS.contains(&message_name(&type_url)) {
-        let light = light_pool()?;
-        // Only if the light pool knows every typed config inside, so that it reads the value
-        // exactly as the full pool would.
-        if all_types_known(light, &value)
-            && let Ok(any) = json_to_any_in(light, value.clone())
-        {
-            return Ok(any);
-        }
-    }
     json_to_any_in(pool()?, value)
-}
-
-fn all_types_known(pool: &DescriptorPool, value: &Value) -> bool {
-    match value {
-        Value::Object(o) => {
-            let known = o.get("@type").and_then(Value::as_str).is_none_or(|t| {
-                !t.starts_with(TYPE_PREFIX) || pool.get_message_by_name(message_name(t)).is_some()
-            });
-            known && o.values().all(|v| all_types_known(pool, v))
-        }
-        Value::Array(a) => a.iter().all(|v| all_types_known(pool, v)),
-        _ => true,
-    }
 }
 
 fn json_to_any_in(pool: &DescriptorPool, mut value: Value) -> Result<Any, CodecError> {
@@ -284,37 +203,6 @@ mod tests {
 
     use super::*;
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-
-    #[test]
-    fn the_light_pool_reads_rbac_as_the_full_pool_does() {
-        let rbac = serde_json::json!({
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
-            "rules": {"action": "DENY", "policies": {"p": {
-                "permissions": [{"uri_template": {
-                    "name": "envoy.path.match.uri_template.uri_template_matcher",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
-                        "path_template": "/files/{x=**}.pdf"}}},
-                    {"header": {"name": "x-user", "string_match": {"exact": "admin"}}}],
-                "principals": [{"authenticated": {"principal_name": {"exact": "spiffe://td/ns/a/sa/b"}}}]}}}
-        });
-        let light = json_to_any_in(light_pool().unwrap(), rbac.clone()).unwrap();
-        let full = json_to_any_in(pool().unwrap(), rbac.clone()).unwrap();
-        assert_eq!(light, full);
-        assert_eq!(
-            any_to_json_in(light_pool().unwrap(), &light).unwrap(),
-            any_to_json_in(pool().unwrap(), &full).unwrap()
-        );
-        // A nested type outside the light pool: the full pool is used, with the same result.
-        let mut other = rbac;
-        other["rules"]["policies"]["p"]["permissions"][0]["uri_template"]["typed_config"] = serde_json::json!({
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"});
-        assert!(!all_types_known(light_pool().unwrap(), &other));
-        assert_eq!(
-            json_to_any(other.clone()).unwrap(),
-            json_to_any_in(pool().unwrap(), other).unwrap()
-        );
-    }
 
     #[test]
     fn round_trips_a_cluster_through_proto3_json() {

@@ -194,16 +194,26 @@ pub(super) fn generate(
             ..Default::default()
         };
         if h2 {
-            let opts = serde_json::json!({
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            });
-            if let Ok(any) = codec::json_to_any(opts) {
-                c.typed_extension_protocol_options.insert(
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-                    any,
-                );
-            }
+            use http_protocol_options::{
+                ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+            };
+            use xds::pb::envoy::extensions::upstreams::http::v3::{
+                HttpProtocolOptions, http_protocol_options,
+            };
+            let opts = HttpProtocolOptions {
+                upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                    ExplicitHttpConfig {
+                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                            Default::default(),
+                        )),
+                    },
+                )),
+                ..Default::default()
+            };
+            c.typed_extension_protocol_options.insert(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+                codec::pack(&opts),
+            );
         }
         put(snap, types::CLUSTER, &name, &c);
     }

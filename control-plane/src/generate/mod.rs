@@ -295,10 +295,7 @@ fn rbac_filters(
     };
     let mut out = Vec::with_capacity(filters.len());
     for f in filters {
-        match serde_json::to_value(&f.typed_config)
-            .map_err(|e| e.to_string())
-            .and_then(|json| codec::json_to_any(json).map_err(|e| e.to_string()))
-        {
+        match policy::rbac::envoy::to_any(&f.typed_config) {
             Ok(any) => out.push((f.name, any)),
             Err(e) => {
                 // Dropping one filter would widen access: deny everything instead.

@@ -2,6 +2,9 @@
 
 use super::*;
 use xds::pb::envoy::config::cluster::v3::cluster as cds;
+use xds::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+use xds::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::UpstreamProtocolOptions;
+use xds::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::explicit_http_config::ProtocolConfig;
 
 /// A CDS resource. EDS clusters come back with no endpoints and `eds` set.
 pub fn cluster(c: &Cluster, notes: &mut Notes) -> Result<config::Cluster, Invalid> {
@@ -90,13 +93,13 @@ pub fn cluster(c: &Cluster, notes: &mut Notes) -> Result<config::Cluster, Invali
     if let Some(opts) = c
         .typed_extension_protocol_options
         .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
-        && let Ok(json) = codec::any_to_json(opts)
-        && let Some(explicit) = json.get("explicit_http_config")
+        && let Ok(opts) = codec::unpack::<HttpProtocolOptions>(opts)
+        && let Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) =
+            opts.upstream_protocol_options
     {
-        out.protocol = if explicit.get("http2_protocol_options").is_some() {
-            config::UpstreamProtocol::Http2
-        } else {
-            config::UpstreamProtocol::Http1
+        out.protocol = match explicit.protocol_config {
+            Some(ProtocolConfig::Http2ProtocolOptions(_)) => config::UpstreamProtocol::Http2,
+            _ => config::UpstreamProtocol::Http1,
         };
     }
     let socket = match (&c.transport_socket, c.transport_socket_matches.as_slice()) {

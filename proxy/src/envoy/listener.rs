@@ -261,14 +261,7 @@ fn filter_chain(
                 });
             }
             policy::rbac::NETWORK_RBAC_TYPE => {
-                let json =
-                    codec::any_to_json(tc).map_err(|e| cx.invalid(&ffield, e.to_string()))?;
-                let fcfg = FilterConfig {
-                    name: policy::rbac::NETWORK_RBAC_FILTER.into(),
-                    typed_config: Some(json),
-                };
-                config::compile_rbac(std::slice::from_ref(&fcfg))
-                    .map_err(|e| cx.invalid(&ffield, format!("RBAC does not compile: {e}")))?;
+                let fcfg = rbac_filter(policy::rbac::NETWORK_RBAC_FILTER, tc, &ffield, cx)?;
                 out.rbac_filters.push(fcfg);
             }
             _ if SKIPPABLE_NETWORK_FILTERS.contains(&f.name.as_str()) => {
@@ -423,14 +416,12 @@ fn http_connection_manager(
         }
         if type_url == policy::rbac::HTTP_RBAC_TYPE {
             let Some(tc) = tc else { continue };
-            let json = codec::any_to_json(tc).map_err(|e| cx.invalid(&ffield, e.to_string()))?;
-            let fcfg = FilterConfig {
-                name: policy::rbac::HTTP_RBAC_FILTER.into(),
-                typed_config: Some(json),
-            };
-            config::compile_rbac(std::slice::from_ref(&fcfg))
-                .map_err(|e| cx.invalid(&ffield, format!("RBAC does not compile: {e}")))?;
-            http_filters.push(fcfg);
+            http_filters.push(rbac_filter(
+                policy::rbac::HTTP_RBAC_FILTER,
+                tc,
+                &ffield,
+                cx,
+            )?);
             continue;
         }
         if SKIPPABLE_HTTP_FILTERS.contains(&f.name.as_str()) || f.is_optional {
@@ -924,10 +915,32 @@ pub fn listener_pb(l: &config::Listener) -> Listener {
     }
 }
 
+/// An RBAC filter read from its protobuf message (no proto3-JSON round trip, so no descriptor
+/// pool: DESIGN §4), checked to compile before the listener is accepted.
+fn rbac_filter(name: &str, tc: &Any, field: &str, cx: &Ctx<'_>) -> Result<FilterConfig, Invalid> {
+    let typed = policy::rbac::envoy::from_any(tc)
+        .map_err(|e| cx.invalid(format!("{field}.typed_config.{}", e.field), e.reason))?;
+    let json = serde_json::to_value(&typed).map_err(|e| cx.invalid(field, e.to_string()))?;
+    let fcfg = FilterConfig {
+        name: name.into(),
+        typed_config: Some(json),
+    };
+    config::compile_rbac(std::slice::from_ref(&fcfg))
+        .map_err(|e| cx.invalid(field, format!("RBAC does not compile: {e}")))?;
+    Ok(fcfg)
+}
+
+/// A filter's typed config as protobuf: RBAC through the model's own conversion, anything else
+/// through proto3 JSON.
 fn typed_filter(f: &FilterConfig) -> Option<Any> {
-    f.typed_config
-        .clone()
-        .and_then(|v| codec::json_to_any(v).ok())
+    let json = f.typed_config.clone()?;
+    if f.name == policy::rbac::HTTP_RBAC_FILTER || f.name == policy::rbac::NETWORK_RBAC_FILTER {
+        let value =
+            policy::proto_json_keys(serde_json::json!({ "name": f.name, "typedConfig": json }));
+        let parsed: policy::rbac::Filter = serde_json::from_value(value).ok()?;
+        return policy::rbac::envoy::to_any(&parsed.typed_config).ok();
+    }
+    codec::json_to_any(json).ok()
 }
 
 pub(super) fn sds(

@@ -67,24 +67,57 @@ pub struct Cidr {
     pub prefix_len: u32,
 }
 
+/// A CIDR that does not parse, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text:?}: {reason}")]
+pub struct BadCidr {
+    pub text: String,
+    pub reason: String,
+}
+
+/// Why a capture registry was refused; the registry in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    File {
+        path: String,
+        source: Box<RegistryError>,
+    },
+    #[error("the registry is empty (write `pods: []` to remove every pod)")]
+    Empty,
+    #[error(transparent)]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("{at}: {reason}")]
+    Pod { at: String, reason: String },
+}
+
 impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadCidr;
+    fn from_str(s: &str) -> Result<Self, BadCidr> {
+        let bad = |reason: String| BadCidr {
+            text: s.to_owned(),
+            reason,
+        };
         let (addr, len) = s
             .split_once('/')
-            .ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX"))?;
+            .ok_or_else(|| bad("expected ADDRESS/PREFIX".into()))?;
         let ip: IpAddr = addr
             .parse()
-            .map_err(|_| format!("{s:?}: {addr:?} is not an IP address"))?;
+            .map_err(|_| bad(format!("{addr:?} is not an IP address")))?;
         let len: u32 = len
             .parse()
-            .map_err(|_| format!("{s:?}: {len:?} is not a prefix length"))?;
+            .map_err(|_| bad(format!("{len:?} is not a prefix length")))?;
         let (ip, max, offset) = match ip {
             IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 32, 96),
             IpAddr::V6(v6) => (v6.octets(), 128, 0),
         };
         if len > max {
-            return Err(format!("{s:?}: prefix length above {max}"));
+            return Err(bad(format!("prefix length above {max}")));
         }
         Ok(Cidr {
             ip,
@@ -96,24 +129,34 @@ impl std::str::FromStr for Cidr {
 impl Registry {
     /// An empty file is refused: it is what a truncated write looks like, and taking it as "no
     /// pods" would detach every pod's capture (guard included) at once. `pods: []` says it.
-    pub fn parse(text: &str) -> Result<Registry, String> {
+    pub fn parse(text: &str) -> Result<Registry, RegistryError> {
         if text.trim().is_empty() {
-            return Err("the registry is empty (write `pods: []` to remove every pod)".into());
+            return Err(RegistryError::Empty);
         }
-        let reg: Registry = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        let reg: Registry = serde_yaml::from_str(text)?;
         reg.validate()?;
         Ok(reg)
     }
 
-    pub fn load(path: &Path) -> Result<Registry, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Registry::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Registry, RegistryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Registry::parse(&text).map_err(|e| RegistryError::File {
+            path: path.display().to_string(),
+            source: Box::new(e),
+        })
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), RegistryError> {
         let mut seen = std::collections::BTreeSet::new();
         for (i, p) in self.pods.iter().enumerate() {
             let at = format!("pods[{i}] ({})", p.name);
+            let invalid = |reason: &str| RegistryError::Pod {
+                at: at.clone(),
+                reason: reason.to_owned(),
+            };
             let name_ok = !p.name.is_empty()
                 && p.name.len() <= 200
                 && p.name != "."
@@ -122,38 +165,38 @@ impl Registry {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
             if !name_ok {
-                return Err(format!(
-                    "{at}: name must be 1-200 of [A-Za-z0-9._-] and not . or .."
+                return Err(invalid(
+                    "name must be 1-200 of [A-Za-z0-9._-] and not . or ..",
                 ));
             }
             if !seen.insert(p.name.as_str()) {
-                return Err(format!("{at}: name repeats an earlier pod"));
+                return Err(invalid("name repeats an earlier pod"));
             }
             for (field, port) in [
                 ("outbound_port", p.outbound_port),
                 ("inbound_port", p.inbound_port),
             ] {
                 if port == 0 {
-                    return Err(format!("{at}: {field} must not be 0"));
+                    return Err(invalid(&format!("{field} must not be 0")));
                 }
             }
             if p.outbound_port == p.inbound_port {
-                return Err(format!("{at}: outbound_port and inbound_port must differ"));
+                return Err(invalid("outbound_port and inbound_port must differ"));
             }
             if !p.sidecar_cgroup.starts_with(&p.cgroup) || p.sidecar_cgroup == p.cgroup {
-                return Err(format!(
-                    "{at}: sidecar_cgroup must be below cgroup (the sidecar is a container of the pod)"
+                return Err(invalid(
+                    "sidecar_cgroup must be below cgroup (the sidecar is a container of the pod)",
                 ));
             }
             if p.exclude_outbound_ports.len() > 64 || p.exclude_inbound_ports.len() > 61 {
-                return Err(format!("{at}: at most 64 excluded ports each way"));
+                return Err(invalid("at most 64 excluded ports each way"));
             }
             if p.exclude_outbound_cidrs.len() > 64 {
-                return Err(format!("{at}: at most 64 excluded CIDRs"));
+                return Err(invalid("at most 64 excluded CIDRs"));
             }
             for c in &p.exclude_outbound_cidrs {
                 c.parse::<Cidr>()
-                    .map_err(|e| format!("{at}: exclude_outbound_cidrs: {e}"))?;
+                    .map_err(|e| invalid(&format!("exclude_outbound_cidrs: {e}")))?;
             }
         }
         Ok(())
@@ -180,7 +223,8 @@ mod tests {
         assert!(Registry::parse("pods: []").unwrap().pods.is_empty());
         for empty in ["", "\n", "  \n\n"] {
             let e = Registry::parse(empty).unwrap_err();
-            assert!(e.contains("pods: []"), "{e}");
+            assert!(matches!(e, RegistryError::Empty), "{e}");
+            assert!(e.to_string().contains("pods: []"), "{e}");
         }
     }
 
@@ -193,20 +237,27 @@ mod tests {
             ("  outbound_port: 0\n", "must not be 0"),
             ("  colour: red\n", "unknown field"),
         ] {
-            let e = Registry::parse(&pod(extra)).unwrap_err();
+            let e = Registry::parse(&pod(extra)).unwrap_err().to_string();
             assert!(e.contains(want), "{extra}: {e}");
         }
         let e = Registry::parse(
             "pods:\n- name: ../x\n  cgroup: /a\n  sidecar_cgroup: /a/s\n  netns: /n\n",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("name must be"), "{e}");
         let e =
             Registry::parse("pods:\n- name: x\n  cgroup: /a\n  sidecar_cgroup: /b\n  netns: /n\n")
-                .unwrap_err();
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("below cgroup"), "{e}");
         let twice = format!("{}{}", pod(""), &pod("")["pods:\n".len()..]);
-        assert!(Registry::parse(&twice).unwrap_err().contains("repeats"));
+        assert!(
+            Registry::parse(&twice)
+                .unwrap_err()
+                .to_string()
+                .contains("repeats")
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ impl WorkloadApiSource {
     pub fn watch(self) -> CredentialsRx {
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = backoff::Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
             loop {
                 match self.stream(&tx).await {
                     Ok(()) => tracing::warn!("Workload API stream ended; reconnecting"),
@@ -37,19 +37,11 @@ impl WorkloadApiSource {
                 if tx.is_closed() {
                     return;
                 }
-                // Jitter from the clock's sub-second part keeps many proxies from retrying in step.
-                let jitter = Duration::from_millis(u64::from(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .subsec_millis()
-                        % 50,
-                ));
-                tokio::time::sleep(backoff + jitter).await;
                 // Until the first SVID, keep asking quickly: the proxy is not ready without one.
-                if tx.borrow().is_some() {
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                if tx.borrow().is_none() {
+                    backoff.reset();
                 }
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         });
         rx

@@ -86,7 +86,7 @@ pub async fn run<H: Handler>(
 ) {
     let mut held: HashMap<&'static str, Held> = HashMap::new();
     let mut delta_held: HashMap<&'static str, DeltaHeld> = HashMap::new();
-    let mut attempt: u32 = 0;
+    let mut backoff = backoff::Backoff::new(config.backoff_base, config.backoff_max);
     loop {
         if *shutdown.borrow() {
             return;
@@ -106,38 +106,21 @@ pub async fn run<H: Handler>(
         match outcome {
             Ok(()) => {
                 tracing::warn!(server = %config.server, "xDS stream closed by the server; reconnecting");
-                attempt = 0;
+                backoff.reset();
             }
             Err(SessionError { message, received }) => {
                 if received {
-                    attempt = 0;
+                    backoff.reset();
                 }
                 tracing::warn!(server = %config.server, error = %message, "xDS stream failed; keeping the last good configuration");
             }
         }
-        let delay = backoff(&config, attempt);
-        attempt = attempt.saturating_add(1);
+        let delay = backoff.next_delay();
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
     }
-}
-
-/// Exponential backoff with full jitter in [d/2, d].
-fn backoff(config: &ClientConfig, attempt: u32) -> Duration {
-    let exp = config
-        .backoff_base
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(config.backoff_max);
-    let mut byte = [0u8; 2];
-    let jitter =
-        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte).is_ok() {
-            f64::from(u16::from_be_bytes(byte)) / f64::from(u16::MAX)
-        } else {
-            0.5
-        };
-    exp.mul_f64(0.5 + jitter / 2.0)
 }
 
 struct SessionError {

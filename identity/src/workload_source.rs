@@ -21,6 +21,34 @@ pub struct WorkloadApiSource {
     pub socket: PathBuf,
 }
 
+/// Why the Workload API stream failed (the current SVID stays).
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("connecting: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Status(#[from] tonic::Status),
+}
+
+/// Why one response of the Workload API could not be used.
+#[derive(Debug, thiserror::Error)]
+enum ResponseError {
+    #[error("response has no SVID")]
+    NoSvid,
+    #[error("response names {named} but the certificate says {actual}")]
+    IdMismatch { named: String, actual: String },
+    #[error("bad certificate: {0}")]
+    Certificate(String),
+    #[error("no certificates")]
+    NoCertificates,
+    #[error(transparent)]
+    Svid(#[from] crate::SvidError),
+    #[error(transparent)]
+    Bundle(#[from] crate::BundleError),
+    #[error("federated bundle: {0}")]
+    TrustDomain(#[from] crate::SpiffeIdError),
+}
+
 impl WorkloadApiSource {
     /// Starts streaming; the channel holds `None` until the first SVID arrives.
     pub fn watch(self) -> CredentialsRx {
@@ -47,7 +75,10 @@ impl WorkloadApiSource {
         rx
     }
 
-    async fn stream(&self, tx: &watch::Sender<Option<Arc<Credentials>>>) -> Result<(), String> {
+    async fn stream(
+        &self,
+        tx: &watch::Sender<Option<Arc<Credentials>>>,
+    ) -> Result<(), StreamError> {
         let path = self.socket.clone();
         let channel = tonic::transport::Endpoint::from_static("http://localhost")
             .connect_timeout(Duration::from_secs(2))
@@ -59,20 +90,15 @@ impl WorkloadApiSource {
                         .map(TokioIo::new)
                 }
             }))
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let mut client = api::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
         let mut req = tonic::Request::new(api::X509svidRequest {});
         req.metadata_mut().insert(
             "workload.spiffe.io",
             tonic::metadata::MetadataValue::from_static("true"),
         );
-        let mut stream = client
-            .fetch_x509svid(req)
-            .await
-            .map_err(|s| s.to_string())?
-            .into_inner();
-        while let Some(resp) = stream.message().await.map_err(|s| s.to_string())? {
+        let mut stream = client.fetch_x509svid(req).await?.into_inner();
+        while let Some(resp) = stream.message().await? {
             match credentials(resp) {
                 Ok(c) => {
                     tracing::info!(spiffe_id = %c.svid.spiffe_id(), serial = %c.svid.leaf().serial, "SVID from the Workload API");
@@ -89,46 +115,40 @@ impl WorkloadApiSource {
 }
 
 /// The first (default) SVID of a response, with its trust domain's bundle and federated bundles.
-fn credentials(resp: api::X509svidResponse) -> Result<Credentials, String> {
-    let first = resp
-        .svids
-        .into_iter()
-        .next()
-        .ok_or("response has no SVID")?;
+fn credentials(resp: api::X509svidResponse) -> Result<Credentials, ResponseError> {
+    let first = resp.svids.into_iter().next().ok_or(ResponseError::NoSvid)?;
     let chain = split_der(&first.x509_svid)?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(first.x509_svid_key));
-    let svid = X509Svid::from_der(chain, key).map_err(|e| e.to_string())?;
+    let svid = X509Svid::from_der(chain, key)?;
     if svid.spiffe_id().as_str() != first.spiffe_id {
-        return Err(format!(
-            "response names {} but the certificate says {}",
-            first.spiffe_id,
-            svid.spiffe_id()
-        ));
+        return Err(ResponseError::IdMismatch {
+            named: first.spiffe_id,
+            actual: svid.spiffe_id().to_string(),
+        });
     }
-    let own = Bundle::from_certs(svid.spiffe_id().trust_domain(), split_der(&first.bundle)?)
-        .map_err(|e| e.to_string())?;
+    let own = Bundle::from_certs(svid.spiffe_id().trust_domain(), split_der(&first.bundle)?)?;
     let mut bundles = BundleSet::new([own]);
     for (td, der) in resp.federated_bundles {
-        let td = TrustDomain::parse(&td).map_err(|e| e.to_string())?;
+        let td = TrustDomain::parse(&td)?;
         if td.as_str() == svid.spiffe_id().trust_domain_str() {
             continue; // the own domain's bundle comes with the SVID, never from a federation entry
         }
-        bundles.insert(Bundle::from_certs(td, split_der(&der)?).map_err(|e| e.to_string())?);
+        bundles.insert(Bundle::from_certs(td, split_der(&der)?)?);
     }
     Ok(Credentials::new(svid, bundles))
 }
 
 /// Concatenated DER certificates → one per certificate.
-fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, ResponseError> {
     let mut out = Vec::new();
     while !der.is_empty() {
         let (rest, _) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| format!("bad certificate: {e}"))?;
+            .map_err(|e| ResponseError::Certificate(e.to_string()))?;
         out.push(CertificateDer::from(der[..der.len() - rest.len()].to_vec()));
         der = rest;
     }
     if out.is_empty() {
-        return Err("no certificates".into());
+        return Err(ResponseError::NoCertificates);
     }
     Ok(out)
 }

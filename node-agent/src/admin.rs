@@ -21,12 +21,11 @@ use identity::{DevCa, TrustDomain};
 /// CAs published at once (the signing one included): prepare refuses past it.
 pub const MAX_PUBLISHED: usize = 3;
 
-/// A random token for the admin API, as hex.
-pub(super) fn new_token() -> Result<String, String> {
+/// A random token for the admin API, as hex; `None` if the system has no randomness to give.
+pub(super) fn new_token() -> Option<String> {
     let mut bytes = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| "no randomness for the admin token".to_owned())?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).ok()?;
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 pub(super) async fn serve(

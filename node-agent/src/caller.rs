@@ -57,6 +57,19 @@ fn start_time(pid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Why a pinned caller is no longer the process that connected (no SVID is handed out).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallerChanged {
+    #[error("process {pid} runs {} now, not the {} it ran when it connected", now.display(), then.display())]
+    Exec {
+        pid: i32,
+        now: std::path::PathBuf,
+        then: std::path::PathBuf,
+    },
+    #[error("process {pid} is gone since it connected")]
+    Gone { pid: i32 },
+}
+
 impl PinnedCaller {
     /// Pins the peer of an accepted connection.
     pub fn pin(stream: &tokio::net::UnixStream) -> Option<Self> {
@@ -69,20 +82,19 @@ impl PinnedCaller {
     }
 
     /// The caller's selectors, if it is still the process that connected; `Err` says why not.
-    pub fn attest(&self) -> Result<BTreeSet<Selector>, String> {
+    pub fn attest(&self) -> Result<BTreeSet<Selector>, CallerChanged> {
         let mut s = BTreeSet::from([Selector::UnixUid(self.uid), Selector::UnixGid(self.gid)]);
         if let Some(p) = &self.process {
             match Process::read(p.pid) {
                 Some(now) if now == *p => {}
                 Some(now) if now.start_time == p.start_time => {
-                    return Err(format!(
-                        "process {} runs {} now, not the {} it ran when it connected",
-                        p.pid,
-                        now.exe.display(),
-                        p.exe.display()
-                    ));
+                    return Err(CallerChanged::Exec {
+                        pid: p.pid,
+                        now: now.exe,
+                        then: p.exe.clone(),
+                    });
                 }
-                _ => return Err(format!("process {} is gone since it connected", p.pid)),
+                _ => return Err(CallerChanged::Gone { pid: p.pid }),
             }
             s.insert(Selector::UnixPath(p.exe.clone()));
         }
@@ -113,7 +125,7 @@ mod tests {
             }),
             ..pinned.clone()
         };
-        assert!(reused.attest().unwrap_err().contains("gone"));
+        assert!(matches!(reused.attest(), Err(CallerChanged::Gone { .. })));
         let execd = PinnedCaller {
             process: Some(Process {
                 exe_ino: me.exe_ino + 1,
@@ -121,6 +133,6 @@ mod tests {
             }),
             ..pinned
         };
-        assert!(execd.attest().unwrap_err().contains("runs"));
+        assert!(matches!(execd.attest(), Err(CallerChanged::Exec { .. })));
     }
 }

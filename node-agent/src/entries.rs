@@ -64,10 +64,31 @@ struct FileEntry {
     x509_svid_ttl: Option<String>,
 }
 
+/// A selector the agent cannot read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadSelector {
+    #[error("selector {0:?}: expected unix:uid:N, unix:gid:N or unix:path:/abs/exe")]
+    Malformed(String),
+    #[error("selector {0:?}: k8s selectors need the pod registry (not available yet)")]
+    NeedsPodRegistry(String),
+}
+
+/// An `x509_svid_ttl` the agent cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadTtl {
+    #[error("{0:?} needs a unit (s, m, h)")]
+    NoUnit(String),
+    #[error("{0:?} does not start with a number")]
+    NotANumber(String),
+    #[error("{text:?} has unknown unit {unit:?} (s, m, h)")]
+    UnknownUnit { text: String, unit: String },
+    #[error("{0:?} is outside 2s..30 days")]
+    OutOfRange(String),
+}
+
 impl Selector {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("selector {s:?}: expected unix:uid:N, unix:gid:N or unix:path:/abs/exe");
+    pub fn parse(s: &str) -> Result<Self, BadSelector> {
+        let bad = || BadSelector::Malformed(s.to_owned());
         match s.split_once(':').ok_or_else(bad)? {
             ("unix", rest) => match rest.split_once(':').ok_or_else(bad)? {
                 ("uid", n) => n.parse().map(Selector::UnixUid).map_err(|_| bad()),
@@ -75,9 +96,7 @@ impl Selector {
                 ("path", p) if p.starts_with('/') => Ok(Selector::UnixPath(PathBuf::from(p))),
                 _ => Err(bad()),
             },
-            ("k8s", _) => Err(format!(
-                "selector {s:?}: k8s selectors need the pod registry (not available yet)"
-            )),
+            ("k8s", _) => Err(BadSelector::NeedsPodRegistry(s.to_owned())),
             _ => Err(bad()),
         }
     }
@@ -154,23 +173,26 @@ impl Entries {
 }
 
 /// `30s`, `10m`, `1h`.
-fn parse_ttl(s: &str) -> Result<Duration, String> {
+fn parse_ttl(s: &str) -> Result<Duration, BadTtl> {
     let (num, unit) = s.split_at(
         s.find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("{s:?} needs a unit (s, m, h)"))?,
+            .ok_or_else(|| BadTtl::NoUnit(s.to_owned()))?,
     );
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} does not start with a number"))?;
+    let n: u64 = num.parse().map_err(|_| BadTtl::NotANumber(s.to_owned()))?;
     let secs = match unit {
         "s" => n,
         "m" => n.saturating_mul(60),
         "h" => n.saturating_mul(3600),
-        _ => return Err(format!("{s:?} has unknown unit {unit:?} (s, m, h)")),
+        _ => {
+            return Err(BadTtl::UnknownUnit {
+                text: s.to_owned(),
+                unit: unit.to_owned(),
+            });
+        }
     };
     let ttl = Duration::from_secs(secs);
     if ttl < MIN_TTL || ttl > Duration::from_secs(30 * 86400) {
-        return Err(format!("{s:?} is outside 2s..30 days"));
+        return Err(BadTtl::OutOfRange(s.to_owned()));
     }
     Ok(ttl)
 }

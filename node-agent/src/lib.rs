@@ -40,8 +40,14 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--admin-address {0} must be a loopback address")]
+    AdminNotLoopback(std::net::SocketAddr),
+    #[error("no randomness from the operating system for {0}")]
+    NoRandomness(&'static str),
+    #[error("the JWT-SVID signing key: {0}")]
+    JwtKey(#[from] jwt::JwtError),
     #[error("serving the Workload API: {0}")]
-    Serve(String),
+    Serve(#[from] tonic::transport::Error),
 }
 
 pub struct AgentConfig {
@@ -106,9 +112,7 @@ pub async fn run(
     }));
     if let Some(addr) = config.admin {
         if !addr.ip().is_loopback() {
-            return Err(AgentError::Serve(format!(
-                "--admin-address {addr} must be a loopback address"
-            )));
+            return Err(AgentError::AdminNotLoopback(addr));
         }
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -116,7 +120,7 @@ pub async fn run(
                 path: addr.to_string().into(),
                 source,
             })?;
-        let token = admin::new_token().map_err(AgentError::Serve)?;
+        let token = admin::new_token().ok_or(AgentError::NoRandomness("the admin token"))?;
         let token_file = admin_token_file(&config.socket);
         write_private(&token_file, token.as_bytes()).map_err(|source| AgentError::Socket {
             path: token_file.clone(),
@@ -130,8 +134,7 @@ pub async fn run(
             token,
         ));
     }
-    let jwt =
-        Arc::new(jwt::JwtAuthority::generate().map_err(|e| AgentError::Serve(e.to_string()))?);
+    let jwt = Arc::new(jwt::JwtAuthority::generate()?);
     let (tx, rx) = watch::channel(Arc::new(entries));
     tokio::spawn(watch_entries(config.entries.clone(), config.poll, tx));
 
@@ -167,7 +170,7 @@ pub async fn run(
         tracing::warn!(grace = ?SHUTDOWN_GRACE, "Workload API clients still connected; stopping without them");
     };
     tokio::select! {
-        r = serve => r.map_err(|e| AgentError::Serve(e.to_string()))?,
+        r = serve => r?,
         () = grace => {}
     }
     let _ = std::fs::remove_file(&config.socket);

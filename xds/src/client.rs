@@ -108,11 +108,11 @@ pub async fn run<H: Handler>(
                 tracing::warn!(server = %config.server, "xDS stream closed by the server; reconnecting");
                 backoff.reset();
             }
-            Err(SessionError { message, received }) => {
+            Err(SessionError { failure, received }) => {
                 if received {
                     backoff.reset();
                 }
-                tracing::warn!(server = %config.server, error = %message, "xDS stream failed; keeping the last good configuration");
+                tracing::warn!(server = %config.server, error = %failure, "xDS stream failed; keeping the last good configuration");
             }
         }
         let delay = backoff.next_delay();
@@ -124,14 +124,44 @@ pub async fn run<H: Handler>(
 }
 
 struct SessionError {
-    message: String,
+    failure: StreamFailure,
     /// Whether the stream got as far as a response (resets the backoff).
     received: bool,
 }
 
-async fn connect(config: &ClientConfig) -> Result<Channel, String> {
+/// Why an xDS stream ended; the last good configuration stays in force.
+#[derive(Debug, thiserror::Error)]
+enum StreamFailure {
+    #[error("bad xDS server address {server:?}: {reason}")]
+    BadAddress { server: String, reason: String },
+    #[error("connect {server}: {chain}")]
+    Connect { server: String, chain: String },
+    #[error("{stream}: {} {}", .status.code(), .status.message())]
+    Rpc {
+        stream: &'static str,
+        status: tonic::Status,
+    },
+    #[error("request queue full")]
+    QueueFull,
+    #[error("request queue closed")]
+    QueueClosed,
+}
+
+impl<T> From<mpsc::error::TrySendError<T>> for StreamFailure {
+    fn from(e: mpsc::error::TrySendError<T>) -> Self {
+        match e {
+            mpsc::error::TrySendError::Full(_) => StreamFailure::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => StreamFailure::QueueClosed,
+        }
+    }
+}
+
+async fn connect(config: &ClientConfig) -> Result<Channel, StreamFailure> {
     let endpoint = Endpoint::from_shared(config.server.clone())
-        .map_err(|e| format!("bad xDS server address {:?}: {e}", config.server))?
+        .map_err(|e| StreamFailure::BadAddress {
+            server: config.server.clone(),
+            reason: e.to_string(),
+        })?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(config.keepalive)
         .keep_alive_timeout(Duration::from_secs(5))
@@ -145,7 +175,10 @@ async fn connect(config: &ClientConfig) -> Result<Channel, String> {
         }
         None => endpoint.connect().await,
     };
-    channel.map_err(|e| format!("connect {}: {}", config.server, error_chain(&e)))
+    channel.map_err(|e| StreamFailure::Connect {
+        server: config.server.clone(),
+        chain: error_chain(&e),
+    })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -164,7 +197,7 @@ async fn session<H: Handler>(
     handler: &mut H,
     held: &mut HashMap<&'static str, Held>,
 ) -> Result<(), SessionError> {
-    let fail = |message: String, received: bool| SessionError { message, received };
+    let fail = |failure: StreamFailure, received: bool| SessionError { failure, received };
     let channel = connect(config).await.map_err(|m| fail(m, false))?;
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
     // Resubscribe to everything, telling the server which versions are held.
@@ -179,14 +212,29 @@ async fn session<H: Handler>(
     let mut responses = client
         .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(|s| fail(format!("ADS: {} {}", s.code(), s.message()), false))?
+        .map_err(|s| {
+            fail(
+                StreamFailure::Rpc {
+                    stream: "ADS",
+                    status: s,
+                },
+                false,
+            )
+        })?
         .into_inner();
     handler.connection(true);
     tracing::info!(server = %config.server, "xDS stream open");
     let mut received = false;
     while let Some(item) = responses.next().await {
-        let response =
-            item.map_err(|s| fail(format!("ADS: {} {}", s.code(), s.message()), received))?;
+        let response = item.map_err(|s| {
+            fail(
+                StreamFailure::Rpc {
+                    stream: "ADS",
+                    status: s,
+                },
+                received,
+            )
+        })?;
         received = true;
         on_response(config, handler, held, &tx, &mut first, response).map_err(|m| fail(m, true))?;
     }
@@ -200,7 +248,7 @@ fn on_response<H: Handler>(
     tx: &mpsc::Sender<DiscoveryRequest>,
     first: &mut bool,
     response: DiscoveryResponse,
-) -> Result<(), String> {
+) -> Result<(), StreamFailure> {
     let Some(type_url) = types::ALL.iter().copied().find(|t| *t == response.type_url) else {
         tracing::warn!(type_url = %response.type_url, "response of an unknown type ignored");
         return Ok(());
@@ -249,8 +297,7 @@ fn on_response<H: Handler>(
         error_detail,
         ..Default::default()
     };
-    tx.try_send(request)
-        .map_err(|e| format!("request queue: {e}"))?;
+    tx.try_send(request)?;
     send_interest(config, handler, held, tx, first)
 }
 
@@ -261,7 +308,7 @@ fn send_interest<H: Handler>(
     held: &mut HashMap<&'static str, Held>,
     tx: &mpsc::Sender<DiscoveryRequest>,
     first: &mut bool,
-) -> Result<(), String> {
+) -> Result<(), StreamFailure> {
     for (type_url, names) in handler.interest() {
         let h = held.entry(type_url).or_default();
         if h.requested && h.names == names {
@@ -285,8 +332,7 @@ fn send_interest<H: Handler>(
             response_nonce: h.last_nonce.clone(),
             ..Default::default()
         };
-        tx.try_send(request)
-            .map_err(|e| format!("request queue: {e}"))?;
+        tx.try_send(request)?;
     }
     Ok(())
 }
@@ -311,7 +357,7 @@ async fn delta_session<H: Handler>(
     handler: &mut H,
     held: &mut HashMap<&'static str, DeltaHeld>,
 ) -> Result<(), SessionError> {
-    let fail = |message: String, received: bool| SessionError { message, received };
+    let fail = |failure: StreamFailure, received: bool| SessionError { failure, received };
     let channel = connect(config).await.map_err(|m| fail(m, false))?;
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
     for h in held.values_mut() {
@@ -324,14 +370,29 @@ async fn delta_session<H: Handler>(
     let mut responses = client
         .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(|s| fail(format!("delta ADS: {} {}", s.code(), s.message()), false))?
+        .map_err(|s| {
+            fail(
+                StreamFailure::Rpc {
+                    stream: "delta ADS",
+                    status: s,
+                },
+                false,
+            )
+        })?
         .into_inner();
     handler.connection(true);
     tracing::info!(server = %config.server, "delta xDS stream open");
     let mut received = false;
     while let Some(item) = responses.next().await {
-        let response =
-            item.map_err(|s| fail(format!("delta ADS: {} {}", s.code(), s.message()), received))?;
+        let response = item.map_err(|s| {
+            fail(
+                StreamFailure::Rpc {
+                    stream: "delta ADS",
+                    status: s,
+                },
+                received,
+            )
+        })?;
         received = true;
         let Some(type_url) = types::ALL.iter().copied().find(|t| *t == response.type_url) else {
             continue;
@@ -390,7 +451,7 @@ async fn delta_session<H: Handler>(
             error_detail,
             ..Default::default()
         })
-        .map_err(|e| fail(format!("request queue: {e}"), true))?;
+        .map_err(|e| fail(e.into(), true))?;
         delta_interest(config, handler, held, &tx, &mut first).map_err(|m| fail(m, true))?;
     }
     Ok(())
@@ -404,7 +465,7 @@ fn delta_interest<H: Handler>(
     held: &mut HashMap<&'static str, DeltaHeld>,
     tx: &mpsc::Sender<DeltaDiscoveryRequest>,
     first: &mut bool,
-) -> Result<(), String> {
+) -> Result<(), StreamFailure> {
     for (type_url, names) in handler.interest() {
         let h = held.entry(type_url).or_default();
         let mut request = DeltaDiscoveryRequest {
@@ -447,8 +508,7 @@ fn delta_interest<H: Handler>(
         }
         h.names = names;
         request.node = first_node(config, first);
-        tx.try_send(request)
-            .map_err(|e| format!("request queue: {e}"))?;
+        tx.try_send(request)?;
     }
     Ok(())
 }

@@ -4,7 +4,6 @@
 //! registered pod is attached).
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -170,35 +169,102 @@ fn respond(req: &Request<hyper::body::Incoming>, s: &Shared) -> Response<Full<By
     }
 }
 
+/// `/stats/prometheus`: the pods' capture state through a prometheus-client registry (one
+/// collector over a snapshot), served in the 0.0.4 text format like the sidecar's.
 fn prometheus(s: &Shared) -> String {
-    let mut out = String::new();
-    for name in ebpf_redirect::COUNTERS {
-        let _ = writeln!(out, "# TYPE eastguard_capture_{name}_total counter");
-        for p in &s.pods {
-            let v = p.counters.get(name).copied().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "eastguard_capture_{name}_total{{pod=\"{}\"}} {v}",
-                p.name
-            );
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(CaptureCollector(s.pods.clone())));
+    let mut open_metrics = String::new();
+    let _ = prometheus_client::encoding::text::encode_registry(&mut open_metrics, &registry);
+    proxy::stats::to_classic_text(&open_metrics)
+}
+
+#[derive(Debug)]
+struct CaptureCollector(Vec<PodStatus>);
+
+impl prometheus_client::collector::Collector for CaptureCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        for name in ebpf_redirect::COUNTERS {
+            let metric = format!("eastguard_capture_{name}");
+            let help = format!("eBPF capture: {name}, per pod");
+            let mut family =
+                encoder.encode_descriptor(&metric, &help, None, MetricType::Counter)?;
+            for p in &self.0 {
+                let v = p.counters.get(name).copied().unwrap_or(0);
+                ConstCounter::new(v).encode(family.encode_family(&[("pod", p.name.as_str())])?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "eastguard_capture_attached",
+            "Whether every capture program is attached to the pod (1) or not (0)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &self.0 {
+            let attached = i64::from(p.state == State::Attached);
+            ConstGauge::new(attached).encode(family.encode_family(&[("pod", p.name.as_str())])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "eastguard_capture_link_repairs",
+            "Capture links found detached or pointing elsewhere and re-created",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &self.0 {
+            ConstCounter::new(p.repairs)
+                .encode(family.encode_family(&[("pod", p.name.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, state: State, denied: u64, repairs: u64) -> PodStatus {
+        PodStatus {
+            name: name.into(),
+            state,
+            error: None,
+            links: Default::default(),
+            inbound_ipv4: true,
+            inbound_ipv6: false,
+            repairs,
+            counters: [("outbound_denied", denied)].into_iter().collect(),
         }
     }
-    let _ = writeln!(out, "# TYPE eastguard_capture_attached gauge");
-    for p in &s.pods {
-        let _ = writeln!(
-            out,
-            "eastguard_capture_attached{{pod=\"{}\"}} {}",
-            p.name,
-            u8::from(p.state == State::Attached)
-        );
+
+    #[test]
+    fn capture_metrics_are_classic_text_per_pod() {
+        let s = Shared {
+            pods: vec![
+                pod("a", State::Attached, 7, 0),
+                pod("b", State::NotReady, 0, 2),
+            ],
+            ..Default::default()
+        };
+        let text = prometheus(&s);
+        for line in [
+            "# TYPE eastguard_capture_outbound_denied_total counter",
+            "eastguard_capture_outbound_denied_total{pod=\"a\"} 7",
+            "eastguard_capture_outbound_denied_total{pod=\"b\"} 0",
+            "eastguard_capture_outbound_redirected_total{pod=\"a\"} 0",
+            "# TYPE eastguard_capture_attached gauge",
+            "eastguard_capture_attached{pod=\"a\"} 1",
+            "eastguard_capture_attached{pod=\"b\"} 0",
+            "# TYPE eastguard_capture_link_repairs_total counter",
+            "eastguard_capture_link_repairs_total{pod=\"b\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing from\n{text}");
+        }
+        assert!(!text.contains("# EOF"));
     }
-    let _ = writeln!(out, "# TYPE eastguard_capture_link_repairs_total counter");
-    for p in &s.pods {
-        let _ = writeln!(
-            out,
-            "eastguard_capture_link_repairs_total{{pod=\"{}\"}} {}",
-            p.name, p.repairs
-        );
-    }
-    out
 }

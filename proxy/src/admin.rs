@@ -154,8 +154,7 @@ async fn route(
             text(StatusCode::OK, &s)
         }
         "/stats/prometheus" => {
-            let mut s = state.telemetry.metrics.render();
-            s.push_str(&state.telemetry.stats.render_prometheus());
+            let s = state.telemetry.metrics.render();
             Response::builder()
                 .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
                 .body(body::full(s))

@@ -30,7 +30,7 @@ mod listener;
 mod route;
 pub mod runtime;
 mod sampling;
-mod stats;
+pub mod stats;
 mod tcp;
 mod telemetry;
 pub mod trace;

@@ -1,7 +1,9 @@
 //! Envoy-style counters (`/stats`) and Istio standard metrics (`/stats/prometheus`).
 //!
 //! Counters are created when the config is loaded and handed to the code that bumps them, so the
-//! request path never looks a name up.
+//! request path never looks a name up. One prometheus-client registry serves `/stats/prometheus`:
+//! the Istio families, and the Envoy stats through a collector that names each `envoy_<name>`
+//! (dots as underscores), so no Prometheus text is written by hand.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,10 +20,10 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Default, Debug)]
 pub struct Stat(Arc<AtomicU64>);
 
-/// Envoy-style stats by dotted name.
-#[derive(Default, Debug)]
+/// Envoy-style stats by dotted name. Clones share the same stats.
+#[derive(Clone, Default, Debug)]
 pub struct EnvoyStats {
-    by_name: Mutex<BTreeMap<String, Stat>>,
+    by_name: Arc<Mutex<BTreeMap<String, Stat>>>,
 }
 
 /// A Prometheus label value backed by a shared string (cloning is a refcount bump).
@@ -107,18 +109,35 @@ impl EnvoyStats {
         out
     }
 
-    /// The same stats as Prometheus counters named like Envoy's (`envoy_` + name, '.' → '_').
-    pub fn render_prometheus(&self) -> String {
-        let map = self.by_name.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = String::new();
-        for (name, stat) in map.iter() {
+}
+
+/// The Envoy stats in the Prometheus registry: each a gauge named `envoy_<name>`, the dotted name
+/// as its help, as Envoy's own `/stats/prometheus` names them.
+#[derive(Debug)]
+struct EnvoyCollector(EnvoyStats);
+
+impl prometheus_client::collector::Collector for EnvoyCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        let stats: Vec<(String, u64)> = {
+            let map = self.0.by_name.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter().map(|(n, s)| (n.clone(), s.get())).collect()
+        };
+        for (name, value) in stats {
             let metric: String = format!("envoy_{name}")
                 .chars()
                 .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
                 .collect();
-            let _ = writeln!(out, "# TYPE {metric} gauge\n{metric} {}", stat.get());
+            let gauge = prometheus_client::metrics::gauge::ConstGauge::new(
+                i64::try_from(value).unwrap_or(i64::MAX),
+            );
+            let m = encoder.encode_descriptor(&metric, &name, None, gauge.metric_type())?;
+            gauge.encode(m)?;
         }
-        out
+        Ok(())
     }
 }
 
@@ -153,8 +172,21 @@ fn bytes_histogram() -> Histogram {
 }
 
 impl IstioMetrics {
+    /// The Istio families alone.
     pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// The Istio families and `stats`, in one registry.
+    pub fn with_envoy_stats(stats: &EnvoyStats) -> Self {
+        Self::build(Some(stats))
+    }
+
+    fn build(envoy: Option<&EnvoyStats>) -> Self {
         let mut registry = Registry::default();
+        if let Some(stats) = envoy {
+            registry.register_collector(Box::new(EnvoyCollector(stats.clone())));
+        }
         let requests_total = Family::<RequestLabels, Counter>::default();
         let request_duration_ms =
             Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -227,6 +259,8 @@ impl IstioMetrics {
 
     /// Prometheus text exposition format 0.0.4, as Envoy serves it: counter families are named
     /// with their `_total` suffix in `# HELP` / `# TYPE`, and there is no OpenMetrics `# EOF`.
+    /// (istio-agent merges a sidecar's `/stats/prometheus` with the app's using Prometheus' 0.0.4
+    /// text parser, so that is the format served; prometheus-client writes OpenMetrics.)
     pub fn render(&self) -> String {
         let mut open_metrics = String::new();
         let _ =
@@ -236,7 +270,7 @@ impl IstioMetrics {
 }
 
 /// Rewrites OpenMetrics text into the classic format Prometheus and Envoy use.
-fn to_classic_text(open_metrics: &str) -> String {
+pub fn to_classic_text(open_metrics: &str) -> String {
     let counters: std::collections::HashSet<&str> = open_metrics
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -299,5 +333,30 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn envoy_stats_are_in_the_same_registry() {
+        let stats = EnvoyStats::default();
+        let m = IstioMetrics::with_envoy_stats(&stats);
+        stats.stat("cluster.inbound|8080||.upstream_rq_retry").add(3);
+        stats.stat("listener.0.0.0.0_15006.downstream_cx_total").inc();
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE envoy_cluster_inbound_8080___upstream_rq_retry gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nenvoy_cluster_inbound_8080___upstream_rq_retry 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nenvoy_listener_0_0_0_0_15006_downstream_cx_total 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE istio_requests_total counter"), "{text}");
+        // A stat created after the registry is read at the next scrape.
+        stats.stat("server.late").inc();
+        assert!(m.render().contains("\nenvoy_server_late 1\n"));
     }
 }

@@ -152,7 +152,7 @@ impl Telemetry {
             tracer: None,
             node: node.clone(),
             local_service: node.workload.as_str().into(),
-            metrics: IstioMetrics::new(),
+            metrics: IstioMetrics::with_envoy_stats(&stats),
             series: Default::default(),
             max_series,
             overflow: stats.stat("eastguard.metric_series_overflow"),

@@ -263,7 +263,10 @@ mod tests {
             "# TYPE eastguard_capture_link_repairs_total counter",
             "eastguard_capture_link_repairs_total{pod=\"b\"} 2",
         ] {
-            assert!(text.lines().any(|l| l == line), "{line:?} missing from\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing from\n{text}"
+            );
         }
         assert!(!text.contains("# EOF"));
     }

@@ -108,7 +108,6 @@ impl EnvoyStats {
         }
         out
     }
-
 }
 
 /// The Envoy stats in the Prometheus registry: each a gauge named `envoy_<name>`, the dotted name
@@ -339,8 +338,12 @@ mod tests {
     fn envoy_stats_are_in_the_same_registry() {
         let stats = EnvoyStats::default();
         let m = IstioMetrics::with_envoy_stats(&stats);
-        stats.stat("cluster.inbound|8080||.upstream_rq_retry").add(3);
-        stats.stat("listener.0.0.0.0_15006.downstream_cx_total").inc();
+        stats
+            .stat("cluster.inbound|8080||.upstream_rq_retry")
+            .add(3);
+        stats
+            .stat("listener.0.0.0.0_15006.downstream_cx_total")
+            .inc();
         let text = m.render();
         assert!(
             text.contains("# TYPE envoy_cluster_inbound_8080___upstream_rq_retry gauge\n"),
@@ -354,7 +357,10 @@ mod tests {
             text.contains("\nenvoy_listener_0_0_0_0_15006_downstream_cx_total 1\n"),
             "{text}"
         );
-        assert!(text.contains("# TYPE istio_requests_total counter"), "{text}");
+        assert!(
+            text.contains("# TYPE istio_requests_total counter"),
+            "{text}"
+        );
         // A stat created after the registry is read at the next scrape.
         stats.stat("server.late").inc();
         assert!(m.render().contains("\nenvoy_server_late 1\n"));

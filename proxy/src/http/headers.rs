@@ -75,23 +75,17 @@ pub(super) fn ensure_request_id(h: &mut HeaderMap, guard: &mut CallGuard) {
     guard.record.request_id = Some(id);
 }
 
-/// A random RFC 4122 version-4 UUID.
+/// A random RFC 4122 version-4 UUID (the bytes from the system's random source; the `uuid`
+/// crate sets the version and variant bits and writes it).
 fn uuid_v4() -> String {
     use ring::rand::SecureRandom as _;
     let mut b = [0u8; 16];
     // Request IDs are for correlation, not security: a failed RNG call still gives a usable ID.
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    uuid::Builder::from_random_bytes(b)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 /// Envoy's XFCC for SANITIZE_SET with Hash, Subject and URI: the verified peer, nothing the client said.
@@ -136,6 +130,8 @@ mod tests {
         let id = uuid_v4();
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+        assert_eq!(id.matches('-').count(), 4, "{id}");
         assert_ne!(id, uuid_v4());
     }
 }

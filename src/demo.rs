@@ -152,7 +152,7 @@ pub async fn run(once: bool, dir: Option<PathBuf>, shutdown: Shutdown) -> anyhow
 #[derive(Default)]
 struct Started {
     sidecars: Vec<(&'static str, tokio::process::Child)>,
-    control_plane: Option<Task<String>>,
+    control_plane: Option<Task<control_plane::StartError>>,
     agent: Option<Task<node_agent::AgentError>>,
     binaries: Vec<PathBuf>,
 }

@@ -359,9 +359,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 audit_log,
             };
             let shutdown = listen_signals()?;
-            runtime
-                .block_on(control_plane::run(opts, shutdown.requested()))
-                .map_err(anyhow::Error::msg)?;
+            runtime.block_on(control_plane::run(opts, shutdown.requested()))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::NodeAgent {
@@ -465,8 +463,8 @@ fn init_logging(level: &str) -> anyhow::Result<proxy::LogControl> {
         )
         .init();
     Ok(Arc::new(move |level: &str| {
-        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-        handle.reload(f).map_err(|e| e.to_string())
+        let f = EnvFilter::try_new(level)?;
+        Ok(handle.reload(f)?)
     }))
 }
 

@@ -237,11 +237,45 @@ impl SnapshotSource for ControlPlane {
     }
 }
 
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    ConfigDir(#[from] registry::DirectoryError),
+    #[error("API inventory: {0}")]
+    Inventory(#[from] inventory::store::StoreError),
+    #[error("{what} {address}: {source}")]
+    Bind {
+        what: &'static str,
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("--audit-log: {0}")]
+    AuditLog(std::io::Error),
+    #[error("control plane SVID: {0}")]
+    Svid(#[from] identity::SourceError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tokio_rustls::rustls::Error),
+}
+
+async fn bind(
+    what: &'static str,
+    address: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Bind {
+            what,
+            address,
+            source,
+        })
+}
+
 /// Runs until `shutdown` resolves.
 pub async fn run(
     opts: Options,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     let mut dir = Directory::new(opts.config_dir.clone());
     dir.refresh()?;
     let cp = ControlPlane::new(opts.mesh.clone(), dir.registry());
@@ -256,17 +290,10 @@ pub async fn run(
         "registry loaded"
     );
     let apis =
-        inventory::ApiInventory::open(opts.data_dir.as_deref(), &opts.config_dir, opts.inventory)
-            .map_err(|e| e.to_string())?;
-    let listener = tokio::net::TcpListener::bind(opts.xds_address)
-        .await
-        .map_err(|e| format!("xDS address {}: {e}", opts.xds_address))?;
+        inventory::ApiInventory::open(opts.data_dir.as_deref(), &opts.config_dir, opts.inventory)?;
+    let listener = bind("xDS address", opts.xds_address).await?;
     let http_listener = match opts.http_address {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .map_err(|e| format!("HTTP address {a}: {e}"))?,
-        ),
+        Some(a) => Some(bind("HTTP address", a).await?),
         None => None,
     };
     let (closing_tx, closing) = watch::channel(false);
@@ -298,8 +325,7 @@ pub async fn run(
             closing_tx.subscribe(),
         ))
     });
-    let audit_log =
-        audit::AuditLog::open(opts.audit_log.as_ref()).map_err(|e| format!("--audit-log: {e}"))?;
+    let audit_log = audit::AuditLog::open(opts.audit_log.as_ref()).map_err(StartError::AuditLog)?;
     let cp2 = cp.clone();
     let apis2 = apis.clone();
     let poll = opts.poll_interval;
@@ -397,7 +423,7 @@ async fn serve_tls(
     cp: Arc<ControlPlane>,
     apis: Arc<inventory::ApiInventory>,
     closing: watch::Receiver<bool>,
-) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, StartError> {
     let creds = identity::FileSource {
         cert: t.cert.clone(),
         key: t.key.clone(),
@@ -405,12 +431,9 @@ async fn serve_tls(
         federated: Vec::new(),
         poll_interval: Duration::from_secs(1),
     }
-    .watch()
-    .map_err(|e| format!("control plane SVID: {e}"))?;
-    let config = identity::tls::server_config(creds, &[b"h2"]).map_err(|e| format!("TLS: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(t.address)
-        .await
-        .map_err(|e| format!("xDS mTLS address {}: {e}", t.address))?;
+    .watch()?;
+    let config = identity::tls::server_config(creds, &[b"h2"])?;
+    let listener = bind("xDS mTLS address", t.address).await?;
     tracing::info!(address = %t.address, "serving ADS over mTLS; callers get only their own workload's configuration");
     let incoming = xds::tls::incoming(
         listener,

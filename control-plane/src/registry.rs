@@ -78,18 +78,21 @@ struct ModeMatch {
     mode: Option<String>,
 }
 
-fn telemetry(meta: Meta, spec: serde_json::Value, what: &str) -> Result<Telemetry, String> {
+fn telemetry(meta: Meta, spec: serde_json::Value) -> Result<Telemetry, FieldError> {
     use crate::generate::telemetry::Side;
     let s: TelemetrySpec = serde_json::from_value(spec).map_err(|e| {
-        format!("{what}: spec: {e} (eastguard reads `selector` and `accessLogging`; tracing is set in each sidecar's bootstrap, metrics are Istio's standard set)")
+        FieldError::at("spec", format!("{e} (eastguard reads `selector` and `accessLogging`; tracing is set in each sidecar's bootstrap, metrics are Istio's standard set)"))
     })?;
     let mut access_logging = Vec::new();
     for (i, a) in s.access_logging.iter().enumerate() {
         for p in &a.providers {
             if p.name != "envoy" {
-                return Err(format!(
-                    "{what}: spec.accessLogging[{i}].providers: {:?} is not a provider here (only Istio's built-in `envoy`; its file and format are the control plane's --access-log-* flags)",
-                    p.name
+                return Err(FieldError::at(
+                    format!("spec.accessLogging[{i}].providers"),
+                    format!(
+                        "{:?} is not a provider here (only Istio's built-in `envoy`; its file and format are the control plane's --access-log-* flags)",
+                        p.name
+                    ),
                 ));
             }
         }
@@ -98,8 +101,9 @@ fn telemetry(meta: Meta, spec: serde_json::Value, what: &str) -> Result<Telemetr
             Some("CLIENT") => vec![Side::Client],
             Some("SERVER") => vec![Side::Server],
             Some(other) => {
-                return Err(format!(
-                    "{what}: spec.accessLogging[{i}].match.mode: {other:?} is not CLIENT, SERVER or CLIENT_AND_SERVER"
+                return Err(FieldError::at(
+                    format!("spec.accessLogging[{i}].match.mode"),
+                    format!("{other:?} is not CLIENT, SERVER or CLIENT_AND_SERVER"),
                 ));
             }
         };
@@ -276,21 +280,28 @@ struct FileContent {
 }
 
 /// Parses one file (all its documents) or says what is wrong with it.
-fn parse_file(path: &Path, text: &str) -> Result<FileContent, String> {
-    let file = path.display();
+fn parse_file(path: &Path, text: &str) -> Result<FileContent, FileError> {
+    let file = path.display().to_string();
+    let in_file = |document: Option<usize>, reason: String| FileError {
+        file: file.clone(),
+        document,
+        resource: None,
+        field: None,
+        reason,
+    };
     let mut out = FileContent::default();
     let mut documents = 0;
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_json::Value::deserialize(doc)
-            .map_err(|e| format!("{file}: document {index}: {e}"))?;
+        let value =
+            serde_json::Value::deserialize(doc).map_err(|e| in_file(Some(index), e.to_string()))?;
         if value.is_null() {
             continue;
         }
         documents += 1;
         let mut d: Document = serde_json::from_value(value.clone())
-            .map_err(|e| format!("{file}: document {index}: {e}"))?;
-        let what = format!(
-            "{file}: document {index} ({} {}/{})",
+            .map_err(|e| in_file(Some(index), e.to_string()))?;
+        let resource = format!(
+            "{} {}/{}",
             d.kind,
             if d.metadata.namespace.is_empty() {
                 "default"
@@ -299,8 +310,15 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContent, String> {
             },
             d.metadata.name
         );
+        let invalid = |f: FieldError| FileError {
+            file: file.clone(),
+            document: Some(index),
+            resource: Some(resource.clone()),
+            field: f.field,
+            reason: f.reason,
+        };
         if d.metadata.name.is_empty() {
-            return Err(format!("{what}: metadata.name is required"));
+            return Err(invalid(FieldError::whole("metadata.name is required")));
         }
         if d.metadata.namespace.is_empty() {
             d.metadata.namespace = "default".into();
@@ -319,19 +337,25 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContent, String> {
         };
         match (group, d.kind.as_str()) {
             ("networking.istio.io", "ServiceEntry") => {
-                let s: ServiceEntrySpec =
-                    serde_json::from_value(spec).map_err(|e| format!("{what}: spec: {e}"))?;
+                let s: ServiceEntrySpec = serde_json::from_value(spec)
+                    .map_err(|e| invalid(FieldError::at("spec", e.to_string())))?;
                 if s.hosts.is_empty() {
-                    return Err(format!("{what}: spec.hosts: at least one host is required"));
+                    return Err(invalid(FieldError::at(
+                        "spec.hosts",
+                        "at least one host is required",
+                    )));
                 }
                 for (i, p) in s.ports.iter().enumerate() {
                     if p.number == 0 {
-                        return Err(format!("{what}: spec.ports[{i}].number: must be 1-65535"));
+                        return Err(invalid(FieldError::at(
+                            format!("spec.ports[{i}].number"),
+                            "must be 1-65535",
+                        )));
                     }
                 }
                 for (i, e) in s.endpoints.iter().enumerate() {
-                    check_address(&e.address)
-                        .map_err(|m| format!("{what}: spec.endpoints[{i}].address: {m}"))?;
+                    check_address(&e.address, format!("spec.endpoints[{i}].address"))
+                        .map_err(&invalid)?;
                 }
                 let mut addresses = Vec::new();
                 for (i, a) in s.addresses.iter().enumerate() {
@@ -341,7 +365,10 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContent, String> {
                         .or_else(|| a.strip_suffix("/128"))
                         .unwrap_or(a);
                     addresses.push(ip.parse::<std::net::IpAddr>().map_err(|_| {
-                        format!("{what}: spec.addresses[{i}]: {a:?} is not an IP address (CIDR ranges are not supported)")
+                        invalid(FieldError::at(
+                            format!("spec.addresses[{i}]"),
+                            format!("{a:?} is not an IP address (CIDR ranges are not supported)"),
+                        ))
                     })?);
                 }
                 let _ = (
@@ -360,44 +387,45 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContent, String> {
                 });
             }
             ("networking.istio.io", "WorkloadEntry") => {
-                let s: WorkloadSpec =
-                    serde_json::from_value(spec).map_err(|e| format!("{what}: spec: {e}"))?;
-                check_address(&s.address).map_err(|m| format!("{what}: spec.address: {m}"))?;
+                let s: WorkloadSpec = serde_json::from_value(spec)
+                    .map_err(|e| invalid(FieldError::at("spec", e.to_string())))?;
+                check_address(&s.address, "spec.address").map_err(&invalid)?;
                 out.workloads.push(WorkloadEntry { meta, spec: s });
             }
             ("security.istio.io", "AuthorizationPolicy" | "PeerAuthentication") => {
                 // The policy crate parses these; give it this one document, namespace filled in.
                 let mut v = value;
                 v["metadata"]["namespace"] = serde_json::Value::String(meta.namespace.clone());
-                let text = serde_yaml::to_string(&v).map_err(|e| format!("{what}: {e}"))?;
+                let text = serde_yaml::to_string(&v)
+                    .map_err(|e| invalid(FieldError::whole(e.to_string())))?;
+                let refused = |e: policy::istio::IstioError| {
+                    invalid(FieldError::whole(strip_doc(&e.to_string())))
+                };
                 if d.kind == "AuthorizationPolicy" {
-                    out.authorization.extend(
-                        policy::istio::parse(&text)
-                            .map_err(|e| format!("{what}: {}", strip_doc(&e.to_string())))?,
-                    );
+                    out.authorization
+                        .extend(policy::istio::parse(&text).map_err(refused)?);
                 } else {
-                    out.peer_authentication.extend(
-                        policy::istio::peer_authn::parse(&text)
-                            .map_err(|e| format!("{what}: {}", strip_doc(&e.to_string())))?,
-                    );
+                    out.peer_authentication
+                        .extend(policy::istio::peer_authn::parse(&text).map_err(refused)?);
                 }
             }
             ("telemetry.istio.io", "Telemetry") => {
-                out.telemetry.push(telemetry(meta, spec, &what)?);
+                out.telemetry.push(telemetry(meta, spec).map_err(&invalid)?);
             }
             _ => {
-                return Err(format!(
-                    "{what}: unsupported kind {:?} (apiVersion {:?}); ServiceEntry, WorkloadEntry, AuthorizationPolicy, PeerAuthentication and Telemetry are read",
+                return Err(invalid(FieldError::whole(format!(
+                    "unsupported kind {:?} (apiVersion {:?}); ServiceEntry, WorkloadEntry, AuthorizationPolicy, PeerAuthentication and Telemetry are read",
                     d.kind, d.api_version
-                ));
+                ))));
             }
         }
     }
     if documents == 0 {
         // An empty file is what a truncated write looks like; taking it as "no resources" would
         // drop a DENY (or the only ALLOW) in one step.
-        return Err(format!(
-            "{file}: the file has no documents (delete it to remove what it held)"
+        return Err(in_file(
+            None,
+            "the file has no documents (delete it to remove what it held)".into(),
         ));
     }
     Ok(out)
@@ -408,10 +436,75 @@ fn strip_doc(msg: &str) -> &str {
     msg.strip_prefix("document 0: ").unwrap_or(msg)
 }
 
-fn check_address(a: &str) -> Result<(), String> {
-    a.parse::<std::net::IpAddr>()
-        .map(|_| ())
-        .map_err(|_| format!("{a:?} is not an IP address (DNS names are not resolved)"))
+fn check_address(a: &str, field: impl Into<String>) -> Result<(), FieldError> {
+    a.parse::<std::net::IpAddr>().map(|_| ()).map_err(|_| {
+        FieldError::at(
+            field,
+            format!("{a:?} is not an IP address (DNS names are not resolved)"),
+        )
+    })
+}
+
+/// What is wrong inside one resource: a field (or the whole resource) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FieldError {
+    field: Option<String>,
+    reason: String,
+}
+
+impl FieldError {
+    fn at(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: Some(field.into()),
+            reason: reason.into(),
+        }
+    }
+
+    fn whole(reason: impl Into<String>) -> Self {
+        Self {
+            field: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A config file the control plane refused, and where in it; the file's last good content stays
+/// in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileError {
+    pub file: String,
+    /// The YAML document (0-based), if the fault is in one.
+    pub document: Option<usize>,
+    /// `Kind namespace/name` of the resource, once it is known.
+    pub resource: Option<String>,
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for FileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.file)?;
+        if let Some(d) = self.document {
+            write!(f, ": document {d}")?;
+        }
+        if let Some(r) = &self.resource {
+            write!(f, " ({r})")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+impl std::error::Error for FileError {}
+
+/// The config directory could not be listed (what was read from it stays in force).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", dir.display())]
+pub struct DirectoryError {
+    pub dir: PathBuf,
+    pub source: std::io::Error,
 }
 
 /// A directory of YAML files, re-read when they change.
@@ -454,9 +547,11 @@ impl Directory {
 
     /// Re-reads the directory. Returns whether the registry changed; errors are logged and kept in
     /// `errors` (the file's last good content stays in force).
-    pub fn refresh(&mut self) -> Result<bool, String> {
-        let entries =
-            std::fs::read_dir(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+    pub fn refresh(&mut self) -> Result<bool, DirectoryError> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| DirectoryError {
+            dir: self.dir.clone(),
+            source,
+        })?;
         let confirm = std::mem::replace(&mut self.primed, true);
         let mut seen = BTreeSet::new();
         let mut changed = false;
@@ -611,12 +706,17 @@ mod tests {
     #[test]
     fn errors_name_file_document_and_field() {
         let text = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: a}\nspec: {address: 10.0.0.1}\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s, namespace: ns}\nspec: {hosts: [x], portz: []}\n";
-        let e = parse_file(Path::new("reg.yaml"), text).unwrap_err();
+        let err = parse_file(Path::new("reg.yaml"), text).unwrap_err();
+        assert_eq!(
+            (err.document, err.resource.as_deref(), err.field.as_deref()),
+            (Some(1), Some("ServiceEntry ns/s"), Some("spec"))
+        );
+        let e = err.to_string();
         assert!(
             e.starts_with("reg.yaml: document 1 (ServiceEntry ns/s): spec: unknown field `portz`"),
             "{e}"
         );
-        let e = parse_file(Path::new("w.yaml"), "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: a}\nspec: {address: host.example}\n").unwrap_err();
+        let e = parse_file(Path::new("w.yaml"), "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: a}\nspec: {address: host.example}\n").unwrap_err().to_string();
         assert!(
             e.contains("document 0 (WorkloadEntry default/a): spec.address"),
             "{e}"
@@ -625,7 +725,8 @@ mod tests {
             Path::new("k.yaml"),
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("unsupported kind"), "{e}");
     }
 

@@ -4,9 +4,36 @@
 use crate::eval::{Mode, policy_matches};
 use crate::{Engine, Request, path, rbac};
 
+/// An invariant a fuzz input broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    #[error("{input:?} → {path:?} is not absolute")]
+    NotAbsolute { input: String, path: String },
+    #[error("{input:?} → {path:?} keeps an empty or dot segment")]
+    DotSegment { input: String, path: String },
+    #[error("{input:?} → {path:?} → {again}: not idempotent")]
+    NotIdempotent {
+        input: String,
+        path: String,
+        again: String,
+    },
+    #[error("{input:?}: {count} lenient readings")]
+    TooManyReadings { input: String, count: usize },
+    #[error("{input:?}: lenient reading {reading:?} of {path:?}")]
+    BadReading {
+        input: String,
+        reading: String,
+        path: String,
+    },
+    #[error("{input:?}: without_params kept a ';' in {stripped:?}")]
+    ParamKept { input: String, stripped: String },
+    #[error("DENY policy {0} matches but the request was allowed")]
+    DenyBypassed(String),
+}
+
 /// Normalization never panics, and a normalized path is a fixed point: absolute, no empty, `.` or
 /// `..` segments, and normalizing it again changes nothing.
-pub fn check_normalize(input: &[u8]) -> Result<(), String> {
+pub fn check_normalize(input: &[u8]) -> Result<(), Violation> {
     let Ok(text) = std::str::from_utf8(input) else {
         return Ok(());
     };
@@ -14,41 +41,53 @@ pub fn check_normalize(input: &[u8]) -> Result<(), String> {
         return Ok(());
     };
     if !n.path.starts_with('/') {
-        return Err(format!("{text:?} → {:?} is not absolute", n.path));
+        return Err(Violation::NotAbsolute {
+            input: text.to_owned(),
+            path: n.path.clone(),
+        });
     }
     if n.path.contains("//") || n.path.split('/').any(|s| s == "." || s == "..") {
-        return Err(format!(
-            "{text:?} → {:?} keeps an empty or dot segment",
-            n.path
-        ));
+        return Err(Violation::DotSegment {
+            input: text.to_owned(),
+            path: n.path.clone(),
+        });
     }
     match path::normalize(&n.path) {
         Ok(again) if again.path == n.path => {}
         other => {
-            return Err(format!(
-                "{text:?} → {:?} → {other:?}: not idempotent",
-                n.path
-            ));
+            return Err(Violation::NotIdempotent {
+                input: text.to_owned(),
+                path: n.path.clone(),
+                again: format!("{other:?}"),
+            });
         }
     }
     // Lenient readings: bounded, absolute, and never the normalized path itself.
     let readings = path::lenient_readings(&n.path);
     if readings.len() > 40 {
-        return Err(format!("{text:?}: {} lenient readings", readings.len()));
+        return Err(Violation::TooManyReadings {
+            input: text.to_owned(),
+            count: readings.len(),
+        });
     }
     if let Some(r) = readings
         .iter()
         .find(|r| !r.starts_with('/') || **r == n.path)
     {
-        return Err(format!("{text:?}: lenient reading {r:?} of {:?}", n.path));
+        return Err(Violation::BadReading {
+            input: text.to_owned(),
+            reading: r.clone(),
+            path: n.path.clone(),
+        });
     }
     let _ = path::ambiguous(text, &n.path);
     if let Some(stripped) = n.without_params()
         && stripped.contains(';')
     {
-        return Err(format!(
-            "{text:?}: without_params kept a ';' in {stripped:?}"
-        ));
+        return Err(Violation::ParamKept {
+            input: text.to_owned(),
+            stripped: stripped.to_string(),
+        });
     }
     Ok(())
 }
@@ -57,7 +96,7 @@ pub fn check_normalize(input: &[u8]) -> Result<(), String> {
 ///
 /// Input: RBAC filters as YAML/JSON, then a line `---`, then request lines: `principal=…`,
 /// `path=…` (a request target), `h=name:value` (repeatable), `port=…`.
-pub fn check_compile_evaluate(input: &[u8]) -> Result<(), String> {
+pub fn check_compile_evaluate(input: &[u8]) -> Result<(), Violation> {
     let Ok(text) = std::str::from_utf8(input) else {
         return Ok(());
     };
@@ -112,9 +151,7 @@ pub fn check_compile_evaluate(input: &[u8]) -> Result<(), String> {
             .find(|(_, p)| policy_matches(p, &req, Mode::Lenient))
             && decision.allowed
         {
-            return Err(format!(
-                "DENY policy {name} matches but the request was allowed"
-            ));
+            return Err(Violation::DenyBypassed(name.to_string()));
         }
     }
     Ok(())

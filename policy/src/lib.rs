@@ -35,10 +35,19 @@ impl CompileError {
     }
 }
 
+/// Why a text of RBAC filters was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FiltersError {
+    #[error("not YAML or JSON: {0}")]
+    Syntax(#[from] serde_yaml::Error),
+    #[error("{0}")]
+    Model(#[from] serde_json::Error),
+}
+
 /// Parses RBAC filters from YAML or JSON in proto3 JSON form (a list of `{name, typedConfig}`).
-pub fn parse_filters(text: &str) -> Result<Vec<rbac::Filter>, String> {
-    let value: serde_json::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
-    serde_json::from_value(proto_json_keys(value)).map_err(|e| e.to_string())
+pub fn parse_filters(text: &str) -> Result<Vec<rbac::Filter>, FiltersError> {
+    let value: serde_json::Value = serde_yaml::from_str(text)?;
+    Ok(serde_json::from_value(proto_json_keys(value))?)
 }
 
 /// Proto3 JSON accepts a field's original `snake_case` name as well as `lowerCamelCase`; this

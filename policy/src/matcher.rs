@@ -238,10 +238,8 @@ impl UriTemplate {
     }
 
     /// Parses a path template; the error says what is wrong with it.
-    pub(crate) fn parse(tpl: &str) -> Result<Self, String> {
-        let rest = tpl
-            .strip_prefix('/')
-            .ok_or("a path template starts with '/'")?;
+    pub(crate) fn parse(tpl: &str) -> Result<Self, BadTemplate> {
+        let rest = tpl.strip_prefix('/').ok_or(BadTemplate::NoLeadingSlash)?;
         let segments = split_template(rest)?;
         let mut re = String::from("^");
         let mut names: Vec<&str> = Vec::new();
@@ -251,14 +249,12 @@ impl UriTemplate {
             re.push('/');
             let (head, suffix) = split_operator(seg)?;
             if !suffix.is_empty() && i != last {
-                return Err(format!(
-                    "{seg:?}: only the last segment may have text after an operator"
-                ));
+                return Err(BadTemplate::SuffixNotLast((*seg).to_owned()));
             }
             if matches!(head, Head::Operator("**")) && suffix.is_empty() && i != last {
                 // `/**/x`: zero segments read as `/x` too.
                 if seen_double_star {
-                    return Err("`**` must be the last operator".into());
+                    return Err(BadTemplate::DoubleStarNotLast);
                 }
                 seen_double_star = true;
                 re.pop();
@@ -274,15 +270,15 @@ impl UriTemplate {
                 Head::Operator(op) => vec![op],
                 Head::Variable { name, pattern } => {
                     if seen_double_star {
-                        return Err("`**` must be the last operator".into());
+                        return Err(BadTemplate::DoubleStarNotLast);
                     }
                     check_variable_name(name)?;
                     if names.contains(&name) {
-                        return Err(format!("variable {name:?} appears twice"));
+                        return Err(BadTemplate::RepeatedVariable(name.to_owned()));
                     }
                     names.push(name);
                     if names.len() > MAX_TEMPLATE_VARIABLES {
-                        return Err(format!("more than {MAX_TEMPLATE_VARIABLES} variables"));
+                        return Err(BadTemplate::TooManyVariables);
                     }
                     pattern.split('/').collect()
                 }
@@ -292,7 +288,7 @@ impl UriTemplate {
                     re.push('/');
                 }
                 if seen_double_star && part.contains('*') {
-                    return Err("`**` must be the last operator".into());
+                    return Err(BadTemplate::DoubleStarNotLast);
                 }
                 match *part {
                     "*" => re.push_str("[^/]+"),
@@ -302,7 +298,7 @@ impl UriTemplate {
                     }
                     lit => {
                         if lit.contains('*') {
-                            return Err(format!("{lit:?}: operators fill a whole segment"));
+                            return Err(BadTemplate::PartialOperator(lit.to_owned()));
                         }
                         check_literal(lit)?;
                         re.push_str(&regex::escape(lit));
@@ -318,13 +314,42 @@ impl UriTemplate {
         let regex = regex::RegexBuilder::new(&format!("(?s){re}"))
             .size_limit(REGEX_SIZE_LIMIT)
             .build()
-            .map_err(|e| format!("does not compile: {e}"))?;
+            .map_err(|e| BadTemplate::Regex(e.to_string()))?;
         Ok(Self { regex })
     }
 
     pub(crate) fn matches(&self, path: &str) -> bool {
         self.regex.is_match(path)
     }
+}
+
+/// Why a path template (Envoy's `uri_template` syntax) is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BadTemplate {
+    #[error("a path template starts with '/'")]
+    NoLeadingSlash,
+    #[error("{0:?}: only the last segment may have text after an operator")]
+    SuffixNotLast(String),
+    #[error("`**` must be the last operator")]
+    DoubleStarNotLast,
+    #[error("variable {0:?} appears twice")]
+    RepeatedVariable(String),
+    #[error("more than {MAX_TEMPLATE_VARIABLES} variables")]
+    TooManyVariables,
+    #[error("{0:?}: operators fill a whole segment")]
+    PartialOperator(String),
+    #[error("does not compile: {0}")]
+    Regex(String),
+    #[error("{0}")]
+    Braces(&'static str),
+    #[error("variable {0:?} has an empty pattern")]
+    EmptyPattern(String),
+    #[error("{0:?}: text before an operator or variable in one segment is not supported")]
+    PrefixBeforeOperator(String),
+    #[error("{0:?} holds a character a path template literal may not")]
+    BadLiteral(String),
+    #[error("{0:?} is not a variable name")]
+    BadVariableName(String),
 }
 
 /// The start of a template segment: a literal, an operator, or a variable.
@@ -335,15 +360,15 @@ enum Head<'a> {
 }
 
 /// Segments, with `/` inside `{…}` kept inside its variable.
-fn split_template(rest: &str) -> Result<Vec<&str>, String> {
+fn split_template(rest: &str) -> Result<Vec<&str>, BadTemplate> {
     let mut out = Vec::new();
     let (mut start, mut depth) = (0, 0usize);
     for (i, c) in rest.char_indices() {
         match c {
             '{' if depth == 0 => depth = 1,
-            '{' => return Err("nested '{'".into()),
+            '{' => return Err(BadTemplate::Braces("nested '{'")),
             '}' if depth == 1 => depth = 0,
-            '}' => return Err("'}' without '{'".into()),
+            '}' => return Err(BadTemplate::Braces("'}' without '{'")),
             '/' if depth == 0 => {
                 out.push(&rest[start..i]);
                 start = i + 1;
@@ -352,20 +377,22 @@ fn split_template(rest: &str) -> Result<Vec<&str>, String> {
         }
     }
     if depth != 0 {
-        return Err("'{' without '}'".into());
+        return Err(BadTemplate::Braces("'{' without '}'"));
     }
     out.push(&rest[start..]);
     Ok(out)
 }
 
 /// A segment's operator or variable and the literal suffix after it (`**.pdf` → `**`, `.pdf`).
-fn split_operator(seg: &str) -> Result<(Head<'_>, &str), String> {
+fn split_operator(seg: &str) -> Result<(Head<'_>, &str), BadTemplate> {
     if let Some(body) = seg.strip_prefix('{') {
-        let close = body.find('}').ok_or("'{' without '}'")?;
+        let close = body
+            .find('}')
+            .ok_or(BadTemplate::Braces("'{' without '}'"))?;
         let (inner, suffix) = (&body[..close], &body[close + 1..]);
         let (name, pattern) = inner.split_once('=').unwrap_or((inner, "*"));
         if pattern.is_empty() {
-            return Err(format!("variable {name:?} has an empty pattern"));
+            return Err(BadTemplate::EmptyPattern(name.to_owned()));
         }
         return Ok((Head::Variable { name, pattern }, suffix));
     }
@@ -376,35 +403,31 @@ fn split_operator(seg: &str) -> Result<(Head<'_>, &str), String> {
         return Ok((Head::Operator("*"), suffix));
     }
     if seg.contains(['*', '{', '}']) {
-        return Err(format!(
-            "{seg:?}: text before an operator or variable in one segment is not supported"
-        ));
+        return Err(BadTemplate::PrefixBeforeOperator(seg.to_owned()));
     }
     Ok((Head::Literal(seg), ""))
 }
 
 /// Path characters a template literal may hold (RFC 3986 pchar, escapes as `%XX`).
-fn check_literal(lit: &str) -> Result<(), String> {
+fn check_literal(lit: &str) -> Result<(), BadTemplate> {
     let ok = lit
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || "-._~%!$&'()+,;:@=".contains(c));
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{lit:?} holds a character a path template literal may not"
-        ))
+        Err(BadTemplate::BadLiteral(lit.to_owned()))
     }
 }
 
-fn check_variable_name(name: &str) -> Result<(), String> {
+fn check_variable_name(name: &str) -> Result<(), BadTemplate> {
     let mut chars = name.chars();
     let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
     if ok {
         Ok(())
     } else {
-        Err(format!("{name:?} is not a variable name"))
+        Err(BadTemplate::BadVariableName(name.to_owned()))
     }
 }
 

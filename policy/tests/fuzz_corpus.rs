@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-fn replay(target: &str, check: fn(&[u8]) -> Result<(), String>) -> usize {
+fn replay(
+    target: &str,
+    check: fn(&[u8]) -> Result<(), eastguard_policy::fuzzing::Violation>,
+) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/corpus")
         .join(target);

@@ -19,7 +19,8 @@ use crate::telemetry::Telemetry;
 use identity::CredentialsRx;
 
 /// Changes the log filter (`/logging?level=debug`); given by the binary, which owns the subscriber.
-pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub type LogControl =
+    Arc<dyn Fn(&str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + Sync>;
 
 /// What the admin API reads and the switches it flips.
 pub struct AdminState {

@@ -601,21 +601,33 @@ impl CidrRange {
     }
 }
 
+/// A CIDR that does not parse, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text:?}: {reason}")]
+pub struct BadCidr {
+    pub text: String,
+    pub reason: String,
+}
+
 impl std::str::FromStr for CidrRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadCidr;
+    fn from_str(s: &str) -> Result<Self, BadCidr> {
+        let bad = |reason: String| BadCidr {
+            text: s.to_owned(),
+            reason,
+        };
         let (a, l) = s
             .split_once('/')
-            .ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX_LEN"))?;
+            .ok_or_else(|| bad("expected ADDRESS/PREFIX_LEN".into()))?;
         let address: std::net::IpAddr = a
             .parse()
-            .map_err(|_| format!("{s:?}: {a:?} is not an IP address"))?;
+            .map_err(|_| bad(format!("{a:?} is not an IP address")))?;
         let prefix_len: u8 = l
             .parse()
-            .map_err(|_| format!("{s:?}: {l:?} is not a prefix length"))?;
+            .map_err(|_| bad(format!("{l:?} is not a prefix length")))?;
         let max = if address.is_ipv4() { 32 } else { 128 };
         if prefix_len > max {
-            return Err(format!("{s:?}: prefix length above {max}"));
+            return Err(bad(format!("prefix length above {max}")));
         }
         Ok(CidrRange {
             address,
@@ -1014,28 +1026,42 @@ impl Default for DrainConfig {
 pub(crate) mod duration {
     use std::time::Duration;
 
-    pub(crate) fn parse(s: &str) -> Result<Duration, String> {
+    /// A duration that does not parse, and why.
+    #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+    pub(crate) enum BadDuration {
+        #[error("duration {0:?} needs a unit (ms, s, m, h)")]
+        NoUnit(String),
+        #[error("duration {0:?} does not start with a number")]
+        NotANumber(String),
+        #[error("duration {text:?} has unknown unit {unit:?} (ms, s, m, h)")]
+        UnknownUnit { text: String, unit: String },
+        #[error("duration {0:?} is out of range")]
+        OutOfRange(String),
+    }
+
+    pub(crate) fn parse(s: &str) -> Result<Duration, BadDuration> {
         let s = s.trim();
         let split = s
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
+            .ok_or_else(|| BadDuration::NoUnit(s.to_owned()))?;
         let (num, unit) = s.split_at(split);
         let value: f64 = num
             .parse()
-            .map_err(|_| format!("duration {s:?} does not start with a number"))?;
+            .map_err(|_| BadDuration::NotANumber(s.to_owned()))?;
         let secs = match unit {
             "ms" => value / 1000.0,
             "s" => value,
             "m" => value * 60.0,
             "h" => value * 3600.0,
             _ => {
-                return Err(format!(
-                    "duration {s:?} has unknown unit {unit:?} (ms, s, m, h)"
-                ));
+                return Err(BadDuration::UnknownUnit {
+                    text: s.to_owned(),
+                    unit: unit.to_owned(),
+                });
             }
         };
         if !secs.is_finite() || !(0.0..=366.0 * 86400.0).contains(&secs) {
-            return Err(format!("duration {s:?} is out of range"));
+            return Err(BadDuration::OutOfRange(s.to_owned()));
         }
         Ok(Duration::from_secs_f64(secs))
     }

@@ -49,7 +49,24 @@ fn rbac_in(l: &Listener) -> usize {
     n
 }
 
-pub fn check_translate(data: &[u8]) -> Result<(), String> {
+/// An invariant of translation a fuzz input broke.
+#[derive(Debug, thiserror::Error)]
+pub enum Violation {
+    #[error("{chains_in} chains in, {chains_out} out")]
+    ChainsLost { chains_in: usize, chains_out: usize },
+    #[error("{rbac_in} RBAC filters in, {rbac_out} out")]
+    RbacFiltersLost { rbac_in: usize, rbac_out: usize },
+    #[error("{unevaluable} chains cannot be evaluated but only {refusing} refuse")]
+    UnevaluableChainServed { unevaluable: usize, refusing: usize },
+    #[error("an accepted RBAC filter does not compile: {0}")]
+    RbacDoesNotCompile(#[from] crate::config::ChainError),
+    #[error("a TLS cluster translated without expected peer identities")]
+    TlsWithoutPeerIds,
+    #[error("an accepted route is invalid: {field}: {reason}")]
+    BadRoute { field: String, reason: String },
+}
+
+pub fn check_translate(data: &[u8]) -> Result<(), Violation> {
     let Some((&kind, bytes)) = data.split_first() else {
         return Ok(());
     };
@@ -65,11 +82,10 @@ pub fn check_translate(data: &[u8]) -> Result<(), String> {
             };
             let chains_in = l.filter_chains.len() + usize::from(l.default_filter_chain.is_some());
             if out.filter_chains.len() != chains_in {
-                return Err(format!(
-                    "{} chains in, {} out",
+                return Err(Violation::ChainsLost {
                     chains_in,
-                    out.filter_chains.len()
-                ));
+                    chains_out: out.filter_chains.len(),
+                });
             }
             let rbac_out: usize = out
                 .filter_chains
@@ -82,7 +98,10 @@ pub fn check_translate(data: &[u8]) -> Result<(), String> {
                 })
                 .sum();
             if rbac_out != rbac_in(&l) {
-                return Err(format!("{} RBAC filters in, {rbac_out} out", rbac_in(&l)));
+                return Err(Violation::RbacFiltersLost {
+                    rbac_in: rbac_in(&l),
+                    rbac_out,
+                });
             }
             let unevaluable = l
                 .filter_chains
@@ -102,14 +121,15 @@ pub fn check_translate(data: &[u8]) -> Result<(), String> {
                 .filter(|c| c.refuse.is_some())
                 .count();
             if refusing < unevaluable {
-                return Err(format!(
-                    "{unevaluable} chains cannot be evaluated but only {refusing} refuse"
-                ));
+                return Err(Violation::UnevaluableChainServed {
+                    unevaluable,
+                    refusing,
+                });
             }
             for c in &out.filter_chains {
-                crate::config::compile_rbac(&c.rbac_filters).map_err(|e| e.to_string())?;
+                crate::config::compile_rbac(&c.rbac_filters)?;
                 if let Some(h) = &c.http_connection_manager {
-                    crate::config::compile_rbac(&h.http_filters).map_err(|e| e.to_string())?;
+                    crate::config::compile_rbac(&h.http_filters)?;
                 }
             }
         }
@@ -131,7 +151,7 @@ pub fn check_translate(data: &[u8]) -> Result<(), String> {
                     .as_ref()
                     .is_none_or(|t| t.match_spiffe_ids.is_empty())
             {
-                return Err("a TLS cluster translated without expected peer identities".into());
+                return Err(Violation::TlsWithoutPeerIds);
             }
         }
         2 => {
@@ -142,7 +162,12 @@ pub fn check_translate(data: &[u8]) -> Result<(), String> {
             if let Ok(out) = envoy::route_configuration(&r, &mut notes) {
                 for vh in &out.virtual_hosts {
                     for route in &vh.routes {
-                        crate::config::check_route(route).map_err(|(f, m)| format!("{f}: {m}"))?;
+                        crate::config::check_route(route).map_err(|(f, m)| {
+                            Violation::BadRoute {
+                                field: f.to_string(),
+                                reason: m.to_string(),
+                            }
+                        })?;
                     }
                 }
             }

@@ -89,14 +89,13 @@ impl Backlog {
     }
 }
 
-fn channel(e: &Exporter) -> Result<Channel, String> {
+fn channel(e: &Exporter) -> Result<Channel, tonic::transport::Error> {
     let server = if e.server.contains("://") {
         e.server.clone()
     } else {
         format!("http://{}", e.server)
     };
-    let endpoint = Endpoint::from_shared(server.clone())
-        .map_err(|err| format!("{server}: {err}"))?
+    let endpoint = Endpoint::from_shared(server)?
         .connect_timeout(EXPORT_TIMEOUT)
         .timeout(EXPORT_TIMEOUT);
     Ok(match &e.tls {
@@ -129,7 +128,7 @@ pub async fn run(mut e: Exporter, telemetry: Arc<Telemetry>, mut stop: watch::Re
             LogsServiceClient::new(c),
         ),
         Err(err) => {
-            tracing::error!(error = %err, "inventory export: bad receiver address; not exporting");
+            tracing::error!(error = %err, server = %e.server, "inventory export: bad receiver address; not exporting");
             return;
         }
     };

@@ -141,9 +141,24 @@ pub struct UnusedRule {
     pub rule: String,
 }
 
+/// Why the unused rules of a workload cannot be told (its policies do not translate or compile).
+#[derive(Debug, thiserror::Error)]
+pub enum UnusedError {
+    #[error("{workload}: {source}")]
+    Translate {
+        workload: String,
+        source: policy::istio::IstioError,
+    },
+    #[error("{workload}: {source}")]
+    Compile {
+        workload: String,
+        source: policy::CompileError,
+    },
+}
+
 /// ALLOW rules that applied to a workload and admitted none of its observed allowed calls; for
 /// workloads the inventory has calls of (a workload nobody called says nothing about its rules).
-pub fn unused(edges: &[Edge], reg: &Registry, mesh: &Mesh) -> Result<Vec<UnusedRule>, String> {
+pub fn unused(edges: &[Edge], reg: &Registry, mesh: &Mesh) -> Result<Vec<UnusedRule>, UnusedError> {
     let mut called: BTreeMap<&str, Vec<&Edge>> = BTreeMap::new();
     for e in edges.iter().filter(|e| e.allowed > 0) {
         called.entry(&e.workload).or_default().push(e);
@@ -161,8 +176,13 @@ pub fn unused(edges: &[Edge], reg: &Registry, mesh: &Mesh) -> Result<Vec<UnusedR
             trust_domain: mesh.trust_domain.clone(),
             trust_domain_aliases: Vec::new(),
         };
-        let filters = policy::istio::translate(&reg.authorization, &target, false)
-            .map_err(|e| format!("{workload}: {e}"))?;
+        let filters =
+            policy::istio::translate(&reg.authorization, &target, false).map_err(|source| {
+                UnusedError::Translate {
+                    workload: workload.to_owned(),
+                    source,
+                }
+            })?;
         let rules: BTreeSet<String> = filters
             .iter()
             .filter_map(|f| f.typed_config.rbac.rules.as_ref())
@@ -172,7 +192,10 @@ pub fn unused(edges: &[Edge], reg: &Registry, mesh: &Mesh) -> Result<Vec<UnusedR
         if rules.is_empty() {
             continue;
         }
-        let engine = policy::Engine::compile(&filters).map_err(|e| format!("{workload}: {e}"))?;
+        let engine = policy::Engine::compile(&filters).map_err(|source| UnusedError::Compile {
+            workload: workload.to_owned(),
+            source,
+        })?;
         let mut used = BTreeSet::new();
         for e in calls {
             // A concrete path of the operation: an example, or the template with a value per

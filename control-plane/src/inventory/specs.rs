@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use apisec::spec::Spec;
+use apisec::spec::{Spec, SpecError};
 
 use crate::registry::{Registry, ServiceEntry};
 
@@ -73,20 +73,43 @@ fn locate(text: &str, at: &str) -> Option<usize> {
     Some(line)
 }
 
+/// Why a spec file was not taken (reported per file; the others still count).
+#[derive(Debug, thiserror::Error)]
+enum SpecFileError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("larger than {MAX_FILE} bytes")]
+    TooLarge,
+    #[error("line {line}: {source}")]
+    YamlAt {
+        line: usize,
+        source: serde_yaml::Error,
+    },
+    #[error("{0}")]
+    Yaml(serde_yaml::Error),
+    #[error("line {line}: {source}")]
+    SpecAt { line: usize, source: SpecError },
+    #[error("{0}")]
+    Spec(SpecError),
+}
+
 /// Reads one spec file.
-fn read(path: &Path) -> Result<Spec, String> {
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+fn read(path: &Path) -> Result<Spec, SpecFileError> {
+    let meta = std::fs::metadata(path)?;
     if meta.len() > MAX_FILE {
-        return Err(format!("larger than {MAX_FILE} bytes"));
+        return Err(SpecFileError::TooLarge);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(path)?;
     let doc: serde_json::Value = serde_yaml::from_str(&text).map_err(|e| match e.location() {
-        Some(l) => format!("line {}: {e}", l.line()),
-        None => e.to_string(),
+        Some(l) => SpecFileError::YamlAt {
+            line: l.line(),
+            source: e,
+        },
+        None => SpecFileError::Yaml(e),
     })?;
     Spec::from_document(&doc).map_err(|e| match locate(&text, &e.at) {
-        Some(line) => format!("line {line}: {e}"),
-        None => e.to_string(),
+        Some(line) => SpecFileError::SpecAt { line, source: e },
+        None => SpecFileError::Spec(e),
     })
 }
 
@@ -148,7 +171,7 @@ impl Specs {
                 }
                 Err(e) => {
                     tracing::error!(file = %path.display(), error = %e, "API spec refused; the last good version of it stays");
-                    self.errors.insert(name, e);
+                    self.errors.insert(name, e.to_string());
                 }
             }
         }

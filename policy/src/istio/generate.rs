@@ -3,12 +3,40 @@
 //! (see the conformance corpus).
 
 use super::{AuthorizationPolicy, Condition, Policies, Rule, Target};
+use crate::matcher::BadTemplate;
 use crate::rbac::{
     Action, Authenticated, CidrRange, HeaderMatcher, ListMatcher, MetadataMatcher, OrMatcher,
     PathMatcher, PathSegment, Permission, PermissionSet, Policy, Principal, PrincipalSet,
     RegexMatcher, StringMatcher, TypedExtensionConfig, URI_TEMPLATE_TYPE, UriTemplateConfig,
     ValueMatcher,
 };
+
+/// Why a rule cannot be translated: an ALLOW rule then grants nothing, a DENY rule denies all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Untranslatable {
+    #[error("empty header name in {0}")]
+    EmptyHeaderName(String),
+    #[error("unknown attribute {0:?}")]
+    UnknownAttribute(String),
+    #[error("bad key path {0:?}")]
+    BadKeyPath(String),
+    #[error("empty key in {0:?}")]
+    EmptyKey(String),
+    #[error("missing key in {0:?}")]
+    NoKey(String),
+    #[error("bad port {0:?}")]
+    BadPort(String),
+    #[error("{0} is not a permission")]
+    NotAPermission(String),
+    #[error("path template {value:?}: {why}")]
+    PathTemplate { value: String, why: BadTemplate },
+    #[error("bad prefix length in {0:?}")]
+    BadPrefixLength(String),
+    #[error("bad IP {0:?}")]
+    BadIp(String),
+    #[error("{0} is not a principal")]
+    NotAPrincipal(String),
+}
 
 const JWT_FILTER: &str = "envoy.filters.http.jwt_authn";
 
@@ -61,7 +89,7 @@ impl Key {
         )
     }
 
-    fn from_condition(key: &str) -> Result<Self, String> {
+    fn from_condition(key: &str) -> Result<Self, Untranslatable> {
         Ok(match key {
             "destination.ip" => Key::DestIp,
             "destination.port" => Key::Port,
@@ -76,7 +104,7 @@ impl Key {
             k if k.starts_with("request.headers[") && k.ends_with(']') => {
                 let name = &k["request.headers[".len()..k.len() - 1];
                 if name.is_empty() {
-                    return Err(format!("empty header name in {k}"));
+                    return Err(Untranslatable::EmptyHeaderName(k.to_owned()));
                 }
                 Key::Header(name.to_owned())
             }
@@ -84,36 +112,35 @@ impl Key {
                 Key::Claim(brackets(&k["request.auth.claims".len()..])?)
             }
             k if k.starts_with("experimental.envoy.filters.") => {
-                let open = k.find('[').ok_or_else(|| format!("{k}: missing [key]"))?;
+                let open = k
+                    .find('[')
+                    .ok_or_else(|| Untranslatable::NoKey(k.to_owned()))?;
                 Key::EnvoyFilter {
                     filter: k["experimental.".len()..open].to_owned(),
                     path: brackets(&k[open..])?,
                 }
             }
-            k => return Err(format!("unknown attribute {k:?}")),
+            k => return Err(Untranslatable::UnknownAttribute(k.to_owned())),
         })
     }
 }
 
 /// `[a][b]` → `["a", "b"]`.
-fn brackets(s: &str) -> Result<Vec<String>, String> {
+fn brackets(s: &str) -> Result<Vec<String>, Untranslatable> {
+    let bad = || Untranslatable::BadKeyPath(s.to_owned());
     let mut out = Vec::new();
     let mut rest = s;
     while !rest.is_empty() {
-        let inner = rest
-            .strip_prefix('[')
-            .ok_or_else(|| format!("bad key path {s:?}"))?;
-        let end = inner
-            .find(']')
-            .ok_or_else(|| format!("bad key path {s:?}"))?;
+        let inner = rest.strip_prefix('[').ok_or_else(bad)?;
+        let end = inner.find(']').ok_or_else(bad)?;
         if end == 0 {
-            return Err(format!("empty key in {s:?}"));
+            return Err(Untranslatable::EmptyKey(s.to_owned()));
         }
         out.push(inner[..end].to_owned());
         rest = &inner[end + 1..];
     }
     if out.is_empty() {
-        return Err(format!("missing key in {s:?}"));
+        return Err(Untranslatable::NoKey(s.to_owned()));
     }
     Ok(out)
 }
@@ -194,7 +221,7 @@ fn rule_policy(
     action: Action,
     t: &Target,
     tcp: bool,
-) -> Result<Option<Policy>, String> {
+) -> Result<Option<Policy>, Untranslatable> {
     let mut base_perm = Vec::new();
     let mut base_id = Vec::new();
     for Condition {
@@ -281,7 +308,7 @@ fn rule_policy(
                 .map(entry_permissions)
                 .collect::<Result<Vec<_>, _>>()?;
             let rules: Vec<Permission> = rules.into_iter().flatten().collect();
-            Ok::<_, String>(Permission::AndRules(PermissionSet {
+            Ok::<_, Untranslatable>(Permission::AndRules(PermissionSet {
                 rules: if rules.is_empty() {
                     vec![Permission::Any(true)]
                 } else {
@@ -298,7 +325,7 @@ fn rule_policy(
                 .map(|e| entry_principals(e, p, t))
                 .collect::<Result<Vec<_>, _>>()?;
             let ids: Vec<Principal> = ids.into_iter().flatten().collect();
-            Ok::<_, String>(Principal::AndIds(PrincipalSet {
+            Ok::<_, Untranslatable>(Principal::AndIds(PrincipalSet {
                 ids: if ids.is_empty() {
                     vec![Principal::Any(true)]
                 } else {
@@ -323,7 +350,7 @@ fn clone_entry(e: &Entry) -> Entry {
 
 // === permissions ===
 
-fn entry_permissions(e: &Entry) -> Result<Vec<Permission>, String> {
+fn entry_permissions(e: &Entry) -> Result<Vec<Permission>, Untranslatable> {
     let mut out = Vec::new();
     for (values, negate) in [(&e.values, false), (&e.not_values, true)] {
         if values.is_empty() {
@@ -360,19 +387,19 @@ fn entry_permissions(e: &Entry) -> Result<Vec<Permission>, String> {
     Ok(out)
 }
 
-fn permission(key: &Key, v: &str) -> Result<Permission, String> {
+fn permission(key: &Key, v: &str) -> Result<Permission, Untranslatable> {
     Ok(match key {
         Key::Host => header_matcher(":authority", v, true),
         Key::Method => header_matcher(":method", v, false),
         Key::Path => path_permission(v)?,
         Key::Port => Permission::DestinationPort(
             v.parse::<u16>()
-                .map_err(|_| format!("bad port {v:?}"))?
+                .map_err(|_| Untranslatable::BadPort(v.to_owned()))?
                 .into(),
         ),
         Key::DestIp => Permission::DestinationIp(cidr(v)?),
         Key::Sni => Permission::RequestedServerName(wildcard(v, "", false)),
-        other => return Err(format!("{other:?} is not a permission")),
+        other => return Err(Untranslatable::NotAPermission(format!("{other:?}"))),
     })
 }
 
@@ -400,11 +427,15 @@ fn header(name: &str, v: &str, ignore_case: bool) -> HeaderMatcher {
 /// A path value: Istio's `{*}` / `{**}` templates become Envoy URI templates, which must parse
 /// (a rule with one that does not is untranslatable: a DENY rule then denies everything, an ALLOW
 /// rule grants nothing); anything else is Istio's wildcard form.
-fn path_permission(v: &str) -> Result<Permission, String> {
+fn path_permission(v: &str) -> Result<Permission, Untranslatable> {
     if v.contains('{') || v.contains('}') {
         let path_template = v.replace("{**}", "**").replace("{*}", "*");
-        crate::matcher::UriTemplate::parse(&path_template)
-            .map_err(|why| format!("path template {v:?}: {why}"))?;
+        crate::matcher::UriTemplate::parse(&path_template).map_err(|why| {
+            Untranslatable::PathTemplate {
+                value: v.to_owned(),
+                why,
+            }
+        })?;
         return Ok(Permission::UriTemplate(TypedExtensionConfig {
             name: "uri-template".into(),
             typed_config: UriTemplateConfig {
@@ -467,22 +498,19 @@ fn regex_escape(s: &str) -> String {
     out
 }
 
-fn cidr(v: &str) -> Result<CidrRange, String> {
+fn cidr(v: &str) -> Result<CidrRange, Untranslatable> {
+    let bad_len = || Untranslatable::BadPrefixLength(v.to_owned());
     let (addr, len) = match v.split_once('/') {
-        Some((a, l)) => (
-            a,
-            Some(
-                l.parse::<u32>()
-                    .map_err(|_| format!("bad prefix length in {v:?}"))?,
-            ),
-        ),
+        Some((a, l)) => (a, Some(l.parse::<u32>().map_err(|_| bad_len())?)),
         None => (v, None),
     };
-    let ip: std::net::IpAddr = addr.parse().map_err(|_| format!("bad IP {v:?}"))?;
+    let ip: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| Untranslatable::BadIp(v.to_owned()))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let len = len.unwrap_or(max);
     if len > max {
-        return Err(format!("bad prefix length in {v:?}"));
+        return Err(bad_len());
     }
     Ok(CidrRange {
         address_prefix: addr.into(),
@@ -503,7 +531,7 @@ fn entry_principals(
     e: &Entry,
     p: &AuthorizationPolicy,
     t: &Target,
-) -> Result<Vec<Principal>, String> {
+) -> Result<Vec<Principal>, Untranslatable> {
     let mut out = Vec::new();
     for (values, negate) in [(&e.values, false), (&e.not_values, true)] {
         if values.is_empty() {
@@ -538,7 +566,7 @@ fn authenticated(m: StringMatcher) -> Principal {
     })
 }
 
-fn principal(key: &Key, v: &str, p: &AuthorizationPolicy) -> Result<Principal, String> {
+fn principal(key: &Key, v: &str, p: &AuthorizationPolicy) -> Result<Principal, Untranslatable> {
     Ok(match key {
         Key::Principal => authenticated(wildcard(v, "spiffe://", true)),
         Key::Namespace => authenticated(regex(&namespace_regex(v))),
@@ -565,7 +593,7 @@ fn principal(key: &Key, v: &str, p: &AuthorizationPolicy) -> Result<Principal, S
         Key::RemoteIp => Principal::RemoteIp(cidr(v)?),
         Key::SourceIp => Principal::DirectRemoteIp(cidr(v)?),
         Key::Header(name) => Principal::Header(header(name, v, false)),
-        other => return Err(format!("{other:?} is not a principal")),
+        other => return Err(Untranslatable::NotAPrincipal(format!("{other:?}"))),
     })
 }
 

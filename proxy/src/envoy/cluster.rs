@@ -261,14 +261,14 @@ fn upstream_tls(ts: &TransportSocket, cx: &mut Ctx<'_>) -> Result<UpstreamTls, I
     })
 }
 
-fn san_exact(m: &StringMatcher) -> Result<SpiffeId, String> {
+fn san_exact(m: &StringMatcher) -> Result<SpiffeId, FieldError> {
     match &m.match_pattern {
-        Some(string_matcher::MatchPattern::Exact(v)) if !m.ignore_case => {
-            SpiffeId::parse(v).map_err(|e| format!("{v:?} is not a SPIFFE ID: {e}"))
-        }
-        _ => Err(
-            "non-exact SAN matchers are not supported (a prefix could admit any workload)".into(),
-        ),
+        Some(string_matcher::MatchPattern::Exact(v)) if !m.ignore_case => SpiffeId::parse(v)
+            .map_err(|source| FieldError::NotASpiffeId {
+                value: v.clone(),
+                source,
+            }),
+        _ => Err(FieldError::NonExactSan),
     }
 }
 

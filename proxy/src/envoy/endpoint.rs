@@ -43,19 +43,16 @@ pub(super) fn load_assignment_in(
             };
             let addr = match socket_addr(ep.address.as_ref()) {
                 Ok(a) => a,
-                Err(m)
-                    if ep.address.as_ref().is_some_and(|a| {
-                        matches!(a.address, Some(address::Address::SocketAddress(_)))
-                    }) =>
-                {
+                // A pipe or internal address is one this proxy cannot reach: skipped, counted.
+                Err(FieldError::NotASocketAddress) => {
+                    skipped += 1;
+                    continue;
+                }
+                Err(m) => {
                     return Err(cx.invalid(
                         format!("{field}{sep}endpoints[{li}].lb_endpoints[{ei}].endpoint.address"),
                         m,
                     ));
-                }
-                Err(_) => {
-                    skipped += 1;
-                    continue;
                 }
             };
             let w = e

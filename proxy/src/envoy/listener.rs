@@ -151,7 +151,7 @@ fn filter_chain(
         for (j, r) in m.prefix_ranges.iter().enumerate() {
             let len = r.prefix_len.as_ref().map_or(0, |l| l.value);
             let text = format!("{}/{len}", r.address_prefix);
-            let range: config::CidrRange = text.parse().map_err(|e: String| {
+            let range: config::CidrRange = text.parse().map_err(|e: config::BadCidr| {
                 cx.invalid(format!("{field}.filter_chain_match.prefix_ranges[{j}]"), e)
             })?;
             out.filter_chain_match.prefix_ranges.push(range);
@@ -773,13 +773,13 @@ fn text_format(t: String) -> xds::pb::envoy::config::core::v3::SubstitutionForma
 }
 
 /// Resources must come over the same ADS stream (`ads: {}`) — or `self`, which means the same.
-pub(super) fn ads_source(src: &ConfigSource) -> Result<(), String> {
+pub(super) fn ads_source(src: &ConfigSource) -> Result<(), FieldError> {
     match &src.config_source_specifier {
         Some(
             config_source::ConfigSourceSpecifier::Ads(_)
             | config_source::ConfigSourceSpecifier::Self_(_),
         ) => Ok(()),
-        _ => Err("config sources other than ADS are not supported".into()),
+        _ => Err(FieldError::NotAds),
     }
 }
 

@@ -114,11 +114,11 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn invalid(&self, field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    fn invalid(&self, field: impl Into<String>, message: impl std::fmt::Display) -> Invalid {
         Invalid {
             resource: self.resource.to_owned(),
             field: field.into(),
-            message: message.into(),
+            message: message.to_string(),
         }
     }
 
@@ -143,19 +143,46 @@ fn typed(ts: &TransportSocket) -> Option<&Any> {
     }
 }
 
-fn socket_addr(a: Option<&Address>) -> Result<SocketAddr, String> {
+/// What is wrong with one field of a resource; the caller names the resource and the field
+/// (`Ctx::invalid`).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FieldError {
+    #[error("pipe and internal addresses are not supported")]
+    NotASocketAddress,
+    #[error("{0:?} is not an IP address")]
+    NotAnIp(String),
+    #[error("port {0} is out of range")]
+    PortOutOfRange(u32),
+    #[error("a port_value is required")]
+    NoPort,
+    #[error("{value:?} is not a SPIFFE ID: {source}")]
+    NotASpiffeId {
+        value: String,
+        source: identity::SpiffeIdError,
+    },
+    #[error("non-exact SAN matchers are not supported (a prefix could admit any workload)")]
+    NonExactSan,
+    #[error("config sources other than ADS are not supported")]
+    NotAds,
+    #[error("suffix, contains, regex and case-insensitive header matches are not supported")]
+    UnsupportedStringMatch,
+    #[error("range, regex, suffix and contains header matches are not supported")]
+    UnsupportedHeaderMatch,
+}
+
+fn socket_addr(a: Option<&Address>) -> Result<SocketAddr, FieldError> {
     let Some(address::Address::SocketAddress(sa)) = a.and_then(|a| a.address.as_ref()) else {
-        return Err("pipe and internal addresses are not supported".into());
+        return Err(FieldError::NotASocketAddress);
     };
     let ip: IpAddr = sa
         .address
         .parse()
-        .map_err(|_| format!("{:?} is not an IP address", sa.address))?;
+        .map_err(|_| FieldError::NotAnIp(sa.address.clone()))?;
     let port = match sa.port_specifier {
         Some(socket_address::PortSpecifier::PortValue(p)) => {
-            u16::try_from(p).map_err(|_| format!("port {p} is out of range"))?
+            u16::try_from(p).map_err(|_| FieldError::PortOutOfRange(p))?
         }
-        _ => return Err("a port_value is required".into()),
+        _ => return Err(FieldError::NoPort),
     };
     Ok(SocketAddr::new(ip, port))
 }

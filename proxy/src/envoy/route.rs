@@ -186,7 +186,7 @@ pub(super) fn route_configuration_in(
     })
 }
 
-fn header_matcher(h: &PbHeaderMatcher) -> Result<HeaderMatcher, String> {
+fn header_matcher(h: &PbHeaderMatcher) -> Result<HeaderMatcher, FieldError> {
     let mut out = HeaderMatcher {
         name: h.name.to_ascii_lowercase(),
         exact_match: None,
@@ -205,21 +205,14 @@ fn header_matcher(h: &PbHeaderMatcher) -> Result<HeaderMatcher, String> {
         Some(HeaderMatchSpecifier::StringMatch(StringMatcher {
             match_pattern: Some(p),
             ignore_case: false,
-        })) => {
-            match p {
-                string_matcher::MatchPattern::Exact(v) => out.exact_match = Some(v.clone()),
-                string_matcher::MatchPattern::Prefix(v) => out.prefix_match = Some(v.clone()),
-                _ => return Err(
-                    "suffix, contains, regex and case-insensitive header matches are not supported"
-                        .into(),
-                ),
-            }
-        }
+        })) => match p {
+            string_matcher::MatchPattern::Exact(v) => out.exact_match = Some(v.clone()),
+            string_matcher::MatchPattern::Prefix(v) => out.prefix_match = Some(v.clone()),
+            _ => return Err(FieldError::UnsupportedStringMatch),
+        },
         None => out.present_match = Some(true),
         _ => {
-            return Err(
-                "range, regex, suffix and contains header matches are not supported".into(),
-            );
+            return Err(FieldError::UnsupportedHeaderMatch);
         }
     }
     Ok(out)

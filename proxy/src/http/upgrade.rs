@@ -66,7 +66,8 @@ pub async fn forward(
     // cluster's stats only.
     tokio::spawn(async move {
         let joined = async {
-            let (d, u) = tokio::try_join!(downstream, upstream).map_err(|e| error_chain(&e))?;
+            let (d, u) = tokio::try_join!(downstream, upstream)
+                .map_err(|e| TunnelError::Upgrade(error_chain(&e)))?;
             let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
             let copy = tokio::io::copy_bidirectional(&mut d, &mut u);
             run(copy, tunnel).await
@@ -89,9 +90,29 @@ pub async fn forward(
     Ok(response)
 }
 
+/// Why a tunnel ended with an error (logged at debug: the peers saw the close).
+#[derive(Debug, thiserror::Error)]
+enum TunnelError {
+    #[error("upgrade: {0}")]
+    Upgrade(String),
+    #[error("copy: {0}")]
+    Copy(std::io::Error),
+}
+
+/// Why a configuration change closed an open tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Revoked {
+    #[error("its filter chain was removed")]
+    ChainRemoved,
+    #[error("upgrades are no longer allowed on its chain")]
+    UpgradesOff,
+    #[error("denied by {0}")]
+    Denied(String),
+}
+
 /// Runs the joined streams until either side ends, the connection idles out, the listeners
 /// stop, or a chain change no longer admits the tunnel.
-async fn run<F>(copy: F, tunnel: Tunnel) -> Result<(), String>
+async fn run<F>(copy: F, tunnel: Tunnel) -> Result<(), TunnelError>
 where
     F: Future<Output = std::io::Result<(u64, u64)>>,
 {
@@ -113,7 +134,7 @@ where
             }
         };
         tokio::select! {
-            r = &mut copy => return r.map(drop).map_err(|e| e.to_string()),
+            r = &mut copy => return r.map(drop).map_err(TunnelError::Copy),
             () = ctx.activity.idle(ctx.connection_idle_timeout) => {
                 tracing::debug!(timeout = ?ctx.connection_idle_timeout, "closing idle upgraded connection");
                 return Ok(());
@@ -141,12 +162,12 @@ fn still_admitted(
     opened_by: &HttpChain,
     now: Option<Arc<HttpChain>>,
     view: &PolicyView,
-) -> Result<(), String> {
+) -> Result<(), Revoked> {
     let Some(now) = now else {
-        return Err("its filter chain was removed".into());
+        return Err(Revoked::ChainRemoved);
     };
     if now.upgrade_types.is_empty() && !opened_by.upgrade_types.is_empty() {
-        return Err("upgrades are no longer allowed on its chain".into());
+        return Err(Revoked::UpgradesOff);
     }
     match &now.rbac {
         None => Ok(()),
@@ -155,9 +176,11 @@ fn still_admitted(
             if d.allowed {
                 Ok(())
             } else {
-                Err(format!(
-                    "denied by {}",
-                    d.policy.as_deref().unwrap_or("(no ALLOW policy matched)")
+                Err(Revoked::Denied(
+                    d.policy
+                        .as_deref()
+                        .unwrap_or("(no ALLOW policy matched)")
+                        .to_owned(),
                 ))
             }
         }

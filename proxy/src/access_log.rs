@@ -5,12 +5,43 @@ use std::io::Write as _;
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub mod format;
 
-use crate::config::{AccessLogConfig, AccessLogFormat};
 use crate::stats::Stat;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// A file to append to; `/dev/stdout` by default.
+    #[serde(default = "default_access_log_path")]
+    pub path: std::path::PathBuf,
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// A format string of Envoy operators (`%START_TIME%`, `%REQ(:AUTHORITY)%`, …).
+    #[serde(default)]
+    pub text_format: Option<String>,
+    /// JSON lines: key → format string (Envoy's `json_format`).
+    #[serde(default)]
+    pub json_format: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AccessLogFormat {
+    /// Envoy's default text format.
+    #[default]
+    Text,
+    /// Every field, with Istio's JSON key names.
+    Json,
+    /// Istio's default text format (`meshConfig.accessLogFile` without a format).
+    Istio,
+}
+
+fn default_access_log_path() -> std::path::PathBuf {
+    std::path::PathBuf::from("/dev/stdout")
+}
 
 /// Lines waiting for the writer; past this, records are dropped and counted, never blocking a request.
 const QUEUE: usize = 16 * 1024;

@@ -371,6 +371,24 @@ pub struct Node {
     pub cluster: String,
 }
 
+/// The access log's settings live beside its writer; the bootstrap reads them from here too.
+pub use crate::access_log::{AccessLogConfig, AccessLogFormat};
+
+impl Node {
+    /// This node as the resource of the spans it exports.
+    pub fn trace_origin(&self) -> crate::trace::Origin<'_> {
+        crate::trace::Origin {
+            service_name: format!(
+                "{}.{}",
+                self.app.as_deref().unwrap_or(&self.workload),
+                self.namespace
+            ),
+            namespace: &self.namespace,
+            node_id: &self.id,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
@@ -898,34 +916,6 @@ pub struct DestinationMetadata {
     pub app: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AccessLogConfig {
-    /// A file to append to; `/dev/stdout` by default.
-    #[serde(default = "default_access_log_path")]
-    pub path: PathBuf,
-    #[serde(default)]
-    pub format: AccessLogFormat,
-    /// A format string of Envoy operators (`%START_TIME%`, `%REQ(:AUTHORITY)%`, …).
-    #[serde(default)]
-    pub text_format: Option<String>,
-    /// JSON lines: key → format string (Envoy's `json_format`).
-    #[serde(default)]
-    pub json_format: Option<std::collections::BTreeMap<String, String>>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum AccessLogFormat {
-    /// Envoy's default text format.
-    #[default]
-    Text,
-    /// Every field, with Istio's JSON key names.
-    Json,
-    /// Istio's default text format (`meshConfig.accessLogFile` without a format).
-    Istio,
-}
-
 /// DESIGN §5 limits; every field has the safe default.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -989,10 +979,6 @@ fn default_route_timeout() -> Duration {
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
-fn default_access_log_path() -> PathBuf {
-    PathBuf::from("/dev/stdout")
-}
-
 impl Default for Limits {
     fn default() -> Self {
         Self {

@@ -193,7 +193,8 @@ pub async fn run(
     }
     let trace_export = match &config.tracing {
         Some(t) => {
-            let (tracer, export) = trace::Tracer::new(t, &config.node, &telemetry.stats)?;
+            let (tracer, export) =
+                trace::Tracer::new(t, &config.node.trace_origin(), &telemetry.stats)?;
             telemetry.tracer = Some(Arc::new(tracer));
             tracing::info!(collector = %t.address, sampling = t.sampling, "tracing on (OTLP)");
             Some(export)

@@ -212,7 +212,7 @@ fn chain_tracer(
         max_queue: 2048,
     };
     let telemetry = &shared.telemetry;
-    match crate::trace::Tracer::new(&config, &telemetry.node, &telemetry.stats) {
+    match crate::trace::Tracer::new(&config, &telemetry.node.trace_origin(), &telemetry.stats) {
         Ok((tracer, export)) => {
             tokio::spawn(export.run_until_dropped());
             Some(Arc::new(tracer))

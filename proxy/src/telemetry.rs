@@ -252,7 +252,11 @@ impl CallGuard {
         chain: Option<&Arc<crate::trace::Tracer>>,
     ) {
         if let Some(tracer) = chain.or(self.telemetry.tracer.as_ref()) {
-            self.span = tracer.begin(headers, self.reporter);
+            let side = match self.reporter {
+                Reporter::Source => crate::trace::Side::Client,
+                Reporter::Destination => crate::trace::Side::Server,
+            };
+            self.span = tracer.begin(headers, side);
             if self.span.is_some() {
                 self.tracer = Some(tracer.clone());
             }

@@ -28,7 +28,6 @@ use tokio::sync::{mpsc, watch};
 
 use crate::access_log::Record;
 use crate::stats::{EnvoyStats, Stat};
-use crate::telemetry::Reporter;
 
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
@@ -127,6 +126,23 @@ struct Incoming {
     b3: B3Form,
 }
 
+/// The side of a call a span is for: the outbound sidecar's CLIENT span or the inbound one's
+/// SERVER span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+/// Who traces: the OTLP resource of every span a proxy exports.
+#[derive(Debug, Clone)]
+pub struct Origin<'a> {
+    /// `app.namespace`, as Istio names a workload's service in traces.
+    pub service_name: String,
+    pub namespace: &'a str,
+    pub node_id: &'a str,
+}
+
 /// A span started for a call, finished when the call's record is written.
 #[derive(Debug)]
 pub struct ActiveSpan {
@@ -134,7 +150,7 @@ pub struct ActiveSpan {
     span_id: [u8; 8],
     parent: Option<[u8; 8]>,
     trace_state: String,
-    kind: Reporter,
+    kind: Side,
     start: SystemTime,
 }
 
@@ -162,7 +178,7 @@ impl Tracer {
     /// A tracer and its exporter; the config was checked when read.
     pub fn new(
         config: &TracingConfig,
-        node: &crate::config::Node,
+        origin: &Origin<'_>,
         stats: &EnvoyStats,
     ) -> Result<(Self, Export), BadCollector> {
         let endpoint = endpoint(&config.address)?;
@@ -173,16 +189,9 @@ impl Tracer {
         let s = |k: &str, v: &str| kv(k, v.to_owned());
         let resource = Resource {
             attributes: vec![
-                s(
-                    "service.name",
-                    &format!(
-                        "{}.{}",
-                        node.app.as_deref().unwrap_or(&node.workload),
-                        node.namespace
-                    ),
-                ),
-                s("k8s.namespace.name", &node.namespace),
-                s("eastguard.node.id", &node.id),
+                s("service.name", &origin.service_name),
+                s("k8s.namespace.name", origin.namespace),
+                s("eastguard.node.id", origin.node_id),
             ],
             ..Default::default()
         };
@@ -206,7 +215,7 @@ impl Tracer {
 
     /// Decides sampling for a request and rewrites its trace headers so that it leaves with a
     /// new span id as its parent; returns the span to finish if the call is sampled.
-    pub fn begin(&self, headers: &mut HeaderMap, kind: Reporter) -> Option<ActiveSpan> {
+    pub fn begin(&self, headers: &mut HeaderMap, kind: Side) -> Option<ActiveSpan> {
         let incoming = extract(headers);
         let trace_id = incoming
             .as_ref()
@@ -291,8 +300,8 @@ impl Tracer {
         put("http.request.header.x-request-id", r.request_id.as_deref());
         // The mesh: who called whom, verified, and what policy said.
         let (source, destination) = match s.kind {
-            Reporter::Destination => (r.downstream_peer_uri_san.as_deref(), Some(local_id)),
-            Reporter::Source => (Some(local_id), r.upstream_peer_uri_san.as_deref()),
+            Side::Server => (r.downstream_peer_uri_san.as_deref(), Some(local_id)),
+            Side::Client => (Some(local_id), r.upstream_peer_uri_san.as_deref()),
         };
         put("source.principal", source);
         put("destination.principal", destination);
@@ -317,10 +326,10 @@ impl Tracer {
         // Semantic conventions: 5xx is an error on either side, 4xx only for the client.
         let error = r.response_code == 0
             || r.response_code >= 500
-            || (s.kind == Reporter::Source && r.response_code >= 400);
+            || (s.kind == Side::Client && r.response_code >= 400);
         let kind = match s.kind {
-            Reporter::Destination => SpanKind::Server,
-            Reporter::Source => SpanKind::Client,
+            Side::Server => SpanKind::Server,
+            Side::Client => SpanKind::Client,
         };
         let name = format!(
             "{} {}",
@@ -687,20 +696,17 @@ mod tests {
     }
 
     fn tracer(sampling: f64) -> (Tracer, Export) {
-        let node = crate::config::Node {
-            id: "n".into(),
-            workload: "w".into(),
-            namespace: "ns".into(),
-            app: None,
-            version: None,
-            cluster: "Kubernetes".into(),
+        let origin = Origin {
+            service_name: "w.ns".into(),
+            namespace: "ns",
+            node_id: "n",
         };
         let config = TracingConfig {
             sampling,
             address: "127.0.0.1:4317".into(),
             max_queue: 4,
         };
-        Tracer::new(&config, &node, &EnvoyStats::default()).unwrap()
+        Tracer::new(&config, &origin, &EnvoyStats::default()).unwrap()
     }
 
     #[test]
@@ -711,7 +717,7 @@ mod tests {
             ("tracestate", "vendor=1"),
         ]);
         let span = t
-            .begin(&mut h, Reporter::Destination)
+            .begin(&mut h, Side::Server)
             .expect("the caller sampled it");
         assert_eq!(span.parent.map(|p| hex(&p)).as_deref(), Some(SPAN));
         let out = h["traceparent"].to_str().unwrap();
@@ -719,7 +725,7 @@ mod tests {
         assert_eq!(h["tracestate"], "vendor=1");
         // Not sampled by the caller: no span, and the decision travels on.
         let mut h = headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-00"))]);
-        assert!(t.begin(&mut h, Reporter::Destination).is_none());
+        assert!(t.begin(&mut h, Side::Server).is_none());
         assert!(h["traceparent"].to_str().unwrap().ends_with("-00"));
     }
 
@@ -731,13 +737,13 @@ mod tests {
         let mut sampled = 0;
         for _ in 0..4000 {
             let mut h = HeaderMap::new();
-            assert!(all.begin(&mut h, Reporter::Source).is_some());
+            assert!(all.begin(&mut h, Side::Client).is_some());
             assert!(h["traceparent"].to_str().unwrap().ends_with("-01"));
             let mut h = HeaderMap::new();
-            assert!(none.begin(&mut h, Reporter::Source).is_none());
+            assert!(none.begin(&mut h, Side::Client).is_none());
             assert!(h["traceparent"].to_str().unwrap().ends_with("-00"));
             let mut h = HeaderMap::new();
-            sampled += usize::from(some.begin(&mut h, Reporter::Source).is_some());
+            sampled += usize::from(some.begin(&mut h, Side::Client).is_some());
         }
         assert!((800..1200).contains(&sampled), "{sampled} of 4000 at 25 %");
     }
@@ -746,7 +752,7 @@ mod tests {
     fn b3_callers_get_b3_back_and_a_full_queue_drops() {
         let (t, _export) = tracer(100.0);
         let mut h = headers(&[("b3", &format!("{TRACE}-{SPAN}-1"))]);
-        let span = t.begin(&mut h, Reporter::Source).unwrap();
+        let span = t.begin(&mut h, Side::Client).unwrap();
         assert_eq!(
             h["b3"].to_str().unwrap(),
             format!("{TRACE}-{}-1", hex(&span.span_id))
@@ -759,7 +765,7 @@ mod tests {
         };
         // Nobody exports: the queue (4) fills, and the rest are counted as dropped.
         for _ in 0..10 {
-            let s = t.begin(&mut HeaderMap::new(), Reporter::Source).unwrap();
+            let s = t.begin(&mut HeaderMap::new(), Side::Client).unwrap();
             t.finish(s, &record, "spiffe://td/x");
         }
         assert_eq!(t.dropped.get(), 6);

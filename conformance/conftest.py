@@ -34,6 +34,15 @@ def binary() -> str:
     return path
 
 
+def sidecar_binary() -> str:
+    """The sidecar-only program (`eastguard-sidecar`, the flags of `eastguard proxy`), which cargo
+    builds beside `eastguard`; EASTGUARD_SIDECAR_BIN names another."""
+    path = os.environ.get("EASTGUARD_SIDECAR_BIN") or str(Path(binary()).with_name("eastguard-sidecar"))
+    if not Path(path).exists():
+        pytest.fail(f"eastguard-sidecar not found at {path}; run `cargo build` first (scripts/test.sh does)")
+    return path
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -346,6 +355,7 @@ class Sidecar:
         self.stdout_path = workdir / f"{name}.out"  # where a /dev/stdout access log goes
         self.stdout = None
         self.args = []  # more `eastguard proxy` flags
+        self.sidecar_only = False  # run `eastguard-sidecar` instead of `eastguard proxy`
         self.config = {
             "node": {"id": name, "workload": name, "namespace": "test"},
             "admin": {"address": f"127.0.0.1:{self.admin_port}"},
@@ -366,8 +376,14 @@ class Sidecar:
     def start(self, wait=True):
         self.stderr = open(self.stderr_path, "ab")
         self.stdout = open(self.stdout_path, "ab")
+        level = ["--log-level", os.environ.get("EASTGUARD_TEST_LOG", "info")]
+        # `eastguard proxy`, or the sidecar-only program with the same flags.
+        if self.sidecar_only or os.environ.get("EASTGUARD_SIDECAR_BIN"):
+            program = [sidecar_binary(), *level]
+        else:
+            program = [binary(), *level, "proxy"]
         self.proc = subprocess.Popen(
-            [binary(), "--log-level", os.environ.get("EASTGUARD_TEST_LOG", "info"), "proxy", "--config", str(self.config_path), *self.args],
+            [*program, "--config", str(self.config_path), *self.args],
             stdout=self.stdout,
             stderr=self.stderr,
         )

@@ -1,12 +1,13 @@
 """HTTP/1.1 (curl) and HTTP/2 (nghttp) through client sidecar → mTLS → server sidecar → upstream."""
 
 import json
+import os
 import subprocess
 import time
 
 import pytest
 
-from conftest import CLIENT_ID, SERVER_ID, Mesh, read_response, require_tool, stat, wait_for
+from conftest import CLIENT_ID, SERVER_ID, Mesh, read_response, require_tool, sidecar_binary, stat, wait_for
 
 
 def curl(*args):
@@ -45,6 +46,30 @@ def test_curl_http1_reaches_upstream_with_caller_identity(mesh):
     cli = mesh.client.log_records()[-1]
     assert cli["protocol"] == "HTTP/1.1" and cli["upstream_peer_uri_san"] == SERVER_ID
     assert cli["response_code"] == 200 and cli["response_flags"] == "-"
+
+
+def test_the_sidecar_only_program_runs_the_same_pair(tmp_path, upstream):
+    """`eastguard-sidecar` (the sidecar alone, `eastguard proxy`'s flags) serves a pair as
+    `eastguard proxy` does, refuses a bad config with the same message, and drains on SIGTERM."""
+    m = Mesh(tmp_path, upstream.port)
+    m.server.sidecar_only = m.client.sidecar_only = True
+    m.start()
+    try:
+        for sc in (m.server, m.client):
+            assert os.path.basename(os.readlink(f"/proc/{sc.proc.pid}/exe")) == "eastguard-sidecar"
+        out = curl("-H", "host: server", m.url("/only"))
+        assert out.returncode == 0, out.stderr
+        seen = json.loads(out.stdout)
+        assert seen["path"] == "/only"
+        assert f"URI={CLIENT_ID}" in seen["headers"]["x-forwarded-client-cert"]
+    finally:
+        m.stop()
+    for sc in (m.server, m.client):
+        assert sc.proc.returncode == 0, sc.proc.returncode
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listeners: 7\n")
+    out = subprocess.run([sidecar_binary(), "--config", str(bad), "--check"], capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0 and "refusing to start with config" in out.stderr, out.stderr
 
 
 def test_nghttp_http2_reaches_upstream(mesh):

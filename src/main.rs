@@ -1,20 +1,19 @@
 //! `eastguard`: the command line. Each subcommand is a thin shell over a library crate.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
 
 mod apis_cmd;
 mod capture_cmd;
 mod demo;
 mod lifecycle;
 mod policy_cmd;
+mod proxy_cmd;
 mod proxy_config_cmd;
+
+use proxy_cmd::{describe, init_logging};
 
 #[derive(Parser)]
 #[command(
@@ -34,22 +33,7 @@ struct Cli {
 enum Command {
     /// Run the sidecar proxy: a bootstrap file (Envoy-shaped YAML), plus listeners, routes,
     /// clusters and endpoints from an xDS server (`--xds` or the file's `xds`).
-    Proxy {
-        /// The config file.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Check the config and exit without starting.
-        #[arg(long)]
-        check: bool,
-        /// Take listeners, routes, clusters and endpoints from this ADS server (`host:port`),
-        /// in addition to the file's static ones (overrides the file's `xds.address`).
-        #[arg(long)]
-        xds: Option<String>,
-        /// Worker threads (Envoy's `--concurrency`; Istio runs sidecars with 2). Default: one
-        /// per CPU.
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
-        concurrency: Option<u16>,
-    },
+    Proxy(proxy_cmd::ProxyArgs),
     /// Serve xDS (ADS) from Istio ServiceEntry, WorkloadEntry, AuthorizationPolicy,
     /// PeerAuthentication and Telemetry files in a directory (watched); receive the sidecars' API inventory and
     /// audit events (OTLP) and serve them (`--http-address`: `/apis`, `/ui/`, `/report`).
@@ -210,10 +194,10 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     let log_control = init_logging(&cli.log_level)?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Proxy {
+    if let Command::Proxy(proxy_cmd::ProxyArgs {
         concurrency: Some(n),
         ..
-    } = &cli.command
+    }) = &cli.command
     {
         builder.worker_threads(usize::from(*n));
     }
@@ -227,37 +211,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
         lifecycle::Shutdown::listen()
     };
     match cli.command {
-        Command::Proxy {
-            config, check, xds, ..
-        } => {
-            let mut bootstrap = proxy::Bootstrap::from_file(&config)
-                .with_context(|| format!("refusing to start with config {}", config.display()))?;
-            if let Some(address) = xds {
-                match &mut bootstrap.xds {
-                    Some(x) => x.address = address,
-                    None => {
-                        bootstrap.xds = Some(proxy::config::XdsConfig {
-                            address,
-                            control_plane_ids: Vec::new(),
-                            server_name: "istiod.istio-system.svc".into(),
-                            delta: false,
-                        });
-                    }
-                }
-            }
-            if check {
-                println!("{}: OK", config.display());
-                return Ok(std::process::ExitCode::SUCCESS);
-            }
-            let opts = proxy::RunOptions {
-                log_control: Some(log_control),
-                command_line: std::env::args().collect(),
-                authz_hook: None,
-            };
-            let shutdown = listen_signals()?;
-            runtime.block_on(proxy::run(bootstrap, shutdown.requested(), opts))?;
-            Ok(std::process::ExitCode::SUCCESS)
-        }
+        Command::Proxy(args) => proxy_cmd::run(args, &runtime, log_control),
         Command::Demo { once, ebpf, dir } => {
             let shutdown = listen_signals()?;
             if ebpf {
@@ -438,36 +392,6 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
 
 /// The error and its causes, each cause once: our error messages already quote their cause, and
 /// repeating it would bury the message.
-fn describe(e: &anyhow::Error) -> String {
-    let mut msg = e.to_string();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !msg.contains(&c) {
-            msg.push_str(": ");
-            msg.push_str(&c);
-        }
-    }
-    msg
-}
-
-/// Logs to stderr; returns the switch `/logging` uses to change the level at run time.
-fn init_logging(level: &str) -> anyhow::Result<proxy::LogControl> {
-    let filter = EnvFilter::try_new(level).with_context(|| format!("bad --log-level {level:?}"))?;
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .init();
-    Ok(Arc::new(move |level: &str| {
-        let f = EnvFilter::try_new(level)?;
-        Ok(handle.reload(f)?)
-    }))
-}
-
 /// The control plane's `--access-log-*` flags, checked here: every sidecar would NACK a format
 /// it cannot fill.
 fn mesh_access_log(

@@ -229,8 +229,18 @@ async fn one_connection(
         errors: 0,
     };
     let mut scheduled = first;
+    // When the previous response on this connection arrived: a later one than `scheduled` means
+    // the request is late because the server was slow (counted, fortio's and wrk2's correction
+    // for coordinated omission); otherwise any lateness is this generator's timer (tokio's wheel
+    // wakes up to ~1 ms late) and is not the server's.
+    let mut previous_done = first;
     while scheduled < end {
         tokio::time::sleep_until(scheduled).await;
+        let origin = if previous_done > scheduled {
+            scheduled
+        } else {
+            Instant::now()
+        };
         if sender.is_none() {
             let tcp = TcpStream::connect(target).await?;
             tcp.set_nodelay(true)?;
@@ -246,11 +256,12 @@ async fn one_connection(
             Ok(resp) => resp.status().is_success() && resp.into_body().collect().await.is_ok(),
             Err(_) => false,
         };
+        previous_done = Instant::now();
         if scheduled >= measure_from {
             if ok {
                 result
                     .latencies_us
-                    .push(scheduled.elapsed().as_micros() as u64);
+                    .push(previous_done.duration_since(origin).as_micros() as u64);
             } else {
                 result.errors += 1;
             }

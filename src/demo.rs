@@ -263,6 +263,7 @@ async fn start_and_script(started: &mut Started, dir: &Path) -> anyhow::Result<b
             http_address: Some(inventory_address),
             inventory: Default::default(),
             audit_log: None,
+            webhook: None,
         },
         async move {
             let _ = cp_stopped.await;
@@ -988,6 +989,7 @@ fn sidecar_config(
             address: p.admin,
             health_address: None,
             prometheus_address: None,
+            status_address: None,
         },
         identity: IdentityConfig {
             files: None,

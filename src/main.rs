@@ -92,6 +92,20 @@ enum Command {
         /// Inventory rows not seen for this many hours are deleted (the window for "unused").
         #[arg(long, default_value_t = 720, value_parser = clap::value_parser!(u64).range(1..=87_600))]
         inventory_retention_hours: u64,
+        /// Serve the sidecar injection webhook (HTTPS, `POST /inject`; Istio's 15017) here;
+        /// needs --webhook-cert and --webhook-key.
+        #[arg(long, requires_all = ["webhook_cert", "webhook_key"])]
+        webhook_address: Option<std::net::SocketAddr>,
+        /// The webhook's certificate chain (PEM; re-read when it changes).
+        #[arg(long, requires = "webhook_address")]
+        webhook_cert: Option<PathBuf>,
+        /// The webhook's private key (PEM).
+        #[arg(long, requires = "webhook_address")]
+        webhook_key: Option<PathBuf>,
+        /// What the webhook injects (YAML, or a ConfigMap with it under data.config); default:
+        /// the built-in template.
+        #[arg(long, requires = "webhook_address")]
+        injection_template: Option<PathBuf>,
     },
     /// The evidence report (PCI DSS v4.0.1, SOC 2) from a control plane's registry and inventory:
     /// self-contained HTML, printable to PDF.
@@ -264,6 +278,10 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             http_address,
             audit_log,
             inventory_retention_hours,
+            webhook_address,
+            webhook_cert,
+            webhook_key,
+            injection_template,
         } => {
             // The inventory API and UI have no authentication of their own: like Envoy's admin
             // port, they listen on loopback only (reach them with a port-forward).
@@ -285,7 +303,22 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 (None, ..) => None,
                 _ => anyhow::bail!("--tls-address needs --cert, --key and --bundle"),
             };
+            let webhook = match (webhook_address, webhook_cert, webhook_key) {
+                (Some(address), Some(cert), Some(key)) => {
+                    Some(control_plane::webhook::WebhookOptions {
+                        address,
+                        cert,
+                        key,
+                        template: match injection_template {
+                            Some(p) => control_plane::inject::Template::from_file(&p)?,
+                            None => control_plane::inject::Template::default(),
+                        },
+                    })
+                }
+                _ => None,
+            };
             let opts = control_plane::Options {
+                webhook,
                 config_dir,
                 xds_address,
                 tls,

@@ -13,8 +13,17 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 #[derive(clap::Args)]
 pub struct ProxyArgs {
     /// The config file.
-    #[arg(long, short)]
-    pub config: PathBuf,
+    #[arg(
+        long,
+        short,
+        required_unless_present = "config_env",
+        conflicts_with = "config_env"
+    )]
+    pub config: Option<PathBuf>,
+    /// The config in this environment variable instead (what the injection webhook writes);
+    /// `${NAME}` in its string values is filled from the environment (POD_NAME, INSTANCE_IP …).
+    #[arg(long, value_name = "VAR")]
+    pub config_env: Option<String>,
     /// Check the config and exit without starting.
     #[arg(long)]
     pub check: bool,
@@ -35,10 +44,25 @@ pub fn run(
     log_control: proxy::LogControl,
 ) -> anyhow::Result<std::process::ExitCode> {
     let ProxyArgs {
-        config, check, xds, ..
+        config,
+        config_env,
+        check,
+        xds,
+        ..
     } = args;
-    let mut bootstrap = proxy::Bootstrap::from_file(&config)
-        .with_context(|| format!("refusing to start with config {}", config.display()))?;
+    let (mut bootstrap, source) = match (config, config_env) {
+        (Some(path), _) => (
+            proxy::Bootstrap::from_file(&path)
+                .with_context(|| format!("refusing to start with config {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        (None, Some(var)) => (
+            proxy::Bootstrap::from_env_var(&var, |n| std::env::var(n).ok())
+                .with_context(|| format!("refusing to start with the config in ${var}"))?,
+            format!("${var}"),
+        ),
+        (None, None) => anyhow::bail!("--config or --config-env is needed"),
+    };
     if let Some(address) = xds {
         match &mut bootstrap.xds {
             Some(x) => x.address = address,
@@ -53,7 +77,7 @@ pub fn run(
         }
     }
     if check {
-        println!("{}: OK", config.display());
+        println!("{source}: OK");
         return Ok(std::process::ExitCode::SUCCESS);
     }
     let opts = proxy::RunOptions {

@@ -7,8 +7,10 @@
 
 pub mod audit;
 pub mod generate;
+pub mod inject;
 pub mod inventory;
 pub mod registry;
+pub mod webhook;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,6 +42,8 @@ pub struct Options {
     pub inventory: inventory::store::StoreLimits,
     /// Policy changes as OCSF events, one per line (they are also at `/apis/events`).
     pub audit_log: Option<PathBuf>,
+    /// The injection webhook (HTTPS); off without one.
+    pub webhook: Option<webhook::WebhookOptions>,
 }
 
 /// The control plane's own SVID (PEM files, re-read when they change) and where to serve mTLS.
@@ -241,6 +245,8 @@ impl SnapshotSource for ControlPlane {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
+    Webhook(#[from] webhook::WebhookError),
+    #[error(transparent)]
     ConfigDir(#[from] registry::DirectoryError),
     #[error("API inventory: {0}")]
     Inventory(#[from] inventory::store::StoreError),
@@ -365,6 +371,12 @@ pub async fn run(
         }
     });
     let server_task = tokio::spawn(serve);
+    let webhook_task = match opts.webhook.clone() {
+        Some(w) => Some(tokio::spawn(
+            webhook::serve(w, closing_tx.subscribe()).await?,
+        )),
+        None => None,
+    };
     let tls_task = match &opts.tls {
         Some(t) => Some(tokio::spawn(
             serve_tls(t.clone(), cp.clone(), apis.clone(), closing_tx.subscribe()).await?,
@@ -380,6 +392,9 @@ pub async fn run(
         let _ = t.await;
     }
     if let Some(t) = http_task {
+        let _ = t.await;
+    }
+    if let Some(t) = webhook_task {
         let _ = t.await;
     }
     Ok(())

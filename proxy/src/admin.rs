@@ -36,6 +36,8 @@ pub struct AdminState {
     pub runtime: Arc<crate::runtime::Runtime>,
     /// Present when configuration comes from xDS.
     pub xds: Option<Arc<crate::ads::XdsState>>,
+    /// The app's kubelet probes (status port, `/app-health/…`).
+    pub app_probes: Arc<crate::app_probe::Probers>,
 }
 
 /// Which routes a port serves.
@@ -47,6 +49,8 @@ pub enum Port {
     Health,
     /// `/stats/prometheus` only (15090).
     Prometheus,
+    /// Istio's status port (15020): readiness, metrics and the app's rewritten probes.
+    Status,
 }
 
 impl AdminState {
@@ -118,6 +122,11 @@ async fn route(
         Port::Admin => true,
         Port::Health => path == "/healthz/ready",
         Port::Prometheus => path == "/stats/prometheus",
+        Port::Status => {
+            matches!(path.as_str(), "/healthz/ready" | "/stats/prometheus")
+                || path.starts_with("/app-health/")
+                || path.starts_with("/app-lifecycle/")
+        }
     };
     if !allowed {
         return text(StatusCode::NOT_FOUND, "not found\n");
@@ -133,6 +142,12 @@ async fn route(
         if !remote.is_some_and(|r| r.ip().is_loopback()) {
             return text(StatusCode::FORBIDDEN, "admin mutations are loopback-only\n");
         }
+    }
+    if path.starts_with("/app-health/") || path.starts_with("/app-lifecycle/") {
+        return match state.app_probes.run(&path).await {
+            Some(o) => text(o.status, &format!("{}\n", o.detail)),
+            None => text(StatusCode::NOT_FOUND, "no such probe\n"),
+        };
     }
     match path.as_str() {
         "/ready" | "/healthz/ready" => match state.is_ready() {

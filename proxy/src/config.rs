@@ -400,6 +400,10 @@ pub struct Admin {
     /// Istio's Prometheus port (`/stats/prometheus`, 15090).
     #[serde(default)]
     pub prometheus_address: Option<SocketAddr>,
+    /// Istio's status port (15020): `/healthz/ready`, `/stats/prometheus`, and the app's kubelet
+    /// probes from `ISTIO_KUBE_APP_PROBERS` at `/app-health/<container>/<kind>`.
+    #[serde(default)]
+    pub status_address: Option<SocketAddr>,
 }
 
 /// Where the SVID comes from. Exactly one source is given.
@@ -1066,6 +1070,51 @@ pub(crate) mod duration {
 
 // === loading and validation ===
 
+/// Fills `${NAME}` (NAME: A–Z, 0–9, `_`) in every string value from `env`.
+fn expand(v: &mut serde_yaml::Value, env: &impl Fn(&str) -> Option<String>) -> Result<(), String> {
+    match v {
+        serde_yaml::Value::String(s) if s.contains("${") => {
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 2..];
+                let end = after
+                    .find('}')
+                    .ok_or_else(|| format!("{s:?}: an unclosed ${{"))?;
+                let name = &after[..end];
+                let valid = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+                if !valid {
+                    return Err(format!(
+                        "{s:?}: ${{{name}}} is not an environment variable name"
+                    ));
+                }
+                let value = env(name).ok_or_else(|| format!("{s:?}: ${name} is not set"))?;
+                out.push_str(&value);
+                rest = &after[end + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        serde_yaml::Value::Sequence(items) => {
+            for i in items {
+                expand(i, env)?;
+            }
+        }
+        serde_yaml::Value::Mapping(m) => {
+            for (_, value) in m.iter_mut() {
+                expand(value, env)?;
+            }
+        }
+        serde_yaml::Value::Tagged(t) => expand(&mut t.value, env)?,
+        _ => {}
+    }
+    Ok(())
+}
+
 impl Bootstrap {
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -1073,6 +1122,36 @@ impl Bootstrap {
             source,
         })?;
         Self::from_yaml(&path.display().to_string(), &text)
+    }
+
+    /// A bootstrap in an environment variable (what the injector writes), with `${NAME}` in its
+    /// string values filled from the environment: the pod's name and IP exist only once it runs.
+    /// Substitution happens after parsing, inside string values only, so a value cannot change
+    /// the document's structure; a name that is not set is an error.
+    pub fn from_env_var(
+        var: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let path = format!("${var}");
+        let text = env(var).ok_or_else(|| ConfigError::Syntax {
+            path: path.clone(),
+            message: "not set".into(),
+        })?;
+        let mut doc: serde_yaml::Value =
+            serde_yaml::from_str(&text).map_err(|e| ConfigError::Syntax {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        expand(&mut doc, &env).map_err(|message| ConfigError::Syntax {
+            path: path.clone(),
+            message,
+        })?;
+        let config: Self = serde_yaml::from_value(doc).map_err(|e| ConfigError::Syntax {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        config.validate(&path, &text)?;
+        Ok(config)
     }
 
     pub fn from_yaml(path: &str, text: &str) -> Result<Self, ConfigError> {
@@ -1377,3 +1456,52 @@ pub fn compile_path_regex(re: &str) -> Result<regex::Regex, ChainError> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    const DOC: &str = r#"
+node: {id: "sidecar~${INSTANCE_IP}~${POD_NAME}.${POD_NAMESPACE}~x", workload: w, namespace: "${POD_NAMESPACE}"}
+admin: {address: "127.0.0.1:15000"}
+identity: {workload_api: {}}
+"#;
+
+    fn env(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |n| {
+            if n == "BOOT" {
+                return Some(DOC.to_owned());
+            }
+            vars.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn a_bootstrap_from_the_environment_is_filled_in_string_values_only() {
+        let b = Bootstrap::from_env_var(
+            "BOOT",
+            env(&[
+                ("INSTANCE_IP", "10.1.2.3"),
+                ("POD_NAME", "web-1"),
+                ("POD_NAMESPACE", "a: b"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(b.node.id, "sidecar~10.1.2.3~web-1.a: b~x");
+        // A value that looks like YAML stays a string.
+        assert_eq!(b.node.namespace, "a: b");
+    }
+
+    #[test]
+    fn an_unset_variable_or_a_bad_name_is_refused() {
+        let e = Bootstrap::from_env_var("BOOT", env(&[("POD_NAME", "p")])).unwrap_err();
+        assert!(e.to_string().contains("is not set"), "{e}");
+        assert!(Bootstrap::from_env_var("MISSING", env(&[])).is_err());
+        let mut v = serde_yaml::Value::String("${lower}".into());
+        assert!(expand(&mut v, &|_| Some("x".into())).is_err());
+        let mut v = serde_yaml::Value::String("${OPEN".into());
+        assert!(expand(&mut v, &|_| Some("x".into())).is_err());
+    }
+}

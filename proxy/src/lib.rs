@@ -12,6 +12,7 @@
 pub mod access_log;
 pub mod admin;
 mod ads;
+pub mod app_probe;
 pub mod audit;
 mod body;
 mod chain_match;
@@ -99,6 +100,8 @@ pub enum StartError {
     Audit(std::io::Error),
     #[error("tracing: {0}")]
     Tracing(#[from] trace::BadCollector),
+    #[error("app probes: {0}")]
+    AppProbes(#[from] app_probe::BadProbers),
     #[error("authorization drift baseline: {0}")]
     Drift(#[from] drift::BaselineError),
     #[error("configuration: {0}")]
@@ -236,7 +239,19 @@ pub async fn run(
         (Some(config.admin.address), Port::Admin),
         (config.admin.health_address, Port::Health),
         (config.admin.prometheus_address, Port::Prometheus),
+        (config.admin.status_address, Port::Status),
     ];
+    // The app's kubelet probes, when the injector rewrote them through the status port.
+    let app_probes = match config.admin.status_address {
+        Some(_) => app_probe::Probers::from_env()?,
+        None => app_probe::Probers::default(),
+    };
+    if !app_probes.is_empty() {
+        tracing::info!(
+            probes = app_probes.len(),
+            "serving the app's probes on the status port"
+        );
+    }
     let mut admin_bound = Vec::new();
     for (addr, port) in admin_ports {
         if let Some(addr) = addr {
@@ -332,6 +347,7 @@ pub async fn run(
         command_line: opts.command_line,
         runtime: runtime.clone(),
         xds: xds_state,
+        app_probes: Arc::new(app_probes),
     });
     let mut admin_tasks = Vec::new();
     for (tcp, port) in admin_bound {

@@ -216,10 +216,11 @@ async fn http_get(h: &HttpGet) -> Result<Outcome, String> {
     }
     let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
     let status = if h.scheme.as_deref() == Some("HTTPS") {
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(kubelet_tls()))
-            .connect(server_name(h.host.as_deref()), tcp)
-            .await
-            .map_err(|e| format!("TLS to {addr}: {e}"))?;
+        let tls =
+            tokio_rustls::TlsConnector::from(Arc::new(kubelet_tls().map_err(|e| e.to_string())?))
+                .connect(server_name(h.host.as_deref()), tcp)
+                .await
+                .map_err(|e| format!("TLS to {addr}: {e}"))?;
         send(TokioIo::new(tls), req).await?
     } else {
         send(TokioIo::new(tcp), req).await?
@@ -250,23 +251,22 @@ where
 
 fn server_name(host: Option<&str>) -> rustls_pki_types::ServerName<'static> {
     host.and_then(|h| rustls_pki_types::ServerName::try_from(h.to_owned()).ok())
-        .unwrap_or_else(|| {
-            rustls_pki_types::ServerName::try_from("localhost").expect("a valid name")
-        })
+        .unwrap_or(rustls_pki_types::ServerName::IpAddress(
+            std::net::Ipv4Addr::LOCALHOST.into(),
+        ))
 }
 
 /// Kubelet does not verify an HTTPS probe's certificate, and the app's is not a mesh one; the
 /// probe's answer is its status code only, so nothing is trusted from the connection.
-fn kubelet_tls() -> rustls::ClientConfig {
+fn kubelet_tls() -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default versions")
+        .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
         .with_no_client_auth();
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    c
+    Ok(c)
 }
 
 #[derive(Debug)]

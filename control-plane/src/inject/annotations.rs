@@ -24,7 +24,7 @@ fn bad(annotation: &str, reason: impl Into<String>) -> BadAnnotation {
 }
 
 /// How the pod's traffic is captured: what the node agent's eBPF programs get for this pod,
-/// recorded on the pod as `sidecar.eastguard.io/capture`.
+/// recorded on the pod as `sidecar.eastguard.io/capture-settings`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Capture {

@@ -25,7 +25,7 @@ use serde_json::{Map, Value, json};
 
 pub const SIDECAR: &str = "eastguard-proxy";
 pub const STATUS_ANNOTATION: &str = "sidecar.eastguard.io/status";
-pub const CAPTURE_ANNOTATION: &str = "sidecar.eastguard.io/capture";
+pub const CAPTURE_ANNOTATION: &str = "sidecar.eastguard.io/capture-settings";
 const SOCKET_VOLUME: &str = "eastguard-workload-socket";
 const SOCKET_DIR: &str = "/run/secrets/workload-spiffe-uds";
 
@@ -213,17 +213,16 @@ pub fn inject(pod: &Value, namespace: &str, t: &Template) -> Decision {
             true,
         );
     }
-    if let Some(names) = note("inject.istio.io/templates") {
-        if let Some(other) = names
+    if let Some(names) = note("inject.istio.io/templates")
+        && let Some(other) = names
             .split(',')
             .map(str::trim)
             .find(|n| !matches!(*n, "sidecar" | "spire"))
-        {
-            return skip(
-                format!("inject.istio.io/templates: eastguard has no {other:?} template"),
-                true,
-            );
-        }
+    {
+        return skip(
+            format!("inject.istio.io/templates: eastguard has no {other:?} template"),
+            true,
+        );
     }
     if containers.is_empty() {
         return skip("the pod has no containers", true);
@@ -232,9 +231,30 @@ pub fn inject(pod: &Value, namespace: &str, t: &Template) -> Decision {
         Ok(s) => s,
         Err(e) => return Decision::Refuse(e.to_string()),
     };
+    let volumes = spec.get("volumes").and_then(Value::as_array);
+    let taken = |n: &str| {
+        volumes.is_some_and(|v| {
+            v.iter()
+                .any(|v| v.get("name").and_then(Value::as_str) == Some(n))
+        })
+    };
+    for v in &settings.user_volumes {
+        let n = v["name"].as_str().unwrap_or_default();
+        if taken(n) || n == SOCKET_VOLUME {
+            return Decision::Refuse(format!(
+                "annotation sidecar.istio.io/userVolume: {n} is already a volume of the pod"
+            ));
+        }
+    }
+    if taken(SOCKET_VOLUME) {
+        return Decision::Refuse(format!(
+            "the pod has a volume named {SOCKET_VOLUME}, which is the sidecar's"
+        ));
+    }
     match build(pod, namespace, t, settings) {
         Ok((pod, warnings)) => Decision::Inject { pod, warnings },
-        Err(e) => Decision::Refuse(e),
+        // A shape this code cannot take apart: admitted as it is (never blocked by the webhook).
+        Err(e) => skip(format!("the pod cannot be injected: {e}"), true),
     }
 }
 
@@ -246,36 +266,30 @@ fn build(
 ) -> Result<(Value, Vec<String>), String> {
     let mut pod = original.clone();
     let spec = pod["spec"].as_object_mut().ok_or("spec is not an object")?;
-    let volumes = spec.get("volumes").and_then(Value::as_array);
-    let taken = |n: &str| {
-        volumes.is_some_and(|v| {
-            v.iter()
-                .any(|v| v.get("name").and_then(Value::as_str) == Some(n))
-        })
-    };
-    if taken(SOCKET_VOLUME) {
-        return Err(format!(
-            "the pod already has a volume named {SOCKET_VOLUME}"
-        ));
-    }
-    for v in &s.user_volumes {
-        let n = v["name"].as_str().unwrap_or_default();
-        if taken(n) || n == SOCKET_VOLUME {
-            return Err(format!(
-                "sidecar.istio.io/userVolume: {n} is already a volume"
-            ));
-        }
-    }
-
-    let probers = if s.rewrite_probes.unwrap_or(t.rewrite_app_probes) {
+    let mut probers = Map::new();
+    if s.rewrite_probes.unwrap_or(t.rewrite_app_probes) {
         let cs = spec
             .get_mut("containers")
             .and_then(Value::as_array_mut)
             .ok_or("spec.containers is not a list")?;
-        probes::rewrite(cs, &mut s.warnings)
-    } else {
-        Map::new()
-    };
+        probers = probes::rewrite(cs, &mut s.warnings);
+        // The pod's own native sidecars are probed by kubelet too (plain init containers
+        // cannot have probes).
+        if let Some(inits) = spec.get_mut("initContainers").and_then(Value::as_array_mut) {
+            let mut sidecars: Vec<Value> = inits
+                .iter()
+                .filter(|c| c["restartPolicy"] == "Always")
+                .cloned()
+                .collect();
+            probers.extend(probes::rewrite(&mut sidecars, &mut s.warnings));
+            let mut rewritten = sidecars.into_iter();
+            for c in inits.iter_mut().filter(|c| c["restartPolicy"] == "Always") {
+                if let Some(r) = rewritten.next() {
+                    *c = r;
+                }
+            }
+        }
+    }
 
     let first_app = spec["containers"][0]["name"].as_str().map(str::to_owned);
     let native = s.native.unwrap_or(t.native_sidecar);
@@ -535,7 +549,7 @@ fn workload_name(pod: &Value) -> String {
         Some((base, hash)) if !base.is_empty() && hash_ok(hash) => base.to_owned(),
         _ => name.to_owned(),
     };
-    let name = match owner {
+    match owner {
         Some(("ReplicaSet", n)) => trimmed(n, |h| {
             !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric())
         }),
@@ -547,8 +561,7 @@ fn workload_name(pod: &Value) -> String {
             Some(g) if !g.trim_end_matches('-').is_empty() => g.trim_end_matches('-').to_owned(),
             _ => meta["name"].as_str().unwrap_or("${POD_NAME}").to_owned(),
         },
-    };
-    name
+    }
 }
 
 #[cfg(test)]

@@ -361,6 +361,7 @@ fn start_agent(dir: &Path, uid: u32, workloads: &[&str]) -> anyhow::Result<NodeA
             poll: Duration::from_millis(500),
             admin: None,
             ca_dir: None,
+            kubelet: None,
         },
         async move {
             let _ = stopped.await;

@@ -185,6 +185,25 @@ enum Command {
         /// Persist the CA here (created on first start, reused after); default: in memory only.
         #[arg(long)]
         ca_dir: Option<PathBuf>,
+        /// Kubernetes attestation: this node's kubelet pod list (`https://127.0.0.1:10250/pods`
+        /// with --kubelet-token and --kubelet-ca, or an `http://` URL). Callers in pod containers
+        /// get `k8s:` selectors; pods eastguard injected get `spiffe://TD/ns/NS/sa/SA` for their
+        /// sidecar container without an entry in the file.
+        #[arg(long, requires = "entries")]
+        kubelet_url: Option<String>,
+        /// A bearer token file for the kubelet (a projected service-account token; re-read).
+        #[arg(long, requires = "kubelet_url")]
+        kubelet_token: Option<PathBuf>,
+        /// The CA of the kubelet's serving certificate (PEM).
+        #[arg(long, requires = "kubelet_url")]
+        kubelet_ca: Option<PathBuf>,
+        /// The host's cgroup tree, where a caller's pod container is verified.
+        #[arg(long, default_value = "/sys/fs/cgroup", requires = "kubelet_url")]
+        cgroup_root: PathBuf,
+        /// How often the kubelet's pod list is read, in milliseconds (and at once for a caller
+        /// whose pod is not in the last one).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000), requires = "kubelet_url")]
+        kubelet_poll_ms: u64,
     },
     /// Policy tools: translate Istio AuthorizationPolicy to Envoy RBAC, check a request, and least
     /// privilege from a control plane's inventory (suggest, unused).
@@ -360,6 +379,11 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             capture_poll_ms,
             admin_address,
             ca_dir,
+            kubelet_url,
+            kubelet_token,
+            kubelet_ca,
+            cgroup_root,
+            kubelet_poll_ms,
         } => {
             anyhow::ensure!(
                 entries.is_some() || capture.is_some(),
@@ -381,6 +405,13 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                     poll: std::time::Duration::from_millis(500),
                     admin: admin_address,
                     ca_dir,
+                    kubelet: kubelet_url.map(|url| node_agent::k8s::KubeletOptions {
+                        url,
+                        token_file: kubelet_token,
+                        ca_file: kubelet_ca,
+                        cgroup_root,
+                        poll: std::time::Duration::from_millis(kubelet_poll_ms),
+                    }),
                 };
                 let stop = stopped();
                 async move {

@@ -81,6 +81,11 @@ impl PinnedCaller {
         })
     }
 
+    /// The caller's PID, when the kernel gave one.
+    pub fn pid(&self) -> Option<i32> {
+        self.process.as_ref().map(|p| p.pid)
+    }
+
     /// The caller's selectors, if it is still the process that connected; `Err` says why not.
     pub fn attest(&self) -> Result<BTreeSet<Selector>, CallerChanged> {
         let mut s = BTreeSet::from([Selector::UnixUid(self.uid), Selector::UnixGid(self.gid)]);

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use identity::{SpiffeId, TrustDomain};
 
 /// Default X509-SVID lifetime when an entry does not set one.
-const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 /// Shortest lifetime an entry may ask for: renewal happens at half-life.
 const MIN_TTL: Duration = Duration::from_secs(2);
 
@@ -32,9 +32,24 @@ pub enum Selector {
     UnixGid(u32),
     /// Absolute path of the process's executable (`/proc/<pid>/exe`).
     UnixPath(PathBuf),
+    /// SPIRE's `k8s:<kind>:<value>` (ns, sa, pod-uid, pod-name, pod-label (`key:value`),
+    /// container-name, container-image, node-name), from the caller's pod (`k8s.rs`).
+    K8s(String, String),
 }
 
-#[derive(Debug, Clone)]
+/// The `k8s:` selector kinds the agent attests.
+pub const K8S_KINDS: [&str; 8] = [
+    "ns",
+    "sa",
+    "pod-uid",
+    "pod-name",
+    "pod-label",
+    "container-name",
+    "container-image",
+    "node-name",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub spiffe_id: SpiffeId,
     pub selectors: BTreeSet<Selector>,
@@ -67,10 +82,10 @@ struct FileEntry {
 /// A selector the agent cannot read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BadSelector {
-    #[error("selector {0:?}: expected unix:uid:N, unix:gid:N or unix:path:/abs/exe")]
+    #[error(
+        "selector {0:?}: expected unix:uid:N, unix:gid:N, unix:path:/abs/exe or k8s:KIND:VALUE (KIND: ns, sa, pod-uid, pod-name, pod-label, container-name, container-image, node-name)"
+    )]
     Malformed(String),
-    #[error("selector {0:?}: k8s selectors need the pod registry (not available yet)")]
-    NeedsPodRegistry(String),
 }
 
 /// An `x509_svid_ttl` the agent cannot take.
@@ -96,7 +111,12 @@ impl Selector {
                 ("path", p) if p.starts_with('/') => Ok(Selector::UnixPath(PathBuf::from(p))),
                 _ => Err(bad()),
             },
-            ("k8s", _) => Err(BadSelector::NeedsPodRegistry(s.to_owned())),
+            ("k8s", rest) => match rest.split_once(':').ok_or_else(bad)? {
+                (kind, value) if K8S_KINDS.contains(&kind) && !value.is_empty() => {
+                    Ok(Selector::K8s(kind.to_owned(), value.to_owned()))
+                }
+                _ => Err(bad()),
+            },
             _ => Err(bad()),
         }
     }
@@ -161,6 +181,13 @@ impl Entries {
             trust_domain: file.trust_domain,
             entries,
         })
+    }
+
+    /// Whether any entry needs `k8s:` selectors (which need the kubelet).
+    pub fn uses_k8s(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.selectors.iter().any(|s| matches!(s, Selector::K8s(..))))
     }
 
     /// Entries whose every selector the caller has (SPIRE's rule), in file order.
@@ -246,8 +273,11 @@ mod tests {
                 "at least one selector",
             ),
             (
-                GOOD.replace("unix:uid:1000\"]\n    x509", "k8s:ns:demo\"]\n    x509"),
-                "pod registry",
+                GOOD.replace(
+                    "unix:uid:1000\"]\n    x509",
+                    "k8s:namespace:demo\"]\n    x509",
+                ),
+                "k8s:KIND:VALUE",
             ),
             (format!("{GOOD}surprise: 1\n"), "unknown field"),
             (

@@ -7,6 +7,7 @@ mod authority_fix;
 mod caller;
 pub mod entries;
 pub mod jwt;
+pub mod k8s;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -48,6 +49,10 @@ pub enum AgentError {
     JwtKey(#[from] jwt::JwtError),
     #[error("serving the Workload API: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("the entries use k8s: selectors, which need the kubelet (--kubelet-url)")]
+    NeedsKubelet,
+    #[error("kubelet: {0}")]
+    Kubelet(#[from] k8s::FetchError),
 }
 
 pub struct AgentConfig {
@@ -59,6 +64,9 @@ pub struct AgentConfig {
     pub admin: Option<std::net::SocketAddr>,
     /// Where the CA is persisted (created on first start); without it the CA lives in memory.
     pub ca_dir: Option<PathBuf>,
+    /// Kubernetes attestation (`k8s:` selectors, entries for injected pods) from this node's
+    /// kubelet; off without one.
+    pub kubelet: Option<k8s::KubeletOptions>,
 }
 
 /// The agent's X.509 authorities: the one that signs, and every one published in the bundle
@@ -88,6 +96,15 @@ struct WorkloadApi {
     entries: watch::Receiver<Arc<Entries>>,
     ca: watch::Receiver<Arc<Authorities>>,
     jwt: Arc<jwt::JwtAuthority>,
+    k8s: Option<K8sAttestor>,
+}
+
+/// What Kubernetes attestation reads: the host's cgroup tree and the kubelet's latest pod list.
+struct K8sAttestor {
+    cgroup_root: PathBuf,
+    pods: watch::Receiver<Arc<k8s::Pods>>,
+    /// Asks the poller for a fresh list now (a container younger than the last list).
+    refresh: Arc<tokio::sync::Notify>,
 }
 
 /// Runs the agent until `shutdown` resolves. The CA is generated at start (not yet persisted).
@@ -102,6 +119,13 @@ pub async fn run(
         stopping_tx.send_replace(true);
     };
     let entries = Entries::load(&config.entries)?;
+    let kubelet = match config.kubelet.clone() {
+        Some(o) => Some(k8s::Kubelet::new(o)?),
+        None => None,
+    };
+    if entries.uses_k8s() && kubelet.is_none() {
+        return Err(AgentError::NeedsKubelet);
+    }
     let first: Arc<dyn X509Authority> = Arc::new(match &config.ca_dir {
         Some(dir) => DevCa::load_or_create(entries.trust_domain.clone(), dir)?,
         None => DevCa::new(entries.trust_domain.clone())?,
@@ -135,8 +159,32 @@ pub async fn run(
         ));
     }
     let jwt = Arc::new(jwt::JwtAuthority::generate()?);
+    let (file_tx, file_rx) = watch::channel(Arc::new(entries.clone()));
+    tokio::spawn(watch_entries(config.entries.clone(), config.poll, file_tx));
     let (tx, rx) = watch::channel(Arc::new(entries));
-    tokio::spawn(watch_entries(config.entries.clone(), config.poll, tx));
+    let tx = Arc::new(tx);
+    let k8s = kubelet.map(|kubelet| {
+        let (pods_tx, pods_rx) = watch::channel(Arc::new(k8s::Pods::default()));
+        let refresh = Arc::new(tokio::sync::Notify::new());
+        let cgroup_root = kubelet.cgroup_root().to_owned();
+        tokio::spawn(poll_pods(
+            kubelet,
+            pods_tx,
+            refresh.clone(),
+            file_rx.clone(),
+            tx.clone(),
+        ));
+        K8sAttestor {
+            cgroup_root,
+            pods: pods_rx,
+            refresh,
+        }
+    });
+    tokio::spawn(follow_file(
+        file_rx,
+        k8s.as_ref().map(|k| k.pods.clone()),
+        tx,
+    ));
 
     let _ = std::fs::remove_file(&config.socket);
     let socket_err = |source| AgentError::Socket {
@@ -154,6 +202,7 @@ pub async fn run(
                 entries: rx,
                 ca,
                 jwt,
+                k8s,
             }),
         )
         .serve_with_incoming_shutdown(
@@ -201,6 +250,77 @@ fn set_mode(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
 }
 
+/// Polls the kubelet's pod list (and at once when attestation asks); a failed poll keeps the
+/// last list. The entries in force are updated before the new list is published, so a caller
+/// attested against the new list finds its pod's entry.
+async fn poll_pods(
+    kubelet: k8s::Kubelet,
+    tx: watch::Sender<Arc<k8s::Pods>>,
+    refresh: Arc<tokio::sync::Notify>,
+    file: watch::Receiver<Arc<Entries>>,
+    entries: Arc<watch::Sender<Arc<Entries>>>,
+) {
+    let mut failing = false;
+    loop {
+        match kubelet.fetch().await {
+            Ok(pods) => {
+                if failing {
+                    tracing::info!(pods = pods.len(), "kubelet pod list read again");
+                }
+                failing = false;
+                if **tx.borrow() != pods {
+                    publish_entries(&entries, &file.borrow(), Some(&pods));
+                    tx.send_replace(Arc::new(pods));
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read the kubelet's pod list; keeping the last one");
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(kubelet.poll()) => {}
+            _ = refresh.notified() => {}
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+/// The entries in force: the file's, plus one per injected pod on this node (its sidecar
+/// container only). Published only when they change, so streams renew only then.
+fn publish_entries(tx: &watch::Sender<Arc<Entries>>, file: &Entries, pods: Option<&k8s::Pods>) {
+    let mut combined = file.clone();
+    if let Some(p) = pods {
+        combined
+            .entries
+            .extend(p.injected_entries(&combined.trust_domain, entries::DEFAULT_TTL));
+    }
+    tx.send_if_modified(|old| {
+        let changed = old.entries != combined.entries || old.trust_domain != combined.trust_domain;
+        if changed {
+            *old = Arc::new(combined);
+        }
+        changed
+    });
+}
+
+/// Follows the entries file (the pod side is `poll_pods`).
+async fn follow_file(
+    mut file: watch::Receiver<Arc<Entries>>,
+    pods: Option<watch::Receiver<Arc<k8s::Pods>>>,
+    tx: Arc<watch::Sender<Arc<Entries>>>,
+) {
+    while file.changed().await.is_ok() {
+        let f = file.borrow_and_update().clone();
+        let p = pods.as_ref().map(|p| p.borrow().clone());
+        publish_entries(&tx, &f, p.as_deref());
+    }
+}
+
 /// Re-reads the entries file when it changes; a bad file is logged and the old entries stay.
 async fn watch_entries(path: PathBuf, poll: Duration, tx: watch::Sender<Arc<Entries>>) {
     let mut last = std::fs::read(&path).ok();
@@ -226,9 +346,38 @@ async fn watch_entries(path: PathBuf, poll: Duration, tx: watch::Sender<Arc<Entr
     }
 }
 
+impl K8sAttestor {
+    /// The `k8s:` selectors of the process, if it runs in a pod container of this node.
+    async fn attest(&self, pid: i32) -> BTreeSet<Selector> {
+        let root = self.cgroup_root.clone();
+        let Ok(Some(pc)) =
+            tokio::task::spawn_blocking(move || k8s::verified_pod_container(pid, &root)).await
+        else {
+            return BTreeSet::new();
+        };
+        let mut pods = self.pods.clone();
+        let mut found = pods.borrow_and_update().selectors(&pc);
+        // A container that just started may be younger than the last list: ask again, for up
+        // to 2 s (SPIRE's attestor retries too).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while found.is_none() {
+            self.refresh.notify_one();
+            match tokio::time::timeout_at(deadline, pods.changed()).await {
+                Ok(Ok(())) => found = pods.borrow_and_update().selectors(&pc),
+                _ => break,
+            }
+        }
+        if found.is_none() {
+            tracing::warn!(pid, pod_uid = %pc.pod_uid, container_id = %pc.container_id,
+                "the caller's pod container is not in this node's kubelet pod list");
+        }
+        found.unwrap_or_default()
+    }
+}
+
 impl WorkloadApi {
     /// The security header, then attestation from the socket's peer credentials.
-    fn caller<T>(&self, req: &Request<T>) -> Result<BTreeSet<Selector>, Status> {
+    async fn caller<T>(&self, req: &Request<T>) -> Result<BTreeSet<Selector>, Status> {
         if req
             .metadata()
             .get(SECURITY_HEADER)
@@ -246,10 +395,17 @@ impl WorkloadApi {
             .ok_or_else(|| {
                 Status::permission_denied("caller cannot be attested (no peer credentials)")
             })?;
-        caller.attest().map_err(|why| {
+        let refused = |why: caller::CallerChanged| {
             tracing::warn!(%why, "Workload API caller refused");
             Status::permission_denied(format!("caller cannot be attested: {why}"))
-        })
+        };
+        let mut selectors = caller.attest().map_err(refused)?;
+        if let (Some(k), Some(pid)) = (&self.k8s, caller.pid()) {
+            selectors.extend(k.attest(pid).await);
+            // Still the process that connected (not a PID reused while the pod was looked up).
+            caller.attest().map_err(refused)?;
+        }
+        Ok(selectors)
     }
 
     fn x509_response(
@@ -311,7 +467,7 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<api::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let selectors = self.caller(&req)?;
+        let selectors = self.caller(&req).await?;
         let mut entries_rx = self.entries.clone();
         let mut ca_rx = self.ca.clone();
         ca_rx.mark_unchanged();
@@ -322,6 +478,8 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             entries: entries_rx.clone(),
             ca: self.ca.clone(),
             jwt: self.jwt.clone(),
+            // The stream's selectors were attested above; renewals do not attest again.
+            k8s: None,
         };
         let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
@@ -355,7 +513,7 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<api::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let selectors = self.caller(&req)?;
+        let selectors = self.caller(&req).await?;
         let entries = self.entries.borrow().clone();
         if entries.matching(&selectors).is_empty() {
             return Err(Status::permission_denied("no identity issued"));
@@ -392,7 +550,7 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<api::JwtsvidRequest>,
     ) -> Result<Response<api::JwtsvidResponse>, Status> {
-        let selectors = self.caller(&req)?;
+        let selectors = self.caller(&req).await?;
         let req = req.into_inner();
         if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience must be set"));
@@ -425,7 +583,7 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<api::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let selectors = self.caller(&req)?;
+        let selectors = self.caller(&req).await?;
         let entries = self.entries.borrow().clone();
         if entries.matching(&selectors).is_empty() {
             return Err(Status::permission_denied("no identity issued"));
@@ -452,7 +610,7 @@ impl api::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<api::ValidateJwtsvidRequest>,
     ) -> Result<Response<api::ValidateJwtsvidResponse>, Status> {
-        self.caller(&req)?;
+        self.caller(&req).await?;
         let req = req.into_inner();
         if req.audience.is_empty() || req.svid.is_empty() {
             return Err(Status::invalid_argument("audience and svid must be set"));

@@ -27,6 +27,7 @@ async fn spiffe_crate_x509_source_gets_svid_and_bundle() {
             poll: Duration::from_millis(200),
             admin: None,
             ca_dir: None,
+            kubelet: None,
         },
         async move {
             let _ = stop_rx.await;

@@ -97,7 +97,8 @@ class ControlPlane:
 
 
 class XdsMesh:
-    def __init__(self, workdir: Path, tls=False, delta=False, cp_extra=(), sidecar_extra=None, registry=REGISTRY):
+    def __init__(self, workdir: Path, tls=False, delta=False, cp_extra=(), sidecar_extra=None, registry=REGISTRY,
+                 before_sidecars=None, wait_ready=True):
         self.dir = workdir
         self.upstream = Upstream()
         ca = self.ca = CA(TD)
@@ -120,6 +121,8 @@ class XdsMesh:
             xds["delta"] = True
         self.xds = xds
         self.sidecars = {}
+        if before_sidecars:
+            before_sidecars()
         self.cp = ControlPlane(workdir, self.config_dir, self.xds_port, tls=cp_tls, extra=cp_extra).start()
         try:
             for name, sid in (("server", SERVER_ID), ("client", CLIENT_ID)):
@@ -128,7 +131,7 @@ class XdsMesh:
                 s.config["node"]["id"] = f"sidecar~127.0.0.1~{name}.test~test.svc.cluster.local"
                 s.rewrite()
                 self.sidecars[name] = s
-                s.start()
+                s.start(wait=wait_ready)
         except Exception:
             self.stop()  # no process outlives a failed setup
             raise

@@ -264,6 +264,7 @@ async fn start_and_script(started: &mut Started, dir: &Path) -> anyhow::Result<b
             inventory: Default::default(),
             audit_log: None,
             webhook: None,
+            kubernetes: None,
         },
         async move {
             let _ = cp_stopped.await;

@@ -104,6 +104,16 @@ enum Command {
         /// The webhook's private key (PEM).
         #[arg(long, requires = "webhook_address")]
         webhook_key: Option<PathBuf>,
+        /// Also read the registry from the Kubernetes API (Services, EndpointSlices, Pods and
+        /// Istio's resources, watched): in-cluster credentials, or --kubeconfig.
+        #[arg(long)]
+        kubernetes: bool,
+        /// A kubeconfig (its current context) instead of the pod's service account.
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// The cluster's DNS domain (services are NAME.NAMESPACE.svc.DOMAIN).
+        #[arg(long, default_value = "cluster.local")]
+        cluster_domain: String,
         /// What the webhook injects (YAML, or a ConfigMap with it under data.config); default:
         /// the built-in template.
         #[arg(long, requires = "webhook_address")]
@@ -303,6 +313,9 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             webhook_cert,
             webhook_key,
             injection_template,
+            kubernetes,
+            kubeconfig,
+            cluster_domain,
         } => {
             // The inventory API and UI have no authentication of their own: like Envoy's admin
             // port, they listen on loopback only (reach them with a port-forward).
@@ -340,6 +353,11 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             };
             let opts = control_plane::Options {
                 webhook,
+                kubernetes: kubernetes.then_some(control_plane::kube::KubeOptions {
+                    kubeconfig,
+                    cluster_domain,
+                    watch_timeout: 300,
+                }),
                 config_dir,
                 xds_address,
                 tls,

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod generate;
 pub mod inject;
 pub mod inventory;
+pub mod kube;
 pub mod registry;
 pub mod webhook;
 
@@ -44,6 +45,8 @@ pub struct Options {
     pub audit_log: Option<PathBuf>,
     /// The injection webhook (HTTPS); off without one.
     pub webhook: Option<webhook::WebhookOptions>,
+    /// The Kubernetes API as a source besides the files; off without one.
+    pub kubernetes: Option<kube::KubeOptions>,
 }
 
 /// The control plane's own SVID (PEM files, re-read when they change) and where to serve mTLS.
@@ -246,6 +249,8 @@ impl SnapshotSource for ControlPlane {
 pub enum StartError {
     #[error(transparent)]
     Webhook(#[from] webhook::WebhookError),
+    #[error("Kubernetes: {0}")]
+    Kubernetes(#[from] kube::client::ConfigError),
     #[error(transparent)]
     ConfigDir(#[from] registry::DirectoryError),
     #[error("API inventory: {0}")]
@@ -335,38 +340,65 @@ pub async fn run(
     let cp2 = cp.clone();
     let apis2 = apis.clone();
     let poll = opts.poll_interval;
+    let mut kube_rx = match opts.kubernetes.clone() {
+        Some(k) => Some(kube::start(k)?),
+        None => None,
+    };
     let watcher = tokio::spawn(async move {
         loop {
-            tokio::time::sleep(poll).await;
-            let a = apis2.clone();
-            let _ = tokio::task::spawn_blocking(move || a.refresh()).await;
-            match dir.refresh() {
-                Ok(true) => {
-                    let new = dir.registry();
-                    let events: Vec<apisec::otlp::Event> = audit::changes(&cp2.registry(), &new)
-                        .into_iter()
-                        .map(|(id, activity, kind, name)| {
-                            let e = audit::event(id, activity, kind, &name);
-                            audit_log.write(&e);
-                            apisec::otlp::Event {
-                                time_ms: e["time"].as_u64().unwrap_or(0),
-                                class_uid: 3004,
-                                class_name: "Entity Management".into(),
-                                severity_id: 2,
-                                message: e["message"].as_str().unwrap_or("").to_owned(),
-                                ocsf: e,
-                            }
-                        })
-                        .collect();
-                    cp2.set(new);
-                    tracing::info!(policy_changes = events.len(), "registry changed; pushing");
-                    let a = apis2.clone();
-                    let _ =
-                        tokio::task::spawn_blocking(move || a.add_events("control-plane", &events))
-                            .await;
+            let kube_changed = async {
+                match &mut kube_rx {
+                    Some(r) => r.changed().await.is_ok(),
+                    None => std::future::pending().await,
                 }
-                Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "cannot read the config directory"),
+            };
+            let mut changed = false;
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {
+                    let a = apis2.clone();
+                    let _ = tokio::task::spawn_blocking(move || a.refresh()).await;
+                    match dir.refresh() {
+                        Ok(c) => changed = c,
+                        Err(e) => tracing::error!(error = %e, "cannot read the config directory"),
+                    }
+                }
+                ok = kube_changed => {
+                    if ok {
+                        changed = true;
+                    } else {
+                        kube_rx = None;
+                    }
+                }
+            }
+            if !changed {
+                continue;
+            }
+            // The files and, once every Kubernetes resource is listed, what Kubernetes says.
+            let mut new = dir.registry();
+            if let Some(k) = kube_rx.as_ref().and_then(|r| r.borrow().clone()) {
+                new.extend(&k);
+            }
+            let events: Vec<apisec::otlp::Event> = audit::changes(&cp2.registry(), &new)
+                .into_iter()
+                .map(|(id, activity, kind, name)| {
+                    let e = audit::event(id, activity, kind, &name);
+                    audit_log.write(&e);
+                    apisec::otlp::Event {
+                        time_ms: e["time"].as_u64().unwrap_or(0),
+                        class_uid: 3004,
+                        class_name: "Entity Management".into(),
+                        severity_id: 2,
+                        message: e["message"].as_str().unwrap_or("").to_owned(),
+                        ocsf: e,
+                    }
+                })
+                .collect();
+            cp2.set(new);
+            tracing::info!(policy_changes = events.len(), "registry changed; pushing");
+            if !events.is_empty() {
+                let a = apis2.clone();
+                let _ = tokio::task::spawn_blocking(move || a.add_events("control-plane", &events))
+                    .await;
             }
         }
     });

@@ -120,6 +120,17 @@ fn telemetry(meta: Meta, spec: serde_json::Value) -> Result<Telemetry, FieldErro
 }
 
 impl Registry {
+    /// Adds another source's resources (files and Kubernetes together).
+    pub fn extend(&mut self, other: &Registry) {
+        self.services.extend(other.services.iter().cloned());
+        self.workloads.extend(other.workloads.iter().cloned());
+        self.authorization
+            .extend(other.authorization.iter().cloned());
+        self.peer_authentication
+            .extend(other.peer_authentication.iter().cloned());
+        self.telemetry.extend(other.telemetry.iter().cloned());
+    }
+
     /// The WorkloadEntry `namespace/name`.
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&WorkloadEntry> {
         self.workloads
@@ -148,6 +159,9 @@ pub struct ServiceEntry {
     pub selector: Option<BTreeMap<String, String>>,
     /// Inline endpoints, as WorkloadEntries of the service's namespace.
     pub endpoints: Vec<WorkloadSpec>,
+    /// A Kubernetes Service's ready endpoint addresses (its EndpointSlices): a selected workload
+    /// at any other address gets no traffic. `None` (ServiceEntries): every selected workload.
+    pub ready: Option<BTreeSet<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -271,7 +285,7 @@ struct Selector {
 
 /// One file's content.
 #[derive(Debug, Clone, Default)]
-struct FileContent {
+pub(crate) struct FileContent {
     services: Vec<ServiceEntry>,
     workloads: Vec<WorkloadEntry>,
     authorization: Vec<AuthorizationPolicy>,
@@ -298,127 +312,16 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContent, FileError> {
             continue;
         }
         documents += 1;
-        let mut d: Document = serde_json::from_value(value.clone())
-            .map_err(|e| in_file(Some(index), e.to_string()))?;
-        let resource = format!(
-            "{} {}/{}",
-            d.kind,
-            if d.metadata.namespace.is_empty() {
-                "default"
-            } else {
-                &d.metadata.namespace
+        document(value, &mut out).map_err(|e| match e {
+            DocError::Shape(reason) => in_file(Some(index), reason),
+            DocError::Field { resource, error } => FileError {
+                file: file.clone(),
+                document: Some(index),
+                resource: Some(resource),
+                field: error.field,
+                reason: error.reason,
             },
-            d.metadata.name
-        );
-        let invalid = |f: FieldError| FileError {
-            file: file.clone(),
-            document: Some(index),
-            resource: Some(resource.clone()),
-            field: f.field,
-            reason: f.reason,
-        };
-        if d.metadata.name.is_empty() {
-            return Err(invalid(FieldError::whole("metadata.name is required")));
-        }
-        if d.metadata.namespace.is_empty() {
-            d.metadata.namespace = "default".into();
-        }
-        let group = d.api_version.split('/').next().unwrap_or_default();
-        let meta = Meta {
-            name: d.metadata.name.clone(),
-            namespace: d.metadata.namespace.clone(),
-            labels: d.metadata.labels.clone(),
-            annotations: d.metadata.annotations.clone(),
-        };
-        let spec = if d.spec.is_null() {
-            serde_json::json!({})
-        } else {
-            d.spec.clone()
-        };
-        match (group, d.kind.as_str()) {
-            ("networking.istio.io", "ServiceEntry") => {
-                let s: ServiceEntrySpec = serde_json::from_value(spec)
-                    .map_err(|e| invalid(FieldError::at("spec", e.to_string())))?;
-                if s.hosts.is_empty() {
-                    return Err(invalid(FieldError::at(
-                        "spec.hosts",
-                        "at least one host is required",
-                    )));
-                }
-                for (i, p) in s.ports.iter().enumerate() {
-                    if p.number == 0 {
-                        return Err(invalid(FieldError::at(
-                            format!("spec.ports[{i}].number"),
-                            "must be 1-65535",
-                        )));
-                    }
-                }
-                for (i, e) in s.endpoints.iter().enumerate() {
-                    check_address(&e.address, format!("spec.endpoints[{i}].address"))
-                        .map_err(&invalid)?;
-                }
-                let mut addresses = Vec::new();
-                for (i, a) in s.addresses.iter().enumerate() {
-                    // Istio also takes CIDRs here; only single addresses name a service.
-                    let ip = a
-                        .strip_suffix("/32")
-                        .or_else(|| a.strip_suffix("/128"))
-                        .unwrap_or(a);
-                    addresses.push(ip.parse::<std::net::IpAddr>().map_err(|_| {
-                        invalid(FieldError::at(
-                            format!("spec.addresses[{i}]"),
-                            format!("{a:?} is not an IP address (CIDR ranges are not supported)"),
-                        ))
-                    })?);
-                }
-                let _ = (
-                    &s.location,
-                    &s.resolution,
-                    &s.export_to,
-                    &s.subject_alt_names,
-                );
-                out.services.push(ServiceEntry {
-                    meta,
-                    hosts: s.hosts,
-                    addresses,
-                    ports: s.ports,
-                    selector: s.workload_selector.map(|w| w.labels),
-                    endpoints: s.endpoints,
-                });
-            }
-            ("networking.istio.io", "WorkloadEntry") => {
-                let s: WorkloadSpec = serde_json::from_value(spec)
-                    .map_err(|e| invalid(FieldError::at("spec", e.to_string())))?;
-                check_address(&s.address, "spec.address").map_err(&invalid)?;
-                out.workloads.push(WorkloadEntry { meta, spec: s });
-            }
-            ("security.istio.io", "AuthorizationPolicy" | "PeerAuthentication") => {
-                // The policy crate parses these; give it this one document, namespace filled in.
-                let mut v = value;
-                v["metadata"]["namespace"] = serde_json::Value::String(meta.namespace.clone());
-                let text = serde_yaml::to_string(&v)
-                    .map_err(|e| invalid(FieldError::whole(e.to_string())))?;
-                let refused = |e: policy::istio::IstioError| {
-                    invalid(FieldError::whole(strip_doc(&e.to_string())))
-                };
-                if d.kind == "AuthorizationPolicy" {
-                    out.authorization
-                        .extend(policy::istio::parse(&text).map_err(refused)?);
-                } else {
-                    out.peer_authentication
-                        .extend(policy::istio::peer_authn::parse(&text).map_err(refused)?);
-                }
-            }
-            ("telemetry.istio.io", "Telemetry") => {
-                out.telemetry.push(telemetry(meta, spec).map_err(&invalid)?);
-            }
-            _ => {
-                return Err(invalid(FieldError::whole(format!(
-                    "unsupported kind {:?} (apiVersion {:?}); ServiceEntry, WorkloadEntry, AuthorizationPolicy, PeerAuthentication and Telemetry are read",
-                    d.kind, d.api_version
-                ))));
-            }
-        }
+        })?;
     }
     if documents == 0 {
         // An empty file is what a truncated write looks like; taking it as "no resources" would
@@ -429,6 +332,162 @@ fn parse_file(path: &Path, text: &str) -> Result<FileContent, FileError> {
         ));
     }
     Ok(out)
+}
+
+impl FileContent {
+    /// Adds what this content holds to a registry.
+    pub(crate) fn add_to(self, reg: &mut Registry) {
+        reg.services.extend(self.services);
+        reg.workloads.extend(self.workloads);
+        reg.authorization.extend(self.authorization);
+        reg.peer_authentication.extend(self.peer_authentication);
+        reg.telemetry.extend(self.telemetry);
+    }
+}
+
+/// Why one document (of a file, or an object from the Kubernetes API) was not taken.
+#[derive(Debug)]
+pub(crate) enum DocError {
+    /// Not a resource at all.
+    Shape(String),
+    /// A resource (`Kind namespace/name`) with a wrong field.
+    Field { resource: String, error: FieldError },
+}
+
+impl std::fmt::Display for DocError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DocError::Shape(r) => f.write_str(r),
+            DocError::Field { resource, error } => match &error.field {
+                Some(field) => write!(f, "{resource}: {field}: {}", error.reason),
+                None => write!(f, "{resource}: {}", error.reason),
+            },
+        }
+    }
+}
+
+/// Reads one resource into `out`.
+pub(crate) fn document(value: serde_json::Value, out: &mut FileContent) -> Result<(), DocError> {
+    let mut d: Document =
+        serde_json::from_value(value.clone()).map_err(|e| DocError::Shape(e.to_string()))?;
+    let resource = format!(
+        "{} {}/{}",
+        d.kind,
+        if d.metadata.namespace.is_empty() {
+            "default"
+        } else {
+            &d.metadata.namespace
+        },
+        d.metadata.name
+    );
+    let invalid = |error: FieldError| DocError::Field {
+        resource: resource.clone(),
+        error,
+    };
+    if d.metadata.name.is_empty() {
+        return Err(invalid(FieldError::whole("metadata.name is required")));
+    }
+    if d.metadata.namespace.is_empty() {
+        d.metadata.namespace = "default".into();
+    }
+    let group = d.api_version.split('/').next().unwrap_or_default();
+    let meta = Meta {
+        name: d.metadata.name.clone(),
+        namespace: d.metadata.namespace.clone(),
+        labels: d.metadata.labels.clone(),
+        annotations: d.metadata.annotations.clone(),
+    };
+    let spec = if d.spec.is_null() {
+        serde_json::json!({})
+    } else {
+        d.spec.clone()
+    };
+    match (group, d.kind.as_str()) {
+        ("networking.istio.io", "ServiceEntry") => {
+            let s: ServiceEntrySpec = serde_json::from_value(spec)
+                .map_err(|e| invalid(FieldError::at("spec", e.to_string())))?;
+            if s.hosts.is_empty() {
+                return Err(invalid(FieldError::at(
+                    "spec.hosts",
+                    "at least one host is required",
+                )));
+            }
+            for (i, p) in s.ports.iter().enumerate() {
+                if p.number == 0 {
+                    return Err(invalid(FieldError::at(
+                        format!("spec.ports[{i}].number"),
+                        "must be 1-65535",
+                    )));
+                }
+            }
+            for (i, e) in s.endpoints.iter().enumerate() {
+                check_address(&e.address, format!("spec.endpoints[{i}].address"))
+                    .map_err(&invalid)?;
+            }
+            let mut addresses = Vec::new();
+            for (i, a) in s.addresses.iter().enumerate() {
+                // Istio also takes CIDRs here; only single addresses name a service.
+                let ip = a
+                    .strip_suffix("/32")
+                    .or_else(|| a.strip_suffix("/128"))
+                    .unwrap_or(a);
+                addresses.push(ip.parse::<std::net::IpAddr>().map_err(|_| {
+                    invalid(FieldError::at(
+                        format!("spec.addresses[{i}]"),
+                        format!("{a:?} is not an IP address (CIDR ranges are not supported)"),
+                    ))
+                })?);
+            }
+            let _ = (
+                &s.location,
+                &s.resolution,
+                &s.export_to,
+                &s.subject_alt_names,
+            );
+            out.services.push(ServiceEntry {
+                meta,
+                hosts: s.hosts,
+                addresses,
+                ports: s.ports,
+                selector: s.workload_selector.map(|w| w.labels),
+                endpoints: s.endpoints,
+                ready: None,
+            });
+        }
+        ("networking.istio.io", "WorkloadEntry") => {
+            let s: WorkloadSpec = serde_json::from_value(spec)
+                .map_err(|e| invalid(FieldError::at("spec", e.to_string())))?;
+            check_address(&s.address, "spec.address").map_err(&invalid)?;
+            out.workloads.push(WorkloadEntry { meta, spec: s });
+        }
+        ("security.istio.io", "AuthorizationPolicy" | "PeerAuthentication") => {
+            // The policy crate parses these; give it this one document, namespace filled in.
+            let mut v = value;
+            v["metadata"]["namespace"] = serde_json::Value::String(meta.namespace.clone());
+            let text =
+                serde_yaml::to_string(&v).map_err(|e| invalid(FieldError::whole(e.to_string())))?;
+            let refused = |e: policy::istio::IstioError| {
+                invalid(FieldError::whole(strip_doc(&e.to_string())))
+            };
+            if d.kind == "AuthorizationPolicy" {
+                out.authorization
+                    .extend(policy::istio::parse(&text).map_err(refused)?);
+            } else {
+                out.peer_authentication
+                    .extend(policy::istio::peer_authn::parse(&text).map_err(refused)?);
+            }
+        }
+        ("telemetry.istio.io", "Telemetry") => {
+            out.telemetry.push(telemetry(meta, spec).map_err(&invalid)?);
+        }
+        _ => {
+            return Err(invalid(FieldError::whole(format!(
+                "unsupported kind {:?} (apiVersion {:?}); ServiceEntry, WorkloadEntry, AuthorizationPolicy, PeerAuthentication and Telemetry are read",
+                d.kind, d.api_version
+            ))));
+        }
+    }
+    Ok(())
 }
 
 /// The policy crate numbers documents of the text it was given (always 0 here).
@@ -447,9 +506,9 @@ fn check_address(a: &str, field: impl Into<String>) -> Result<(), FieldError> {
 
 /// What is wrong inside one resource: a field (or the whole resource) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct FieldError {
-    field: Option<String>,
-    reason: String,
+pub(crate) struct FieldError {
+    pub(crate) field: Option<String>,
+    pub(crate) reason: String,
 }
 
 impl FieldError {

@@ -253,6 +253,7 @@ fn members<'a>(s: &'a ServiceEntry, reg: &'a Registry) -> Vec<WorkloadEntry> {
         .workloads
         .iter()
         .filter(|w| selects(s, w))
+        .filter(|w| s.ready.as_ref().is_none_or(|r| r.contains(&w.spec.address)))
         .cloned()
         .collect();
     for (i, e) in s.endpoints.iter().enumerate() {

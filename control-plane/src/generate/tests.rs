@@ -46,6 +46,7 @@ fn sample() -> Registry {
             ],
             selector: Some(BTreeMap::from([("app".into(), "ledger".into())])),
             endpoints: vec![],
+            ready: None,
         }],
         workloads: vec![workload("ledger-1", "ledger"), workload("web-1", "web")],
         authorization: policies,

@@ -1,0 +1,208 @@
+"""A stand-in for the Kubernetes API server, at the HTTP level, for list and watch only.
+
+It is not Kubernetes: it serves collections the way the API server does (paged LIST with a
+resourceVersion, WATCH streams of newline-separated JSON events with BOOKMARKs, `410 Gone` for a
+compacted version, Status bodies on errors), holds objects a test puts in it, and can be told to
+fail in the ways a real API server does (429 and 500 on LIST, a watch cut in the middle of an
+event, a compaction). Every request is recorded for assertions. No cluster runs on the machines
+this project is tested on; this is what plays its part."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+
+class KubeStandIn:
+    def __init__(self, token="test-token", page_size=500, bookmark_every=0.3):
+        self.token = token
+        self.page_size = page_size
+        self.bookmark_every = bookmark_every
+        self.lock = threading.Condition()
+        self.rv = 100
+        self.compacted = 0  # watches from a version at or below this get 410 Gone
+        self.collections = {}  # path -> {(ns, name): obj}
+        self.events = []  # (rv, path, type, obj)
+        self.missing = set()  # collections answered 404 (a CRD not installed)
+        self.fail = {}  # path -> [status, ...] for the next LISTs
+        self.cut = set()  # paths whose next watch is cut mid-event
+        self.gone_event = set()  # paths whose next watch gets an ERROR 410 event
+        self.requests = []  # (path, query dict)
+        self.down = False
+        self.generation = 0  # bumped to end every open watch
+        self.bookmarks = {}  # path -> the last resourceVersion a BOOKMARK carried
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                stand_in._handle(self)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    # === what tests do ===
+
+    def kubeconfig(self, path):
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
+            "clusters": [{"name": "stand-in", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
+            "users": [{"name": "cp", "user": {"token": self.token}}],
+            "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "cp"}}],
+        }))
+        return path
+
+    def put(self, path, obj, notify=True):
+        """Creates or replaces an object; a watch sees ADDED or MODIFIED."""
+        with self.lock:
+            self.rv += 1
+            obj = json.loads(json.dumps(obj))
+            obj.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
+            coll = self.collections.setdefault(path, {})
+            key = (obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+            kind = "MODIFIED" if key in coll else "ADDED"
+            coll[key] = obj
+            if notify:
+                self.events.append((self.rv, path, kind, obj))
+            self.lock.notify_all()
+            return self.rv
+
+    def delete(self, path, namespace, name, notify=True):
+        with self.lock:
+            self.rv += 1
+            obj = self.collections.get(path, {}).pop((namespace, name))
+            obj = dict(obj, metadata=dict(obj["metadata"], resourceVersion=str(self.rv)))
+            if notify:
+                self.events.append((self.rv, path, "DELETED", obj))
+            self.lock.notify_all()
+            return self.rv
+
+    def compact(self):
+        """Forgets the event history: watches from older versions get 410 Gone."""
+        with self.lock:
+            self.compacted = self.rv
+            self.events.clear()
+            self.lock.notify_all()
+
+    def end_watches(self):
+        """Ends every open watch cleanly (as the API server does at timeoutSeconds)."""
+        with self.lock:
+            self.generation += 1
+            self.lock.notify_all()
+
+    def requests_for(self, path):
+        return [q for p, q in list(self.requests) if p == path]
+
+    def stop(self):
+        self.down = True
+        with self.lock:
+            self.lock.notify_all()
+        self.server.shutdown()
+        self.server.server_close()
+
+    # === the server side ===
+
+    def _status(self, h, code, reason, message):
+        body = json.dumps({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                           "message": message, "reason": reason, "code": code}).encode()
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def _handle(self, h):
+        url = urlparse(h.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        self.requests.append((url.path, query))
+        if h.headers.get("Authorization") != f"Bearer {self.token}":
+            return self._status(h, 401, "Unauthorized", "Unauthorized")
+        if url.path in self.missing:
+            return self._status(h, 404, "NotFound", "the server could not find the requested resource")
+        if query.get("watch") in ("1", "true"):
+            return self._watch(h, url.path, query)
+        fails = self.fail.get(url.path)
+        if fails:
+            code = fails.pop(0)
+            return self._status(h, code, "TooManyRequests" if code == 429 else "InternalError", f"stand-in failure {code}")
+        self._list(h, url.path, query)
+
+    def _list(self, h, path, query):
+        with self.lock:
+            items = sorted(self.collections.get(path, {}).items())
+            rv = self.rv
+        start = int(query.get("continue") or 0)
+        limit = min(int(query.get("limit") or 500), self.page_size)
+        page = [dict((k, v) for k, v in o.items() if k not in ("kind", "apiVersion")) for _, o in items[start:start + limit]]
+        meta = {"resourceVersion": str(rv)}
+        if start + limit < len(items):
+            meta["continue"] = str(start + limit)
+        body = json.dumps({"kind": "List", "apiVersion": "v1", "metadata": meta, "items": page}).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def _watch(self, h, path, query):
+        since = int(query.get("resourceVersion") or 0)
+        timeout = min(int(query.get("timeoutSeconds") or 300), 300)
+        with self.lock:
+            too_old = since <= self.compacted
+        if too_old and path not in self.gone_event:
+            return self._status(h, 410, "Expired", f"too old resource version: {since} ({self.compacted})")
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+
+        def send(obj):
+            data = (json.dumps(obj) + "\n").encode()
+            h.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            h.wfile.flush()
+
+        try:
+            if path in self.gone_event:
+                self.gone_event.discard(path)
+                send({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                   "message": "too old resource version", "reason": "Expired", "code": 410}})
+                h.wfile.write(b"0\r\n\r\n")
+                return
+            deadline = time.time() + timeout
+            generation = self.generation
+            sent = since
+            last_bookmark = 0.0
+            while time.time() < deadline and not self.down and self.generation == generation:
+                with self.lock:
+                    pending = [e for e in self.events if e[1] == path and e[0] > sent]
+                    if not pending:
+                        self.lock.wait(0.05)
+                    rv = self.rv
+                for erv, _, kind, obj in pending:
+                    if path in self.cut:
+                        # Half an event, then the connection drops.
+                        self.cut.discard(path)
+                        data = json.dumps({"type": kind, "object": obj}).encode()
+                        half = data[: len(data) // 2]
+                        h.wfile.write(f"{len(half):x}\r\n".encode() + half + b"\r\n")
+                        h.wfile.flush()
+                        h.close_connection = True
+                        h.connection.shutdown(2)
+                        return
+                    send({"type": kind, "object": obj})
+                    sent = erv
+                if time.time() - last_bookmark >= self.bookmark_every and query.get("allowWatchBookmarks") == "true":
+                    send({"type": "BOOKMARK", "object": {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": str(rv)}}})
+                    self.bookmarks[path] = rv
+                    sent = max(sent, rv)
+                    last_bookmark = time.time()
+            h.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass

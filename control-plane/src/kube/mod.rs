@@ -1,0 +1,144 @@
+//! The control plane on the Kubernetes API (`--kubernetes`): Services, EndpointSlices and Pods,
+//! and Istio's ServiceEntry, WorkloadEntry, AuthorizationPolicy, PeerAuthentication and Telemetry,
+//! each kept by a reflector (`watch`), turned into the registry the files also feed (`convert`).
+//!
+//! Nothing from Kubernetes is served until every resource has been listed once: serving
+//! services before their policies would grant access for a moment. After that, the last good
+//! state is served while the API is away.
+
+pub mod client;
+pub mod convert;
+pub mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch as channel;
+
+use crate::registry::Registry;
+use watch::{Reflector, Resource, Snapshot};
+
+const RESOURCES: [Resource; 8] = [
+    Resource {
+        path: "/api/v1/services",
+        api_version: "v1",
+        kind: "Service",
+        optional: false,
+    },
+    Resource {
+        path: "/api/v1/pods",
+        api_version: "v1",
+        kind: "Pod",
+        optional: false,
+    },
+    Resource {
+        path: "/apis/discovery.k8s.io/v1/endpointslices",
+        api_version: "discovery.k8s.io/v1",
+        kind: "EndpointSlice",
+        optional: false,
+    },
+    Resource {
+        path: "/apis/networking.istio.io/v1/serviceentries",
+        api_version: "networking.istio.io/v1",
+        kind: "ServiceEntry",
+        optional: true,
+    },
+    Resource {
+        path: "/apis/networking.istio.io/v1/workloadentries",
+        api_version: "networking.istio.io/v1",
+        kind: "WorkloadEntry",
+        optional: true,
+    },
+    Resource {
+        path: "/apis/security.istio.io/v1/authorizationpolicies",
+        api_version: "security.istio.io/v1",
+        kind: "AuthorizationPolicy",
+        optional: true,
+    },
+    Resource {
+        path: "/apis/security.istio.io/v1/peerauthentications",
+        api_version: "security.istio.io/v1",
+        kind: "PeerAuthentication",
+        optional: true,
+    },
+    Resource {
+        path: "/apis/telemetry.istio.io/v1/telemetries",
+        api_version: "telemetry.istio.io/v1",
+        kind: "Telemetry",
+        optional: true,
+    },
+];
+
+/// How the control plane reaches the API.
+#[derive(Debug, Clone)]
+pub struct KubeOptions {
+    /// A kubeconfig; without one, the pod's service account (in-cluster).
+    pub kubeconfig: Option<std::path::PathBuf>,
+    pub cluster_domain: String,
+    /// Seconds one watch stays open (the server's `timeoutSeconds`).
+    pub watch_timeout: u32,
+}
+
+/// Starts the reflectors; the receiver holds `None` until every resource is listed, then the
+/// registry from Kubernetes, republished (at most every 20 ms) as objects change.
+pub fn start(
+    opts: KubeOptions,
+) -> Result<channel::Receiver<Option<Arc<Registry>>>, client::ConfigError> {
+    let client = match &opts.kubeconfig {
+        Some(p) => client::Client::from_kubeconfig(p)?,
+        None => client::Client::in_cluster()?,
+    };
+    let mut receivers = Vec::new();
+    for resource in RESOURCES {
+        let (tx, rx) = channel::channel(Snapshot::default());
+        receivers.push(rx);
+        tokio::spawn(
+            Reflector {
+                client: client.clone(),
+                resource,
+                tx,
+                watch_timeout: opts.watch_timeout,
+            }
+            .run(),
+        );
+    }
+    let (tx, rx) = channel::channel(None);
+    tokio::spawn(aggregate(receivers, tx, opts.cluster_domain));
+    Ok(rx)
+}
+
+async fn aggregate(
+    mut receivers: Vec<channel::Receiver<Snapshot>>,
+    tx: channel::Sender<Option<Arc<Registry>>>,
+    cluster_domain: String,
+) {
+    let mut converter = convert::Converter::new(cluster_domain);
+    let mut announced = false;
+    loop {
+        let snapshots: Vec<Snapshot> = receivers
+            .iter_mut()
+            .map(|r| r.borrow_and_update().clone())
+            .collect();
+        if snapshots.iter().all(|s| s.synced) {
+            if !announced {
+                tracing::info!("every Kubernetes resource listed; serving what they say");
+                announced = true;
+            }
+            let objects = convert::Objects {
+                services: snapshots[0].objects.clone(),
+                pods: snapshots[1].objects.clone(),
+                endpoint_slices: snapshots[2].objects.clone(),
+                istio: snapshots[3..].iter().map(|s| s.objects.clone()).collect(),
+            };
+            tx.send_replace(Some(Arc::new(converter.registry(&objects))));
+        }
+        // Any change; then a short pause so a burst of events is one rebuild.
+        let changed =
+            futures_util::future::select_all(receivers.iter_mut().map(|r| Box::pin(r.changed())))
+                .await;
+        if changed.0.is_err() || tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

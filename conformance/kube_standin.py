@@ -54,7 +54,7 @@ class KubeStandIn:
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
             "clusters": [{"name": "stand-in", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
-            "users": [{"name": "cp", "user": {"token": self.token}}],
+            "users": [{"name": "cp", "user": {"token": self.token} if self.token else {}}],
             "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "cp"}}],
         }))
         return path
@@ -118,12 +118,54 @@ class KubeStandIn:
         h.end_headers()
         h.wfile.write(body)
 
+    # Discovery, as kubectl reads it to map kinds to resources (legacy, not aggregated, format).
+    RESOURCES = {
+        "v1": [("namespaces", "Namespace", False), ("serviceaccounts", "ServiceAccount", True), ("configmaps", "ConfigMap", True),
+               ("secrets", "Secret", True), ("services", "Service", True), ("pods", "Pod", True)],
+        "apps/v1": [("deployments", "Deployment", True), ("daemonsets", "DaemonSet", True)],
+        "batch/v1": [("jobs", "Job", True)],
+        "rbac.authorization.k8s.io/v1": [("clusterroles", "ClusterRole", False), ("clusterrolebindings", "ClusterRoleBinding", False)],
+        "admissionregistration.k8s.io/v1": [("mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False)],
+        "discovery.k8s.io/v1": [("endpointslices", "EndpointSlice", True)],
+        "networking.istio.io/v1": [("serviceentries", "ServiceEntry", True), ("workloadentries", "WorkloadEntry", True)],
+        "security.istio.io/v1": [("authorizationpolicies", "AuthorizationPolicy", True), ("peerauthentications", "PeerAuthentication", True)],
+        "telemetry.istio.io/v1": [("telemetries", "Telemetry", True)],
+    }
+
+    def _json(self, h, obj, code=200):
+        body = json.dumps(obj).encode()
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def _discovery(self, h, path):
+        if path == "/api":
+            return self._json(h, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
+                {"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{self.port}"}]})
+        if path == "/apis":
+            groups = [{"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": gv.split("/")[1]}],
+                       "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]}}
+                      for gv in self.RESOURCES if "/" in gv]
+            return self._json(h, {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+        gv = path[len("/api/"):] if path.startswith("/api/") else path[len("/apis/"):]
+        return self._json(h, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": [
+            {"name": n, "singularName": "", "namespaced": ns, "kind": k,
+             "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}
+            for n, k, ns in self.RESOURCES[gv]]})
+
     def _handle(self, h):
         url = urlparse(h.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.requests.append((url.path, query))
-        if h.headers.get("Authorization") != f"Bearer {self.token}":
+        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
             return self._status(h, 401, "Unauthorized", "Unauthorized")
+        if url.path in ("/api", "/apis") or self._is_group_version(url.path):
+            return self._discovery(h, url.path)
+        if not self._is_collection(url.path):
+            # One object that does not exist (kubectl looks before a dry-run create).
+            return self._status(h, 404, "NotFound", f"{url.path} not found")
         if url.path in self.missing:
             return self._status(h, 404, "NotFound", "the server could not find the requested resource")
         if query.get("watch") in ("1", "true"):
@@ -133,6 +175,21 @@ class KubeStandIn:
             code = fails.pop(0)
             return self._status(h, code, "TooManyRequests" if code == 429 else "InternalError", f"stand-in failure {code}")
         self._list(h, url.path, query)
+
+    def _is_group_version(self, path):
+        gv = path[len("/api/"):] if path.startswith("/api/") else path[len("/apis/"):]
+        return gv in self.RESOURCES
+
+    def _is_collection(self, path):
+        """`/api/v1/pods`, `/apis/G/V/R`, or the namespaced forms of them."""
+        parts = path.strip("/").split("/")
+        if parts[0] == "api":
+            rest = parts[2:]
+        elif parts[0] == "apis":
+            rest = parts[3:]
+        else:
+            return False
+        return len(rest) == 1 or (len(rest) == 3 and rest[0] == "namespaces")
 
     def _list(self, h, path, query):
         with self.lock:

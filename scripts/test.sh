@@ -2,7 +2,7 @@
 # The test command (README, .ci/run): installs what the tests need, then runs every test.
 #   - Debian packages: curl, nghttp2-client, openssl; for eBPF capture clang-19, llvm-19,
 #     libbpf-dev, bpftool, tcpdump, iproute2, iptables; chromium and chromium-driver for the web UI
-#     test (installed when running as root)
+#     test, kubernetes-client (kubectl) when no kubectl is installed (installed when running as root)
 #   - a Python venv in .venv with conformance/requirements.txt
 #   - the eastguard binary built once with a fresh, empty CARGO_HOME, as on a new machine (the
 #     README's first command must work right after a clone; a warm cache hides what it needs)
@@ -31,6 +31,8 @@ command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v iptables >/dev/null || need_pkgs+=(iptables)
 command -v chromium >/dev/null || need_pkgs+=(chromium)
 command -v chromedriver >/dev/null || need_pkgs+=(chromium-driver)
+# kubectl parses deploy/ (--dry-run=client against the API stand-in); Debian's is enough for that.
+command -v kubectl >/dev/null || need_pkgs+=(kubernetes-client)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     echo "== installing ${need_pkgs[*]}"

@@ -1,0 +1,116 @@
+"""deploy/: the Kubernetes manifests and the fortio bench manifests.
+
+Built-in kinds are validated against the real Kubernetes schemas (`kubernetes-validate`, 1.29
+and the newest it has); `kubectl apply --dry-run=client` parses every file (against the API
+stand-in's discovery: no cluster runs here); the flags the containers are given are flags the
+binary has; the injection ConfigMap is what the webhook reads; the bench's AuthorizationPolicy
+admits the fortio client and nobody else."""
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import ROOT, binary, require_tool
+from kube_standin import KubeStandIn
+
+MANIFESTS = sorted((ROOT / "deploy").glob("*/*.yaml"))
+ISTIO_GROUPS = ("security.istio.io/", "networking.istio.io/", "telemetry.istio.io/")
+VERSIONS = ["1.29", kubernetes_validate.utils.latest_version()]
+
+
+def docs(path):
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_there_are_manifests():
+    names = {p.relative_to(ROOT / "deploy").as_posix() for p in MANIFESTS}
+    assert {"kubernetes/eastguard.yaml", "bench/fortio.yaml"} <= names, names
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_manifests_are_valid_kubernetes(path):
+    kinds = []
+    for d in docs(path):
+        kinds.append(d["kind"])
+        if d["apiVersion"].startswith(ISTIO_GROUPS):
+            continue  # Istio's CRDs: checked by eastguard's own reader below
+        for v in VERSIONS:
+            kubernetes_validate.validate(d, v, strict=True)
+    assert kinds
+
+
+def container_args(d):
+    spec = d["spec"]["template"]["spec"]
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        yield c
+
+
+def test_the_containers_flags_are_the_binarys():
+    """Every `--flag` a manifest passes to eastguard exists in that subcommand's help."""
+    checked = 0
+    for d in docs(ROOT / "deploy" / "kubernetes" / "eastguard.yaml"):
+        if d["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        for c in container_args(d):
+            sub, *args = c["args"]
+            help_text = subprocess.run([binary(), sub, "--help"], capture_output=True, text=True, timeout=30).stdout
+            for a in args:
+                flag = a.split("=", 1)[0]
+                assert re.search(rf"\s{re.escape(flag)}[\s=<]", help_text), f"{sub} has no {flag}"
+                checked += 1
+    assert checked >= 15
+
+
+def test_the_injection_configmap_is_what_the_webhook_reads(tmp_path):
+    from test_inject import Webhook, corpus_pods, patched, review, schema_errors, sidecar_of
+
+    cm = next(d for d in docs(ROOT / "deploy" / "kubernetes" / "eastguard.yaml") if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "eastguard-injection")
+    w = Webhook(tmp_path, template=yaml.safe_dump(cm))
+    try:
+        pod = corpus_pods("hello.yaml")[0]
+        out = patched(pod, w.answer(review(pod)))
+        _, sidecar = sidecar_of(out)
+        assert sidecar["image"] == "ghcr.io/eastguard/eastguard:0.1.0"
+        vol = next(v for v in out["spec"]["volumes"] if v["name"] == "eastguard-workload-socket")
+        # The socket directory the node agent DaemonSet serves.
+        ds = next(d for d in docs(ROOT / "deploy" / "kubernetes" / "eastguard.yaml") if d["kind"] == "DaemonSet")
+        host_dirs = [v["hostPath"]["path"] for v in ds["spec"]["template"]["spec"]["volumes"] if "hostPath" in v]
+        assert vol["hostPath"]["path"] in host_dirs
+        assert schema_errors(out) == []
+    finally:
+        w.stop()
+
+
+def test_the_bench_policy_admits_the_client_only(tmp_path):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "bench.yaml").write_text(yaml.safe_dump_all([d for d in docs(ROOT / "deploy" / "bench" / "fortio.yaml") if d["apiVersion"].startswith(ISTIO_GROUPS)]))
+
+    def check(principal):
+        return subprocess.run([binary(), "policy", "check", "--policies", str(policies), "--namespace", "eastguard-bench",
+                               "--workload-labels", "app=fortio-server", "--principal", principal, "--path", "/echo"],
+                              capture_output=True, text=True, timeout=30).returncode
+
+    assert check("spiffe://cluster.local/ns/eastguard-bench/sa/fortio-client") == 0
+    assert check("spiffe://cluster.local/ns/eastguard-bench/sa/other") == 3
+
+
+def test_kubectl_parses_every_manifest(tmp_path):
+    kubectl = require_tool("kubectl")
+    api = KubeStandIn(token=None)  # kubectl sends no token over plain HTTP
+    try:
+        kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+        for path in MANIFESTS:
+            r = subprocess.run([kubectl, "--kubeconfig", str(kubeconfig), "apply", "--dry-run=client", "--validate=false", "-f", str(path)],
+                               capture_output=True, text=True, timeout=60, env=dict(os.environ, HOME=str(tmp_path)))
+            assert r.returncode == 0, f"{path}: {r.stderr}"
+            created = [l for l in r.stdout.splitlines() if l.endswith("(dry run)")]
+            assert len(created) == len(docs(path)), (path, r.stdout)
+    finally:
+        api.stop()

@@ -29,6 +29,7 @@ class KubeStandIn:
         self.cut = set()  # paths whose next watch is cut mid-event
         self.gone_event = set()  # paths whose next watch gets an ERROR 410 event
         self.requests = []  # (path, query dict)
+        self.created = []  # (path, object) of every POST
         self.down = False
         self.generation = 0  # bumped to end every open watch
         self.bookmarks = {}  # path -> the last resourceVersion a BOOKMARK carried
@@ -39,6 +40,9 @@ class KubeStandIn:
 
             def do_GET(self):
                 stand_in._handle(self)
+
+            def do_POST(self):
+                stand_in._create(self)
 
             def log_message(self, *a):
                 pass
@@ -175,6 +179,20 @@ class KubeStandIn:
             code = fails.pop(0)
             return self._status(h, code, "TooManyRequests" if code == 429 else "InternalError", f"stand-in failure {code}")
         self._list(h, url.path, query)
+
+    def _create(self, h):
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length)
+        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+            return self._status(h, 401, "Unauthorized", "Unauthorized")
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return self._status(h, 400, "BadRequest", "the body is not JSON")
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("name", meta.get("generateName", "x") + str(len(self.created)))
+        self.created.append((urlparse(h.path).path, obj))
+        self._json(h, obj, code=201)
 
     def _is_group_version(self, path):
         gv = path[len("/api/"):] if path.startswith("/api/") else path[len("/apis/"):]

@@ -96,7 +96,7 @@ def review(pod, uid="uid-1", operation="CREATE", namespace="default", dry_run=Fa
 class Webhook:
     """`eastguard control-plane` with the webhook on, and a client that trusts its certificate."""
 
-    def __init__(self, tmp: Path, template=None):
+    def __init__(self, tmp: Path, template=None, extra=()):
         openssl = require_tool("openssl")
         self.cert, self.key = tmp / "webhook.pem", tmp / "webhook-key.pem"
         subprocess.run(
@@ -113,6 +113,7 @@ class Webhook:
         if template is not None:
             (tmp / "template.yaml").write_text(template)
             args += ["--injection-template", str(tmp / "template.yaml")]
+        args += list(extra)
         self.log = tmp / "control-plane.log"
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
         wait_for("the webhook listening", lambda: self.proc.poll() is None and listening(self.port))

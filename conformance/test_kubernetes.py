@@ -165,3 +165,31 @@ def test_nothing_from_kubernetes_is_served_before_every_resource_is_listed(tmp_p
         assert mesh.get("/admin/x") == DENIED
     finally:
         mesh.stop()
+
+
+def test_pods_admitted_without_a_sidecar_or_refused_get_an_event(tmp_path, api):
+    """With --kubernetes, the webhook writes a Warning Event in the pod's namespace for a pod it
+    admits without a sidecar (with a warning) or refuses; a pod it injects gets none."""
+    from test_inject import Webhook, corpus_pods, review
+
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+    w = Webhook(tmp_path, extra=["--kubernetes", "--kubeconfig", str(kubeconfig)])
+    try:
+        pod = corpus_pods("hello.yaml")[0]
+        assert "patch" in w.answer(review(pod, namespace="shop"))
+        istio = corpus_pods("merge-probers.yaml")[0]  # Istio's sidecar already in it
+        assert "patch" not in w.answer(review(istio, namespace="shop"))
+        bad = corpus_pods("traffic-annotations-bad-excludeipranges.yaml")[0]
+        assert w.answer(review(bad, namespace="shop"))["allowed"] is False
+
+        events = lambda: [o for p, o in api.created if p == "/api/v1/namespaces/shop/events"]
+        wait_for("two events", lambda: len(events()) >= 2, limit=5)
+        time.sleep(0.3)
+        got = sorted((e["reason"], e["involvedObject"]["name"]) for e in events())
+        name = lambda p: p["metadata"].get("name") or p["metadata"]["generateName"]
+        assert got == [("InjectionRefused", name(bad)), ("InjectionSkipped", name(istio))], got
+        for e in events():
+            assert e["type"] == "Warning" and e["involvedObject"]["kind"] == "Pod"
+            assert e["source"]["component"] == "eastguard-sidecar-injector" and e["message"]
+    finally:
+        w.stop()

@@ -347,6 +347,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                             Some(p) => control_plane::inject::Template::from_file(&p)?,
                             None => control_plane::inject::Template::default(),
                         },
+                        events: None,
                     })
                 }
                 _ => None,

@@ -29,6 +29,7 @@ pub mod otlp;
 pub mod sensitive;
 pub mod spec;
 pub mod template;
+pub mod time;
 
 pub use call::{AuthScheme, Call};
 pub use inventory::{Inventory, Limits, Row};

@@ -340,9 +340,13 @@ pub async fn run(
     let cp2 = cp.clone();
     let apis2 = apis.clone();
     let poll = opts.poll_interval;
-    let mut kube_rx = match opts.kubernetes.clone() {
-        Some(k) => Some(kube::start(k)?),
+    let kube_client = match &opts.kubernetes {
+        Some(k) => Some(kube::connect(k)?),
         None => None,
+    };
+    let mut kube_rx = match (&kube_client, opts.kubernetes.clone()) {
+        (Some(c), Some(k)) => Some(kube::start(c, k)),
+        _ => None,
     };
     let watcher = tokio::spawn(async move {
         loop {
@@ -404,9 +408,13 @@ pub async fn run(
     });
     let server_task = tokio::spawn(serve);
     let webhook_task = match opts.webhook.clone() {
-        Some(w) => Some(tokio::spawn(
-            webhook::serve(w, closing_tx.subscribe()).await?,
-        )),
+        Some(mut w) => {
+            // With the API at hand, pods admitted without a sidecar (or refused) get an Event.
+            w.events = kube_client.clone().map(kube::events::EventSink::start);
+            Some(tokio::spawn(
+                webhook::serve(w, closing_tx.subscribe()).await?,
+            ))
+        }
         None => None,
     };
     let tls_task = match &opts.tls {

@@ -32,6 +32,8 @@ pub struct WebhookOptions {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub template: Template,
+    /// Kubernetes Events for pods admitted without a sidecar or refused (with `--kubernetes`).
+    pub events: Option<crate::kube::events::EventSink>,
 }
 
 /// Why the webhook could not start.
@@ -141,6 +143,7 @@ pub async fn serve(
         })?;
     tracing::info!(address = %opts.address, "serving the injection webhook (POST /inject)");
     let template = Arc::new(opts.template);
+    let events = opts.events;
     Ok(async move {
         let mut reload = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -160,7 +163,7 @@ pub async fn serve(
                 }
                 _ = async { let _ = closing.wait_for(|c| *c).await; } => return,
             };
-            let (acceptor, template) = (acceptor.clone(), template.clone());
+            let (acceptor, template, events) = (acceptor.clone(), template.clone(), events.clone());
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
                     .await
@@ -169,8 +172,8 @@ pub async fn serve(
                     _ => return,
                 };
                 let service = hyper::service::service_fn(move |req| {
-                    let template = template.clone();
-                    async move { Ok::<_, Infallible>(handle(req, &template).await) }
+                    let (template, events) = (template.clone(), events.clone());
+                    async move { Ok::<_, Infallible>(handle(req, &template, events.as_ref()).await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), service)
@@ -180,7 +183,11 @@ pub async fn serve(
     })
 }
 
-async fn handle(req: Request<hyper::body::Incoming>, template: &Template) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    template: &Template,
+    events: Option<&crate::kube::events::EventSink>,
+) -> Response<Full<Bytes>> {
     match (req.method().as_str(), req.uri().path()) {
         ("POST", "/inject") => {}
         ("GET", "/ready" | "/healthz/ready") => {
@@ -220,17 +227,32 @@ async fn handle(req: Request<hyper::body::Incoming>, template: &Template) -> Res
     let template = template.clone();
     // Building the patch of a large pod is CPU work: off the async workers.
     let answered = tokio::task::spawn_blocking(move || match body {
-        Some(b) => review::answer(&b, &template),
-        None => review::too_large(),
+        Some(b) => review::answer_with_pod(&b, &template),
+        None => {
+            let (v, o) = review::too_large();
+            (v, o, None)
+        }
     })
     .await;
-    let (value, outcome) = match answered {
+    let (value, outcome, pod) = match answered {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "the webhook failed on a request");
-            review::answer(b"", &Template::default())
+            review::answer_with_pod(b"", &Template::default())
         }
     };
+    if let (Some(sink), Some(pod)) = (events, &pod) {
+        let warning = value["response"]["warnings"][0].as_str();
+        match (&outcome, warning) {
+            (review::Outcome::Refused(why), _) => {
+                sink.warn_pod(&pod.namespace, &pod.name, "InjectionRefused", why)
+            }
+            (review::Outcome::Skipped(_), Some(w)) => {
+                sink.warn_pod(&pod.namespace, &pod.name, "InjectionSkipped", w)
+            }
+            _ => {}
+        }
+    }
     match &outcome {
         review::Outcome::Injected => tracing::info!("sidecar injected"),
         review::Outcome::Skipped(why) => tracing::debug!(why, "not injected"),

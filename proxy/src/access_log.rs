@@ -3,7 +3,6 @@
 
 use std::io::Write as _;
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
-use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
@@ -273,34 +272,8 @@ impl Record {
     }
 }
 
-/// RFC 3339 UTC with milliseconds, like Envoy's `%START_TIME%`.
-pub fn format_time(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86400, secs % 86400);
-    let (y, m, dd) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
+/// RFC 3339 UTC with milliseconds, like Envoy's `%START_TIME%` (shared with the control plane).
+pub use apisec::time::format_time;
 
 #[cfg(test)]
 mod tests {
@@ -308,6 +281,7 @@ mod tests {
 
     #[test]
     fn time_format() {
+        use std::time::SystemTime;
         let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_764_389_409_123);
         assert_eq!(format_time(t), "2025-11-29T04:10:09.123Z");
         assert_eq!(

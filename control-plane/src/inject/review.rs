@@ -23,41 +23,77 @@ pub enum Outcome {
 
 /// Answers one AdmissionReview body.
 pub fn answer(body: &[u8], t: &Template) -> (Value, Outcome) {
+    let (v, o, _) = answer_with_pod(body, t);
+    (v, o)
+}
+
+/// A pod the answer is about: its namespace and its name (or the prefix its controller gives).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+fn none((v, o): (Value, Outcome)) -> (Value, Outcome, Option<PodRef>) {
+    (v, o, None)
+}
+
+/// `answer`, and which pod it is about (for events).
+pub fn answer_with_pod(body: &[u8], t: &Template) -> (Value, Outcome, Option<PodRef>) {
     let review: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(e) => return unreadable("", format!("the body is not JSON: {e}")),
+        Err(e) => return none(unreadable("", format!("the body is not JSON: {e}"))),
     };
     let Some(request) = review.get("request").filter(|r| r.is_object()) else {
-        return unreadable("", "not an AdmissionReview: no request".into());
+        return none(unreadable("", "not an AdmissionReview: no request".into()));
     };
     let uid = request["uid"].as_str().unwrap_or_default();
     if uid.is_empty() {
-        return unreadable("", "the request has no uid".into());
+        return none(unreadable("", "the request has no uid".into()));
     }
     let kind = &request["kind"];
     let is_pod = kind["kind"].as_str() == Some("Pod")
         && kind["version"].as_str() == Some("v1")
         && kind["group"].as_str().unwrap_or_default().is_empty();
     if !is_pod {
-        return admitted(uid, Outcome::Skipped("not a Pod".into()), None);
+        return none(admitted(uid, Outcome::Skipped("not a Pod".into()), None));
     }
     if let Some(sub) = request["subResource"].as_str().filter(|s| !s.is_empty()) {
-        return admitted(uid, Outcome::Skipped(format!("subresource {sub}")), None);
+        return none(admitted(
+            uid,
+            Outcome::Skipped(format!("subresource {sub}")),
+            None,
+        ));
     }
     match request["operation"].as_str() {
         Some("CREATE") => {}
         // A running pod's containers cannot change; Istio injects at creation only too.
-        Some(op) => return admitted(uid, Outcome::Skipped(format!("operation {op}")), None),
-        None => return unreadable(uid, "the request has no operation".into()),
+        Some(op) => {
+            return none(admitted(
+                uid,
+                Outcome::Skipped(format!("operation {op}")),
+                None,
+            ));
+        }
+        None => return none(unreadable(uid, "the request has no operation".into())),
     }
     let Some(pod) = request.get("object").filter(|o| o.is_object()) else {
-        return unreadable(uid, "the request has no object".into());
+        return none(unreadable(uid, "the request has no object".into()));
     };
     let namespace = request["namespace"]
         .as_str()
         .or_else(|| pod["metadata"]["namespace"].as_str())
         .unwrap_or_default();
-    match super::inject(pod, namespace, t) {
+    let meta = &pod["metadata"];
+    let pod_ref = PodRef {
+        namespace: namespace.to_owned(),
+        name: meta["name"]
+            .as_str()
+            .or_else(|| meta["generateName"].as_str())
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    let (v, o) = match super::inject(pod, namespace, t) {
         Decision::Skip { reason, warn } => {
             let w = warn.then(|| format!("eastguard: sidecar not injected: {reason}"));
             admitted(uid, Outcome::Skipped(reason), w)
@@ -83,7 +119,7 @@ pub fn answer(body: &[u8], t: &Template) -> (Value, Outcome) {
             let patch = json_patch::diff(pod, &injected);
             let patch = match serde_json::to_vec(&patch) {
                 Ok(p) => p,
-                Err(e) => return unreadable(uid, format!("cannot write the patch: {e}")),
+                Err(e) => return none(unreadable(uid, format!("cannot write the patch: {e}"))),
             };
             let mut body = json!({
                 "allowed": true,
@@ -100,7 +136,8 @@ pub fn answer(body: &[u8], t: &Template) -> (Value, Outcome) {
             }
             (response(uid, body), Outcome::Injected)
         }
-    }
+    };
+    (v, o, Some(pod_ref))
 }
 
 /// The answer to a body larger than `MAX_BODY`.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -271,6 +271,30 @@ impl Client {
         path_and_query: &str,
         timeout: Duration,
     ) -> Result<http::Response<hyper::body::Incoming>, RequestError> {
+        self.request(http::Method::GET, path_and_query, None, timeout)
+            .await
+    }
+
+    /// `POST path` with a JSON body (creating an object); 200 or 201 is success.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<(), RequestError> {
+        let body = Bytes::from(body.to_string());
+        self.request(http::Method::POST, path, Some(body), timeout)
+            .await
+            .map(drop)
+    }
+
+    async fn request(
+        &self,
+        method: http::Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<http::Response<hyper::body::Incoming>, RequestError> {
         let t = |e: String| RequestError::Transport(e);
         let tcp = tokio::time::timeout(
             Duration::from_secs(10),
@@ -279,7 +303,9 @@ impl Client {
         .await
         .map_err(|_| t(format!("connecting to {} timed out", self.authority)))?
         .map_err(|e| t(format!("{}: {e}", self.authority)))?;
-        let mut req = http::Request::get(path_and_query)
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path_and_query)
             .header("host", &self.authority)
             .header("accept", "application/json")
             .header("user-agent", "eastguard-control-plane");
@@ -292,8 +318,11 @@ impl Client {
                 req = req.header("authorization", format!("Bearer {}", tok.trim()));
             }
         }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
         let req = req
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| t(e.to_string()))?;
         let send = async {
             match &self.tls {
@@ -310,7 +339,10 @@ impl Client {
         let resp = tokio::time::timeout(timeout, send)
             .await
             .map_err(|_| t("no response in time".into()))??;
-        if resp.status() != http::StatusCode::OK {
+        if !matches!(
+            resp.status(),
+            http::StatusCode::OK | http::StatusCode::CREATED
+        ) {
             use http_body_util::BodyExt as _;
             let status = resp.status().as_u16();
             let body = tokio::time::timeout(
@@ -334,7 +366,7 @@ impl Client {
 
 async fn send<I>(
     io: I,
-    req: http::Request<Empty<Bytes>>,
+    req: http::Request<Full<Bytes>>,
 ) -> Result<http::Response<hyper::body::Incoming>, RequestError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod events;
 pub mod watch;
 
 use std::sync::Arc;
@@ -79,15 +80,20 @@ pub struct KubeOptions {
     pub watch_timeout: u32,
 }
 
+/// The API client the options name.
+pub fn connect(opts: &KubeOptions) -> Result<client::Client, client::ConfigError> {
+    match &opts.kubeconfig {
+        Some(p) => client::Client::from_kubeconfig(p),
+        None => client::Client::in_cluster(),
+    }
+}
+
 /// Starts the reflectors; the receiver holds `None` until every resource is listed, then the
 /// registry from Kubernetes, republished (at most every 20 ms) as objects change.
 pub fn start(
+    client: &client::Client,
     opts: KubeOptions,
-) -> Result<channel::Receiver<Option<Arc<Registry>>>, client::ConfigError> {
-    let client = match &opts.kubeconfig {
-        Some(p) => client::Client::from_kubeconfig(p)?,
-        None => client::Client::in_cluster()?,
-    };
+) -> channel::Receiver<Option<Arc<Registry>>> {
     let mut receivers = Vec::new();
     for resource in RESOURCES {
         let (tx, rx) = channel::channel(Snapshot::default());
@@ -104,7 +110,7 @@ pub fn start(
     }
     let (tx, rx) = channel::channel(None);
     tokio::spawn(aggregate(receivers, tx, opts.cluster_domain));
-    Ok(rx)
+    rx
 }
 
 async fn aggregate(

@@ -1,0 +1,389 @@
+#!/usr/bin/env python3
+"""Side by side: the same load, in one run, sent directly, through an nginx mTLS pair and through
+the eastguard pair, as a user comparing proxies would (issue 17's recipe).
+
+Two network namespaces joined by a veth pair: `client` (10.88.0.2) runs the load generator and the
+client-side proxy; `server` (10.88.0.3) runs the upstream (1 KB responses), the server-side proxy
+and, for eastguard, its control plane.
+- nginx: Debian's nginx (installed if missing), TLS 1.3 both ways with client certificates,
+  keep-alive pools to the peer and to the upstream, 2 workers per side.
+- eastguard: configured by `eastguard control-plane` from Istio files (a ServiceEntry, two
+  WorkloadEntries, one ALLOW AuthorizationPolicy for the client's SPIFFE ID), SVIDs from PEM files,
+  metrics on, access log off, `eastguard-sidecar` with its default workers (one per CPU).
+- Load: `oha` (installed with `cargo install oha --locked` if missing), in three modes:
+  fixed rate (`-q RATE -c CONNS`, with latency correction: fortio's method), saturation (no rate),
+  and connection churn (no keep-alive). Every measured run follows a warm-up; the three setups
+  alternate, ROUNDS times; medians are printed.
+- Per proxy: CPU ms per 1000 requests (utime + stime from /proc, every process of the proxy),
+  peak RSS (VmHWM, summed over its processes). Added latency is the proxied percentile minus the
+  direct one of the same round.
+
+Needs root (namespaces). Usage, from the repo root:
+    sudo .venv/bin/python benches/compare.py [--rate 1000] [--connections 16] [--duration 30]
+        [--warmup 5] [--burst 10] [--rounds 3]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "conformance"))
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TAG = f"egcmp{os.getpid() % 100000}"
+CLIENT_NS, SERVER_NS = f"{TAG}-client", f"{TAG}-server"
+CLIENT_IP, SERVER_IP = "10.88.0.2", "10.88.0.3"
+UPSTREAM, NGINX_SERVER, NGINX_CLIENT, EG_INBOUND, EG_OUTBOUND, XDS = 8080, 8443, 8081, 15006, 15001, 15010
+HOST = "server.test.svc.cluster.local"
+TD = "cluster.local"
+
+
+def sh(*args, check=True):
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, check=check)
+
+
+def in_ns(ns, *cmd):
+    return ["ip", "netns", "exec", ns, *map(str, cmd)]
+
+
+def processes(root_pid):
+    """The process and its descendants (nginx's master and workers)."""
+    pids, todo = [], [root_pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            children = []
+        todo.extend(int(c) for c in children)
+    return pids
+
+
+def cpu_ms(root_pid):
+    total = 0
+    for p in processes(root_pid):
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except OSError:
+            pass
+    return total * 1000 / CLK_TCK
+
+
+def hwm_mib(root_pid):
+    total = 0
+    for p in processes(root_pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def wait_port(ns, ip, port, limit=20):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if sh(*in_ns(ns, "bash", "-c", f"exec 3<>/dev/tcp/{ip}/{port}"), check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {ip}:{port} in {ns}")
+
+
+class Net:
+    def __init__(self):
+        for ns in (CLIENT_NS, SERVER_NS):
+            sh("ip", "netns", "add", ns)
+            sh(*in_ns(ns, "ip", "link", "set", "lo", "up"))
+        sh("ip", "link", "add", f"{TAG}c", "netns", CLIENT_NS, "type", "veth", "peer", "name", f"{TAG}s", "netns", SERVER_NS)
+        for ns, dev, ip in ((CLIENT_NS, f"{TAG}c", CLIENT_IP), (SERVER_NS, f"{TAG}s", SERVER_IP)):
+            sh(*in_ns(ns, "ip", "addr", "add", f"{ip}/24", "dev", dev))
+            sh(*in_ns(ns, "ip", "link", "set", dev, "up"))
+        self.procs = []
+
+    def start(self, ns, cmd, log):
+        p = subprocess.Popen(in_ns(ns, *cmd), stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p):
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def close(self):
+        for p in self.procs:
+            try:
+                self.stop(p)
+            except ProcessLookupError:
+                pass
+        for ns in (CLIENT_NS, SERVER_NS):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def child_pid(wrapper):
+    """`ip netns exec` execs the command, so the wrapper's PID is the program's."""
+    return wrapper.pid
+
+
+def nginx_conf(work, side, ca_files):
+    cert, key, bundle = ca_files
+    common = f"""worker_processes 2;
+pid {work}/nginx-{side}.pid;
+error_log {work}/nginx-{side}.error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/nginx-{side}-body;
+  proxy_temp_path {work}/nginx-{side}-proxy;
+  fastcgi_temp_path {work}/nginx-{side}-fastcgi;
+  uwsgi_temp_path {work}/nginx-{side}-uwsgi;
+  scgi_temp_path {work}/nginx-{side}-scgi;
+  keepalive_requests 100000;
+"""
+    if side == "server":
+        return common + f"""
+  upstream app {{ server 127.0.0.1:{UPSTREAM}; keepalive 32; }}
+  server {{
+    listen {SERVER_IP}:{NGINX_SERVER} ssl;
+    ssl_protocols TLSv1.3;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_client_certificate {bundle};
+    ssl_verify_client on;
+    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}
+}}
+"""
+    return common + f"""
+  upstream peer {{ server {SERVER_IP}:{NGINX_SERVER}; keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{NGINX_CLIENT};
+    location / {{
+      proxy_pass https://peer;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_ssl_protocols TLSv1.3;
+      proxy_ssl_certificate {cert};
+      proxy_ssl_certificate_key {key};
+      proxy_ssl_trusted_certificate {bundle};
+      proxy_ssl_verify on;
+      proxy_ssl_name server;
+      proxy_ssl_session_reuse on;
+    }}
+  }}
+}}
+"""
+
+
+ISTIO = f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: server, namespace: test}}
+spec:
+  hosts: [{HOST}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  workloadSelector: {{labels: {{app: server}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: server
+  namespace: test
+  annotations: {{sidecar.eastguard.io/inbound-port: "{EG_INBOUND}"}}
+spec: {{address: {SERVER_IP}, ports: {{http: {UPSTREAM}}}, labels: {{app: server}}, serviceAccount: server}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: client
+  namespace: test
+  annotations: {{sidecar.eastguard.io/outbound-port: "{EG_OUTBOUND}"}}
+spec: {{address: {CLIENT_IP}, labels: {{app: client}}, serviceAccount: client}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: server, namespace: test}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  action: ALLOW
+  rules: [{{from: [{{source: {{principals: ["{TD}/ns/test/sa/client"]}}}}]}}]
+"""
+
+
+def oha(oha_bin, url, host, mode, args, seconds):
+    cmd = [oha_bin, "--no-tui", "--output-format", "json", "-z", f"{seconds}s", "-c", str(args.connections), "-H", f"Host: {host}"]
+    if mode == "fixed":
+        cmd += ["-q", str(args.rate), "--latency-correction"]
+    elif mode == "churn":
+        cmd += ["--disable-keepalive"]
+    cmd.append(url)
+    out = subprocess.run(in_ns(CLIENT_NS, *cmd), capture_output=True, text=True, timeout=seconds + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"oha failed: {out.stderr[-2000:]}")
+    r = json.loads(out.stdout)
+    codes = r.get("statusCodeDistribution", {})
+    ok = sum(v for k, v in codes.items() if k.startswith("2"))
+    total = sum(codes.values()) + sum(r.get("errorDistribution", {}).values())
+    pct = r["latencyPercentiles"]
+    return {"requests": total, "ok": ok, "rps": r["summary"]["requestsPerSec"],
+            "p50": pct["p50"] * 1000, "p99": pct["p99"] * 1000}
+
+
+def ensure_tools():
+    if shutil.which("nginx") is None:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx"], check=True)
+    oha_bin = shutil.which("oha") or str(Path.home() / ".cargo/bin/oha")
+    if not Path(oha_bin).exists():
+        subprocess.run(["cargo", "install", "--locked", "oha"], check=True)
+    return oha_bin
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rate", type=int, default=1000)
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--duration", type=int, default=30, help="seconds of each fixed-rate run")
+    ap.add_argument("--burst", type=int, default=10, help="seconds of each saturation and churn run")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root (network namespaces)")
+    oha_bin = ensure_tools()
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "-p", "eastguard", "-p", "eastguard-benches"], cwd=ROOT, check=True)
+    from pki import CA
+
+    work = Path(tempfile.mkdtemp(prefix="eastguard-compare-"))
+    os.chmod(work, 0o755)
+    ca = CA(TD)
+    (work / "bundle.pem").write_bytes(ca.pem())
+    svid = {n: ca.write_svid(work, n, [f"spiffe://{TD}/ns/test/sa/{n}"], dns=["server"] if n == "server" else ())
+            for n in ("client", "server")}
+    net = Net()
+    release = ROOT / "target" / "release"
+    try:
+        net.start(SERVER_NS, [release / "loadgen", "serve", "--listen", f"0.0.0.0:{UPSTREAM}", "--size", "1024"], work / "upstream.log")
+        wait_port(SERVER_NS, "127.0.0.1", UPSTREAM)
+
+        def nginx_pair():
+            procs = {}
+            for side, ns in (("server", SERVER_NS), ("client", CLIENT_NS)):
+                for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+                    (work / f"nginx-{side}-{d}").mkdir(exist_ok=True)
+                conf = work / f"nginx-{side}.conf"
+                cert, key = svid[side]
+                conf.write_text(nginx_conf(work, side, (cert, key, work / "bundle.pem")))
+                procs[side] = net.start(ns, ["nginx", "-c", conf, "-g", "daemon off;"], work / f"nginx-{side}.log")
+            wait_port(SERVER_NS, SERVER_IP, NGINX_SERVER)
+            wait_port(CLIENT_NS, "127.0.0.1", NGINX_CLIENT)
+            return procs, f"http://127.0.0.1:{NGINX_CLIENT}/"
+
+        def eastguard_pair():
+            cfg = work / "istio"
+            cfg.mkdir(exist_ok=True)
+            (cfg / "mesh.yaml").write_text(ISTIO)
+            procs = {"control plane": net.start(SERVER_NS, [release / "eastguard", "control-plane", "--config-dir", cfg,
+                                                             "--xds-address", f"{SERVER_IP}:{XDS}"], work / "cp.log")}
+            wait_port(SERVER_NS, SERVER_IP, XDS)
+            import yaml
+
+            for side, ns, ip in (("server", SERVER_NS, SERVER_IP), ("client", CLIENT_NS, CLIENT_IP)):
+                cert, key = svid[side]
+                boot = {
+                    "node": {"id": f"sidecar~{ip}~{side}.test~test.svc.cluster.local", "workload": side, "namespace": "test"},
+                    "admin": {"address": "127.0.0.1:15000"},
+                    "identity": {"files": {"cert": str(cert), "key": str(key), "bundle": str(work / "bundle.pem")}},
+                    "xds": {"address": f"{SERVER_IP}:{XDS}"},
+                }
+                (work / f"{side}.yaml").write_text(yaml.safe_dump(boot))
+                procs[side] = net.start(ns, [release / "eastguard-sidecar", "--log-level", "warn", "--config", work / f"{side}.yaml"],
+                                        work / f"eastguard-{side}.log")
+            wait_port(SERVER_NS, SERVER_IP, EG_INBOUND, limit=30)
+            wait_port(CLIENT_NS, "127.0.0.1", EG_OUTBOUND, limit=30)
+            return procs, f"http://127.0.0.1:{EG_OUTBOUND}/"
+
+        results = {}  # (setup, mode) -> list of per-round dicts
+        for rnd in range(args.rounds):
+            for setup in ("direct", "nginx", "eastguard"):
+                procs, url = {}, f"http://{SERVER_IP}:{UPSTREAM}/"
+                if setup == "nginx":
+                    procs, url = nginx_pair()
+                elif setup == "eastguard":
+                    procs, url = eastguard_pair()
+                host = HOST if setup == "eastguard" else "server"
+                try:
+                    # A first request must succeed (config in place, mTLS up).
+                    deadline = time.time() + 30
+                    while sh(*in_ns(CLIENT_NS, "curl", "-sf", "-o", "/dev/null", "-H", f"Host: {host}", url), check=False).returncode != 0:
+                        if time.time() > deadline:
+                            raise RuntimeError(f"{setup}: no successful request through {url}")
+                        time.sleep(0.2)
+                    proxies = {k: p for k, p in procs.items() if k in ("client", "server")}
+                    for mode, secs in (("fixed", args.duration), ("saturation", args.burst), ("churn", args.burst)):
+                        oha(oha_bin, url, host, mode, args, args.warmup)
+                        cpu0 = {k: cpu_ms(p.pid) for k, p in proxies.items()}
+                        r = oha(oha_bin, url, host, mode, args, secs)
+                        cpu1 = {k: cpu_ms(p.pid) for k, p in proxies.items()}
+                        for k in proxies:
+                            r[f"cpu_{k}"] = (cpu1[k] - cpu0[k]) * 1000 / max(r["requests"], 1)
+                            r[f"hwm_{k}"] = hwm_mib(proxies[k].pid)
+                        if r["ok"] != r["requests"]:
+                            print(f"!! {setup} {mode} round {rnd + 1}: {r['requests'] - r['ok']} of {r['requests']} requests failed", file=sys.stderr)
+                        results.setdefault((setup, mode), []).append(r)
+                        print(f"round {rnd + 1} {setup:<9} {mode:<10} rps {r['rps']:8.0f}  p50 {r['p50']:7.3f} ms  p99 {r['p99']:7.3f} ms"
+                              + "".join(f"  cpu {k} {r[f'cpu_{k}']:.0f} ms/1k  hwm {r[f'hwm_{k}']:.1f} MiB" for k in proxies), flush=True)
+                finally:
+                    for p in procs.values():
+                        net.stop(p)
+                    time.sleep(0.5)
+        report(results, args)
+    finally:
+        net.close()
+
+
+def med(results, setup, mode, key):
+    vals = [r[key] for r in results.get((setup, mode), []) if key in r]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def report(results, args):
+    print(f"\nMedians of {args.rounds} alternating rounds; {args.rate} req/s over {args.connections} connections for "
+          f"{args.duration} s after {args.warmup} s of warm-up; saturation and churn {args.burst} s each; oha {subprocess.run([shutil.which('oha') or str(Path.home() / '.cargo/bin/oha'), '--version'], capture_output=True, text=True).stdout.strip()}")
+    print(f"{'setup':<10} {'added p50 / p99 (µs)':>22} {'CPU ms/1000 req client / server':>33} {'VmHWM MiB client / server':>27} {'saturation rps':>15} {'churn rps':>10}")
+    d50, d99 = med(results, "direct", "fixed", "p50"), med(results, "direct", "fixed", "p99")
+    rows = {}
+    for setup in ("direct", "nginx", "eastguard"):
+        added = (med(results, setup, "fixed", "p50") - d50) * 1000, (med(results, setup, "fixed", "p99") - d99) * 1000
+        cpu = med(results, setup, "fixed", "cpu_client"), med(results, setup, "fixed", "cpu_server")
+        hwm = med(results, setup, "churn", "hwm_client"), med(results, setup, "churn", "hwm_server")
+        sat, churn = med(results, setup, "saturation", "rps"), med(results, setup, "churn", "rps")
+        rows[setup] = (added, cpu, hwm, sat, churn)
+        print(f"{setup:<10} {added[0]:>10.0f} / {added[1]:<9.0f} {cpu[0]:>15.1f} / {cpu[1]:<15.1f} {hwm[0]:>12.1f} / {hwm[1]:<12.1f} {sat:>15.0f} {churn:>10.0f}")
+    (na, nc, nh, ns, nch), (ea, ec, eh, es, ech) = rows["nginx"], rows["eastguard"]
+    print("\neastguard / nginx (issue 17's goals in brackets):")
+    print(f"  CPU per request, client {ec[0] / nc[0]:.2f}, server {ec[1] / nc[1]:.2f}  [≤ 0.7]")
+    print(f"  added latency p50 {ea[0] / na[0]:.2f}, p99 {ea[1] / na[1]:.2f}  [≤ 0.8]")
+    print(f"  saturation {es / ns:.2f}  [≥ 1.2]; connection churn {ech / nch:.2f}  [≥ 1.0]")
+    print(f"  peak RSS client {eh[0]:.1f} MiB, server {eh[1]:.1f} MiB  [≤ 12 MiB each]")
+
+
+if __name__ == "__main__":
+    main()

@@ -377,7 +377,7 @@ def report(results, args):
         sat, churn = med(results, setup, "saturation", "rps"), med(results, setup, "churn", "rps")
         rows[setup] = (added, cpu, hwm, sat, churn)
         print(f"{setup:<10} {added[0]:>10.0f} / {added[1]:<9.0f} {cpu[0]:>15.1f} / {cpu[1]:<15.1f} {hwm[0]:>12.1f} / {hwm[1]:<12.1f} {sat:>15.0f} {churn:>10.0f}")
-    (na, nc, nh, ns, nch), (ea, ec, eh, es, ech) = rows["nginx"], rows["eastguard"]
+    (na, nc, _, ns, nch), (ea, ec, eh, es, ech) = rows["nginx"], rows["eastguard"]
     print("\neastguard / nginx (issue 17's goals in brackets):")
     print(f"  CPU per request, client {ec[0] / nc[0]:.2f}, server {ec[1] / nc[1]:.2f}  [≤ 0.7]")
     print(f"  added latency p50 {ea[0] / na[0]:.2f}, p99 {ea[1] / na[1]:.2f}  [≤ 0.8]")

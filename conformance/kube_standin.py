@@ -15,7 +15,9 @@ from urllib.parse import parse_qs, urlparse
 
 
 class KubeStandIn:
-    def __init__(self, token="test-token", page_size=500, bookmark_every=0.3):
+    def __init__(self, token="test-token", page_size=500, bookmark_every=0.3, tls_dir=None, client_certs=False):
+        """`tls_dir`: serve HTTPS with a CA and certificate written there (the kubeconfig carries
+        the CA); `client_certs`: also require a client certificate from that CA (no token)."""
         self.token = token
         self.page_size = page_size
         self.bookmark_every = bookmark_every
@@ -49,16 +51,42 @@ class KubeStandIn:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.ca = None
+        if tls_dir is not None:
+            import ssl
+
+            from pki import CA
+
+            self.ca = CA("kubernetes")
+            (tls_dir / "api-ca.pem").write_bytes(self.ca.pem())
+            cert, key = self.ca.write_svid(tls_dir, "api-server", [], dns=["kubernetes.default.svc"], ips=["127.0.0.1"])
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cert, key)
+            if client_certs:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                ctx.load_verify_locations(tls_dir / "api-ca.pem")
+                self.client_cert, self.client_key = self.ca.write_svid(tls_dir, "api-client", [], dns=["control-plane"])
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.client_certs = client_certs
         self.port = self.server.server_port
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     # === what tests do ===
 
     def kubeconfig(self, path):
+        import base64
+
+        b64 = lambda data: base64.b64encode(data).decode()
+        cluster = {"server": f"http://127.0.0.1:{self.port}"}
+        user = {"token": self.token} if self.token else {}
+        if self.ca is not None:
+            cluster = {"server": f"https://127.0.0.1:{self.port}", "certificate-authority-data": b64(self.ca.pem())}
+            if self.client_certs:
+                user = {"client-certificate-data": b64(self.client_cert.read_bytes()), "client-key-data": b64(self.client_key.read_bytes())}
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
-            "clusters": [{"name": "stand-in", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
-            "users": [{"name": "cp", "user": {"token": self.token} if self.token else {}}],
+            "clusters": [{"name": "stand-in", "cluster": cluster}],
+            "users": [{"name": "cp", "user": user}],
             "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "cp"}}],
         }))
         return path
@@ -163,7 +191,7 @@ class KubeStandIn:
         url = urlparse(h.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.requests.append((url.path, query))
-        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+        if not self.client_certs and self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
             return self._status(h, 401, "Unauthorized", "Unauthorized")
         if url.path in ("/api", "/apis") or self._is_group_version(url.path):
             return self._discovery(h, url.path)
@@ -183,7 +211,7 @@ class KubeStandIn:
     def _create(self, h):
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length)
-        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+        if not self.client_certs and self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
             return self._status(h, 401, "Unauthorized", "Unauthorized")
         try:
             obj = json.loads(body)

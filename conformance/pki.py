@@ -48,9 +48,12 @@ class CA:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def mint(self, spiffe_ids, *, ca=False, not_before=None, not_after=None, dns=()):
+    def mint(self, spiffe_ids, *, ca=False, not_before=None, not_after=None, dns=(), ips=()):
         """An SVID (cert PEM, key PEM). `spiffe_ids` may name several URIs (a broken SVID); `dns`
-        adds DNS names (for clients that check a host name, like gRPC's)."""
+        and `ips` add DNS names and IP addresses (for clients that check a host name, like
+        gRPC's, or plain HTTPS servers)."""
+        import ipaddress
+
         if isinstance(spiffe_ids, str):
             spiffe_ids = [spiffe_ids]
         key = ec.generate_private_key(ec.SECP256R1())
@@ -65,6 +68,7 @@ class CA:
             .add_extension(
                 x509.SubjectAlternativeName(
                     [x509.UniformResourceIdentifier(u) for u in spiffe_ids] + [x509.DNSName(d) for d in dns]
+                    + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
                 ),
                 critical=False,
             )

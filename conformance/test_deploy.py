@@ -6,11 +6,9 @@ stand-in's discovery: no cluster runs here); the flags the containers are given 
 binary has; the injection ConfigMap is what the webhook reads; the bench's AuthorizationPolicy
 admits the fortio client and nobody else."""
 
-import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import kubernetes_validate
 import pytest

@@ -12,10 +12,11 @@ import base64
 import copy
 import json
 import os
+import http.client
 import re
 import ssl
 import subprocess
-import http.client
+import time
 from pathlib import Path
 
 import jsonpatch
@@ -546,3 +547,38 @@ def urllib_get(url):
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+def test_a_renewed_webhook_certificate_is_served_without_a_restart(tmp_path):
+    """cert-manager rewrites the Secret's files in place: the webhook serves the new pair within
+    seconds, and a broken pair keeps the one in use."""
+    import hashlib
+    import socket
+
+    w = Webhook(tmp_path)
+    try:
+        def served():
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            with socket.create_connection(("127.0.0.1", w.port), timeout=5) as s, ctx.wrap_socket(s) as t:
+                return hashlib.sha256(t.getpeercert(binary_form=True)).hexdigest()
+
+        first = served()
+        new = tmp_path / "new"
+        new.mkdir()
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+                        "-subj", "/CN=renewed", "-keyout", str(new / "k.pem"), "-out", str(new / "c.pem"),
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        os.replace(new / "k.pem", w.key)
+        os.replace(new / "c.pem", w.cert)
+        wait_for("the renewed certificate served", lambda: served() != first, limit=15)
+        renewed = served()
+        w.ctx = ssl.create_default_context(cafile=str(w.cert))
+        assert w.answer(review(corpus_pods("hello.yaml")[0]))["allowed"] is True
+        # A broken pair (a key that is not PEM): the renewed one stays.
+        w.key.write_text("not a key\n")
+        time.sleep(6)
+        assert served() == renewed
+        assert "not reloaded" in w.log.read_text()
+    finally:
+        w.stop()

@@ -167,11 +167,18 @@ def test_nothing_from_kubernetes_is_served_before_every_resource_is_listed(tmp_p
         mesh.stop()
 
 
-def test_pods_admitted_without_a_sidecar_or_refused_get_an_event(tmp_path, api):
+@pytest.mark.parametrize("auth", ["http-token", "https-token", "https-client-certificate"])
+def test_pods_admitted_without_a_sidecar_or_refused_get_an_event(tmp_path, auth):
     """With --kubernetes, the webhook writes a Warning Event in the pod's namespace for a pod it
-    admits without a sidecar (with a warning) or refuses; a pod it injects gets none."""
+    admits without a sidecar (with a warning) or refuses; a pod it injects gets none. The API is
+    reached over plain HTTP with a token, or HTTPS (the kubeconfig's CA) with a token or a client
+    certificate."""
     from test_inject import Webhook, corpus_pods, review
 
+    if auth == "http-token":
+        api = KubeStandIn()
+    else:
+        api = KubeStandIn(tls_dir=tmp_path, client_certs=auth == "https-client-certificate")
     kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
     w = Webhook(tmp_path, extra=["--kubernetes", "--kubeconfig", str(kubeconfig)])
     try:
@@ -191,5 +198,8 @@ def test_pods_admitted_without_a_sidecar_or_refused_get_an_event(tmp_path, api):
         for e in events():
             assert e["type"] == "Warning" and e["involvedObject"]["kind"] == "Pod"
             assert e["source"]["component"] == "eastguard-sidecar-injector" and e["message"]
+        # The reflectors read the API over the same connection settings.
+        wait_for("every resource listed", lambda: "every Kubernetes resource listed" in w.log.read_text(), limit=10)
     finally:
         w.stop()
+        api.stop()

@@ -1,6 +1,6 @@
 """Kubernetes attestation in `eastguard node-agent --kubelet-url`: real processes in real cgroups
 laid out as a kubelet lays them out (systemd driver, containerd), a py-spiffe client in each, and
-the kubelet's `/pods` from a stand-in HTTP server (a recorded-shape PodList; no kubelet runs on
+the kubelet's `/pods` from a stand-in HTTPS server (a recorded-shape PodList; no kubelet runs on
 these machines). Needs root for the cgroups: in CI it runs and fails if it cannot; elsewhere it
 skips loudly.
 
@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -145,6 +144,17 @@ def k8s_node(tmp_path):
     (tmp_path / "token").write_text(token + "\n")
     Kubelet.pods, Kubelet.token, Kubelet.requests = [], token, 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), Kubelet)
+    # HTTPS with a CA of the test's own, as the API server (or kubelet) serves it.
+    import ssl
+
+    from pki import CA
+
+    ca = CA("kubernetes")
+    (tmp_path / "kubelet-ca.pem").write_bytes(ca.pem())
+    cert, key = ca.write_svid(tmp_path, "kubelet", [], ips=["127.0.0.1"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     real, fake = Cgroups(f"eastguard-k8s-{os.getpid()}"), Cgroups(f"eastguard-k8s-{os.getpid()}-lookalike")
     agent = NodeAgent(tmp_path, f"""trust_domain: {TD}
@@ -152,7 +162,8 @@ entries:
   - spiffe_id: spiffe://{TD}/ns/shop/sa/reports
     selectors: ["k8s:ns:shop", "k8s:pod-label:app:reports", "k8s:container-name:reports"]
 """)
-    agent.start(extra=["--kubelet-url", f"http://127.0.0.1:{server.server_port}/pods", "--kubelet-token", str(tmp_path / "token"),
+    agent.start(extra=["--kubelet-url", f"https://127.0.0.1:{server.server_port}/pods", "--kubelet-token", str(tmp_path / "token"),
+                       "--kubelet-ca", str(tmp_path / "kubelet-ca.pem"),
                        "--cgroup-root", str(real.root), "--kubelet-poll-ms", "200"])
     try:
         yield agent, real, fake

@@ -7,7 +7,8 @@
 //! Rules, in order:
 //! 1. Not a pod (no `spec.containers`), a namespace of the never-inject list, eastguard's own
 //!    components (`app.kubernetes.io/part-of: eastguard`), host networking, or
-//!    `sidecar.istio.io/inject` (label first, then annotation) other than y/yes/true/on: skipped.
+//!    `sidecar.eastguard.io/inject` or else `sidecar.istio.io/inject` (label first, then
+//!    annotation) other than y/yes/true/on: skipped.
 //! 2. Already injected (a container `eastguard-proxy` or the status annotation): left as it is,
 //!    so injecting twice is a no-op. A pod Istio injected (`istio-proxy`) is skipped with a warning.
 //! 3. `inject.istio.io/templates` naming a template other than `sidecar` or `spire`: skipped with
@@ -188,11 +189,14 @@ pub fn inject(pod: &Value, namespace: &str, t: &Template) -> Decision {
             false,
         );
     }
-    let asked = label("sidecar.istio.io/inject")
+    // eastguard's own switch first, then Istio's; a label before an annotation.
+    let asked = label("sidecar.eastguard.io/inject")
+        .or_else(|| note("sidecar.eastguard.io/inject"))
+        .or_else(|| label("sidecar.istio.io/inject"))
         .or_else(|| note("sidecar.istio.io/inject"))
         .map(|v| matches!(v.to_ascii_lowercase().as_str(), "y" | "yes" | "true" | "on"));
     if asked == Some(false) {
-        return skip("sidecar.istio.io/inject says no", false);
+        return skip("sidecar.eastguard.io/inject or sidecar.istio.io/inject says no", false);
     }
     let named = |list: Option<&Value>, n: &str| {
         list.and_then(Value::as_array).is_some_and(|cs| {
@@ -611,6 +615,11 @@ mod tests {
             ),
             (
                 pod(json!({"metadata": {"labels": {"sidecar.istio.io/inject": "false"}}})),
+                "default",
+            ),
+            (
+                pod(json!({"metadata": {"annotations": {"sidecar.eastguard.io/inject": "false",
+                                                         "sidecar.istio.io/inject": "true"}}})),
                 "default",
             ),
             (

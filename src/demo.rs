@@ -781,7 +781,33 @@ fn spiffe_id(workload: &str) -> SpiffeId {
     .expect("demo workload names are valid SPIFFE path segments")
 }
 
+/// A loopback port nothing listens on, below the kernel's ephemeral range: a port picked inside
+/// it (`bind(:0)`) can be taken as the source port of an outgoing connection before the sidecar
+/// meant to listen on it binds it. Never the same port twice in one run.
 fn free_port() -> anyhow::Result<SocketAddr> {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .max(10_001);
+    // Randomly seeded per call (std's hasher keys): spread, not secret.
+    let seed = std::collections::hash_map::RandomState::new();
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    for attempt in 0u32..1000 {
+        let mut h = seed.build_hasher();
+        h.write_u32(attempt);
+        let port = 10_000 + (h.finish() % u64::from(low - 10_000)) as u16;
+        if handed.contains(&port) {
+            continue;
+        }
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            handed.push(port);
+            return Ok(l.local_addr()?);
+        }
+    }
+    // The range below is exhausted: the kernel's pick.
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
     Ok(l.local_addr()?)
 }

@@ -265,6 +265,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--concurrency", type=int, default=None, help="eastguard-sidecar --concurrency (default: one worker per CPU)")
+    ap.add_argument("--setups", default="direct,nginx,eastguard", help="which setups to run, comma-separated")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces)")
@@ -316,7 +318,8 @@ def main():
                     "xds": {"address": f"{SERVER_IP}:{XDS}"},
                 }
                 (work / f"{side}.yaml").write_text(yaml.safe_dump(boot))
-                procs[side] = net.start(ns, [release / "eastguard-sidecar", "--log-level", "warn", "--config", work / f"{side}.yaml"],
+                workers = ["--concurrency", str(args.concurrency)] if args.concurrency else []
+                procs[side] = net.start(ns, [release / "eastguard-sidecar", "--log-level", "warn", "--config", work / f"{side}.yaml", *workers],
                                         work / f"eastguard-{side}.log")
             wait_port(SERVER_NS, SERVER_IP, EG_INBOUND, limit=30)
             wait_port(CLIENT_NS, "127.0.0.1", EG_OUTBOUND, limit=30)
@@ -324,7 +327,7 @@ def main():
 
         results = {}  # (setup, mode) -> list of per-round dicts
         for rnd in range(args.rounds):
-            for setup in ("direct", "nginx", "eastguard"):
+            for setup in [x for x in ("direct", "nginx", "eastguard") if x in args.setups.split(",")]:
                 procs, url = {}, f"http://{SERVER_IP}:{UPSTREAM}/"
                 if setup == "nginx":
                     procs, url = nginx_pair()
@@ -367,18 +370,21 @@ def med(results, setup, mode, key):
 
 
 def report(results, args):
-    print(f"\nMedians of {args.rounds} alternating rounds; {args.rate} req/s over {args.connections} connections for "
+    workers = args.concurrency or "one per CPU"
+    print(f"\neastguard workers: {workers}. Medians of {args.rounds} alternating rounds; {args.rate} req/s over {args.connections} connections for "
           f"{args.duration} s after {args.warmup} s of warm-up; saturation and churn {args.burst} s each; oha {subprocess.run([shutil.which('oha') or str(Path.home() / '.cargo/bin/oha'), '--version'], capture_output=True, text=True).stdout.strip()}")
     print(f"{'setup':<10} {'added p50 / p99 (µs)':>22} {'CPU ms/1000 req client / server':>33} {'VmHWM MiB client / server':>27} {'saturation rps':>15} {'churn rps':>10}")
     d50, d99 = med(results, "direct", "fixed", "p50"), med(results, "direct", "fixed", "p99")
     rows = {}
-    for setup in ("direct", "nginx", "eastguard"):
+    for setup in [x for x in ("direct", "nginx", "eastguard") if x in args.setups.split(",")]:
         added = (med(results, setup, "fixed", "p50") - d50) * 1000, (med(results, setup, "fixed", "p99") - d99) * 1000
         cpu = med(results, setup, "fixed", "cpu_client"), med(results, setup, "fixed", "cpu_server")
         hwm = med(results, setup, "churn", "hwm_client"), med(results, setup, "churn", "hwm_server")
         sat, churn = med(results, setup, "saturation", "rps"), med(results, setup, "churn", "rps")
         rows[setup] = (added, cpu, hwm, sat, churn)
         print(f"{setup:<10} {added[0]:>10.0f} / {added[1]:<9.0f} {cpu[0]:>15.1f} / {cpu[1]:<15.1f} {hwm[0]:>12.1f} / {hwm[1]:<12.1f} {sat:>15.0f} {churn:>10.0f}")
+    if "nginx" not in rows or "eastguard" not in rows:
+        return
     (na, nc, _, ns, nch), (ea, ec, eh, es, ech) = rows["nginx"], rows["eastguard"]
     print("\neastguard / nginx (issue 17's goals in brackets):")
     print(f"  CPU per request, client {ec[0] / nc[0]:.2f}, server {ec[1] / nc[1]:.2f}  [≤ 0.7]")

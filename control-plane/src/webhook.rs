@@ -173,7 +173,7 @@ pub async fn serve(
                 };
                 let service = hyper::service::service_fn(move |req| {
                     let (template, events) = (template.clone(), events.clone());
-                    async move { Ok::<_, Infallible>(handle(req, &template, events.as_ref()).await) }
+                    async move { Ok::<_, Infallible>(handle(req, template, events.as_ref()).await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), service)
@@ -185,7 +185,7 @@ pub async fn serve(
 
 async fn handle(
     req: Request<hyper::body::Incoming>,
-    template: &Template,
+    template: Arc<Template>,
     events: Option<&crate::kube::events::EventSink>,
 ) -> Response<Full<Bytes>> {
     match (req.method().as_str(), req.uri().path()) {
@@ -224,7 +224,6 @@ async fn handle(
             );
         }
     };
-    let template = template.clone();
     // Building the patch of a large pod is CPU work: off the async workers.
     let answered = tokio::task::spawn_blocking(move || match body {
         Some(b) => review::answer_with_pod(&b, &template),

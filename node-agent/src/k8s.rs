@@ -145,14 +145,11 @@ pub struct Pods {
 
 impl Pods {
     pub fn parse(body: &[u8]) -> Result<Self, PodsError> {
-        let list: Value = serde_json::from_slice(body)?;
-        let items = list
-            .get("items")
-            .and_then(Value::as_array)
-            .ok_or(PodsError::NoItems)?;
-        Ok(Self {
-            pods: items.clone(),
-        })
+        let mut list: Value = serde_json::from_slice(body)?;
+        match list.get_mut("items").map(Value::take) {
+            Some(Value::Array(pods)) => Ok(Self { pods }),
+            _ => Err(PodsError::NoItems),
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -196,7 +196,10 @@ pub fn inject(pod: &Value, namespace: &str, t: &Template) -> Decision {
         .or_else(|| note("sidecar.istio.io/inject"))
         .map(|v| matches!(v.to_ascii_lowercase().as_str(), "y" | "yes" | "true" | "on"));
     if asked == Some(false) {
-        return skip("sidecar.eastguard.io/inject or sidecar.istio.io/inject says no", false);
+        return skip(
+            "sidecar.eastguard.io/inject or sidecar.istio.io/inject says no",
+            false,
+        );
     }
     let named = |list: Option<&Value>, n: &str| {
         list.and_then(Value::as_array).is_some_and(|cs| {
@@ -618,8 +621,10 @@ mod tests {
                 "default",
             ),
             (
-                pod(json!({"metadata": {"annotations": {"sidecar.eastguard.io/inject": "false",
-                                                         "sidecar.istio.io/inject": "true"}}})),
+                pod(
+                    json!({"metadata": {"annotations": {"sidecar.eastguard.io/inject": "false",
+                                                         "sidecar.istio.io/inject": "true"}}}),
+                ),
                 "default",
             ),
             (

@@ -33,8 +33,9 @@ pub struct Objects {
 pub struct Converter {
     /// (kind, namespace, name) → (resourceVersion, content).
     last_good: BTreeMap<(String, String, String), (String, FileContent)>,
-    /// Errors already logged, by object and version (logged once).
-    logged: BTreeSet<(String, String, String, String)>,
+    /// The version of each object whose refusal was last logged (one entry per object, so an
+    /// object edited badly again and again does not grow it).
+    logged: BTreeMap<(String, String, String), String>,
     pub cluster_domain: String,
 }
 
@@ -80,8 +81,7 @@ impl Converter {
             }
         }
         self.last_good.retain(|k, _| seen.contains(k));
-        self.logged
-            .retain(|(k, n, m, _)| seen.contains(&(k.clone(), n.clone(), m.clone())));
+        self.logged.retain(|k, _| seen.contains(k));
 
         let ready = ready_addresses(&o.endpoint_slices);
         let services: Vec<(&Value, ServiceEntry)> = o
@@ -99,8 +99,8 @@ impl Converter {
     }
 
     fn log_refused(&mut self, id: &(String, String, String), version: &str, e: &DocError) {
-        let key = (id.0.clone(), id.1.clone(), id.2.clone(), version.to_owned());
-        if self.logged.insert(key) {
+        if self.logged.get(id).map(String::as_str) != Some(version) {
+            self.logged.insert(id.clone(), version.to_owned());
             let kept = self.last_good.contains_key(id);
             tracing::error!(kind = %id.0, namespace = %id.1, name = %id.2, error = %e, kept_last_good = kept,
                 "Kubernetes object refused");

@@ -20,6 +20,8 @@ pub enum DevCaError {
     Bundle(#[from] crate::BundleError),
     #[error("{0} is not in the CA's trust domain {1}")]
     WrongTrustDomain(SpiffeId, TrustDomain),
+    #[error("{0} is not among the identities this CA may sign")]
+    NotPermitted(SpiffeId),
     #[error("persisted CA: {0}")]
     Persist(String),
 }
@@ -245,49 +247,69 @@ impl DevCa {
         id: &SpiffeId,
         ttl: Duration,
         edit: impl FnOnce(&mut CertificateParams),
-    ) -> Result<
-        (
-            String,
-            String,
-            Vec<CertificateDer<'static>>,
-            PrivateKeyDer<'static>,
-        ),
-        DevCaError,
-    > {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        // basicConstraints with cA false, in DER: an empty SEQUENCE, marked critical. (rcgen's
-        // ExplicitNoCa encodes `cA: FALSE`, a default value, which is not DER and strict parsers
-        // refuse; leaving the extension out breaks the X509-SVID rule that it be present.)
-        params.is_ca = IsCa::NoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(1);
-        params.not_after = now + ttl;
-        params.serial_number = Some(random_serial());
-        params.use_authority_key_identifier_extension = true;
-        edit(&mut params);
-        if matches!(params.is_ca, IsCa::NoCa) {
-            let mut bc =
-                rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 19], vec![0x30, 0x00]);
-            bc.set_criticality(true);
-            params.custom_extensions.push(bc);
-        }
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        Ok((
-            cert.pem(),
-            key.serialize_pem(),
-            vec![cert.der().clone()],
-            key_der,
-        ))
+    ) -> Result<RawLeaf, DevCaError> {
+        mint_leaf(id, ttl, None, &self.cert, &self.key, edit)
     }
+
+    /// The CA's certificate and key, for [`crate::node_ca`] to sign intermediates with.
+    pub(crate) fn signer(&self) -> (&rcgen::Certificate, &KeyPair, i64) {
+        (&self.cert, &self.key, self.not_after)
+    }
+}
+
+/// A leaf as minted: PEM certificate, PEM key, the chain (the leaf alone) and the key.
+pub(crate) type RawLeaf = (
+    String,
+    String,
+    Vec<CertificateDer<'static>>,
+    PrivateKeyDer<'static>,
+);
+
+/// Mints an X509-SVID leaf for `id` signed by `issuer`, valid from one minute ago for `ttl`
+/// (ending at `not_after` at the latest), after `edit` changes its parameters.
+pub(crate) fn mint_leaf(
+    id: &SpiffeId,
+    ttl: Duration,
+    not_after: Option<time::OffsetDateTime>,
+    issuer: &rcgen::Certificate,
+    issuer_key: &KeyPair,
+    edit: impl FnOnce(&mut CertificateParams),
+) -> Result<RawLeaf, DevCaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    // basicConstraints with cA false, in DER: an empty SEQUENCE, marked critical. (rcgen's
+    // ExplicitNoCa encodes `cA: FALSE`, a default value, which is not DER and strict parsers
+    // refuse; leaving the extension out breaks the X509-SVID rule that it be present.)
+    params.is_ca = IsCa::NoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = match not_after {
+        Some(limit) => (now + ttl).min(limit),
+        None => now + ttl,
+    };
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    edit(&mut params);
+    if matches!(params.is_ca, IsCa::NoCa) {
+        let mut bc = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 19], vec![0x30, 0x00]);
+        bc.set_criticality(true);
+        params.custom_extensions.push(bc);
+    }
+    let cert = params.signed_by(&key, issuer, issuer_key)?;
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    Ok((
+        cert.pem(),
+        key.serialize_pem(),
+        vec![cert.der().clone()],
+        key_der,
+    ))
 }
 
 impl X509Authority for DevCa {
@@ -304,7 +326,7 @@ impl X509Authority for DevCa {
     }
 }
 
-fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     use ring::rand::SecureRandom as _;
     let mut bytes = [0u8; 16];
     // A failing system RNG leaves zeros; serials then only lose uniqueness, not security.

@@ -7,6 +7,7 @@
 
 mod bundle;
 mod dev_ca;
+pub mod node_ca;
 mod source;
 mod spiffe_id;
 mod svid;

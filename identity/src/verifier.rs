@@ -30,6 +30,10 @@ pub enum VerifyError {
         failure: ChainFailure,
         reason: String,
     },
+    #[error("{0} is signed by a node CA that may not sign it (not a pod of that node)")]
+    NotPermittedByIssuer(SpiffeId),
+    #[error("an intermediate's permitted-IDs extension is malformed: {0}")]
+    BadIssuerExtension(String),
     #[error("peer SPIFFE ID {got} is not one of the expected IDs [{expected}]")]
     UnexpectedId { got: SpiffeId, expected: String },
 }
@@ -69,24 +73,34 @@ pub fn verify_peer_svid(
         PeerRole::Client => webpki::KeyUsage::client_auth(),
         PeerRole::Server => webpki::KeyUsage::server_auth(),
     };
-    ee.verify_for_usage(
-        algorithms().all,
-        bundle.anchors(),
-        intermediates,
-        now,
-        usage,
-        None,
-        None,
-    )
-    .map_err(|e| VerifyError::Chain {
-        trust_domain: td.to_owned(),
-        failure: ChainFailure::of(&e),
-        reason: format!("{e:?}"),
-    })?;
+    let path = ee
+        .verify_for_usage(
+            algorithms().all,
+            bundle.anchors(),
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| VerifyError::Chain {
+            trust_domain: td.to_owned(),
+            failure: ChainFailure::of(&e),
+            reason: format!("{e:?}"),
+        })?;
+    // A node's intermediate may sign only the identities of its own pods (`node_ca`).
+    for ca in path.intermediate_certificates() {
+        match crate::node_ca::permitted_ids(ca.der().as_ref()) {
+            Ok(None) => {}
+            Ok(Some(ids)) if ids.contains(&leaf.spiffe_id) => {}
+            Ok(Some(_)) => return Err(VerifyError::NotPermittedByIssuer(leaf.spiffe_id)),
+            Err(reason) => return Err(VerifyError::BadIssuerExtension(reason)),
+        }
+    }
     Ok(leaf.spiffe_id)
 }
 
-fn algorithms() -> &'static WebPkiSupportedAlgorithms {
+pub(crate) fn algorithms() -> &'static WebPkiSupportedAlgorithms {
     static ALGS: std::sync::LazyLock<WebPkiSupportedAlgorithms> = std::sync::LazyLock::new(|| {
         rustls::crypto::ring::default_provider().signature_verification_algorithms
     });

@@ -265,6 +265,7 @@ async fn start_and_script(started: &mut Started, dir: &Path) -> anyhow::Result<b
             audit_log: None,
             webhook: None,
             kubernetes: None,
+            ca: None,
         },
         async move {
             let _ = cp_stopped.await;
@@ -363,6 +364,7 @@ fn start_agent(dir: &Path, uid: u32, workloads: &[&str]) -> anyhow::Result<NodeA
             admin: None,
             ca_dir: None,
             kubelet: None,
+            ca: None,
         },
         async move {
             let _ = stopped.await;

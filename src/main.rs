@@ -118,6 +118,27 @@ enum Command {
         /// the built-in template.
         #[arg(long, requires = "webhook_address")]
         injection_template: Option<PathBuf>,
+        /// Serve the node CA here (HTTPS, `POST /v1/node-ca`): node agents get an intermediate
+        /// that may sign only the identities of pods on their node. Needs --kubernetes.
+        #[arg(long, requires = "kubernetes")]
+        ca_address: Option<std::net::SocketAddr>,
+        /// The CA root's directory (`ca.key.pem`, `ca.json`, `root.pem`; created on first start
+        /// if empty). Without it the root lives in memory.
+        #[arg(long, requires = "ca_address")]
+        ca_dir: Option<PathBuf>,
+        /// A DNS name of the CA's serving certificate (repeatable).
+        #[arg(long = "ca-dns-name", requires = "ca_address", default_values_t = [String::from("eastguard-control-plane.eastguard-system.svc")])]
+        ca_dns_names: Vec<String>,
+        /// How long a node's intermediate is valid, in seconds (how long a node keeps an identity
+        /// after its last pod with it has gone).
+        #[arg(long, default_value_t = 4 * 3600, value_parser = clap::value_parser!(u64).range(300..=30 * 86_400))]
+        node_ca_ttl_seconds: u64,
+        /// The audience of node agents' projected service-account tokens.
+        #[arg(long, default_value = "eastguard-ca")]
+        ca_audience: String,
+        /// The node agent's service account, NAMESPACE/NAME: only its pod-bound tokens are served.
+        #[arg(long, default_value = "eastguard-system/eastguard-node-agent")]
+        node_agent_service_account: String,
     },
     /// The evidence report (PCI DSS v4.0.1, SOC 2) from a control plane's registry and inventory:
     /// self-contained HTML, printable to PDF.
@@ -214,6 +235,17 @@ enum Command {
         /// whose pod is not in the last one).
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000), requires = "kubelet_url")]
         kubelet_poll_ms: u64,
+        /// Sign with a per-node intermediate from the control plane's CA (`control-plane
+        /// --ca-address`, `https://…`) instead of a CA of the agent's own: it may sign only the
+        /// identities of pods on this node. Needs --ca-trust and --ca-token.
+        #[arg(long, requires_all = ["ca_trust", "ca_token", "entries"], conflicts_with_all = ["ca_dir", "admin_address"])]
+        ca_url: Option<String>,
+        /// The trust domain's root (PEM), as the control plane writes it (`root.pem`).
+        #[arg(long, requires = "ca_url")]
+        ca_trust: Option<PathBuf>,
+        /// The node agent's projected service-account token for the CA's audience (re-read).
+        #[arg(long, requires = "ca_url")]
+        ca_token: Option<PathBuf>,
     },
     /// Policy tools: translate Istio AuthorizationPolicy to Envoy RBAC, check a request, and least
     /// privilege from a control plane's inventory (suggest, unused).
@@ -316,6 +348,12 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             kubernetes,
             kubeconfig,
             cluster_domain,
+            ca_address,
+            ca_dir,
+            ca_dns_names,
+            node_ca_ttl_seconds,
+            ca_audience,
+            node_agent_service_account,
         } => {
             // The inventory API and UI have no authentication of their own: like Envoy's admin
             // port, they listen on loopback only (reach them with a port-forward).
@@ -352,7 +390,29 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 }
                 _ => None,
             };
+            let ca = match ca_address {
+                Some(address) => {
+                    let Some((ns, sa)) = node_agent_service_account
+                        .split_once('/')
+                        .filter(|(n, s)| !n.is_empty() && !s.is_empty() && !s.contains('/'))
+                    else {
+                        anyhow::bail!(
+                            "--node-agent-service-account {node_agent_service_account:?}: expected NAMESPACE/NAME"
+                        );
+                    };
+                    Some(control_plane::ca::CaOptions {
+                        address,
+                        dir: ca_dir,
+                        dns_names: ca_dns_names,
+                        node_ca_ttl: std::time::Duration::from_secs(node_ca_ttl_seconds),
+                        audience: ca_audience,
+                        agent: (ns.to_owned(), sa.to_owned()),
+                    })
+                }
+                None => None,
+            };
             let opts = control_plane::Options {
+                ca,
                 webhook,
                 kubernetes: kubernetes.then_some(control_plane::kube::KubeOptions {
                     kubeconfig,
@@ -403,6 +463,9 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             kubelet_ca,
             cgroup_root,
             kubelet_poll_ms,
+            ca_url,
+            ca_trust,
+            ca_token,
         } => {
             anyhow::ensure!(
                 entries.is_some() || capture.is_some(),
@@ -431,6 +494,12 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                         cgroup_root,
                         poll: std::time::Duration::from_millis(kubelet_poll_ms),
                     }),
+                    ca: match (ca_url, ca_trust, ca_token) {
+                        (Some(url), Some(trust), Some(token)) => {
+                            Some(node_agent::ca_client::CaClientOptions { url, trust, token })
+                        }
+                        _ => None,
+                    },
                 };
                 let stop = stopped();
                 async move {

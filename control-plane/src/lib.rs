@@ -12,6 +12,7 @@ pub mod inventory;
 pub mod kube;
 pub mod registry;
 pub mod webhook;
+pub mod ca;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,6 +48,8 @@ pub struct Options {
     pub webhook: Option<webhook::WebhookOptions>,
     /// The Kubernetes API as a source besides the files; off without one.
     pub kubernetes: Option<kube::KubeOptions>,
+    /// The CA that gives node agents their intermediates (needs `kubernetes`); off without one.
+    pub ca: Option<ca::CaOptions>,
 }
 
 /// The control plane's own SVID (PEM files, re-read when they change) and where to serve mTLS.
@@ -249,6 +252,10 @@ impl SnapshotSource for ControlPlane {
 pub enum StartError {
     #[error(transparent)]
     Webhook(#[from] webhook::WebhookError),
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    #[error("trust domain: {0}")]
+    TrustDomain(#[from] identity::SpiffeIdError),
     #[error("Kubernetes: {0}")]
     Kubernetes(#[from] kube::client::ConfigError),
     #[error(transparent)]
@@ -344,9 +351,12 @@ pub async fn run(
         Some(k) => Some(kube::connect(k)?),
         None => None,
     };
-    let mut kube_rx = match (&kube_client, opts.kubernetes.clone()) {
-        (Some(c), Some(k)) => Some(kube::start(c, k)),
-        _ => None,
+    let (mut kube_rx, kube_pods) = match (&kube_client, opts.kubernetes.clone()) {
+        (Some(c), Some(k)) => {
+            let started = kube::start(c, k);
+            (Some(started.registry), Some(started.pods))
+        }
+        _ => (None, None),
     };
     let watcher = tokio::spawn(async move {
         loop {
@@ -417,6 +427,16 @@ pub async fn run(
         }
         None => None,
     };
+    let ca_task = match opts.ca.clone() {
+        Some(c) => {
+            let td = identity::TrustDomain::parse(&opts.mesh.trust_domain)?;
+            let kube = kube_client.clone().zip(kube_pods);
+            Some(tokio::spawn(
+                ca::serve(c, td, kube, closing_tx.subscribe()).await?,
+            ))
+        }
+        None => None,
+    };
     let tls_task = match &opts.tls {
         Some(t) => Some(tokio::spawn(
             serve_tls(t.clone(), cp.clone(), apis.clone(), closing_tx.subscribe()).await?,
@@ -435,6 +455,9 @@ pub async fn run(
         let _ = t.await;
     }
     if let Some(t) = webhook_task {
+        let _ = t.await;
+    }
+    if let Some(t) = ca_task {
         let _ = t.await;
     }
     Ok(())

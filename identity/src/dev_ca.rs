@@ -242,6 +242,30 @@ impl DevCa {
         Ok((cert_pem, key_pem))
     }
 
+    /// A TLS server certificate for `dns_names` (the control plane's own endpoints), valid for
+    /// `ttl`: the chain and its PKCS#8 key.
+    pub fn mint_server(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), DevCaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok((
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ))
+    }
+
     fn mint_raw(
         &self,
         id: &SpiffeId,

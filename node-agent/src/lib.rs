@@ -5,6 +5,7 @@
 mod admin;
 mod authority_fix;
 mod caller;
+pub mod ca_client;
 pub mod entries;
 pub mod jwt;
 pub mod k8s;
@@ -53,6 +54,10 @@ pub enum AgentError {
     NeedsKubelet,
     #[error("kubelet: {0}")]
     Kubelet(#[from] k8s::FetchError),
+    #[error(transparent)]
+    CaClient(#[from] ca_client::CaClientError),
+    #[error("--ca-url (an intermediate from the control plane) excludes --ca-dir and --admin-address (a CA of the agent's own)")]
+    CaConflict,
 }
 
 pub struct AgentConfig {
@@ -67,6 +72,8 @@ pub struct AgentConfig {
     /// Kubernetes attestation (`k8s:` selectors, entries for injected pods) from this node's
     /// kubelet; off without one.
     pub kubelet: Option<k8s::KubeletOptions>,
+    /// Sign with a per-node intermediate from the control plane's CA instead of a CA of its own.
+    pub ca: Option<ca_client::CaClientOptions>,
 }
 
 /// The agent's X.509 authorities: the one that signs, and every one published in the bundle
@@ -126,14 +133,27 @@ pub async fn run(
     if entries.uses_k8s() && kubelet.is_none() {
         return Err(AgentError::NeedsKubelet);
     }
-    let first: Arc<dyn X509Authority> = Arc::new(match &config.ca_dir {
-        Some(dir) => DevCa::load_or_create(entries.trust_domain.clone(), dir)?,
-        None => DevCa::new(entries.trust_domain.clone())?,
-    });
-    let (ca_tx, ca) = watch::channel(Arc::new(Authorities {
-        signing: first.clone(),
-        published: vec![first],
+    let ca_client = match config.ca.clone() {
+        Some(o) => Some(ca_client::CaClient::new(o, entries.trust_domain.clone())?),
+        None => None,
+    };
+    let (ca_tx, ca) = watch::channel(Arc::new(match &ca_client {
+        Some(c) => c.pending(),
+        None => {
+            let first: Arc<dyn X509Authority> = Arc::new(match &config.ca_dir {
+                Some(dir) => DevCa::load_or_create(entries.trust_domain.clone(), dir)?,
+                None => DevCa::new(entries.trust_domain.clone())?,
+            });
+            Authorities {
+                signing: first.clone(),
+                published: vec![first],
+            }
+        }
     }));
+    if ca_client.is_some() && (config.admin.is_some() || config.ca_dir.is_some()) {
+        return Err(AgentError::CaConflict);
+    }
+    let mut ca_tx = Some(ca_tx);
     if let Some(addr) = config.admin {
         if !addr.ip().is_loopback() {
             return Err(AgentError::AdminNotLoopback(addr));
@@ -153,7 +173,7 @@ pub async fn run(
         tracing::info!(%addr, token_file = %token_file.display(), "CA admin API listening");
         tokio::spawn(admin::serve(
             listener,
-            ca_tx,
+            ca_tx.take().expect("the admin API is the only other holder"),
             entries.trust_domain.clone(),
             token,
         ));
@@ -180,6 +200,12 @@ pub async fn run(
             refresh,
         }
     });
+    // Without the admin API or the CA client, `ca_tx` stays here: streams wait on its changes.
+    if let Some(client) = ca_client
+        && let Some(ca_tx) = ca_tx.take()
+    {
+        tokio::spawn(ca_client::run(client, rx.clone(), ca_tx));
+    }
     tokio::spawn(follow_file(
         file_rx,
         k8s.as_ref().map(|k| k.pods.clone()),
@@ -421,10 +447,12 @@ impl WorkloadApi {
         let bundle = authorities.bundle_der();
         let mut svids = Vec::with_capacity(matching.len());
         for e in &matching {
-            let minted = authorities
-                .signing
-                .mint(&e.spiffe_id, e.ttl)
-                .map_err(|e| Status::internal(e.to_string()))?;
+            let minted = match authorities.signing.mint(&e.spiffe_id, e.ttl) {
+                Ok(m) => m,
+                // The node's intermediate does not cover it (yet): the others are still given.
+                Err(identity::DevCaError::NotPermitted(_)) => continue,
+                Err(e) => return Err(Status::internal(e.to_string())),
+            };
             let key = PrivateKeyDer::from_pem_slice(minted.key_pem.as_bytes())
                 .map_err(|e| Status::internal(e.to_string()))?;
             svids.push(api::X509svid {
@@ -439,6 +467,11 @@ impl WorkloadApi {
                 bundle: bundle.clone(),
                 hint: String::new(),
             });
+        }
+        if svids.is_empty() {
+            return Err(Status::unavailable(
+                "no CA can sign this identity yet (the node's intermediate does not cover it); retry",
+            ));
         }
         let renew = matching
             .iter()

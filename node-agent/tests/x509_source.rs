@@ -28,6 +28,7 @@ async fn spiffe_crate_x509_source_gets_svid_and_bundle() {
             admin: None,
             ca_dir: None,
             kubelet: None,
+            ca: None,
         },
         async move {
             let _ = stop_rx.await;

@@ -288,6 +288,34 @@ impl Client {
             .map(drop)
     }
 
+    /// `POST path` with a JSON body, returning the JSON answer (a review: TokenReview).
+    pub async fn post_for(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<Value, RequestError> {
+        use http_body_util::BodyExt as _;
+        let resp = self
+            .request(
+                http::Method::POST,
+                path,
+                Some(Bytes::from(body.to_string())),
+                timeout,
+            )
+            .await?;
+        let body = tokio::time::timeout(
+            timeout,
+            http_body_util::Limited::new(resp.into_body(), 1024 * 1024).collect(),
+        )
+        .await
+        .map_err(|_| RequestError::Transport("no response body in time".into()))?
+        .map_err(|e| RequestError::Transport(e.to_string()))?
+        .to_bytes();
+        serde_json::from_slice(&body)
+            .map_err(|e| RequestError::Transport(format!("the answer is not JSON: {e}")))
+    }
+
     async fn request(
         &self,
         method: http::Method,

@@ -88,12 +88,16 @@ pub fn connect(opts: &KubeOptions) -> Result<client::Client, client::ConfigError
     }
 }
 
-/// Starts the reflectors; the receiver holds `None` until every resource is listed, then the
-/// registry from Kubernetes, republished (at most every 20 ms) as objects change.
-pub fn start(
-    client: &client::Client,
-    opts: KubeOptions,
-) -> channel::Receiver<Option<Arc<Registry>>> {
+/// What the reflectors publish: the registry and the pods as listed (the CA reads them).
+pub struct Started {
+    /// `None` until every resource is listed, then the registry from Kubernetes, republished
+    /// (at most every 20 ms) as objects change.
+    pub registry: channel::Receiver<Option<Arc<Registry>>>,
+    pub pods: channel::Receiver<Snapshot>,
+}
+
+/// Starts the reflectors.
+pub fn start(client: &client::Client, opts: KubeOptions) -> Started {
     let mut receivers = Vec::new();
     for resource in RESOURCES {
         let (tx, rx) = channel::channel(Snapshot::default());
@@ -108,9 +112,10 @@ pub fn start(
             .run(),
         );
     }
+    let pods = receivers[1].clone();
     let (tx, rx) = channel::channel(None);
     tokio::spawn(aggregate(receivers, tx, opts.cluster_domain));
-    rx
+    Started { registry: rx, pods }
 }
 
 async fn aggregate(

@@ -32,6 +32,9 @@ class KubeStandIn:
         self.gone_event = set()  # paths whose next watch gets an ERROR 410 event
         self.requests = []  # (path, query dict)
         self.created = []  # (path, object) of every POST
+        # TokenReview: token -> {"user": {...}, "audiences": [...]} of the tokens it knows.
+        self.tokens = {}
+        self.reviews = []  # the tokens reviewed, in order
         self.down = False
         self.generation = 0  # bumped to end every open watch
         self.bookmarks = {}  # path -> the last resourceVersion a BOOKMARK carried
@@ -217,10 +220,29 @@ class KubeStandIn:
             obj = json.loads(body)
         except ValueError:
             return self._status(h, 400, "BadRequest", "the body is not JSON")
+        if urlparse(h.path).path == "/apis/authentication.k8s.io/v1/tokenreviews":
+            return self._review(h, obj)
         meta = obj.setdefault("metadata", {})
         meta.setdefault("name", meta.get("generateName", "x") + str(len(self.created)))
         self.created.append((urlparse(h.path).path, obj))
         self._json(h, obj, code=201)
+
+    def _review(self, h, review):
+        """A TokenReview as the API server answers it: authenticated only for a token it knows
+        whose audiences meet the ones asked for; `status.audiences` is that intersection."""
+        token = review.get("spec", {}).get("token", "")
+        self.reviews.append(token)
+        known = self.tokens.get(token)
+        asked = review.get("spec", {}).get("audiences") or []
+        status = {"authenticated": False, "error": "invalid bearer token"}
+        if known is not None:
+            meet = [a for a in asked if a in known["audiences"]] if asked else list(known["audiences"])
+            if meet:
+                status = {"authenticated": True, "user": known["user"], "audiences": meet}
+            else:
+                status = {"authenticated": False, "error": "token audiences are invalid for the target audiences"}
+        review["status"] = status
+        self._json(h, review, code=201)
 
     def _is_group_version(self, path):
         gv = path[len("/api/"):] if path.startswith("/api/") else path[len("/apis/"):]
@@ -287,6 +309,9 @@ class KubeStandIn:
                     pending = [e for e in self.events if e[1] == path and e[0] > sent]
                     if not pending:
                         self.lock.wait(0.05)
+                        # Read again: what arrived during the wait is sent before a bookmark
+                        # claims its version.
+                        pending = [e for e in self.events if e[1] == path and e[0] > sent]
                     rv = self.rv
                 for erv, _, kind, obj in pending:
                     if path in self.cut:

@@ -258,9 +258,7 @@ impl Ca {
         let node = self.authenticate(token).await?;
         let refused: Vec<&SpiffeId> = ids
             .iter()
-            .filter(|id| {
-                workload_of(id, td).is_none_or(|(ns, sa)| !self.runs_on(&node, ns, sa))
-            })
+            .filter(|id| workload_of(id, td).is_none_or(|(ns, sa)| !self.runs_on(&node, ns, sa)))
             .collect();
         if !refused.is_empty() {
             tracing::warn!(%node, refused = ?refused.iter().map(|i| i.as_str()).collect::<Vec<_>>(), "node CA refused: identities of no pod on the node");
@@ -357,7 +355,9 @@ pub async fn serve(
     let root = match &opts.dir {
         Some(dir) => DevCa::load_or_create(trust_domain, dir)?,
         None => {
-            tracing::warn!("no --ca-dir: the CA root lives in memory; node CAs die with this process");
+            tracing::warn!(
+                "no --ca-dir: the CA root lives in memory; node CAs die with this process"
+            );
             DevCa::new(trust_domain)?
         }
     };

@@ -6,13 +6,13 @@
 //! naming file, document and field) and its last good content keeps being served.
 
 pub mod audit;
+pub mod ca;
 pub mod generate;
 pub mod inject;
 pub mod inventory;
 pub mod kube;
 pub mod registry;
 pub mod webhook;
-pub mod ca;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

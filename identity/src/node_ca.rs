@@ -19,8 +19,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use rustls_pki_types::{CertificateDer, UnixTime};
 use x509_parser::prelude::FromDer as _;
@@ -65,7 +65,10 @@ fn node_ca_dn(node: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "eastguard node CA");
     // ub-common-name is 64 characters; node names may be longer.
-    dn.push(DnType::CommonName, node.chars().take(64).collect::<String>());
+    dn.push(
+        DnType::CommonName,
+        node.chars().take(64).collect::<String>(),
+    );
     dn
 }
 
@@ -355,7 +358,12 @@ impl NodeCa {
             not_after,
         };
         // A leaf it signs must verify as peers will verify it (names, keys, validity).
-        let probe = ca.permitted.iter().next().cloned().ok_or(NodeCaError::NoIds)?;
+        let probe = ca
+            .permitted
+            .iter()
+            .next()
+            .cloned()
+            .ok_or(NodeCaError::NoIds)?;
         let minted = ca.mint(&probe, Duration::from_secs(60))?;
         let anchor = webpki::anchor_from_trusted_cert(&ca.root).map_err(|e| bad(e.to_string()))?;
         let leaf = &minted.svid.chain()[0];
@@ -372,7 +380,11 @@ impl NodeCa {
                 )
                 .map(drop)
             })
-            .map_err(|e| bad(format!("a leaf it signs does not verify against the root: {e:?}")))?;
+            .map_err(|e| {
+                bad(format!(
+                    "a leaf it signs does not verify against the root: {e:?}"
+                ))
+            })?;
         Ok(ca)
     }
 
@@ -482,7 +494,10 @@ mod tests {
 
     fn verify(root: &DevCa, chain: &[CertificateDer<'static>]) -> Result<SpiffeId, VerifyError> {
         let own = root
-            .mint(&id("spiffe://td.test/ns/x/sa/self"), Duration::from_secs(600))
+            .mint(
+                &id("spiffe://td.test/ns/x/sa/self"),
+                Duration::from_secs(600),
+            )
             .unwrap();
         let creds = Credentials::new(own.svid, BundleSet::new([root.bundle().unwrap()]))
             .fixed()
@@ -517,7 +532,10 @@ mod tests {
         let root = root();
         let ca = node_a(&root);
         assert!(matches!(
-            ca.mint(&id("spiffe://td.test/ns/bank/sa/ledger"), Duration::from_secs(60)),
+            ca.mint(
+                &id("spiffe://td.test/ns/bank/sa/ledger"),
+                Duration::from_secs(60)
+            ),
             Err(DevCaError::NotPermitted(_))
         ));
     }
@@ -555,7 +573,10 @@ mod tests {
             mint_leaf(&web, Duration::from_secs(600), None, &sub, &sub_key, |_| {}).unwrap();
         chain.push(sub.der().clone());
         chain.push(ca.cert.clone());
-        assert!(matches!(verify(&root, &chain), Err(VerifyError::Chain { .. })));
+        assert!(matches!(
+            verify(&root, &chain),
+            Err(VerifyError::Chain { .. })
+        ));
     }
 
     fn intermediate_with(root: &DevCa, content: Vec<Vec<u8>>) -> NodeCaWithKey {
@@ -566,7 +587,10 @@ mod tests {
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
         for c in content {
             p.custom_extensions
-                .push(rcgen::CustomExtension::from_oid_content(PERMITTED_IDS_OID, c));
+                .push(rcgen::CustomExtension::from_oid_content(
+                    PERMITTED_IDS_OID,
+                    c,
+                ));
         }
         let (r, rk, _) = root.signer();
         let cert = p.signed_by(&key, r, rk).unwrap();
@@ -591,7 +615,10 @@ mod tests {
                 mint_leaf(&web, Duration::from_secs(600), None, &ca, &key, |_| {}).unwrap();
             chain.push(ca.der().clone());
             assert!(
-                matches!(verify(&root, &chain), Err(VerifyError::BadIssuerExtension(_))),
+                matches!(
+                    verify(&root, &chain),
+                    Err(VerifyError::BadIssuerExtension(_))
+                ),
                 "{:?}",
                 verify(&root, &chain)
             );
@@ -634,16 +661,18 @@ mod tests {
         assert!(parse_csr(&pem).is_ok());
         // Flip a bit in the signature (the last bytes of the DER).
         use rustls_pki_types::pem::PemObject as _;
-        let mut der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(
-            pem.as_bytes(),
-        )
-        .unwrap()
-        .as_ref()
-        .to_vec();
+        let mut der =
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec();
         let last = der.len() - 1;
         der[last] ^= 1;
         let tampered = pem_block("CERTIFICATE REQUEST", &der);
-        assert!(matches!(parse_csr(&tampered), Err(NodeCaError::CsrSignature)));
+        assert!(matches!(
+            parse_csr(&tampered),
+            Err(NodeCaError::CsrSignature)
+        ));
         // Another curve.
         let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
         let other = CertificateParams::default()
@@ -693,7 +722,13 @@ mod tests {
             .unwrap();
         let mine = NodeKey::generate().unwrap();
         assert!(matches!(
-            NodeCa::new(root.trust_domain().clone(), "node-a", mine, cert, root.cert_der()),
+            NodeCa::new(
+                root.trust_domain().clone(),
+                "node-a",
+                mine,
+                cert,
+                root.cert_der()
+            ),
             Err(NodeCaError::Intermediate(_))
         ));
     }

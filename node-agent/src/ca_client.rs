@@ -150,7 +150,9 @@ impl CaClient {
                 .header("host", self.uri.authority().map_or("", |a| a.as_str()))
                 .header("content-type", "application/json")
                 .header("authorization", format!("Bearer {}", token.trim()))
-                .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    body.to_string(),
+                )))
                 .map_err(|e| other(e.to_string()))?;
             let resp = sender
                 .send_request(req)

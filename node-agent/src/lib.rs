@@ -4,8 +4,8 @@
 
 mod admin;
 mod authority_fix;
-mod caller;
 pub mod ca_client;
+mod caller;
 pub mod entries;
 pub mod jwt;
 pub mod k8s;
@@ -56,7 +56,9 @@ pub enum AgentError {
     Kubelet(#[from] k8s::FetchError),
     #[error(transparent)]
     CaClient(#[from] ca_client::CaClientError),
-    #[error("--ca-url (an intermediate from the control plane) excludes --ca-dir and --admin-address (a CA of the agent's own)")]
+    #[error(
+        "--ca-url (an intermediate from the control plane) excludes --ca-dir and --admin-address (a CA of the agent's own)"
+    )]
     CaConflict,
 }
 
@@ -154,7 +156,9 @@ pub async fn run(
         return Err(AgentError::CaConflict);
     }
     let mut ca_tx = Some(ca_tx);
-    if let Some(addr) = config.admin {
+    if let Some(addr) = config.admin
+        && let Some(admin_tx) = ca_tx.take()
+    {
         if !addr.ip().is_loopback() {
             return Err(AgentError::AdminNotLoopback(addr));
         }
@@ -173,7 +177,7 @@ pub async fn run(
         tracing::info!(%addr, token_file = %token_file.display(), "CA admin API listening");
         tokio::spawn(admin::serve(
             listener,
-            ca_tx.take().expect("the admin API is the only other holder"),
+            admin_tx,
             entries.trust_domain.clone(),
             token,
         ));

@@ -112,3 +112,38 @@ def test_kubectl_parses_every_manifest(tmp_path):
             assert len(created) == len(docs(path)), (path, r.stdout)
     finally:
         api.stop()
+
+
+def test_the_node_ca_is_wired_as_the_binary_expects():
+    """The node agents reach the control plane's CA, with tokens for its audience, bound to
+    their pods, as the service account the CA serves; the control plane may review them."""
+    all_docs = docs(ROOT / "deploy" / "kubernetes" / "eastguard.yaml")
+    by = {(d["kind"], d["metadata"]["name"]): d for d in all_docs}
+    cp = by[("Deployment", "eastguard-control-plane")]["spec"]["template"]["spec"]
+    ds = by[("DaemonSet", "eastguard-node-agent")]["spec"]["template"]["spec"]
+    cp_args = dict(a.split("=", 1) for a in cp["containers"][0]["args"][1:] if "=" in a)
+    ds_args = dict(a.split("=", 1) for a in ds["containers"][0]["args"][1:] if "=" in a)
+    ca_port = int(cp_args["--ca-address"].rsplit(":", 1)[1])
+    svc = by[("Service", "eastguard-control-plane")]
+    host_port = ds_args["--ca-url"].removeprefix("https://")
+    host, port = host_port.rsplit(":", 1)
+    assert host == f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
+    assert host == cp_args["--ca-dns-name"]
+    assert any(p["port"] == int(port) and p["targetPort"] == ca_port for p in svc["spec"]["ports"])
+    # The token: projected, for the audience the CA checks (its default), mounted where the flag says.
+    help_text = subprocess.run([binary(), "control-plane", "--help"], capture_output=True, text=True, timeout=30).stdout
+    audience = cp_args.get("--ca-audience") or re.search(r"--ca-audience <CA_AUDIENCE>.*?\[default: ([^\]]+)\]", help_text, re.S).group(1)
+    agent_sa = cp_args.get("--node-agent-service-account") or re.search(r"--node-agent-service-account <[A-Z_]+>.*?\[default: ([^\]]+)\]", help_text, re.S).group(1)
+    vol = next(v for v in ds["volumes"] if v["name"] == "ca-token")
+    src = vol["projected"]["sources"][0]["serviceAccountToken"]
+    assert src["audience"] == audience
+    mount = next(m for m in ds["containers"][0]["volumeMounts"] if m["name"] == "ca-token")
+    assert ds_args["--ca-token"] == f"{mount['mountPath']}/{src['path']}"
+    assert agent_sa == f"{by[('DaemonSet', 'eastguard-node-agent')]['metadata']['namespace']}/{ds['serviceAccountName']}"
+    # The control plane may create TokenReviews; the node agent may not.
+    rules = by[("ClusterRole", "eastguard-control-plane")]["rules"]
+    assert any("authentication.k8s.io" in r["apiGroups"] and "tokenreviews" in r["resources"] and r["verbs"] == ["create"] for r in rules)
+    agent_rules = by[("ClusterRole", "eastguard-node-agent")]["rules"]
+    assert not any("tokenreviews" in r["resources"] for r in agent_rules)
+    # The node agent signs with the intermediate only: no CA of its own.
+    assert "--ca-dir" not in ds_args and "--admin-address" not in ds_args

@@ -140,6 +140,15 @@ enum Command {
         #[arg(long, default_value = "eastguard-system/eastguard-node-agent")]
         node_agent_service_account: String,
     },
+    /// Create the trust domain's root for `control-plane --ca-dir` (`ca.key.pem` mode 0600,
+    /// `ca.json`, `root.pem`), to be stored as a Secret; `root.pem` is what node agents trust.
+    /// An existing root in DIR is kept.
+    CaInit {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
     /// The evidence report (PCI DSS v4.0.1, SOC 2) from a control plane's registry and inventory:
     /// self-contained HTML, printable to PDF.
     Report {
@@ -313,6 +322,16 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
         Command::Apis(cmd) => apis_cmd::run(cmd),
         Command::ProxyConfig(args) => proxy_config_cmd::run(&args),
         Command::ProxyStatus(args) => proxy_config_cmd::status(&args),
+        Command::CaInit { dir, trust_domain } => {
+            let td = identity::TrustDomain::parse(&trust_domain)
+                .map_err(|e| anyhow::anyhow!("--trust-domain {trust_domain:?}: {e}"))?;
+            let root = identity::DevCa::load_or_create(td, &dir)?;
+            let path = dir.join("root.pem");
+            std::fs::write(&path, root.cert_pem())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            println!("{}", path.display());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Report {
             control_plane,
             file,

@@ -107,6 +107,10 @@ class Cluster:
             # The mount's source names the cluster, so a later run finds it wherever it is.
             sh("mount", "-t", "bpf", f"eastguard-test-{self.tag}", self.bpffs)
 
+    def status_file(self, pod):
+        """Where the node agent writes the pod's capture state for its sidecar."""
+        return self.tmp / f"{pod}.capture"
+
     def cgroup(self, pod, part=None):
         p = self.cg_root / pod
         return p / part if part else p
@@ -269,7 +273,7 @@ class Cluster:
             cfg = self.tmp / f"{pod}-sidecar.yaml"
             config = self.xds_sidecar_config(pod) if xds else self.sidecar_config(pod)
             if self.capture == "ebpf":
-                config["capture"] = {"status_file": str(self.tmp / f"{pod}.capture")}
+                config["capture"] = {"status_file": str(self.status_file(pod))}
             cfg.write_text(yaml.safe_dump(config))
             self.spawn(pod, "sidecar", [binary(), "proxy", "--config", cfg], self.tmp / f"{pod}-sidecar.log")
         self.app_log = {p: self.tmp / f"{p}-app.jsonl" for p in PODS}
@@ -306,7 +310,7 @@ class Cluster:
             "admin": {"address": "127.0.0.1:15000"},
             "identity": {"files": {"cert": str(cert), "key": str(key), "bundle": str(self.bundle), "poll_interval": "200ms"}},
             "access_log": {"path": str(self.tmp / f"{pod}-access.log"), "format": "JSON"},
-            "capture": {"status_file": str(self.tmp / f"{pod}.capture")},
+            "capture": {"status_file": str(self.status_file(pod))},
             "xds": {"address": f"{SUBNET4}.1:15010"},
         }
 
@@ -316,7 +320,7 @@ class Cluster:
             "cgroup": str(self.cgroup(pod)),
             "sidecar_cgroup": str(self.cgroup(pod, "sidecar")),
             "netns": f"/run/netns/{self.ns[pod]}",
-            "status_file": str(self.tmp / f"{pod}.capture"),
+            "status_file": str(self.status_file(pod)),
             "short_circuit": self.short_circuit,
         }
 

@@ -81,6 +81,21 @@ def test_the_injection_configmap_is_what_the_webhook_reads(tmp_path):
         host_dirs = [v["hostPath"]["path"] for v in ds["spec"]["template"]["spec"]["volumes"] if "hostPath" in v]
         assert vol["hostPath"]["path"] in host_dirs
         assert schema_errors(out) == []
+        # Captured with eBPF: the control plane is told, and the sidecar waits for the node
+        # agent's status file beside the socket (the agent's default --capture-status-dir is
+        # the socket's directory, the same host directory).
+        assert out["metadata"]["annotations"]["sidecar.eastguard.io/capture"] == "ebpf"
+        env = {e["name"]: e for e in sidecar["env"]}
+        assert env["POD_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"
+        boot = yaml.safe_load(env["EASTGUARD_BOOTSTRAP"]["value"])
+        mount = next(m for m in sidecar["volumeMounts"] if m["name"] == "eastguard-workload-socket")
+        assert boot["capture"]["status_file"] == f"{mount['mountPath']}/${{POD_UID}}.capture"
+        args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert "--capture-pods" in args
+        sock = next(a.split("=", 1)[1] for a in args if a.startswith("--workload-api-socket="))
+        agent_mount = next(m for m in ds["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] if sock.startswith(m["mountPath"] + "/"))
+        agent_vol = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == agent_mount["name"])
+        assert agent_vol["hostPath"]["path"] == vol["hostPath"]["path"]
     finally:
         w.stop()
 

@@ -1,4 +1,5 @@
-//! `eastguard node-agent --capture REGISTRY`: keeps each registered pod's eBPF capture attached
+//! `eastguard node-agent --capture REGISTRY` (or `--capture-pods`, the pods the kubelet lists for
+//! capture): keeps each registered pod's eBPF capture attached
 //! (`ebpf-redirect`), and serves its state on a loopback admin endpoint:
 //! `GET /capture` (JSON), `GET /stats/prometheus`, `GET /healthz/ready` (200 when every
 //! registered pod is attached).
@@ -16,10 +17,23 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 
 pub struct CaptureOptions {
-    pub registry: PathBuf,
+    pub source: Source,
     pub bpffs: PathBuf,
     pub admin: Option<SocketAddr>,
     pub poll: Duration,
+}
+
+/// Where the pods to capture come from.
+pub enum Source {
+    /// A registry file (`--capture FILE`).
+    File(PathBuf),
+    /// The kubelet's pod list (`--capture-pods`): the pods the webhook set up for capture
+    /// (`node_agent::k8s_capture`); each pod's status file is `<status_dir>/<pod uid>.capture`.
+    Pods {
+        pods: tokio::sync::watch::Receiver<Arc<node_agent::k8s::Pods>>,
+        cgroup_root: PathBuf,
+        status_dir: PathBuf,
+    },
 }
 
 #[derive(Default)]
@@ -27,6 +41,92 @@ struct Shared {
     pods: Vec<PodStatus>,
     registry_error: Option<String>,
     reconciles: u64,
+}
+
+/// What one poll of the source gives.
+enum Read {
+    /// Nothing to act on yet (a file mid-write, no pod list yet).
+    NotYet,
+    Registry(Registry),
+    /// The source is broken; the last good registry stays.
+    Broken(String),
+}
+
+/// The registry file, applied once two polls read the same bytes, so a file caught
+/// half-written is never reconciled (a pod dropped from it would lose its capture).
+fn read_file(path: &std::path::Path, last_read: &mut Option<String>) -> Read {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+    let stable = text.as_ref().ok() == last_read.as_ref();
+    *last_read = text.as_ref().ok().cloned();
+    match text {
+        Ok(_) if !stable => Read::NotYet,
+        Ok(t) => match Registry::parse(&t) {
+            Ok(r) => Read::Registry(r),
+            Err(e) => Read::Broken(format!("{}: {e}", path.display())),
+        },
+        Err(e) => Read::Broken(e),
+    }
+}
+
+/// The registry for the pods the kubelet lists for capture. A pod whose entry does not pass
+/// the registry's checks (a bad CIDR in its annotation) is left out and said once.
+fn from_pods(
+    targets: &mut node_agent::k8s_capture::CaptureTargets,
+    pods: &node_agent::k8s::Pods,
+    cgroup_root: &std::path::Path,
+    status_dir: &std::path::Path,
+    said: &mut std::collections::BTreeSet<String>,
+) -> Read {
+    let Some((found, failed)) = targets.update(pods, cgroup_root) else {
+        return Read::NotYet;
+    };
+    let mut now_said = std::collections::BTreeSet::new();
+    let mut say = |key: String, f: &dyn Fn()| {
+        if !said.contains(&key) {
+            f();
+        }
+        now_said.insert(key);
+    };
+    for f in &failed {
+        say(
+            format!("{}: {}", f.pod, f.reason),
+            &|| tracing::warn!(pod = %f.pod, reason = %f.reason, "pod set up for capture not placed (an earlier capture of it stays)"),
+        );
+    }
+    let mut registry = Registry::default();
+    for t in found {
+        if !t.ignored.is_empty() {
+            say(
+                format!("{}: ignored {:?}", t.pod, t.ignored),
+                &|| tracing::warn!(pod = %t.pod, ignored = ?t.ignored, "capture settings eBPF capture does not apply; the pod is captured whole"),
+            );
+        }
+        let spec = ebpf_redirect::PodSpec {
+            name: format!("k8s-{}", t.uid),
+            cgroup: t.cgroup,
+            sidecar_cgroup: t.sidecar_cgroup,
+            netns: t.netns,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            exclude_outbound_ports: t.exclude_outbound_ports,
+            exclude_outbound_cidrs: t.exclude_outbound_cidrs,
+            exclude_inbound_ports: t.exclude_inbound_ports,
+            short_circuit: true,
+            status_file: Some(status_dir.join(format!("{}.capture", t.uid))),
+        };
+        let one = Registry {
+            pods: vec![spec.clone()],
+        };
+        match one.validate() {
+            Ok(()) => registry.pods.push(spec),
+            Err(e) => say(
+                format!("{}: {e}", t.pod),
+                &|| tracing::error!(pod = %t.pod, error = %e, "pod not captured: its capture settings are refused"),
+            ),
+        }
+    }
+    *said = now_said;
+    Read::Registry(registry)
 }
 
 pub async fn run(
@@ -45,10 +145,14 @@ pub async fn run(
             .with_context(|| format!("binding the capture admin endpoint {addr}"))?;
         tokio::spawn(serve_admin(listener, shared.clone()));
     }
+    let mut source = opts.source;
     let mut registry = Registry::default();
-    // A broken file keeps the last good registry; before the first good one, nothing is touched.
+    // A broken source keeps the last good registry; before the first good one, nothing is
+    // touched (a restarted agent re-adopts what is pinned once it knows the pods).
     let mut have_good = false;
     let mut last_read: Option<String> = None;
+    let mut targets = node_agent::k8s_capture::CaptureTargets::default();
+    let mut said = std::collections::BTreeSet::new();
     let mut tick = tokio::time::interval(opts.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -57,23 +161,27 @@ pub async fn run(
             () = &mut shutdown => break,
             _ = tick.tick() => {}
         }
-        // A change is applied once two polls read the same bytes, so a file caught half-written is
-        // never reconciled (a pod dropped from it would lose its capture).
-        let text = std::fs::read_to_string(&opts.registry)
-            .map_err(|e| format!("{}: {e}", opts.registry.display()));
-        let stable = text.as_ref().ok() == last_read.as_ref();
-        last_read = text.as_ref().ok().cloned();
-        let registry_error = match text {
-            Ok(_) if !stable => continue,
-            Ok(t) => match Registry::parse(&t) {
-                Ok(r) => {
-                    registry = r;
-                    have_good = true;
-                    None
-                }
-                Err(e) => Some(format!("{}: {e}", opts.registry.display())),
-            },
-            Err(e) => Some(e),
+        let read = match &mut source {
+            Source::File(path) => read_file(path, &mut last_read),
+            Source::Pods {
+                pods,
+                cgroup_root,
+                status_dir,
+            } => {
+                let list = pods.borrow_and_update().clone();
+                tokio::task::block_in_place(|| {
+                    from_pods(&mut targets, &list, cgroup_root, status_dir, &mut said)
+                })
+            }
+        };
+        let registry_error = match read {
+            Read::NotYet => continue,
+            Read::Registry(r) => {
+                registry = r;
+                have_good = true;
+                None
+            }
+            Read::Broken(e) => Some(e),
         };
         {
             // Logged when it changes, not at every poll.
@@ -90,7 +198,7 @@ pub async fn run(
             s.registry_error = registry_error;
         }
         if !have_good {
-            // Nothing good yet: adopt nothing, remove nothing, until the file parses.
+            // Nothing good yet: adopt nothing, remove nothing, until the source is read.
             continue;
         }
         let pods = tokio::task::block_in_place(|| manager.reconcile(&registry));

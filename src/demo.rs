@@ -365,6 +365,7 @@ fn start_agent(dir: &Path, uid: u32, workloads: &[&str]) -> anyhow::Result<NodeA
             ca_dir: None,
             kubelet: None,
             ca: None,
+            pods: None,
         },
         async move {
             let _ = stopped.await;

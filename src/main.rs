@@ -197,7 +197,9 @@ enum Command {
     #[command(hide = true)]
     DemoRawSocket,
     /// The node agent: the SPIFFE Workload API on a unix socket (X509-SVIDs for attested local
-    /// workloads), and/or eBPF traffic capture for the pods in a registry (`--capture`).
+    /// workloads), and/or eBPF traffic capture for the pods in a registry (`--capture`) or the
+    /// kubelet's pods set up for it (`--capture-pods`).
+    #[command(group(clap::ArgGroup::new("capturing").args(["capture", "capture_pods"]).multiple(false)))]
     NodeAgent {
         /// Where to create the Workload API socket (with --entries).
         #[arg(long, requires = "entries")]
@@ -208,15 +210,23 @@ enum Command {
         /// eBPF capture: the pods to capture (YAML, re-read while running). Needs root.
         #[arg(long, value_name = "REGISTRY")]
         capture: Option<PathBuf>,
+        /// eBPF capture of the pods the kubelet lists (--kubelet-url) that the injection webhook
+        /// set up for it (`sidecar.eastguard.io/capture-settings`), instead of a registry file.
+        #[arg(long, requires = "kubelet_url")]
+        capture_pods: bool,
+        /// Where captured pods' status files go (`<pod uid>.capture`, read by their sidecars):
+        /// the directory shared with them, the Workload API socket's by default.
+        #[arg(long, requires = "capture_pods")]
+        capture_status_dir: Option<PathBuf>,
         /// The bpf filesystem capture pins under (`<bpffs>/eastguard/<pod>`).
-        #[arg(long, default_value = "/sys/fs/bpf", requires = "capture")]
+        #[arg(long, default_value = "/sys/fs/bpf", requires = "capturing")]
         bpffs: PathBuf,
         /// Loopback address of the capture admin endpoint (/capture, /stats/prometheus,
         /// /healthz/ready).
-        #[arg(long, requires = "capture")]
+        #[arg(long, requires = "capturing")]
         capture_admin: Option<std::net::SocketAddr>,
         /// How often the capture registry is re-read and pods reconciled, in milliseconds.
-        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000), requires = "capture")]
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000), requires = "capturing")]
         capture_poll_ms: u64,
         /// Loopback address for the CA admin API (POST /ca/prepare, /ca/activate, /ca/taint);
         /// requests need `Authorization: Bearer TOKEN` from `<socket>.admin-token` (mode 0600).
@@ -472,6 +482,8 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             workload_api_socket,
             entries,
             capture,
+            capture_pods,
+            capture_status_dir,
             bpffs,
             capture_admin,
             capture_poll_ms,
@@ -499,8 +511,29 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                     let _ = rx.wait_for(|s| *s).await;
                 }
             };
+            // With --capture-pods, capture reads the pod lists the identity side fetches.
+            let pods_tx = capture_pods.then(|| {
+                tokio::sync::watch::channel(std::sync::Arc::new(node_agent::k8s::Pods::default())).0
+            });
+            let capture_source = match (capture, &pods_tx) {
+                (Some(file), _) => Some(capture_cmd::Source::File(file)),
+                (None, Some(tx)) => Some(capture_cmd::Source::Pods {
+                    pods: tx.subscribe(),
+                    cgroup_root: cgroup_root.clone(),
+                    status_dir: match (capture_status_dir, &workload_api_socket) {
+                        (Some(d), _) => d,
+                        (None, Some(sock)) => sock
+                            .parent()
+                            .map(std::path::Path::to_path_buf)
+                            .unwrap_or_default(),
+                        (None, None) => PathBuf::from("."),
+                    },
+                }),
+                (None, None) => None,
+            };
             let identity_task = workload_api_socket.zip(entries).map(|(socket, entries)| {
                 let config = node_agent::AgentConfig {
+                    pods: pods_tx,
                     socket,
                     entries,
                     poll: std::time::Duration::from_millis(500),
@@ -527,9 +560,9 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                         .map_err(anyhow::Error::from)
                 }
             });
-            let capture_task = capture.map(|registry| {
+            let capture_task = capture_source.map(|source| {
                 let opts = capture_cmd::CaptureOptions {
-                    registry,
+                    source,
                     bpffs,
                     admin: capture_admin,
                     poll: std::time::Duration::from_millis(capture_poll_ms),

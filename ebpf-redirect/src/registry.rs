@@ -149,7 +149,8 @@ impl Registry {
         })
     }
 
-    fn validate(&self) -> Result<(), RegistryError> {
+    /// The checks `parse` makes (for registries built in code: from Kubernetes' pod list).
+    pub fn validate(&self) -> Result<(), RegistryError> {
         let mut seen = std::collections::BTreeSet::new();
         for (i, p) in self.pods.iter().enumerate() {
             let at = format!("pods[{i}] ({})", p.name);

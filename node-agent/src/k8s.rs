@@ -82,7 +82,7 @@ fn container_id(seg: &str) -> Option<String> {
 
 /// The directories a kubelet gives this container, under the cgroup root: both drivers, every
 /// QoS class, every runtime's naming.
-fn container_dirs(root: &Path, pc: &PodContainer) -> Vec<PathBuf> {
+pub(crate) fn container_dirs(root: &Path, pc: &PodContainer) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let systemd_uid = pc.pod_uid.replace('-', "_");
     let id = &pc.container_id;
@@ -141,13 +141,16 @@ pub enum PodsError {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Pods {
     pods: Vec<Value>,
+    /// True for a list the kubelet gave; false for the empty one before it (capture must not
+    /// take that for "no pods" and detach what an earlier agent attached).
+    listed: bool,
 }
 
 impl Pods {
     pub fn parse(body: &[u8]) -> Result<Self, PodsError> {
         let mut list: Value = serde_json::from_slice(body)?;
         match list.get_mut("items").map(Value::take) {
-            Some(Value::Array(pods)) => Ok(Self { pods }),
+            Some(Value::Array(pods)) => Ok(Self { pods, listed: true }),
             _ => Err(PodsError::NoItems),
         }
     }
@@ -158,6 +161,15 @@ impl Pods {
 
     pub fn is_empty(&self) -> bool {
         self.pods.is_empty()
+    }
+
+    /// Whether this is a list the kubelet gave (not the empty one before the first).
+    pub fn is_listed(&self) -> bool {
+        self.listed
+    }
+
+    pub(crate) fn items(&self) -> &[Value] {
+        &self.pods
     }
 
     fn by_uid(&self, uid: &str) -> Option<&Value> {

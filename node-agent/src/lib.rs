@@ -9,6 +9,7 @@ mod caller;
 pub mod entries;
 pub mod jwt;
 pub mod k8s;
+pub mod k8s_capture;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -76,6 +77,9 @@ pub struct AgentConfig {
     pub kubelet: Option<k8s::KubeletOptions>,
     /// Sign with a per-node intermediate from the control plane's CA instead of a CA of its own.
     pub ca: Option<ca_client::CaClientOptions>,
+    /// Where the kubelet's pod lists are published (capture reads them too); a channel of
+    /// the agent's own without one.
+    pub pods: Option<watch::Sender<Arc<k8s::Pods>>>,
 }
 
 /// The agent's X.509 authorities: the one that signs, and every one published in the bundle
@@ -188,7 +192,13 @@ pub async fn run(
     let (tx, rx) = watch::channel(Arc::new(entries));
     let tx = Arc::new(tx);
     let k8s = kubelet.map(|kubelet| {
-        let (pods_tx, pods_rx) = watch::channel(Arc::new(k8s::Pods::default()));
+        let (pods_tx, pods_rx) = match config.pods.clone() {
+            Some(tx) => {
+                let rx = tx.subscribe();
+                (tx, rx)
+            }
+            None => watch::channel(Arc::new(k8s::Pods::default())),
+        };
         let refresh = Arc::new(tokio::sync::Notify::new());
         let cgroup_root = kubelet.cgroup_root().to_owned();
         tokio::spawn(poll_pods(

@@ -29,6 +29,7 @@ async fn spiffe_crate_x509_source_gets_svid_and_bundle() {
             ca_dir: None,
             kubelet: None,
             ca: None,
+            pods: None,
         },
         async move {
             let _ = stop_rx.await;

@@ -474,7 +474,7 @@ async fn scenario(net: &mut Net, dir: &Path) -> anyhow::Result<bool> {
     let (cap_stop, cap_stopped) = tokio::sync::oneshot::channel::<()>();
     let capture = tokio::spawn(crate::capture_cmd::run(
         crate::capture_cmd::CaptureOptions {
-            registry: registry.clone(),
+            source: crate::capture_cmd::Source::File(registry.clone()),
             bpffs: net.bpffs.clone(),
             admin: None,
             poll: Duration::from_millis(200),

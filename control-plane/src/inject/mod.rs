@@ -368,6 +368,13 @@ fn build(
             CAPTURE_ANNOTATION.into(),
             Value::String(serde_json::to_string(c).unwrap_or_default()),
         );
+        // The control plane gives captured workloads Istio's capture-shaped listeners.
+        if c.enabled {
+            notes.insert(
+                crate::generate::CAPTURE_ANNOTATION.into(),
+                Value::String("ebpf".into()),
+            );
+        }
     }
     if let Some(app) = first_app {
         notes
@@ -412,8 +419,9 @@ fn container(
         field("INSTANCE_IP", "status.podIP"),
         field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         field("NODE_NAME", "spec.nodeName"),
+        field("POD_UID", "metadata.uid"),
         json!({"name": "SPIFFE_ENDPOINT_SOCKET", "value": format!("unix://{SOCKET_DIR}/socket")}),
-        json!({"name": "EASTGUARD_BOOTSTRAP", "value": bootstrap(pod, namespace, t)}),
+        json!({"name": "EASTGUARD_BOOTSTRAP", "value": bootstrap(pod, namespace, t, s)}),
     ];
     if !probers.is_empty() {
         env.push(json!({
@@ -494,9 +502,9 @@ fn container(
 
 /// The sidecar's bootstrap (the proxy's YAML config). `${NAME}` values are filled from the
 /// container's environment when the sidecar starts (pod name and IP are unknown at admission).
-fn bootstrap(pod: &Value, namespace: &str, t: &Template) -> String {
+fn bootstrap(pod: &Value, namespace: &str, t: &Template, s: &annotations::Settings) -> String {
     let (app, version) = canonical_names(pod);
-    let doc = json!({
+    let mut doc = json!({
         "node": {
             "id": "sidecar~${INSTANCE_IP}~${POD_NAME}.${POD_NAMESPACE}~${POD_NAMESPACE}.svc.cluster.local",
             "workload": workload_name(pod),
@@ -514,6 +522,13 @@ fn bootstrap(pod: &Value, namespace: &str, t: &Template) -> String {
         "identity": {"workload_api": {}},
         "xds": {"address": t.xds_address, "control_plane_ids": t.control_plane_ids},
     });
+    // A captured sidecar is not ready until the node agent says capture is attached, in the
+    // directory it shares with the sidecar (the hostPath socket's; a CSI volume has none).
+    if s.capture.as_ref().is_some_and(|c| c.enabled)
+        && matches!(t.workload_socket, WorkloadSocket::HostPath { .. })
+    {
+        doc["capture"] = json!({"status_file": format!("{SOCKET_DIR}/${{POD_UID}}.capture")});
+    }
     serde_yaml::to_string(&doc).unwrap_or_default()
 }
 

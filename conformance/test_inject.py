@@ -425,6 +425,31 @@ data:
     assert r.returncode != 0 and "imagee" in r.stderr, r.stderr
 
 
+def test_a_changed_template_applies_to_the_next_pods_and_a_broken_one_is_kept_out(tmp_path):
+    """The template file (a mounted ConfigMap) is re-read while running, as Istio's is."""
+    template = "kind: ConfigMap\ndata:\n  config: |\n    image: registry.example/eastguard:{tag}\n"
+    w = Webhook(tmp_path, template=template.format(tag="one"))
+    path = tmp_path / "template.yaml"
+    pod = corpus_pods("hello.yaml")[0]
+
+    def image():
+        return sidecar_of(patched(pod, w.answer(review(pod))))[1]["image"]
+
+    try:
+        assert image() == "registry.example/eastguard:one"
+        # Replaced the way the kubelet updates a ConfigMap volume: a new file renamed in place.
+        tmp = path.with_suffix(".new")
+        tmp.write_text(template.format(tag="two"))
+        tmp.rename(path)
+        wait_for("the new template in force", lambda: image() == "registry.example/eastguard:two", limit=15)
+        tmp.write_text("kind: ConfigMap\ndata:\n  config: |\n    imagee: typo\n")
+        tmp.rename(path)
+        wait_for("the broken template reported", lambda: "injection template not reloaded" in w.log.read_text(), limit=15)
+        assert image() == "registry.example/eastguard:two"
+    finally:
+        w.stop()
+
+
 def test_the_injected_sidecar_starts_from_its_env_and_runs_the_apps_probes(webhook, tmp_path):
     """The sidecar container the webhook writes, run as kubelet would start it (its env, with the
     downward-API values filled in), and kubelet's probes sent to its status port: each runs the

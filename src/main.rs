@@ -410,10 +410,11 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                         address,
                         cert,
                         key,
-                        template: match injection_template {
-                            Some(p) => control_plane::inject::Template::from_file(&p)?,
+                        template: match &injection_template {
+                            Some(p) => control_plane::inject::Template::from_file(p)?,
                             None => control_plane::inject::Template::default(),
                         },
+                        template_file: injection_template,
                         events: None,
                     })
                 }

@@ -2,7 +2,9 @@
 //! answers one (`inject::review`); `GET /ready` says it is serving.
 //!
 //! The certificate is the one given (PEM files, as cert-manager or the chart writes them),
-//! re-read when the files change, so a renewed certificate needs no restart. The API server
+//! re-read when the files change, so a renewed certificate needs no restart. So is the
+//! injection template (`--injection-template`, a mounted ConfigMap): a changed file that parses
+//! applies to the next pods; one that does not is logged and the template in force stays. The API server
 //! presents no client certificate; the webhook changes nothing but the pod it is shown, so it
 //! needs none.
 
@@ -32,6 +34,8 @@ pub struct WebhookOptions {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub template: Template,
+    /// Where `template` was read from, re-read when it changes; none: the built-in one.
+    pub template_file: Option<PathBuf>,
     /// Kubernetes Events for pods admitted without a sidecar or refused (with `--kubernetes`).
     pub events: Option<crate::kube::events::EventSink>,
 }
@@ -114,6 +118,37 @@ impl ResolvesServerCert for Files {
     }
 }
 
+/// The template's file and when it was last read.
+struct TemplateFile {
+    path: PathBuf,
+    stamp: std::sync::Mutex<Option<SystemTime>>,
+}
+
+fn modified(path: &PathBuf) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl TemplateFile {
+    /// Re-reads the template when its file changed; one that does not load keeps the current.
+    fn refresh(&self, current: &ArcSwap<Template>) {
+        let now = modified(&self.path);
+        let mut last = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+        if now.is_none() || *last == now {
+            return;
+        }
+        *last = now;
+        match Template::from_file(&self.path) {
+            Ok(t) => {
+                current.store(Arc::new(t));
+                tracing::info!(template = %self.path.display(), "injection template reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "injection template not reloaded; keeping the current one")
+            }
+        }
+    }
+}
+
 /// Binds and loads the certificate, then returns the serving future (it runs until `closing`).
 pub async fn serve(
     opts: WebhookOptions,
@@ -142,7 +177,14 @@ pub async fn serve(
             source,
         })?;
     tracing::info!(address = %opts.address, "serving the injection webhook (POST /inject)");
-    let template = Arc::new(opts.template);
+    let template = Arc::new(ArcSwap::from_pointee(opts.template));
+    let template_file = opts.template_file.map(|path| {
+        let stamp = modified(&path);
+        Arc::new(TemplateFile {
+            path,
+            stamp: std::sync::Mutex::new(stamp),
+        })
+    });
     let events = opts.events;
     Ok(async move {
         let mut reload = tokio::time::interval(Duration::from_secs(5));
@@ -158,7 +200,14 @@ pub async fn serve(
                 },
                 _ = reload.tick() => {
                     let f = files.clone();
-                    let _ = tokio::task::spawn_blocking(move || f.refresh()).await;
+                    let t = template_file.clone().map(|tf| (tf, template.clone()));
+                    let _ = tokio::task::spawn_blocking(move || {
+                        f.refresh();
+                        if let Some((tf, template)) = t {
+                            tf.refresh(&template);
+                        }
+                    })
+                    .await;
                     continue;
                 }
                 _ = async { let _ = closing.wait_for(|c| *c).await; } => return,
@@ -172,7 +221,7 @@ pub async fn serve(
                     _ => return,
                 };
                 let service = hyper::service::service_fn(move |req| {
-                    let (template, events) = (template.clone(), events.clone());
+                    let (template, events) = (template.load_full(), events.clone());
                     async move { Ok::<_, Infallible>(handle(req, template, events.as_ref()).await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

@@ -35,6 +35,7 @@ class KubeStandIn:
         # TokenReview: token -> {"user": {...}, "audiences": [...]} of the tokens it knows.
         self.tokens = {}
         self.reviews = []  # the tokens reviewed, in order
+        self.patches = []  # (path, content type, body) of every PATCH
         self.down = False
         self.generation = 0  # bumped to end every open watch
         self.bookmarks = {}  # path -> the last resourceVersion a BOOKMARK carried
@@ -48,6 +49,9 @@ class KubeStandIn:
 
             def do_POST(self):
                 stand_in._create(self)
+
+            def do_PATCH(self):
+                stand_in._patch(self)
 
             def log_message(self, *a):
                 pass
@@ -199,6 +203,9 @@ class KubeStandIn:
         if url.path in ("/api", "/apis") or self._is_group_version(url.path):
             return self._discovery(h, url.path)
         if not self._is_collection(url.path):
+            found = self._object(url.path)
+            if found is not None:
+                return self._json(h, found[2])
             # One object that does not exist (kubectl looks before a dry-run create).
             return self._status(h, 404, "NotFound", f"{url.path} not found")
         if url.path in self.missing:
@@ -226,6 +233,46 @@ class KubeStandIn:
         meta.setdefault("name", meta.get("generateName", "x") + str(len(self.created)))
         self.created.append((urlparse(h.path).path, obj))
         self._json(h, obj, code=201)
+
+    def _object(self, path):
+        """(collection, key, object) for a cluster-scoped `COLLECTION/NAME` or a namespaced
+        `.../namespaces/NS/RESOURCE/NAME` path, if the object is held."""
+        parts = path.rstrip("/").split("/")
+        name = parts[-1]
+        if len(parts) >= 4 and parts[-4] == "namespaces":
+            ns = parts[-3]
+            collection = "/".join(parts[:-4] + [parts[-2]])
+        else:
+            ns = ""
+            collection = "/".join(parts[:-1])
+        with self.lock:
+            obj = self.collections.get(collection, {}).get((ns, name))
+        return None if obj is None else (collection, (ns, name), obj)
+
+    def _patch(self, h):
+        """PATCH with a JSON Patch (application/json-patch+json), as the API server applies it:
+        a failed `test` is a 422 and changes nothing."""
+        import jsonpatch
+
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length)
+        path = urlparse(h.path).path
+        self.patches.append((path, h.headers.get("Content-Type"), body))
+        if not self.client_certs and self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+            return self._status(h, 401, "Unauthorized", "Unauthorized")
+        if h.headers.get("Content-Type") != "application/json-patch+json":
+            return self._status(h, 415, "UnsupportedMediaType", "only JSON Patch here")
+        found = self._object(path)
+        if found is None:
+            return self._status(h, 404, "NotFound", f"{path} not found")
+        collection, _, obj = found
+        try:
+            new = jsonpatch.apply_patch(obj, json.loads(body))
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, ValueError) as e:
+            return self._status(h, 422, "Invalid", str(e))
+        rv = self.put(collection, new)
+        new["metadata"]["resourceVersion"] = str(rv)
+        self._json(h, new)
 
     def _review(self, h, review):
         """A TokenReview as the API server answers it: authenticated only for a token it knows

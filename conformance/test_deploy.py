@@ -160,5 +160,12 @@ def test_the_node_ca_is_wired_as_the_binary_expects():
     assert any("authentication.k8s.io" in r["apiGroups"] and "tokenreviews" in r["resources"] and r["verbs"] == ["create"] for r in rules)
     agent_rules = by[("ClusterRole", "eastguard-node-agent")]["rules"]
     assert not any("tokenreviews" in r["resources"] for r in agent_rules)
+    # The webhook's certificate comes from the same root, for the Service's name, and the
+    # control plane may keep exactly that configuration's caBundle.
+    assert "--webhook-cert" not in cp_args and cp_args["--webhook-dns-name"] == host
+    mwc = by[("MutatingWebhookConfiguration", cp_args["--webhook-configuration"])]
+    assert all(w["clientConfig"]["service"]["name"] == svc["metadata"]["name"] for w in mwc["webhooks"])
+    assert any("mutatingwebhookconfigurations" in r["resources"] and r.get("resourceNames") == [mwc["metadata"]["name"]]
+               and sorted(r["verbs"]) == ["get", "patch"] for r in rules)
     # The node agent signs with the intermediate only: no CA of its own.
     assert "--ca-dir" not in ds_args and "--admin-address" not in ds_args

@@ -81,7 +81,7 @@ def api():
 
 
 class ControlPlane:
-    def __init__(self, tmp_path, api):
+    def __init__(self, tmp_path, api, extra=()):
         self.ca_dir = tmp_path / "ca"
         self.port = free_port()
         config = tmp_path / "config"
@@ -93,7 +93,7 @@ class ControlPlane:
             [binary(), "control-plane", "--config-dir", str(config), "--xds-address", f"127.0.0.1:{free_port()}",
              "--trust-domain", TD, "--kubernetes", "--kubeconfig", str(kubeconfig),
              "--ca-address", f"127.0.0.1:{self.port}", "--ca-dir", str(self.ca_dir), "--ca-dns-name", "localhost",
-             "--node-ca-ttl-seconds", "3600"],
+             "--node-ca-ttl-seconds", "3600", *extra],
             stderr=self.log,
         )
         self.root = self.ca_dir / "root.pem"
@@ -350,3 +350,50 @@ def test_the_agent_asks_again_when_its_entries_change_and_skips_what_is_refused(
         wait_for("intermediate with both", lambda: "identities=2" in agent.logs(), limit=20)
     finally:
         agent.stop()
+
+
+WEBHOOKS = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
+
+
+def test_the_webhook_certificate_comes_from_the_ca_and_its_ca_bundle_is_kept(tmp_path, api):
+    """Without --webhook-cert, the root mints the webhook's certificate and the control plane
+    writes the root into the MutatingWebhookConfiguration's caBundle (and again after someone
+    blanks it), as istiod does."""
+    import base64
+
+    hook = lambda name: {"name": name, "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                         "clientConfig": {"service": {"name": "eastguard-control-plane", "namespace": "eastguard-system", "path": "/inject"}}}
+    api.put(WEBHOOKS, {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+                       "metadata": {"name": "eastguard-sidecar-injector"},
+                       "webhooks": [hook("namespace.sidecar-injector.eastguard.io"), hook("revision.sidecar-injector.eastguard.io")]})
+    port = free_port()
+    cp = ControlPlane(tmp_path, api, extra=["--webhook-address", f"127.0.0.1:{port}", "--webhook-dns-name", "localhost"])
+    try:
+        want = base64.b64encode(cp.root.read_bytes()).decode()
+
+        def bundles():
+            obj = api.collections[WEBHOOKS][("", "eastguard-sidecar-injector")]
+            return [h["clientConfig"].get("caBundle") for h in obj["webhooks"]]
+
+        wait_for("caBundle set on both webhooks", lambda: bundles() == [want, want], limit=15)
+        path, ctype, body = api.patches[-1]
+        assert path == f"{WEBHOOKS}/eastguard-sidecar-injector" and ctype == "application/json-patch+json"
+        assert json.loads(body)[0]["op"] == "test"  # never over a concurrent edit
+        # The API server's view: a TLS client trusting the caBundle, for the service's name.
+        ctx = ssl.create_default_context(cadata=base64.b64decode(want).decode())
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                  "request": {"uid": "u1", "operation": "CREATE", "namespace": "shop",
+                              "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "shop"},
+                                         "spec": {"containers": [{"name": "app", "image": "app"}]}}}}
+        req = urllib.request.Request(f"https://localhost:{port}/inject", data=json.dumps(review).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            answer = json.loads(r.read())
+        assert answer["response"]["uid"] == "u1" and answer["response"]["allowed"] is True
+        # Someone re-applies the manifest and blanks it: set again.
+        obj = json.loads(json.dumps(api.collections[WEBHOOKS][("", "eastguard-sidecar-injector")]))
+        del obj["webhooks"][1]["clientConfig"]["caBundle"]
+        api.put(WEBHOOKS, obj)
+        wait_for("caBundle set again", lambda: bundles() == [want, want], limit=15)
+    finally:
+        cp.stop()

@@ -94,16 +94,30 @@ enum Command {
         /// Inventory rows not seen for this many hours are deleted (the window for "unused").
         #[arg(long, default_value_t = 720, value_parser = clap::value_parser!(u64).range(1..=87_600))]
         inventory_retention_hours: u64,
-        /// Serve the sidecar injection webhook (HTTPS, `POST /inject`; Istio's 15017) here;
-        /// needs --webhook-cert and --webhook-key.
-        #[arg(long, requires_all = ["webhook_cert", "webhook_key"])]
+        /// Serve the sidecar injection webhook (HTTPS, `POST /inject`; Istio's 15017) here,
+        /// with --webhook-cert and --webhook-key, or a certificate the CA root mints
+        /// (--ca-address) for --webhook-dns-name, its root kept in the caBundle of
+        /// --webhook-configuration.
+        #[arg(long)]
         webhook_address: Option<std::net::SocketAddr>,
         /// The webhook's certificate chain (PEM; re-read when it changes).
-        #[arg(long, requires = "webhook_address")]
+        #[arg(long, requires_all = ["webhook_address", "webhook_key"])]
         webhook_cert: Option<PathBuf>,
         /// The webhook's private key (PEM).
-        #[arg(long, requires = "webhook_address")]
+        #[arg(long, requires_all = ["webhook_address", "webhook_cert"])]
         webhook_key: Option<PathBuf>,
+        /// A DNS name of the webhook's certificate when the CA mints it (repeatable).
+        #[arg(long = "webhook-dns-name", requires = "webhook_address", conflicts_with = "webhook_cert", default_values_t = [String::from("eastguard-control-plane.eastguard-system.svc")])]
+        webhook_dns_names: Vec<String>,
+        /// The MutatingWebhookConfiguration whose caBundle gets the CA root when the CA mints the
+        /// webhook's certificate.
+        #[arg(
+            long,
+            requires = "webhook_address",
+            conflicts_with = "webhook_cert",
+            default_value = "eastguard-sidecar-injector"
+        )]
+        webhook_configuration: String,
         /// Also read the registry from the Kubernetes API (Services, EndpointSlices, Pods and
         /// Istio's resources, watched): in-cluster credentials, or --kubeconfig.
         #[arg(long)]
@@ -373,6 +387,8 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             webhook_address,
             webhook_cert,
             webhook_key,
+            webhook_dns_names,
+            webhook_configuration,
             injection_template,
             kubernetes,
             kubeconfig,
@@ -405,11 +421,25 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 _ => anyhow::bail!("--tls-address needs --cert, --key and --bundle"),
             };
             let webhook = match (webhook_address, webhook_cert, webhook_key) {
-                (Some(address), Some(cert), Some(key)) => {
+                (Some(address), cert, key) => {
+                    let cert = match (cert, key) {
+                        (Some(cert), Some(key)) => {
+                            control_plane::webhook::WebhookCert::Files { cert, key }
+                        }
+                        _ => {
+                            anyhow::ensure!(
+                                ca_address.is_some(),
+                                "--webhook-address needs --webhook-cert and --webhook-key, or --ca-address to mint its certificate"
+                            );
+                            control_plane::webhook::WebhookCert::FromCa {
+                                dns_names: webhook_dns_names,
+                                configuration: webhook_configuration,
+                            }
+                        }
+                    };
                     Some(control_plane::webhook::WebhookOptions {
                         address,
                         cert,
-                        key,
                         template: match &injection_template {
                             Some(p) => control_plane::inject::Template::from_file(p)?,
                             None => control_plane::inject::Template::default(),

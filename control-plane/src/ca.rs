@@ -83,7 +83,7 @@ const MAX_IN_FLIGHT: usize = 16;
 const SERVING_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 struct Ca {
-    root: DevCa,
+    root: Arc<DevCa>,
     root_pem: String,
     opts: CaOptions,
     kube: Client,
@@ -305,54 +305,70 @@ fn pem(label: &str, der: &[u8]) -> String {
     out
 }
 
-/// The serving certificate, minted by the root and renewed at half-life.
-struct Serving {
-    root: Arc<Ca>,
+/// A TLS server certificate minted by the root for some DNS names, renewed at half-life (the
+/// CA's own, and the webhook's when no certificate is given).
+pub struct MintedCert {
+    root: Arc<DevCa>,
+    dns_names: Vec<String>,
     current: ArcSwap<(Arc<CertifiedKey>, Instant)>,
 }
 
-impl std::fmt::Debug for Serving {
+impl std::fmt::Debug for MintedCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Serving")
+        f.debug_struct("MintedCert")
+            .field("dns_names", &self.dns_names)
+            .finish()
     }
 }
 
-fn mint_serving(ca: &Ca) -> Result<(Arc<CertifiedKey>, Instant), CaError> {
-    let (chain, key) = ca.root.mint_server(&ca.opts.dns_names, SERVING_TTL)?;
+fn mint_serving(
+    root: &DevCa,
+    dns_names: &[String],
+) -> Result<(Arc<CertifiedKey>, Instant), CaError> {
+    let (chain, key) = root.mint_server(dns_names, SERVING_TTL)?;
     let provider = rustls::crypto::ring::default_provider();
     let ck = CertifiedKey::from_der(chain, key, &provider)?;
     Ok((Arc::new(ck), Instant::now() + SERVING_TTL / 2))
 }
 
-impl ResolvesServerCert for Serving {
+impl MintedCert {
+    pub fn new(root: Arc<DevCa>, dns_names: Vec<String>) -> Result<Self, CaError> {
+        let first = mint_serving(&root, &dns_names)?;
+        Ok(Self {
+            root,
+            dns_names,
+            current: ArcSwap::from_pointee(first),
+        })
+    }
+}
+
+impl ResolvesServerCert for MintedCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let current = self.current.load();
         if Instant::now() < current.1 {
             return Some(current.0.clone());
         }
-        match mint_serving(&self.root) {
+        match mint_serving(&self.root, &self.dns_names) {
             Ok(next) => {
                 let ck = next.0.clone();
                 self.current.store(Arc::new(next));
                 Some(ck)
             }
             Err(e) => {
-                tracing::error!(error = %e, "CA serving certificate not renewed");
+                tracing::error!(error = %e, "serving certificate not renewed");
                 Some(current.0.clone())
             }
         }
     }
 }
 
-/// Loads (or creates) the root, binds, and returns the serving future (it runs until `closing`).
-pub async fn serve(
-    opts: CaOptions,
+/// The trust domain's root from `dir` (created there if empty; `root.pem` written beside for
+/// node agents), or one in memory.
+pub fn load_root(
+    dir: Option<&std::path::Path>,
     trust_domain: TrustDomain,
-    kube: Option<(Client, watch::Receiver<Snapshot>)>,
-    mut closing: watch::Receiver<bool>,
-) -> Result<impl std::future::Future<Output = ()> + Send + 'static, CaError> {
-    let (kube, pods) = kube.ok_or(CaError::NeedsKubernetes)?;
-    let root = match &opts.dir {
+) -> Result<Arc<DevCa>, CaError> {
+    let root = match dir {
         Some(dir) => DevCa::load_or_create(trust_domain, dir)?,
         None => {
             tracing::warn!(
@@ -361,16 +377,28 @@ pub async fn serve(
             DevCa::new(trust_domain)?
         }
     };
-    let root_pem = root.cert_pem();
-    if let Some(dir) = &opts.dir {
+    if let Some(dir) = dir {
         // What node agents trust (`--ca-trust`); a read-only dir (a mounted Secret) keeps its own.
         let path = dir.join("root.pem");
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(root_pem.as_str())
-            && let Err(e) = std::fs::write(&path, &root_pem)
+        let pem = root.cert_pem();
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(pem.as_str())
+            && let Err(e) = std::fs::write(&path, &pem)
         {
             tracing::warn!(path = %path.display(), error = %e, "root certificate not written");
         }
     }
+    Ok(Arc::new(root))
+}
+
+/// Binds and returns the serving future (it runs until `closing`).
+pub async fn serve(
+    opts: CaOptions,
+    root: Arc<DevCa>,
+    kube: Option<(Client, watch::Receiver<Snapshot>)>,
+    mut closing: watch::Receiver<bool>,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, CaError> {
+    let (kube, pods) = kube.ok_or(CaError::NeedsKubernetes)?;
+    let root_pem = root.cert_pem();
     let ca = Arc::new(Ca {
         root,
         root_pem,
@@ -379,10 +407,7 @@ pub async fn serve(
         pods,
         in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
     });
-    let serving = Arc::new(Serving {
-        current: ArcSwap::from_pointee(mint_serving(&ca)?),
-        root: ca.clone(),
-    });
+    let serving = Arc::new(MintedCert::new(ca.root.clone(), opts.dns_names.clone())?);
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

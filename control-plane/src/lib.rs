@@ -417,25 +417,42 @@ pub async fn run(
         }
     });
     let server_task = tokio::spawn(serve);
+    // The trust domain's root, for node CAs and (without given files) the webhook's certificate.
+    let root = match &opts.ca {
+        Some(c) => Some(ca::load_root(
+            c.dir.as_deref(),
+            identity::TrustDomain::parse(&opts.mesh.trust_domain)?,
+        )?),
+        None => None,
+    };
     let webhook_task = match opts.webhook.clone() {
         Some(mut w) => {
             // With the API at hand, pods admitted without a sidecar (or refused) get an Event.
             w.events = kube_client.clone().map(kube::events::EventSink::start);
+            if let (webhook::WebhookCert::FromCa { configuration, .. }, Some(client), Some(root)) =
+                (&w.cert, &kube_client, &root)
+            {
+                tokio::spawn(kube::webhook_config::keep_ca_bundle(
+                    client.clone(),
+                    configuration.clone(),
+                    root.cert_pem(),
+                    closing_tx.subscribe(),
+                ));
+            }
             Some(tokio::spawn(
-                webhook::serve(w, closing_tx.subscribe()).await?,
+                webhook::serve(w, root.clone(), closing_tx.subscribe()).await?,
             ))
         }
         None => None,
     };
-    let ca_task = match opts.ca.clone() {
-        Some(c) => {
-            let td = identity::TrustDomain::parse(&opts.mesh.trust_domain)?;
+    let ca_task = match (opts.ca.clone(), &root) {
+        (Some(c), Some(root)) => {
             let kube = kube_client.clone().zip(kube_pods);
             Some(tokio::spawn(
-                ca::serve(c, td, kube, closing_tx.subscribe()).await?,
+                ca::serve(c, root.clone(), kube, closing_tx.subscribe()).await?,
             ))
         }
-        None => None,
+        _ => None,
     };
     let tls_task = match &opts.tls {
         Some(t) => Some(tokio::spawn(

@@ -31,13 +31,25 @@ use crate::inject::{Template, review};
 #[derive(Debug, Clone)]
 pub struct WebhookOptions {
     pub address: std::net::SocketAddr,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub cert: WebhookCert,
     pub template: Template,
     /// Where `template` was read from, re-read when it changes; none: the built-in one.
     pub template_file: Option<PathBuf>,
     /// Kubernetes Events for pods admitted without a sidecar or refused (with `--kubernetes`).
     pub events: Option<crate::kube::events::EventSink>,
+}
+
+/// Where the webhook's certificate comes from.
+#[derive(Debug, Clone)]
+pub enum WebhookCert {
+    /// PEM files (cert-manager's), re-read when they change.
+    Files { cert: PathBuf, key: PathBuf },
+    /// Minted by the control plane's CA root (`--ca-address`) for these names and renewed; the
+    /// root is written into the `caBundle` of the MutatingWebhookConfiguration named.
+    FromCa {
+        dns_names: Vec<String>,
+        configuration: String,
+    },
 }
 
 /// Why the webhook could not start.
@@ -47,6 +59,12 @@ pub enum WebhookError {
     Credentials { path: String, reason: String },
     #[error("webhook TLS: {0}")]
     Tls(#[from] rustls::Error),
+    #[error(
+        "a webhook certificate from the CA needs --ca-address (or give --webhook-cert and --webhook-key)"
+    )]
+    NeedsCa,
+    #[error("webhook certificate from the CA: {0}")]
+    Minted(#[from] crate::ca::CaError),
     #[error("webhook address {address}: {source}")]
     Bind {
         address: std::net::SocketAddr,
@@ -152,22 +170,35 @@ impl TemplateFile {
 /// Binds and loads the certificate, then returns the serving future (it runs until `closing`).
 pub async fn serve(
     opts: WebhookOptions,
+    root: Option<Arc<identity::DevCa>>,
     mut closing: watch::Receiver<bool>,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, WebhookError> {
-    let first = load(&opts.cert, &opts.key)?;
-    let files = Arc::new(Files {
-        stamp: std::sync::Mutex::new(None),
-        current: ArcSwap::from_pointee(first),
-        cert: opts.cert.clone(),
-        key: opts.key.clone(),
-    });
-    *files.stamp.lock().unwrap_or_else(|p| p.into_inner()) = stamp(&files);
+    let (resolver, files): (Arc<dyn ResolvesServerCert>, Option<Arc<Files>>) = match &opts.cert {
+        WebhookCert::Files { cert, key } => {
+            let first = load(cert, key)?;
+            let files = Arc::new(Files {
+                stamp: std::sync::Mutex::new(None),
+                current: ArcSwap::from_pointee(first),
+                cert: cert.clone(),
+                key: key.clone(),
+            });
+            *files.stamp.lock().unwrap_or_else(|p| p.into_inner()) = stamp(&files);
+            (files.clone(), Some(files))
+        }
+        WebhookCert::FromCa { dns_names, .. } => {
+            let root = root.ok_or(WebhookError::NeedsCa)?;
+            (
+                Arc::new(crate::ca::MintedCert::new(root, dns_names.clone())?),
+                None,
+            )
+        }
+    };
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
     .with_no_client_auth()
-    .with_cert_resolver(files.clone());
+    .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind(opts.address)
@@ -202,7 +233,9 @@ pub async fn serve(
                     let f = files.clone();
                     let t = template_file.clone().map(|tf| (tf, template.clone()));
                     let _ = tokio::task::spawn_blocking(move || {
-                        f.refresh();
+                        if let Some(f) = f {
+                            f.refresh();
+                        }
                         if let Some((tf, template)) = t {
                             tf.refresh(&template);
                         }

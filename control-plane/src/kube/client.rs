@@ -271,7 +271,7 @@ impl Client {
         path_and_query: &str,
         timeout: Duration,
     ) -> Result<http::Response<hyper::body::Incoming>, RequestError> {
-        self.request(http::Method::GET, path_and_query, None, timeout)
+        self.request(http::Method::GET, path_and_query, None, None, timeout)
             .await
     }
 
@@ -283,7 +283,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<(), RequestError> {
         let body = Bytes::from(body.to_string());
-        self.request(http::Method::POST, path, Some(body), timeout)
+        self.request(http::Method::POST, path, Some(body), None, timeout)
             .await
             .map(drop)
     }
@@ -295,25 +295,43 @@ impl Client {
         body: &Value,
         timeout: Duration,
     ) -> Result<Value, RequestError> {
-        use http_body_util::BodyExt as _;
         let resp = self
             .request(
                 http::Method::POST,
                 path,
                 Some(Bytes::from(body.to_string())),
+                None,
                 timeout,
             )
             .await?;
-        let body = tokio::time::timeout(
-            timeout,
-            http_body_util::Limited::new(resp.into_body(), 1024 * 1024).collect(),
-        )
-        .await
-        .map_err(|_| RequestError::Transport("no response body in time".into()))?
-        .map_err(|e| RequestError::Transport(e.to_string()))?
-        .to_bytes();
-        serde_json::from_slice(&body)
-            .map_err(|e| RequestError::Transport(format!("the answer is not JSON: {e}")))
+        json_body(resp, timeout).await
+    }
+
+    /// `GET path` of one object, as JSON.
+    pub async fn get_json(&self, path: &str, timeout: Duration) -> Result<Value, RequestError> {
+        let resp = self
+            .request(http::Method::GET, path, None, None, timeout)
+            .await?;
+        json_body(resp, timeout).await
+    }
+
+    /// `PATCH path` with a JSON Patch (RFC 6902), returning the object after it.
+    pub async fn json_patch(
+        &self,
+        path: &str,
+        ops: &Value,
+        timeout: Duration,
+    ) -> Result<Value, RequestError> {
+        let resp = self
+            .request(
+                http::Method::PATCH,
+                path,
+                Some(Bytes::from(ops.to_string())),
+                Some("application/json-patch+json"),
+                timeout,
+            )
+            .await?;
+        json_body(resp, timeout).await
     }
 
     async fn request(
@@ -321,6 +339,7 @@ impl Client {
         method: http::Method,
         path_and_query: &str,
         body: Option<Bytes>,
+        content_type: Option<&'static str>,
         timeout: Duration,
     ) -> Result<http::Response<hyper::body::Incoming>, RequestError> {
         let t = |e: String| RequestError::Transport(e);
@@ -347,7 +366,7 @@ impl Client {
             }
         }
         if body.is_some() {
-            req = req.header("content-type", "application/json");
+            req = req.header("content-type", content_type.unwrap_or("application/json"));
         }
         let req = req
             .body(Full::new(body.unwrap_or_default()))
@@ -390,6 +409,24 @@ impl Client {
         }
         Ok(resp)
     }
+}
+
+/// A response's body as JSON (at most 1 MiB).
+async fn json_body(
+    resp: http::Response<hyper::body::Incoming>,
+    timeout: Duration,
+) -> Result<Value, RequestError> {
+    use http_body_util::BodyExt as _;
+    let body = tokio::time::timeout(
+        timeout,
+        http_body_util::Limited::new(resp.into_body(), 1024 * 1024).collect(),
+    )
+    .await
+    .map_err(|_| RequestError::Transport("no response body in time".into()))?
+    .map_err(|e| RequestError::Transport(e.to_string()))?
+    .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| RequestError::Transport(format!("the answer is not JSON: {e}")))
 }
 
 async fn send<I>(

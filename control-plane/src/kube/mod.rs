@@ -10,6 +10,7 @@ pub mod client;
 pub mod convert;
 pub mod events;
 pub mod watch;
+pub mod webhook_config;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -267,6 +267,8 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--concurrency", type=int, default=None, help="eastguard-sidecar --concurrency (default: one worker per CPU)")
     ap.add_argument("--setups", default="direct,nginx,eastguard", help="which setups to run, comma-separated")
+    ap.add_argument("--perf", type=Path, default=None,
+                    help="also record `perf record -e cpu-clock -g` of each eastguard sidecar during the fixed-rate run, into DIR/<round>-<side>.perf.data")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces)")
@@ -345,7 +347,17 @@ def main():
                     for mode, secs in (("fixed", args.duration), ("saturation", args.burst), ("churn", args.burst)):
                         oha(oha_bin, url, host, mode, args, args.warmup)
                         cpu0 = {k: cpu_ms(p.pid) for k, p in proxies.items()}
+                        recorders = []
+                        if args.perf and setup == "eastguard" and mode == "fixed":
+                            args.perf.mkdir(parents=True, exist_ok=True)
+                            for k, p in proxies.items():
+                                recorders.append(subprocess.Popen(
+                                    ["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(child_pid(p)),
+                                     "-o", str(args.perf / f"{rnd + 1}-{k}.perf.data"), "--", "sleep", str(secs)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                         r = oha(oha_bin, url, host, mode, args, secs)
+                        for rec in recorders:
+                            rec.wait(timeout=secs + 30)
                         cpu1 = {k: cpu_ms(p.pid) for k, p in proxies.items()}
                         for k in proxies:
                             r[f"cpu_{k}"] = (cpu1[k] - cpu0[k]) * 1000 / max(r["requests"], 1)

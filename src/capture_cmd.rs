@@ -68,15 +68,30 @@ fn read_file(path: &std::path::Path, last_read: &mut Option<String>) -> Read {
     }
 }
 
+/// What `from_pods` keeps from one poll to the next.
+#[derive(Default)]
+struct FromPods {
+    targets: node_agent::k8s_capture::CaptureTargets,
+    /// What was logged last poll (each message is said once while it holds).
+    said: std::collections::BTreeSet<String>,
+    /// The last entry of each pod that passed the registry's checks.
+    good: std::collections::BTreeMap<String, ebpf_redirect::PodSpec>,
+}
+
 /// The registry for the pods the kubelet lists for capture. A pod whose entry does not pass
-/// the registry's checks (a bad CIDR in its annotation) is left out and said once.
+/// the registry's checks (a bad CIDR in its annotation) keeps its last good entry, or is left
+/// out if it never had one; either way it is said once.
 fn from_pods(
-    targets: &mut node_agent::k8s_capture::CaptureTargets,
+    state: &mut FromPods,
     pods: &node_agent::k8s::Pods,
     cgroup_root: &std::path::Path,
     status_dir: &std::path::Path,
-    said: &mut std::collections::BTreeSet<String>,
 ) -> Read {
+    let FromPods {
+        targets,
+        said,
+        good,
+    } = state;
     let Some((found, failed)) = targets.update(pods, cgroup_root) else {
         return Read::NotYet;
     };
@@ -118,13 +133,21 @@ fn from_pods(
             pods: vec![spec.clone()],
         };
         match one.validate() {
-            Ok(()) => registry.pods.push(spec),
-            Err(e) => say(
-                format!("{}: {e}", t.pod),
-                &|| tracing::error!(pod = %t.pod, error = %e, "pod not captured: its capture settings are refused"),
-            ),
+            Ok(()) => {
+                good.insert(spec.name.clone(), spec.clone());
+                registry.pods.push(spec);
+            }
+            Err(e) => {
+                let kept = good.get(&spec.name).cloned();
+                say(
+                    format!("{}: {e}", t.pod),
+                    &|| tracing::error!(pod = %t.pod, error = %e, kept_earlier = kept.is_some(), "capture entry refused"),
+                );
+                registry.pods.extend(kept);
+            }
         }
     }
+    good.retain(|name, _| registry.pods.iter().any(|p| &p.name == name));
     *said = now_said;
     Read::Registry(registry)
 }
@@ -151,8 +174,7 @@ pub async fn run(
     // touched (a restarted agent re-adopts what is pinned once it knows the pods).
     let mut have_good = false;
     let mut last_read: Option<String> = None;
-    let mut targets = node_agent::k8s_capture::CaptureTargets::default();
-    let mut said = std::collections::BTreeSet::new();
+    let mut from_pods_state = FromPods::default();
     let mut tick = tokio::time::interval(opts.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -170,7 +192,7 @@ pub async fn run(
             } => {
                 let list = pods.borrow_and_update().clone();
                 tokio::task::block_in_place(|| {
-                    from_pods(&mut targets, &list, cgroup_root, status_dir, &mut said)
+                    from_pods(&mut from_pods_state, &list, cgroup_root, status_dir)
                 })
             }
         };

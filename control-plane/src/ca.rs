@@ -277,7 +277,7 @@ impl Ca {
         tracing::info!(%node, identities = ids.len(), "node CA issued");
         Ok(json!({
             "node": node,
-            "certificate": pem("CERTIFICATE", &cert),
+            "certificate": node_ca::pem_block("CERTIFICATE", &cert),
             "root": self.root_pem,
         }))
     }
@@ -291,18 +291,6 @@ fn workload_of<'a>(id: &'a SpiffeId, td: &TrustDomain) -> Option<(&'a str, &'a s
     let rest = id.path().strip_prefix("/ns/")?;
     let (ns, sa) = rest.split_once("/sa/")?;
     (!ns.is_empty() && !sa.is_empty() && !ns.contains('/') && !sa.contains('/')).then_some((ns, sa))
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 /// A TLS server certificate minted by the root for some DNS names, renewed at half-life (the

@@ -22,6 +22,8 @@ pub enum DevCaError {
     WrongTrustDomain(SpiffeId, TrustDomain),
     #[error("{0} is not among the identities this CA may sign")]
     NotPermitted(SpiffeId),
+    #[error("the CA's certificate has expired")]
+    Expired,
     #[error("persisted CA: {0}")]
     Persist(String),
 }

@@ -421,6 +421,10 @@ impl X509Authority for NodeCa {
         if !self.permitted.contains(id) {
             return Err(DevCaError::NotPermitted(id.clone()));
         }
+        // A renewal that never came: sign nothing rather than leaves no peer accepts.
+        if time::OffsetDateTime::now_utc() >= self.not_after {
+            return Err(DevCaError::Expired);
+        }
         let (leaf_pem, key_pem, mut chain, key) = mint_leaf(
             id,
             ttl,
@@ -440,7 +444,8 @@ impl X509Authority for NodeCa {
     }
 }
 
-fn pem_block(label: &str, der: &[u8]) -> String {
+/// DER as a PEM block with `label` (`CERTIFICATE`, `CERTIFICATE REQUEST`).
+pub fn pem_block(label: &str, der: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");

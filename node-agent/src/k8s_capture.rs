@@ -13,6 +13,11 @@
 //! visible for a moment) keeps the target it had: dropping it would detach its capture, guard
 //! included, and let the app's traffic around the sidecar. Only a pod gone from the list, or
 //! finished, is dropped.
+//!
+//! Capture is decided once per pod, as istio-init decides it when the pod starts: the settings
+//! a pod was first captured with stay for its life. Editing or removing the annotation later
+//! changes nothing (otherwise whoever may edit a pod's annotations could take it out of
+//! capture while it runs); a restarted sidecar only moves the cgroup and network namespace.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -92,12 +97,32 @@ impl CaptureTargets {
             ) {
                 continue;
             }
-            match target(pod, uid, cgroup_root) {
-                Ok(Some(t)) => {
+            let old = self.by_uid.get(uid);
+            match (target(pod, uid, cgroup_root), old) {
+                (Ok(Some(t)), Some(old)) => {
+                    // Where it runs now, with what it started with.
+                    next.insert(
+                        uid.to_owned(),
+                        CaptureTarget {
+                            cgroup: t.cgroup,
+                            sidecar_cgroup: t.sidecar_cgroup,
+                            netns: t.netns,
+                            ..old.clone()
+                        },
+                    );
+                }
+                (Ok(Some(t)), None) => {
                     next.insert(uid.to_owned(), t);
                 }
-                Ok(None) => {}
-                Err(reason) => {
+                (Ok(None), Some(old)) => {
+                    next.insert(uid.to_owned(), old.clone());
+                    failed.push(NotPlaced {
+                        pod: name_of(pod),
+                        reason: "its capture settings were removed or turned off after it started; it keeps the capture it started with".into(),
+                    });
+                }
+                (Ok(None), None) => {}
+                (Err(reason), _) => {
                     let name = name_of(pod);
                     if let Some(old) = self.by_uid.get(uid) {
                         next.insert(uid.to_owned(), old.clone());
@@ -324,6 +349,53 @@ mod tests {
         // Gone from the list: dropped.
         let (none, _) = targets.update(&list(vec![]), &t.0).unwrap();
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn capture_is_decided_once_per_pod() {
+        let t = tree(&id('a'));
+        let mut targets = CaptureTargets::default();
+        let (first, _) = targets
+            .update(&list(vec![pod(Some(ON), &id('a'), true, "Running")]), &t.0)
+            .unwrap();
+        // The annotation edited to exclude everything, turned off, or removed: no effect.
+        let wider = ON.replace(
+            r#""excludeOutboundPorts":[5432]"#,
+            r#""excludeOutboundPorts":[1,2,3]"#,
+        );
+        let off = ON.replace(r#""enabled":true"#, r#""enabled":false"#);
+        for p in [
+            pod(Some(&wider), &id('a'), true, "Running"),
+            pod(Some(&off), &id('a'), true, "Running"),
+            pod(None, &id('a'), true, "Running"),
+        ] {
+            let (again, _) = targets.update(&list(vec![p]), &t.0).unwrap();
+            assert_eq!(again, first);
+        }
+        // A restarted sidecar moves the cgroup and namespace; the settings stay.
+        let moved = tree_with(&t, &id('c'), "777");
+        let (after, failed) = targets
+            .update(
+                &list(vec![pod(Some(&wider), &id('c'), true, "Running")]),
+                &t.0,
+            )
+            .unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(after[0].sidecar_cgroup, moved);
+        assert_eq!(after[0].netns, PathBuf::from("/proc/777/ns/net"));
+        assert_eq!(after[0].exclude_outbound_ports, [5432]);
+    }
+
+    /// Another sidecar container's cgroup in the same pod directory, with one process.
+    fn tree_with(t: &tempdir::Dir, sidecar_id: &str, pid: &str) -> PathBuf {
+        let u = UID.replace('-', "_");
+        let c =
+            t.0.join("kubepods.slice/kubepods-burstable.slice")
+                .join(format!("kubepods-burstable-pod{u}.slice"))
+                .join(format!("cri-containerd-{sidecar_id}.scope"));
+        std::fs::create_dir_all(&c).unwrap();
+        std::fs::write(c.join("cgroup.procs"), format!("{pid}\n")).unwrap();
+        c
     }
 
     #[test]

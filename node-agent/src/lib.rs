@@ -464,7 +464,9 @@ impl WorkloadApi {
             let minted = match authorities.signing.mint(&e.spiffe_id, e.ttl) {
                 Ok(m) => m,
                 // The node's intermediate does not cover it (yet): the others are still given.
-                Err(identity::DevCaError::NotPermitted(_)) => continue,
+                Err(identity::DevCaError::NotPermitted(_) | identity::DevCaError::Expired) => {
+                    continue;
+                }
                 Err(e) => return Err(Status::internal(e.to_string())),
             };
             let key = PrivateKeyDer::from_pem_slice(minted.key_pem.as_bytes())

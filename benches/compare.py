@@ -20,7 +20,10 @@ and, for eastguard, its control plane.
 
 Needs root (namespaces). Usage, from the repo root:
     sudo .venv/bin/python benches/compare.py [--rate 1000] [--connections 16] [--duration 30]
-        [--warmup 5] [--burst 10] [--rounds 3]
+        [--warmup 5] [--burst 10] [--rounds 3] [--setups direct,nginx,eastguard]
+        [--concurrency N] [--policies N] [--idle N] [--perf DIR]
+Scale checks: `--connections 10000` (the client-side proxy holds them), `--policies 1000` (the
+server sidecar decides among them), `--idle N` (RSS per idle connection).
 """
 
 import argparse
@@ -90,6 +93,60 @@ def hwm_mib(root_pid):
         except OSError:
             pass
     return total / 1024
+
+
+def rss_kib(root_pid):
+    """VmRSS summed over the proxy's processes, in KiB."""
+    total = 0
+    for p in processes(root_pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+# Opens N keep-alive connections, one request each (so each is fully set up in the proxy), holds
+# them until stdin closes. Prints "ready" then.
+IDLE_HOLDER = r"""
+import socket, sys
+host, port, n, vhost = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+conns = []
+for i in range(n):
+    s = socket.create_connection((host, port), timeout=30)
+    s.sendall(f"GET / HTTP/1.1\r\nHost: {vhost}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(body) < length:
+        body += s.recv(65536)
+    conns.append(s)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def idle_cost(url, host, proxy, n):
+    """KiB of the proxy's RSS per idle keep-alive connection from the client (N of them)."""
+    addr = url.split("//", 1)[1].rstrip("/")
+    ip, port = addr.rsplit(":", 1)
+    before = rss_kib(proxy.pid)
+    holder = subprocess.Popen(in_ns(CLIENT_NS, sys.executable, "-c", IDLE_HOLDER, ip, port, str(n), host),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = holder.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"idle connections not opened: {line!r}")
+        time.sleep(1)
+        after = rss_kib(proxy.pid)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    return (after - before) / n
 
 
 def wait_port(ns, ip, port, limit=20):
@@ -226,6 +283,19 @@ spec:
 """
 
 
+def extra_policies(n):
+    """N more ALLOW policies on the server, each for another principal (none is the client's)."""
+    return "".join(f"""---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: other-{i}, namespace: test}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  action: ALLOW
+  rules: [{{from: [{{source: {{principals: ["{TD}/ns/test/sa/other-{i}"]}}}}], to: [{{operation: {{paths: ["/api/{i}/*"]}}}}]}}]
+""" for i in range(n))
+
+
 def oha(oha_bin, url, host, mode, args, seconds):
     cmd = [oha_bin, "--no-tui", "--output-format", "json", "-z", f"{seconds}s", "-c", str(args.connections), "-H", f"Host: {host}"]
     if mode == "fixed":
@@ -267,11 +337,20 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--concurrency", type=int, default=None, help="eastguard-sidecar --concurrency (default: one worker per CPU)")
     ap.add_argument("--setups", default="direct,nginx,eastguard", help="which setups to run, comma-separated")
+    ap.add_argument("--policies", type=int, default=1,
+                    help="AuthorizationPolicies on the server workload (one admits the client; the others name other principals)")
+    ap.add_argument("--idle", type=int, default=0,
+                    help="also measure each client-side proxy's RSS per idle keep-alive connection, with N of them")
     ap.add_argument("--perf", type=Path, default=None,
                     help="also record `perf record -e cpu-clock -g` of each eastguard sidecar during the fixed-rate run, into DIR/<round>-<side>.perf.data")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces)")
+    # Thousands of connections: every process started from here may use its hard limit.
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     oha_bin = ensure_tools()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-p", "eastguard", "-p", "eastguard-benches"], cwd=ROOT, check=True)
@@ -305,7 +384,7 @@ def main():
         def eastguard_pair():
             cfg = work / "istio"
             cfg.mkdir(exist_ok=True)
-            (cfg / "mesh.yaml").write_text(ISTIO)
+            (cfg / "mesh.yaml").write_text(ISTIO + extra_policies(args.policies - 1))
             procs = {"control plane": net.start(SERVER_NS, [release / "eastguard", "control-plane", "--config-dir", cfg,
                                                              "--xds-address", f"{SERVER_IP}:{XDS}"], work / "cp.log")}
             wait_port(SERVER_NS, SERVER_IP, XDS)
@@ -367,6 +446,11 @@ def main():
                         results.setdefault((setup, mode), []).append(r)
                         print(f"round {rnd + 1} {setup:<9} {mode:<10} rps {r['rps']:8.0f}  p50 {r['p50']:7.3f} ms  p99 {r['p99']:7.3f} ms"
                               + "".join(f"  cpu {k} {r[f'cpu_{k}']:.0f} ms/1k  hwm {r[f'hwm_{k}']:.1f} MiB" for k in proxies), flush=True)
+                    # After the modes, so the peak RSS above is not the idle connections'.
+                    if args.idle and "client" in proxies:
+                        kib = idle_cost(url, host, proxies["client"], args.idle)
+                        results.setdefault((setup, "idle"), []).append({"kib": kib})
+                        print(f"round {rnd + 1} {setup:<9} idle       {args.idle} connections: {kib:.1f} KiB each (client-side proxy RSS)", flush=True)
                 finally:
                     for p in procs.values():
                         net.stop(p)
@@ -395,6 +479,11 @@ def report(results, args):
         sat, churn = med(results, setup, "saturation", "rps"), med(results, setup, "churn", "rps")
         rows[setup] = (added, cpu, hwm, sat, churn)
         print(f"{setup:<10} {added[0]:>10.0f} / {added[1]:<9.0f} {cpu[0]:>15.1f} / {cpu[1]:<15.1f} {hwm[0]:>12.1f} / {hwm[1]:<12.1f} {sat:>15.0f} {churn:>10.0f}")
+    for setup in [x for x in ("nginx", "eastguard") if x in args.setups.split(",")]:
+        if (setup, "idle") in results:
+            print(f"{setup}: {med(results, setup, 'idle', 'kib'):.1f} KiB of client-side proxy RSS per idle keep-alive connection ({args.idle} held)")
+    if args.policies > 1:
+        print(f"the server workload had {args.policies} AuthorizationPolicies")
     if "nginx" not in rows or "eastguard" not in rows:
         return
     (na, nc, _, ns, nch), (ea, ec, eh, es, ech) = rows["nginx"], rows["eastguard"]

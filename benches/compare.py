@@ -313,8 +313,11 @@ def oha(oha_bin, url, host, mode, args, seconds):
     errors = {k: v for k, v in r.get("errorDistribution", {}).items() if "deadline" not in k}
     total = sum(codes.values()) + sum(errors.values())
     pct = r["latencyPercentiles"]
+    ms = lambda v: float("nan") if v is None else v * 1000  # no successful request: no percentiles
+    if errors:
+        print(f"!! oha {mode}: {errors}", file=sys.stderr)
     return {"requests": total, "ok": ok, "rps": r["summary"]["requestsPerSec"],
-            "p50": pct["p50"] * 1000, "p99": pct["p99"] * 1000}
+            "p50": ms(pct["p50"]), "p99": ms(pct["p99"])}
 
 
 def ensure_tools():
@@ -339,6 +342,7 @@ def main():
     ap.add_argument("--setups", default="direct,nginx,eastguard", help="which setups to run, comma-separated")
     ap.add_argument("--policies", type=int, default=1,
                     help="AuthorizationPolicies on the server workload (one admits the client; the others name other principals)")
+    ap.add_argument("--modes", default="fixed,saturation,churn", help="which load runs, comma-separated ('' for none)")
     ap.add_argument("--idle", type=int, default=0,
                     help="also measure each client-side proxy's RSS per idle keep-alive connection, with N of them")
     ap.add_argument("--perf", type=Path, default=None,
@@ -423,7 +427,14 @@ def main():
                             raise RuntimeError(f"{setup}: no successful request through {url}")
                         time.sleep(0.2)
                     proxies = {k: p for k, p in procs.items() if k in ("client", "server")}
-                    for mode, secs in (("fixed", args.duration), ("saturation", args.burst), ("churn", args.burst)):
+                    # Before any load, so the heap has no freed memory to reuse (run it with
+                    # `--modes ''` to keep the peak RSS figures of load runs clean).
+                    if args.idle and "client" in proxies:
+                        kib = idle_cost(url, host, proxies["client"], args.idle)
+                        results.setdefault((setup, "idle"), []).append({"kib": kib})
+                        print(f"round {rnd + 1} {setup:<9} idle       {args.idle} connections: {kib:.1f} KiB each (client-side proxy RSS)", flush=True)
+                    modes = [m for m in args.modes.split(",") if m]
+                    for mode, secs in [(m, t) for m, t in (("fixed", args.duration), ("saturation", args.burst), ("churn", args.burst)) if m in modes]:
                         oha(oha_bin, url, host, mode, args, args.warmup)
                         cpu0 = {k: cpu_ms(p.pid) for k, p in proxies.items()}
                         recorders = []
@@ -446,11 +457,6 @@ def main():
                         results.setdefault((setup, mode), []).append(r)
                         print(f"round {rnd + 1} {setup:<9} {mode:<10} rps {r['rps']:8.0f}  p50 {r['p50']:7.3f} ms  p99 {r['p99']:7.3f} ms"
                               + "".join(f"  cpu {k} {r[f'cpu_{k}']:.0f} ms/1k  hwm {r[f'hwm_{k}']:.1f} MiB" for k in proxies), flush=True)
-                    # After the modes, so the peak RSS above is not the idle connections'.
-                    if args.idle and "client" in proxies:
-                        kib = idle_cost(url, host, proxies["client"], args.idle)
-                        results.setdefault((setup, "idle"), []).append({"kib": kib})
-                        print(f"round {rnd + 1} {setup:<9} idle       {args.idle} connections: {kib:.1f} KiB each (client-side proxy RSS)", flush=True)
                 finally:
                     for p in procs.values():
                         net.stop(p)

@@ -452,11 +452,12 @@ def main():
                         for k in proxies:
                             r[f"cpu_{k}"] = (cpu1[k] - cpu0[k]) * 1000 / max(r["requests"], 1)
                             r[f"hwm_{k}"] = hwm_mib(proxies[k].pid)
+                            r[f"rss_{k}"] = rss_kib(proxies[k].pid) / 1024
                         if r["ok"] != r["requests"]:
                             print(f"!! {setup} {mode} round {rnd + 1}: {r['requests'] - r['ok']} of {r['requests']} requests failed", file=sys.stderr)
                         results.setdefault((setup, mode), []).append(r)
                         print(f"round {rnd + 1} {setup:<9} {mode:<10} rps {r['rps']:8.0f}  p50 {r['p50']:7.3f} ms  p99 {r['p99']:7.3f} ms"
-                              + "".join(f"  cpu {k} {r[f'cpu_{k}']:.0f} ms/1k  hwm {r[f'hwm_{k}']:.1f} MiB" for k in proxies), flush=True)
+                              + "".join(f"  cpu {k} {r[f'cpu_{k}']:.0f} ms/1k  hwm {r[f'hwm_{k}']:.1f} MiB  rss {r[f'rss_{k}']:.1f} MiB" for k in proxies), flush=True)
                 finally:
                     for p in procs.values():
                         net.stop(p)

@@ -113,6 +113,7 @@ fn sidecar_listeners_translate_and_every_rbac_filter_compiles() {
         let filter = eastguard_proxy::config::FilterConfig {
             name: name.into(),
             typed_config: Some(back),
+            rbac: None,
         };
         eastguard_proxy::config::compile_rbac(std::slice::from_ref(&filter))
             .unwrap_or_else(|e| panic!("RBAC filter does not compile: {e}\n{json}"));

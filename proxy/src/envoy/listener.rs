@@ -920,11 +920,10 @@ pub fn listener_pb(l: &config::Listener) -> Listener {
 fn rbac_filter(name: &str, tc: &Any, field: &str, cx: &Ctx<'_>) -> Result<FilterConfig, Invalid> {
     let typed = policy::rbac::envoy::from_any(tc)
         .map_err(|e| cx.invalid(format!("{field}.typed_config.{}", e.field), e.reason))?;
-    let json = serde_json::to_value(&typed).map_err(|e| cx.invalid(field, e.to_string()))?;
-    let fcfg = FilterConfig {
+    let fcfg = FilterConfig::rbac(policy::rbac::Filter {
         name: name.into(),
-        typed_config: Some(json),
-    };
+        typed_config: typed,
+    });
     config::compile_rbac(std::slice::from_ref(&fcfg))
         .map_err(|e| cx.invalid(field, format!("RBAC does not compile: {e}")))?;
     Ok(fcfg)
@@ -933,6 +932,9 @@ fn rbac_filter(name: &str, tc: &Any, field: &str, cx: &Ctx<'_>) -> Result<Filter
 /// A filter's typed config as protobuf: RBAC through the model's own conversion, anything else
 /// through proto3 JSON.
 fn typed_filter(f: &FilterConfig) -> Option<Any> {
+    if let Some(typed) = &f.rbac {
+        return policy::rbac::envoy::to_any(&typed.typed_config).ok();
+    }
     let json = f.typed_config.clone()?;
     if f.name == policy::rbac::HTTP_RBAC_FILTER || f.name == policy::rbac::NETWORK_RBAC_FILTER {
         let value =

@@ -83,29 +83,25 @@ def cpu_ms(root_pid):
     return total * 1000 / CLK_TCK
 
 
-def hwm_mib(root_pid):
+def status_kib(root_pid, field):
+    """A /proc/PID/status memory field (`VmHWM:`, `VmRSS:`) summed over the proxy's processes."""
     total = 0
     for p in processes(root_pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
-
-
-def rss_kib(root_pid):
-    """VmRSS summed over the proxy's processes, in KiB."""
-    total = 0
-    for p in processes(root_pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     total += int(line.split()[1])
         except OSError:
             pass
     return total
+
+
+def hwm_mib(root_pid):
+    return status_kib(root_pid, "VmHWM:") / 1024
+
+
+def rss_kib(root_pid):
+    return status_kib(root_pid, "VmRSS:")
 
 
 # Opens N keep-alive connections, one request each (so each is fully set up in the proxy), holds

@@ -249,13 +249,7 @@ mod tests {
     /// A kubelet-shaped tree (systemd driver) with the sidecar's cgroup and one "process".
     fn tree(sidecar_id: &str) -> tempdir::Dir {
         let d = tempdir::Dir::new();
-        let u = UID.replace('-', "_");
-        let c =
-            d.0.join("kubepods.slice/kubepods-burstable.slice")
-                .join(format!("kubepods-burstable-pod{u}.slice"))
-                .join(format!("cri-containerd-{sidecar_id}.scope"));
-        std::fs::create_dir_all(&c).unwrap();
-        std::fs::write(c.join("cgroup.procs"), "4242\n").unwrap();
+        tree_with(&d, sidecar_id, "4242");
         d
     }
 
@@ -386,7 +380,7 @@ mod tests {
         assert_eq!(after[0].exclude_outbound_ports, [5432]);
     }
 
-    /// Another sidecar container's cgroup in the same pod directory, with one process.
+    /// A sidecar container's cgroup in the pod's directory under `t`, with one process.
     fn tree_with(t: &tempdir::Dir, sidecar_id: &str, pid: &str) -> PathBuf {
         let u = UID.replace('-', "_");
         let c =

@@ -9,11 +9,14 @@ enforced within 1 s of the watch event; a cut watch resumes from the last versio
 retry; while the API is away the last good state is served; nothing from Kubernetes is served
 before every resource is listed."""
 
+import json
 import time
+import urllib.request
 
 import pytest
+import yaml
 
-from conftest import wait_for
+from conftest import CLIENT_ID, ROOT, free_port, listening, wait_for
 from kube_standin import KubeStandIn
 from test_xds import DENIED, XdsMesh
 
@@ -29,6 +32,8 @@ SVC = "/api/v1/services"
 PODS = "/api/v1/pods"
 SLICES = "/apis/discovery.k8s.io/v1/endpointslices"
 AUTHZ = "/apis/security.istio.io/v1/authorizationpolicies"
+NAMESPACES = "/api/v1/namespaces"
+ACCOUNTS = "/api/v1/serviceaccounts"
 
 
 def deny(paths, name="deny-admin"):
@@ -41,10 +46,11 @@ def deny(paths, name="deny-admin"):
 class KubeMesh(XdsMesh):
     """XdsMesh's sidecars and app, with the control plane reading the stand-in API."""
 
-    def __init__(self, tmp_path, api, wait_ready=True):
+    def __init__(self, tmp_path, api, wait_ready=True, tls=False, cp_extra=(), sidecar_extra=None):
         self.api = api
         self.kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
-        super().__init__(tmp_path, registry=FILES, cp_extra=["--kubernetes", "--kubeconfig", str(self.kubeconfig)],
+        super().__init__(tmp_path, registry=FILES, tls=tls, sidecar_extra=sidecar_extra,
+                         cp_extra=["--kubernetes", "--kubeconfig", str(self.kubeconfig), *cp_extra],
                          before_sidecars=self.objects, wait_ready=wait_ready)
 
     def objects(self):
@@ -203,3 +209,66 @@ def test_pods_admitted_without_a_sidecar_or_refused_get_an_event(tmp_path, auth)
     finally:
         w.stop()
         api.stop()
+
+
+def test_the_inventory_reads_owners_and_caller_identities_from_namespaces_and_service_accounts(tmp_path, api):
+    """Namespaces and ServiceAccounts (metadata only) feed the API inventory, not xDS: a service
+    with no owner of its own takes its namespace's; a verified caller whose ID names no
+    ServiceAccount in the cluster (deleted since its SVID was issued, or never there) is listed
+    as unknown, and a known one carries its owner."""
+    http_port = free_port()
+    data = tmp_path / "data"
+    data.mkdir()
+    api.put(NAMESPACES, {"metadata": {"name": "test", "uid": "ns-test", "labels": {"team": "payments"}}})
+    api.put(ACCOUNTS, {"metadata": {"name": "server", "namespace": "test", "uid": "sa-server"}})
+    mesh = KubeMesh(tmp_path, api, tls=True,
+                    cp_extra=["--http-address", f"127.0.0.1:{http_port}", "--data-dir", str(data)],
+                    sidecar_extra={"inventory": {"export": {"interval": "200ms"}}})
+    try:
+        wait_for("inventory HTTP API", lambda: listening(http_port))
+
+        def view():
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/apis", timeout=10) as r:
+                return json.load(r)
+
+        def hello():
+            return next((o for o in view()["operations"] if o["template"] == "/hello" and o.get("callers")), None)
+
+        assert mesh.get("/hello")[0] == 200
+        # Reports can arrive before Namespaces and ServiceAccounts are listed.
+        wait_for("the sidecar's report, with identities", lambda: (hello() or {}).get("callers", [{}])[0].get("identity"))
+        op = hello()
+        assert op["service"] == "server.test.svc.cluster.local"
+        # The Service has no owner label; its namespace has.
+        assert op["owner"] == "payments" and op["orphan"] is False
+        # The client's service account does not exist.
+        assert op["callers"][0]["id"] == CLIENT_ID
+        assert op["callers"][0]["identity"] == {"kind": "unknown"}
+        assert view()["unknown_callers"] == [CLIENT_ID]
+
+        api.put(ACCOUNTS, {"metadata": {"name": "client", "namespace": "test", "uid": "sa-client",
+                                        "annotations": {"eastguard.io/owner": "storefront"}}})
+        wait_for("the account is seen", lambda: hello()["callers"][0]["identity"] == {"kind": "service_account", "owner": "storefront"})
+        assert "unknown_callers" not in view()
+
+        api.put(NAMESPACES, {"metadata": {"name": "test", "uid": "ns-test", "labels": {"team": "checkout"}}})
+        wait_for("the namespace's new owner", lambda: hello()["owner"] == "checkout")
+        api.delete(ACCOUNTS, "test", "client")
+        wait_for("the deletion is seen", lambda: view().get("unknown_callers") == [CLIENT_ID])
+        # Without any owner the service is an orphan again.
+        api.put(NAMESPACES, {"metadata": {"name": "test", "uid": "ns-test"}})
+        wait_for("no owner", lambda: hello()["orphan"] is True)
+        # None of this touched the sidecars' configuration: the call still goes through.
+        assert mesh.get("/hello")[0] == 200
+    finally:
+        mesh.stop()
+    # The shipped ClusterRole lets the control plane list and watch everything it asked for.
+    rules = next(d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "eastguard.yaml").read_text())
+                 if d and d["kind"] == "ClusterRole" and d["metadata"]["name"] == "eastguard-control-plane")["rules"]
+    watched = {p for p, q in api.requests if q.get("watch") in ("1", "true")}
+    assert {NAMESPACES, ACCOUNTS, SVC, PODS, SLICES, AUTHZ} <= watched, watched
+    for path in watched:
+        parts = path.strip("/").split("/")
+        group, resource = ("" if parts[0] == "api" else parts[1]), parts[-1]
+        assert any(group in r["apiGroups"] and resource in r["resources"] and {"list", "watch"} <= set(r["verbs"])
+                   for r in rules), f"the ClusterRole does not let the control plane watch {path}"

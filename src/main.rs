@@ -477,6 +477,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                 kubernetes: kubernetes.then_some(control_plane::kube::KubeOptions {
                     kubeconfig,
                     cluster_domain,
+                    trust_domain: trust_domain.clone(),
                     watch_timeout: 300,
                 }),
                 config_dir,

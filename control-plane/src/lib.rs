@@ -354,6 +354,7 @@ pub async fn run(
     let (mut kube_rx, kube_pods) = match (&kube_client, opts.kubernetes.clone()) {
         (Some(c), Some(k)) => {
             let started = kube::start(c, k);
+            apis.set_cluster(started.cluster);
             (Some(started.registry), Some(started.pods))
         }
         _ => (None, None),

@@ -17,13 +17,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use apisec::spec::{LiveOperation, Status, classify};
 use serde::Serialize;
 
+use crate::kube::cluster::{Cluster, Identity};
 use crate::registry::Registry;
 use specs::Specs;
+
+type ClusterRx = tokio::sync::watch::Receiver<Option<Arc<Cluster>>>;
 use store::{Operation, Store, StoreError, StoreLimits};
 
 pub struct ApiInventory {
     store: Mutex<Store>,
     specs: Mutex<Specs>,
+    /// Namespaces and ServiceAccounts from Kubernetes (`--kubernetes`), once listed.
+    cluster: Mutex<Option<ClusterRx>>,
     /// How long rows and events are kept.
     pub retention: std::time::Duration,
 }
@@ -42,8 +47,9 @@ pub struct Entry {
     pub spec_path: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<String>,
+    /// The service's owner, else its namespace's.
     pub owner: Option<String>,
-    /// No owner label or annotation on the service.
+    /// No owner label or annotation on the service or its namespace.
     pub orphan: bool,
     /// What was seen (absent for an unused operation).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -59,6 +65,10 @@ pub struct View {
     pub spec_errors: BTreeMap<String, String>,
     /// Rows the store refused for a bound since start.
     pub dropped_rows: u64,
+    /// Verified callers whose ID is shaped as this cluster's workload IDs but names no
+    /// ServiceAccount it has (with `--kubernetes`): deleted since, or never there.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unknown_callers: Vec<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -76,8 +86,18 @@ impl ApiInventory {
         Ok(Arc::new(Self {
             store: Mutex::new(Store::open(data_dir, limits)?),
             specs: Mutex::new(specs),
+            cluster: Mutex::new(None),
             retention: limits.retention,
         }))
+    }
+
+    /// Where Namespaces and ServiceAccounts come from (`--kubernetes`).
+    pub fn set_cluster(&self, rx: ClusterRx) {
+        *lock(&self.cluster) = Some(rx);
+    }
+
+    fn cluster(&self) -> Option<Arc<Cluster>> {
+        lock(&self.cluster).as_ref().and_then(|r| r.borrow().clone())
     }
 
     /// Re-reads changed spec files and drops expired rows.
@@ -146,6 +166,18 @@ impl ApiInventory {
             let s = lock(&self.store);
             (s.operations()?, s.dropped)
         };
+        let cluster = self.cluster();
+        let mut unknown = std::collections::BTreeSet::new();
+        let mut ops = ops;
+        if let Some(c) = &cluster {
+            for caller in ops.iter_mut().flat_map(|o| o.callers.iter_mut()) {
+                let identity = c.identity(&caller.id);
+                if identity == Identity::Unknown {
+                    unknown.insert(caller.id.clone());
+                }
+                caller.identity = Some(identity);
+            }
+        }
         let specs = lock(&self.specs);
         let mut by_service: BTreeMap<String, Vec<Operation>> = BTreeMap::new();
         for op in ops {
@@ -166,7 +198,7 @@ impl ApiInventory {
                     response_types: o.response_content_types.iter().cloned().collect(),
                 })
                 .collect();
-            let owner = specs::owner(&service, reg);
+            let owner = specs::owner(&service, reg, cluster.as_deref());
             for v in classify(spec.as_ref().map(|(_, s)| s.as_ref()), &live) {
                 let seen = ops
                     .iter()
@@ -203,6 +235,7 @@ impl ApiInventory {
             summary,
             spec_errors: specs.errors.clone(),
             dropped_rows: dropped,
+            unknown_callers: unknown.into_iter().collect(),
         })
     }
 

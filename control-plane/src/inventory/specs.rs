@@ -11,6 +11,7 @@ use std::time::SystemTime;
 
 use apisec::spec::{Spec, SpecError};
 
+use crate::kube::cluster::{Cluster, owner_of};
 use crate::registry::{Registry, ServiceEntry};
 
 /// The annotation on a ServiceEntry naming its spec file (in `openapi/`).
@@ -229,22 +230,18 @@ impl Specs {
     }
 }
 
-/// Who owns a service: the ServiceEntry's `owner`, `team` or `eastguard.io/owner` label or
-/// annotation. `None` makes the service an orphan.
-pub fn owner(host: &str, reg: &Registry) -> Option<String> {
+/// Who owns a service: the ServiceEntry's `eastguard.io/owner`, `owner` or `team` label or
+/// annotation, else its namespace's (with `--kubernetes`). `None` makes the service an orphan.
+pub fn owner(host: &str, reg: &Registry, cluster: Option<&Cluster>) -> Option<String> {
     let s: &ServiceEntry = reg
         .services
         .iter()
         .find(|s| s.hosts.iter().any(|h| h == host))?;
-    ["eastguard.io/owner", "owner", "team"]
-        .iter()
-        .find_map(|k| {
-            s.meta
-                .labels
-                .get(*k)
-                .or_else(|| s.meta.annotations.get(*k))
-                .cloned()
-        })
+    owner_of(Some(&s.meta.labels), Some(&s.meta.annotations)).or_else(|| {
+        cluster
+            .and_then(|c| c.namespace_owner(&s.meta.namespace))
+            .map(str::to_owned)
+    })
 }
 
 #[cfg(test)]

@@ -180,6 +180,10 @@ pub struct CallerCount {
     pub id: String,
     pub calls: u64,
     pub denied: u64,
+    /// What the ID names in the cluster (with `--kubernetes`): a ServiceAccount and its owner,
+    /// or none (`unknown`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::kube::cluster::Identity>,
 }
 
 /// An API operation (service, method, template) over all reporting workloads.
@@ -605,7 +609,12 @@ impl Store {
                     c.calls += calls;
                     c.denied += denied;
                 }
-                None => op.callers.push(CallerCount { id, calls, denied }),
+                None => op.callers.push(CallerCount {
+                    id,
+                    calls,
+                    denied,
+                    identity: None,
+                }),
             }
             for (col, into) in [
                 (7, &mut op.auth_schemes),
@@ -717,12 +726,14 @@ mod tests {
                 CallerCount {
                     id: "plaintext".into(),
                     calls: 1,
-                    denied: 1
+                    denied: 1,
+                    identity: None,
                 },
                 CallerCount {
                     id: web_id.into(),
                     calls: 5,
-                    denied: 0
+                    denied: 0,
+                    identity: None,
                 },
             ]
         );

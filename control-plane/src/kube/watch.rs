@@ -29,6 +29,9 @@ pub struct Resource {
     pub kind: &'static str,
     /// A CRD that may not be installed: a 404 on LIST is "none", not an error.
     pub optional: bool,
+    /// Keep only `metadata` (name, namespace, labels, annotations, resourceVersion): for kinds
+    /// read for who owns what, whose specs nothing reads.
+    pub metadata_only: bool,
 }
 
 /// What a reflector publishes.
@@ -219,6 +222,9 @@ impl Reflector {
 
     /// List items come without `kind` and `apiVersion`; the registry reader needs them.
     fn typed(&self, mut object: Value) -> Value {
+        if self.resource.metadata_only {
+            object = metadata_only(object);
+        }
         if let Some(o) = object.as_object_mut() {
             o.entry("kind").or_insert_with(|| self.resource.kind.into());
             o.entry("apiVersion")
@@ -285,6 +291,24 @@ impl Reflector {
         });
         Ok(None)
     }
+}
+
+fn metadata_only(mut object: Value) -> Value {
+    let mut meta = serde_json::Map::new();
+    if let Some(m) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        for k in [
+            "name",
+            "namespace",
+            "labels",
+            "annotations",
+            "resourceVersion",
+        ] {
+            if let Some(v) = m.remove(k) {
+                meta.insert(k.to_owned(), v);
+            }
+        }
+    }
+    serde_json::json!({ "metadata": meta })
 }
 
 fn key(object: &Value) -> (String, String) {

@@ -10,8 +10,8 @@ elsewhere it skips loudly.
 What must hold: an annotated pod whose sidecar runs is captured (an unmodified curl goes through
 both sidecars over mTLS) and its sidecar becomes ready only then; a pod without the annotation is
 not; a sidecar that restarts does not detach its pod's capture (no window around it); capture is
-decided at a pod's first sighting and kept for its life (removing the annotation later changes
-nothing); a pod gone from the list is detached and its status file removed; and the agent does
+decided at a pod's first sighting and kept for its life (removing or widening the annotation later
+changes nothing, across an agent restart too); a pod gone from the list is detached and its status file removed; and the agent does
 all of it holding only the DaemonSet's capabilities."""
 
 import json
@@ -70,6 +70,7 @@ class KubeCluster(Cluster):
         self.annotated = {"a": True, "b": True}
         self.sidecar_running = {"a": True, "b": True}
         self.listed = {"a": True, "b": True}
+        self.settings = {"a": SETTINGS, "b": SETTINGS}
 
     def status_file(self, pod):
         return self.tmp / f"{self.uid[pod]}.capture"
@@ -87,7 +88,7 @@ class KubeCluster(Cluster):
             state = {"running": {"startedAt": "2026-12-07T07:00:00Z"}} if self.sidecar_running[p] else {"waiting": {"reason": "CrashLoopBackOff"}}
             notes = {"sidecar.eastguard.io/status": json.dumps({"initContainers": ["eastguard-proxy"]})}
             if self.annotated[p]:
-                notes["sidecar.eastguard.io/capture-settings"] = json.dumps(SETTINGS)
+                notes["sidecar.eastguard.io/capture-settings"] = json.dumps(self.settings[p])
             items.append({
                 "metadata": {"name": f"pod-{p}", "namespace": "test", "uid": self.uid[p], "annotations": notes},
                 "spec": {"serviceAccountName": p, "nodeName": "node-a", "containers": [{"name": "app", "image": "app"}]},
@@ -226,4 +227,36 @@ def test_a_pod_is_captured_from_its_first_sighting_for_its_life(cluster):
         assert rc == 0 and json.loads(out)["path"] == "/again", out
     finally:
         cluster.annotated["b"] = True
+        cluster.pod_list()
+
+
+def test_the_decision_outlives_an_agent_restart(cluster):
+    """Removing b's annotation and widening a's exclusions to everything, then restarting the
+    agent: both pods are adopted from their pins with what they were captured with, and a's
+    traffic still goes through both sidecars."""
+    wide = dict(SETTINGS, excludeOutboundCidrs=["0.0.0.0/0", "::/0"], excludeOutboundPorts=[APP_PORT])
+    cluster.annotated["b"] = False
+    cluster.settings["a"] = wide
+    cluster.pod_list()
+    log = cluster.tmp / "agent.log"
+    try:
+        cluster.agent.kill()
+        cluster.agent.wait()
+        before = len(log.read_text())
+        cluster.start_agent()
+        wait_for("both pods adopted and attached", _attached(cluster, ["a", "b"]), limit=30)
+        told = log.read_text()[before:]
+        for p in ("a", "b"):
+            line = next((l for l in told.splitlines() if "adopting" in l and cluster.uid[p] in l), None)
+            assert line and "inbound_ports: [15020, 15021, 15090]" in line and "outbound_cidrs: []" in line, told[-3000:]
+        time.sleep(1.5)  # several kubelet polls and reconciles with the edited annotations
+        status = cluster.capture_status()
+        assert all(status[n]["state"] == "attached" for n in cluster.names().values()), status
+        rc, out = cluster.curl("a", f"http://{ip4('b')}:{APP_PORT}/after-restart")
+        assert rc == 0, out
+        seen = json.loads(out)
+        assert seen["path"] == "/after-restart" and f"URI={CLIENT_ID}" in (seen["xfcc"] or ""), seen
+    finally:
+        cluster.annotated["b"] = True
+        cluster.settings["a"] = SETTINGS
         cluster.pod_list()

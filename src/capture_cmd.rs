@@ -68,6 +68,9 @@ fn read_file(path: &std::path::Path, last_read: &mut Option<String>) -> Read {
     }
 }
 
+/// Capture registry names of pods from the pod list: this, then the pod's UID.
+const POD_PREFIX: &str = "k8s-";
+
 /// What `from_pods` keeps from one poll to the next.
 #[derive(Default)]
 struct FromPods {
@@ -117,7 +120,7 @@ fn from_pods(
             );
         }
         let spec = ebpf_redirect::PodSpec {
-            name: format!("k8s-{}", t.uid),
+            name: format!("{POD_PREFIX}{}", t.uid),
             cgroup: t.cgroup,
             sidecar_cgroup: t.sidecar_cgroup,
             netns: t.netns,
@@ -175,6 +178,23 @@ pub async fn run(
     let mut have_good = false;
     let mut last_read: Option<String> = None;
     let mut from_pods_state = FromPods::default();
+    if matches!(source, Source::Pods { .. }) {
+        // Pods an earlier agent captured stay captured, with what they were captured with,
+        // whatever their annotation says now (the decision is made once per pod).
+        for (name, e) in manager.pinned() {
+            if let Some(uid) = name.strip_prefix(POD_PREFIX) {
+                tracing::info!(pod_uid = uid, exclusions = ?e, "adopting a pod an earlier agent captured");
+                from_pods_state.targets.adopt(
+                    uid,
+                    node_agent::k8s_capture::Exclusions {
+                        inbound_ports: e.inbound_ports,
+                        outbound_ports: e.outbound_ports,
+                        outbound_cidrs: e.outbound_cidrs,
+                    },
+                );
+            }
+        }
+    }
     let mut tick = tokio::time::interval(opts.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -223,7 +243,12 @@ pub async fn run(
             // Nothing good yet: adopt nothing, remove nothing, until the source is read.
             continue;
         }
-        let pods = tokio::task::block_in_place(|| manager.reconcile(&registry));
+        let keep: Vec<String> = from_pods_state
+            .targets
+            .held()
+            .map(|uid| format!("{POD_PREFIX}{uid}"))
+            .collect();
+        let pods = tokio::task::block_in_place(|| manager.reconcile(&registry, &keep));
         let mut s = lock(&shared);
         s.pods = pods;
         s.reconciles += 1;

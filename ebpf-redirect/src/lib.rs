@@ -204,10 +204,29 @@ impl Manager {
         self.root.join(pod)
     }
 
+    /// The pods an earlier agent left pinned, with the exclusions their maps hold: what they
+    /// were captured with. A pod whose maps cannot be read is listed with none (captured whole).
+    pub fn pinned(&self) -> BTreeMap<String, Exclusions> {
+        let mut out = BTreeMap::new();
+        let Ok(dir) = std::fs::read_dir(&self.root) else {
+            return out;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let excl = read_exclusions(&e.path(), &name).unwrap_or_else(|err| {
+                tracing::warn!(pod = %name, error = %err, "pinned exclusions unreadable; none kept");
+                Exclusions::default()
+            });
+            out.insert(name, excl);
+        }
+        out
+    }
+
     /// Brings the attached pods in line with `registry`: removes pods no longer listed (also
-    /// ones pinned by an earlier agent), attaches or re-adopts the listed ones, repairs links,
-    /// registers sidecar listeners and refreshes counters.
-    pub fn reconcile(&mut self, registry: &Registry) -> Vec<PodStatus> {
+    /// ones pinned by an earlier agent) unless named in `keep`, attaches or re-adopts the listed
+    /// ones, repairs links, registers sidecar listeners and refreshes counters. `keep`: pods
+    /// pinned by an earlier agent that must stay as they are until they can be placed again.
+    pub fn reconcile(&mut self, registry: &Registry, keep: &[String]) -> Vec<PodStatus> {
         let wanted: BTreeMap<&str, &PodSpec> =
             registry.pods.iter().map(|p| (p.name.as_str(), p)).collect();
         let mut stale: Vec<String> = self
@@ -219,7 +238,10 @@ impl Manager {
         if let Ok(dir) = std::fs::read_dir(&self.root) {
             for e in dir.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !wanted.contains_key(name.as_str()) && !stale.contains(&name) {
+                if !wanted.contains_key(name.as_str())
+                    && !stale.contains(&name)
+                    && !keep.contains(&name)
+                {
                     stale.push(name);
                 }
             }
@@ -416,6 +438,49 @@ fn verifier(e: &aya::programs::ProgramError) -> String {
         } => format!("{io_error}\n{verifier_log}"),
         other => other.to_string(),
     }
+}
+
+/// A pod's exclusions as its pinned maps hold them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exclusions {
+    pub inbound_ports: Vec<u16>,
+    pub outbound_ports: Vec<u16>,
+    pub outbound_cidrs: Vec<String>,
+}
+
+fn read_exclusions(dir: &Path, pod: &str) -> Result<Exclusions, Error> {
+    let ports = |map: &str| -> Result<Vec<u16>, Error> {
+        let m: HashMap<MapData, u32, u32> =
+            HashMap::try_from(Map::HashMap(open_map(dir, map, pod)?))
+                .map_err(|e| pod_err(pod, map, e))?;
+        let mut v: Vec<u16> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|k| u16::try_from(k).ok())
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    };
+    let cidrs: LpmTrie<MapData, [u8; 16], u32> =
+        LpmTrie::try_from(Map::LpmTrie(open_map(dir, "eg_skip_cidr", pod)?))
+            .map_err(|e| pod_err(pod, "eg_skip_cidr", e))?;
+    let mut outbound_cidrs: Vec<String> = cidrs
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| {
+            registry::Cidr {
+                ip: k.data(),
+                prefix_len: k.prefix_len(),
+            }
+            .to_string()
+        })
+        .collect();
+    outbound_cidrs.sort();
+    Ok(Exclusions {
+        inbound_ports: ports("eg_skip_in")?,
+        outbound_ports: ports("eg_skip_out")?,
+        outbound_cidrs,
+    })
 }
 
 fn open_map(dir: &Path, name: &str, pod: &str) -> Result<MapData, Error> {

@@ -96,6 +96,17 @@ pub enum RegistryError {
     Pod { at: String, reason: String },
 }
 
+/// Back to text: an IPv4-mapped address with a prefix of at least 96 as IPv4.
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v6 = std::net::Ipv6Addr::from(self.ip);
+        match v6.to_ipv4_mapped() {
+            Some(v4) if self.prefix_len >= 96 => write!(f, "{v4}/{}", self.prefix_len - 96),
+            _ => write!(f, "{v6}/{}", self.prefix_len),
+        }
+    }
+}
+
 impl std::str::FromStr for Cidr {
     type Err = BadCidr;
     fn from_str(s: &str) -> Result<Self, BadCidr> {
@@ -207,6 +218,27 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cidrs_read_back_as_written() {
+        for text in [
+            "10.0.0.0/8",
+            "0.0.0.0/0",
+            "192.168.1.7/32",
+            "fd00::/8",
+            "::/0",
+            "::ffff:0:0/96",
+        ] {
+            let c: Cidr = text.parse().unwrap();
+            let back = c.to_string();
+            assert_eq!(back.parse::<Cidr>().unwrap(), c, "{text} -> {back}");
+        }
+        assert_eq!(
+            "10.0.0.0/8".parse::<Cidr>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!("fd00::/8".parse::<Cidr>().unwrap().to_string(), "fd00::/8");
+    }
 
     fn pod(extra: &str) -> String {
         format!(

@@ -18,6 +18,9 @@
 //! a pod was first captured with stay for its life. Editing or removing the annotation later
 //! changes nothing (otherwise whoever may edit a pod's annotations could take it out of
 //! capture while it runs); a restarted sidecar only moves the cgroup and network namespace.
+//! The decision outlives the agent: the pods an earlier agent left pinned are adopted
+//! ([`CaptureTargets::adopt`]) with the exclusions their pinned maps hold, whatever their
+//! annotation says now, and their pins are held until they are placed again or leave the list.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,10 +63,20 @@ struct Settings {
     exclude_interfaces: Vec<String>,
 }
 
+/// What a pod was captured with, as an earlier agent's pinned maps hold it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exclusions {
+    pub inbound_ports: Vec<u16>,
+    pub outbound_ports: Vec<u16>,
+    pub outbound_cidrs: Vec<String>,
+}
+
 /// Keeps the pods' capture targets across pod lists (see the module doc).
 #[derive(Debug, Default)]
 pub struct CaptureTargets {
     by_uid: BTreeMap<String, CaptureTarget>,
+    /// Pods an earlier agent captured, by UID, until placed or gone from the list.
+    adopted: BTreeMap<String, Exclusions>,
 }
 
 /// Why a pod that asks to be captured has no target now.
@@ -74,6 +87,17 @@ pub struct NotPlaced {
 }
 
 impl CaptureTargets {
+    /// A pod an earlier agent captured with `exclusions`: it stays captured, with them, for its
+    /// life, whatever its annotation says now.
+    pub fn adopt(&mut self, uid: &str, exclusions: Exclusions) {
+        self.adopted.insert(uid.to_owned(), exclusions);
+    }
+
+    /// Adopted pods not placed yet: their earlier capture must be left as it is.
+    pub fn held(&self) -> impl Iterator<Item = &str> {
+        self.adopted.keys().map(String::as_str)
+    }
+
     /// The targets for this list, and the pods that ask for capture but could not be placed
     /// (those keep an earlier target if they had one). `None` before the kubelet's first list:
     /// nothing is known, so nothing may be detached.
@@ -86,6 +110,7 @@ impl CaptureTargets {
             return None;
         }
         let mut next = BTreeMap::new();
+        let mut adopted = BTreeMap::new();
         let mut failed = Vec::new();
         for pod in pods.items() {
             let Some(uid) = pod["metadata"]["uid"].as_str() else {
@@ -97,42 +122,115 @@ impl CaptureTargets {
             ) {
                 continue;
             }
-            let old = self.by_uid.get(uid);
-            match (target(pod, uid, cgroup_root), old) {
-                (Ok(Some(t)), Some(old)) => {
-                    // Where it runs now, with what it started with.
-                    next.insert(
-                        uid.to_owned(),
-                        CaptureTarget {
-                            cgroup: t.cgroup,
-                            sidecar_cgroup: t.sidecar_cgroup,
-                            netns: t.netns,
-                            ..old.clone()
-                        },
-                    );
-                }
-                (Ok(Some(t)), None) => {
-                    next.insert(uid.to_owned(), t);
-                }
-                (Ok(None), Some(old)) => {
-                    next.insert(uid.to_owned(), old.clone());
+            let name = name_of(pod);
+            // What it was first captured with, if it was: by this agent, or an earlier one.
+            let decided = match (self.by_uid.get(uid), self.adopted.get(uid)) {
+                (Some(old), _) => Some(Decided::Target(old)),
+                (None, Some(excl)) => Some(Decided::Adopted(excl)),
+                (None, None) => None,
+            };
+            let asked = settings(pod);
+            let placed = match (&decided, &asked) {
+                (None, Ok(None)) => continue,
+                (None, Err(reason)) => {
                     failed.push(NotPlaced {
-                        pod: name_of(pod),
-                        reason: "its capture settings were removed or turned off after it started; it keeps the capture it started with".into(),
+                        pod: name,
+                        reason: reason.clone(),
                     });
+                    continue;
                 }
-                (Ok(None), None) => {}
-                (Err(reason), _) => {
-                    let name = name_of(pod);
-                    if let Some(old) = self.by_uid.get(uid) {
-                        next.insert(uid.to_owned(), old.clone());
+                _ => place(pod, uid, cgroup_root),
+            };
+            if decided.is_some() && !matches!(asked, Ok(Some(_))) {
+                failed.push(NotPlaced {
+                    pod: name.clone(),
+                    reason: "its capture settings were removed, turned off or broken after it started; it keeps the capture it started with".into(),
+                });
+            }
+            let placed = match placed {
+                Ok(p) => p,
+                Err(reason) => {
+                    match decided {
+                        Some(Decided::Target(old)) => {
+                            next.insert(uid.to_owned(), old.clone());
+                        }
+                        Some(Decided::Adopted(excl)) => {
+                            adopted.insert(uid.to_owned(), excl.clone());
+                        }
+                        None => {}
                     }
                     failed.push(NotPlaced { pod: name, reason });
+                    continue;
                 }
-            }
+            };
+            let target = match (decided, asked) {
+                // Where it runs now, with what it started with.
+                (Some(Decided::Target(old)), _) => CaptureTarget {
+                    cgroup: placed.cgroup,
+                    sidecar_cgroup: placed.sidecar_cgroup,
+                    netns: placed.netns,
+                    ..old.clone()
+                },
+                (Some(Decided::Adopted(excl)), _) => CaptureTarget {
+                    pod: name,
+                    uid: uid.to_owned(),
+                    cgroup: placed.cgroup,
+                    sidecar_cgroup: placed.sidecar_cgroup,
+                    netns: placed.netns,
+                    exclude_inbound_ports: excl.inbound_ports.clone(),
+                    exclude_outbound_ports: excl.outbound_ports.clone(),
+                    exclude_outbound_cidrs: excl.outbound_cidrs.clone(),
+                    ignored: Vec::new(),
+                },
+                (None, Ok(Some(settings))) => settings.target(name, uid, placed),
+                (None, _) => continue,
+            };
+            next.insert(uid.to_owned(), target);
         }
         self.by_uid = next;
+        self.adopted = adopted;
         Some((self.by_uid.values().cloned().collect(), failed))
+    }
+}
+
+enum Decided<'a> {
+    Target(&'a CaptureTarget),
+    Adopted(&'a Exclusions),
+}
+
+/// Where a pod's sidecar runs now.
+struct Placement {
+    cgroup: PathBuf,
+    sidecar_cgroup: PathBuf,
+    netns: PathBuf,
+}
+
+impl Settings {
+    fn target(self, pod: String, uid: &str, placed: Placement) -> CaptureTarget {
+        let mut ignored = Vec::new();
+        if self.include_inbound_ports.is_some() {
+            ignored.push("includeInboundPorts");
+        }
+        if self.include_outbound_ports.is_some() {
+            ignored.push("includeOutboundPorts");
+        }
+        if self.include_outbound_cidrs.is_some() {
+            ignored.push("includeOutboundIPRanges");
+        }
+        if !self.exclude_interfaces.is_empty() {
+            ignored.push("excludeInterfaces");
+        }
+        CaptureTarget {
+            pod,
+            uid: uid.to_owned(),
+            cgroup: placed.cgroup,
+            sidecar_cgroup: placed.sidecar_cgroup,
+            netns: placed.netns,
+            exclude_inbound_ports: self.exclude_inbound_ports,
+            exclude_outbound_ports: self.exclude_outbound_ports,
+            exclude_outbound_cidrs: self.exclude_outbound_cidrs,
+            ignored,
+        }
     }
 }
 
@@ -144,16 +242,18 @@ fn name_of(pod: &Value) -> String {
     )
 }
 
-/// `Ok(None)`: the pod does not ask to be captured.
-fn target(pod: &Value, uid: &str, cgroup_root: &Path) -> Result<Option<CaptureTarget>, String> {
+/// The capture settings the pod asks for; `Ok(None)`: it does not ask to be captured.
+fn settings(pod: &Value) -> Result<Option<Settings>, String> {
     let Some(text) = pod["metadata"]["annotations"][CAPTURE_SETTINGS].as_str() else {
         return Ok(None);
     };
     let settings: Settings =
         serde_json::from_str(text).map_err(|e| format!("{CAPTURE_SETTINGS}: {e}"))?;
-    if !settings.enabled {
-        return Ok(None);
-    }
+    Ok(settings.enabled.then_some(settings))
+}
+
+/// The pod's cgroup and its running sidecar's cgroup and network namespace.
+fn place(pod: &Value, uid: &str, cgroup_root: &Path) -> Result<Placement, String> {
     let status = &pod["status"];
     let sidecar = ["initContainerStatuses", "containerStatuses"]
         .iter()
@@ -186,30 +286,11 @@ fn target(pod: &Value, uid: &str, cgroup_root: &Path) -> Result<Option<CaptureTa
         .ok()
         .and_then(|procs| procs.lines().find_map(|l| l.trim().parse::<u32>().ok()))
         .ok_or("its sidecar has no process")?;
-    let mut ignored = Vec::new();
-    if settings.include_inbound_ports.is_some() {
-        ignored.push("includeInboundPorts");
-    }
-    if settings.include_outbound_ports.is_some() {
-        ignored.push("includeOutboundPorts");
-    }
-    if settings.include_outbound_cidrs.is_some() {
-        ignored.push("includeOutboundIPRanges");
-    }
-    if !settings.exclude_interfaces.is_empty() {
-        ignored.push("excludeInterfaces");
-    }
-    Ok(Some(CaptureTarget {
-        pod: name_of(pod),
-        uid: uid.to_owned(),
+    Ok(Placement {
         cgroup,
         sidecar_cgroup,
         netns: PathBuf::from(format!("/proc/{pid}/ns/net")),
-        exclude_inbound_ports: settings.exclude_inbound_ports,
-        exclude_outbound_ports: settings.exclude_outbound_ports,
-        exclude_outbound_cidrs: settings.exclude_outbound_cidrs,
-        ignored,
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -378,6 +459,79 @@ mod tests {
         assert_eq!(after[0].sidecar_cgroup, moved);
         assert_eq!(after[0].netns, PathBuf::from("/proc/777/ns/net"));
         assert_eq!(after[0].exclude_outbound_ports, [5432]);
+    }
+
+    #[test]
+    fn a_pod_an_earlier_agent_captured_keeps_what_it_was_captured_with() {
+        let t = tree(&id('a'));
+        let pinned = Exclusions {
+            inbound_ports: vec![15020],
+            outbound_ports: vec![],
+            outbound_cidrs: vec![],
+        };
+        // The annotation removed, turned off, broken or widened before the agent restarted.
+        let wider = ON.replace(
+            r#""excludeOutboundCidrs":["10.0.0.0/8"]"#,
+            r#""excludeOutboundCidrs":["0.0.0.0/0"]"#,
+        );
+        let off = ON.replace(r#""enabled":true"#, r#""enabled":false"#);
+        for settings in [
+            None,
+            Some(off.as_str()),
+            Some("{broken"),
+            Some(wider.as_str()),
+        ] {
+            let mut targets = CaptureTargets::default();
+            targets.adopt(UID, pinned.clone());
+            assert_eq!(targets.held().collect::<Vec<_>>(), [UID]);
+            let (found, _) = targets
+                .update(&list(vec![pod(settings, &id('a'), true, "Running")]), &t.0)
+                .unwrap();
+            assert_eq!(found.len(), 1, "{settings:?}");
+            assert_eq!(found[0].exclude_inbound_ports, [15020]);
+            assert!(found[0].exclude_outbound_cidrs.is_empty(), "{settings:?}");
+            assert!(found[0].exclude_outbound_ports.is_empty());
+            // Placed: a target now, no longer held as pinned.
+            assert_eq!(targets.held().count(), 0);
+        }
+    }
+
+    #[test]
+    fn an_adopted_pod_that_cannot_be_placed_is_held_until_it_leaves_the_list() {
+        let t = tree(&id('a'));
+        let mut targets = CaptureTargets::default();
+        targets.adopt(UID, Exclusions::default());
+        // Its sidecar restarting while the agent starts: not a target, but its pins are held.
+        let (found, failed) = targets
+            .update(&list(vec![pod(None, &id('a'), false, "Running")]), &t.0)
+            .unwrap();
+        assert!(found.is_empty());
+        assert!(
+            failed.iter().any(|f| f.reason.contains("not running")),
+            "{failed:?}"
+        );
+        assert_eq!(targets.held().collect::<Vec<_>>(), [UID]);
+        // Back: captured with what it had, though its annotation is gone.
+        let (found, _) = targets
+            .update(&list(vec![pod(None, &id('a'), true, "Running")]), &t.0)
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        // Gone from the list (or finished): neither held nor a target.
+        let mut gone = CaptureTargets::default();
+        gone.adopt(UID, Exclusions::default());
+        let (found, _) = gone.update(&list(vec![]), &t.0).unwrap();
+        assert!(found.is_empty());
+        assert_eq!(gone.held().count(), 0);
+        let mut done = CaptureTargets::default();
+        done.adopt(UID, Exclusions::default());
+        let (found, _) = done
+            .update(
+                &list(vec![pod(Some(ON), &id('a'), true, "Succeeded")]),
+                &t.0,
+            )
+            .unwrap();
+        assert!(found.is_empty());
+        assert_eq!(done.held().count(), 0);
     }
 
     /// A sidecar container's cgroup in the pod's directory under `t`, with one process.

@@ -97,7 +97,9 @@ impl ApiInventory {
     }
 
     fn cluster(&self) -> Option<Arc<Cluster>> {
-        lock(&self.cluster).as_ref().and_then(|r| r.borrow().clone())
+        lock(&self.cluster)
+            .as_ref()
+            .and_then(|r| r.borrow().clone())
     }
 
     /// Re-reads changed spec files and drops expired rows.

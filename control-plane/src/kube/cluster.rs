@@ -87,7 +87,10 @@ impl Cluster {
         let ["", "ns", ns, "sa", sa] = parts.as_slice() else {
             return Identity::Foreign;
         };
-        match self.service_accounts.get(&((*ns).to_owned(), (*sa).to_owned())) {
+        match self
+            .service_accounts
+            .get(&((*ns).to_owned(), (*sa).to_owned()))
+        {
             Some(owner) => Identity::ServiceAccount {
                 owner: owner
                     .clone()
@@ -129,14 +132,26 @@ mod tests {
         let owner = |o: &str| Identity::ServiceAccount {
             owner: Some(o.into()),
         };
-        assert_eq!(c.identity("spiffe://cluster.local/ns/shop/sa/web"), owner("payments"));
-        assert_eq!(c.identity("spiffe://cluster.local/ns/shop/sa/batch"), owner("data"));
+        assert_eq!(
+            c.identity("spiffe://cluster.local/ns/shop/sa/web"),
+            owner("payments")
+        );
+        assert_eq!(
+            c.identity("spiffe://cluster.local/ns/shop/sa/batch"),
+            owner("data")
+        );
         assert_eq!(
             c.identity("spiffe://cluster.local/ns/bare/sa/default"),
             Identity::ServiceAccount { owner: None }
         );
-        assert_eq!(c.identity("spiffe://cluster.local/ns/shop/sa/gone"), Identity::Unknown);
-        assert_eq!(c.identity("spiffe://cluster.local/ns/nowhere/sa/web"), Identity::Unknown);
+        assert_eq!(
+            c.identity("spiffe://cluster.local/ns/shop/sa/gone"),
+            Identity::Unknown
+        );
+        assert_eq!(
+            c.identity("spiffe://cluster.local/ns/nowhere/sa/web"),
+            Identity::Unknown
+        );
         // A trust domain that only starts like ours, another one, other shapes.
         for foreign in [
             "spiffe://cluster.local.evil/ns/shop/sa/web",

@@ -341,6 +341,9 @@ def main():
     ap.add_argument("--modes", default="fixed,saturation,churn", help="which load runs, comma-separated ('' for none)")
     ap.add_argument("--idle", type=int, default=0,
                     help="also measure each client-side proxy's RSS per idle keep-alive connection, with N of them")
+    ap.add_argument("--strace", type=Path, default=None,
+                    help="also count each proxy's system calls (`strace -c -f`) during the fixed-rate run, into DIR/<round>-<setup>-<side>.txt; "
+                         "strace slows the proxy, so that run's CPU and latency figures do not count")
     ap.add_argument("--perf", type=Path, default=None,
                     help="also record `perf record -e cpu-clock -g` of each eastguard sidecar during the fixed-rate run, into DIR/<round>-<side>.perf.data")
     args = ap.parse_args()
@@ -440,6 +443,14 @@ def main():
                                 recorders.append(subprocess.Popen(
                                     ["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(child_pid(p)),
                                      "-o", str(args.perf / f"{rnd + 1}-{k}.perf.data"), "--", "sleep", str(secs)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                        if args.strace and setup != "direct" and mode == "fixed":
+                            args.strace.mkdir(parents=True, exist_ok=True)
+                            for k, p in proxies.items():
+                                pids = [str(child_pid(p))] + Path(f"/proc/{child_pid(p)}/task/{child_pid(p)}/children").read_text().split()
+                                recorders.append(subprocess.Popen(
+                                    ["timeout", "-s", "INT", str(secs), "strace", "-c", "-f", *[a for pid in pids for a in ("-p", pid)],
+                                     "-o", str(args.strace / f"{rnd + 1}-{setup}-{k}.txt")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                         r = oha(oha_bin, url, host, mode, args, secs)
                         for rec in recorders:

@@ -303,18 +303,13 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
     }
     let cli = Cli::parse();
     let log_control = init_logging(&cli.log_level)?;
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Proxy(proxy_cmd::ProxyArgs {
-        concurrency: Some(n),
-        ..
-    }) = &cli.command
-    {
-        builder.worker_threads(usize::from(*n));
-    }
-    let runtime = builder
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = match &cli.command {
+        Command::Proxy(_) => proxy_cmd::control_runtime()?,
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?,
+    };
     // Long-running commands handle SIGTERM and SIGINT from before their work starts.
     let listen_signals = || {
         let _in_runtime = runtime.enter();

@@ -31,10 +31,22 @@ pub struct ProxyArgs {
     /// in addition to the file's static ones (overrides the file's `xds.address`).
     #[arg(long)]
     pub xds: Option<String>,
-    /// Worker threads (Envoy's `--concurrency`; Istio runs sidecars with 2). Default: one
+    /// Data-plane worker threads (Envoy's `--concurrency`; Istio runs sidecars with 2), each
+    /// serving its connections start to end on its own single-threaded runtime. Default: one
     /// per CPU.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: Option<u16>,
+}
+
+/// The runtime `run` takes: xDS, SDS, admin, stats export and the accept loops, on one thread;
+/// connections are served on the data-plane workers `run` starts.
+pub fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("eastguard-control")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 /// Runs the sidecar on `runtime` until SIGTERM or SIGINT (then drains), or checks its config.
@@ -48,7 +60,7 @@ pub fn run(
         config_env,
         check,
         xds,
-        ..
+        concurrency,
     } = args;
     let (mut bootstrap, source) = match (config, config_env) {
         (Some(path), _) => (
@@ -80,6 +92,11 @@ pub fn run(
         println!("{source}: OK");
         return Ok(std::process::ExitCode::SUCCESS);
     }
+    let workers = concurrency.map_or_else(
+        || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        usize::from,
+    );
+    proxy::workers::start(workers).context("starting the data-plane workers")?;
     let opts = proxy::RunOptions {
         log_control: Some(log_control),
         command_line: std::env::args().collect(),

@@ -28,6 +28,7 @@ mod http;
 mod idle;
 mod inventory_export;
 mod listener;
+mod rng;
 mod route;
 pub mod runtime;
 mod sampling;
@@ -36,6 +37,7 @@ mod tcp;
 mod telemetry;
 pub mod trace;
 mod upstream;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -395,7 +395,7 @@ impl ListenerRt {
                 remote = %remote,
                 peer = tracing::field::Empty,
             );
-            tokio::spawn(
+            let serve = move |tcp: TcpStream| {
                 async move {
                     this.stats.downstream_cx_total.inc();
                     let slot = Arc::new(ConnSlot::new(
@@ -408,8 +408,22 @@ impl ListenerRt {
                     this.serve_conn(tcp, remote, local_id, Draining { watch, stop, slot })
                         .await;
                 }
-                .instrument(span),
-            );
+                .instrument(span)
+            };
+            if !crate::workers::running() {
+                tokio::spawn(serve(tcp));
+                continue;
+            }
+            // To a worker: the socket moves to its runtime's reactor.
+            match tcp.into_std() {
+                Ok(std_tcp) => crate::workers::spawn(move || async move {
+                    match TcpStream::from_std(std_tcp) {
+                        Ok(tcp) => serve(tcp).await,
+                        Err(e) => tracing::warn!(error = %e, "handing a connection to a worker"),
+                    }
+                }),
+                Err(e) => tracing::warn!(error = %e, "handing a connection to a worker"),
+            }
         }
         tracing::info!(listener = %self.config.name, "listener closed");
     }

@@ -372,13 +372,12 @@ fn kv(key: &str, v: String) -> KeyValue {
     }
 }
 
-/// Random ids from the system RNG; an all-zero id is invalid in both W3C and B3.
+/// Random ids from the system RNG (batched per thread by `rng`); an all-zero id is invalid in
+/// both W3C and B3.
 fn random<const N: usize>() -> [u8; N] {
-    use ring::rand::SecureRandom as _;
-    let rng = ring::rand::SystemRandom::new();
     let mut b = [0u8; N];
     while b.iter().all(|x| *x == 0) {
-        if rng.fill(&mut b).is_err() {
+        if !crate::rng::fill(&mut b) {
             // No RNG: a time-derived id still keeps traces apart well enough for correlation.
             let t = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

@@ -21,6 +21,12 @@ use crate::config::{Cluster, Limits, UpstreamProtocol};
 use crate::error::{ProxyError, error_chain};
 use crate::stats::{EnvoyStats, Stat};
 
+/// One pooled HTTP/2 connection's place; the async mutex is held across a connect.
+type H2Slot = Arc<tokio::sync::Mutex<Option<H2Conn>>>;
+
+type H1Client =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+
 /// ALPN offered to peer sidecars for multiplexed HTTP.
 const ALPN_H2: &[&[u8]] = &[b"h2"];
 /// ALPN for a one-off HTTP/1.1 connection (upgrades such as WebSocket).
@@ -33,11 +39,11 @@ pub struct ClusterRt {
     pub config: Cluster,
     creds: CredentialsRx,
     tls: Option<PeerTls>,
-    pool: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<H2Conn>>>>>,
-    h1: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Body,
-    >,
+    /// Pooled HTTP/2 connections by (worker slot, endpoint): a worker's requests ride only on
+    /// connections its own thread drives (`workers`).
+    pool: Mutex<HashMap<(usize, SocketAddr), H2Slot>>,
+    /// HTTP/1.1 to the local app, one pooling client per worker slot, for the same reason.
+    h1: Box<[H1Client]>,
     next: AtomicUsize,
     limits: Limits,
     pub stats: ClusterStats,
@@ -127,10 +133,14 @@ impl ClusterRt {
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
-        let h1 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .build(http);
+        let h1 = (0..crate::workers::slots())
+            .map(|_| {
+                hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .pool_timer(TokioTimer::new())
+                    .build(http.clone())
+            })
+            .collect();
         let s = |n: &str| stats.stat(&format!("cluster.{}.{n}", config.name));
         let cstats = ClusterStats {
             upstream_cx_total: s("upstream_cx_total"),
@@ -184,7 +194,8 @@ impl ClusterRt {
             set_host_from_uri(&mut req);
             *req.version_mut() = http::Version::HTTP_11;
             *req.uri_mut() = endpoint_uri(endpoint, req.uri())?;
-            let response = self.h1.request(req).await.map_err(|e| {
+            let h1 = &self.h1[crate::workers::slot().min(self.h1.len() - 1)];
+            let response = h1.request(req).await.map_err(|e| {
                 if e.is_connect() {
                     self.stats.upstream_cx_connect_fail.inc();
                     if timed_out(&e) {
@@ -262,9 +273,11 @@ impl ClusterRt {
         ))
     }
 
-    fn slot(&self, endpoint: SocketAddr) -> Arc<tokio::sync::Mutex<Option<H2Conn>>> {
+    fn slot(&self, endpoint: SocketAddr) -> H2Slot {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.entry(endpoint).or_default().clone()
+        pool.entry((crate::workers::slot(), endpoint))
+            .or_default()
+            .clone()
     }
 
     /// Drops the pooled connection `id` to `endpoint`, unless another request has already put a

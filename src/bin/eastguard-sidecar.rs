@@ -46,11 +46,6 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
     }
     let cli = Cli::parse();
     let log_control = proxy_cmd::init_logging(&cli.log_level)?;
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.proxy.concurrency {
-        builder.worker_threads(usize::from(n));
-    }
-    let runtime =
-        anyhow::Context::context(builder.enable_all().build(), "starting the async runtime")?;
+    let runtime = proxy_cmd::control_runtime()?;
     proxy_cmd::run(cli.proxy, &runtime, log_control)
 }

@@ -75,13 +75,12 @@ pub(super) fn ensure_request_id(h: &mut HeaderMap, guard: &mut CallGuard) {
     guard.record.request_id = Some(id);
 }
 
-/// A random RFC 4122 version-4 UUID (the bytes from the system's random source; the `uuid`
-/// crate sets the version and variant bits and writes it).
+/// A random RFC 4122 version-4 UUID (the bytes from the system's random source, batched per
+/// thread by `rng`; the `uuid` crate sets the version and variant bits and writes it).
 fn uuid_v4() -> String {
-    use ring::rand::SecureRandom as _;
     let mut b = [0u8; 16];
     // Request IDs are for correlation, not security: a failed RNG call still gives a usable ID.
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    let _ = crate::rng::fill(&mut b);
     uuid::Builder::from_random_bytes(b)
         .into_uuid()
         .hyphenated()

@@ -410,11 +410,12 @@ impl ListenerRt {
                 }
                 .instrument(span)
             };
-            if !crate::workers::running() {
+            if !crate::workers::running() || crate::workers::slot() != 0 {
+                // No workers, or accepted on one: served here.
                 tokio::spawn(serve(tcp));
                 continue;
             }
-            // To a worker: the socket moves to its runtime's reactor.
+            // Accepted off the workers: the socket moves to a worker's reactor.
             match tcp.into_std() {
                 Ok(std_tcp) => crate::workers::spawn(move || async move {
                     match TcpStream::from_std(std_tcp) {
@@ -913,9 +914,54 @@ fn original_dst(tcp: &TcpStream, local: SocketAddr) -> std::io::Result<SocketAdd
         .ok_or_else(|| std::io::Error::other("SO_ORIGINAL_DST gave a non-IP address"))
 }
 
+/// A listener's sockets: one, or with workers one per worker in a `SO_REUSEPORT` group.
+pub enum Listening {
+    One(TcpListener),
+    PerWorker(Vec<std::net::TcpListener>),
+}
+
+/// Binds a listener's address for the data plane: one socket per worker when workers run.
+///
+/// A plain bind comes first, so a port that anything holds (with `SO_REUSEPORT` or without) is
+/// refused as in use: the listener never joins another socket's group. Linux admits only sockets
+/// of the same user to a group, and that user is the sidecar's own.
+pub fn bind_listening(name: &str, addr: SocketAddr) -> Result<Listening, crate::StartError> {
+    match crate::workers::count() {
+        0 => bind(name, addr).map(Listening::One),
+        n => bind_group(name, addr, n).map(Listening::PerWorker),
+    }
+}
+
+/// `n` listening sockets in one `SO_REUSEPORT` group at `addr` (its port chosen once if 0).
+fn bind_group(
+    name: &str,
+    addr: SocketAddr,
+    n: usize,
+) -> Result<Vec<std::net::TcpListener>, crate::StartError> {
+    let probe = socket(name, addr, false, false)?;
+    let addr = probe.local_addr().unwrap_or(addr);
+    drop(probe);
+    (0..n).map(|_| socket(name, addr, true, true)).collect()
+}
+
 /// Binds a listener's address (errors say which listener). An IPv6 address binds IPv6 only, as
 /// Envoy does, so `0.0.0.0:P` and `[::]:P` can be two listeners.
 pub fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, crate::StartError> {
+    let std = socket(name, addr, false, true)?;
+    TcpListener::from_std(std).map_err(|source| crate::StartError::Bind {
+        name: name.to_owned(),
+        addr,
+        source,
+    })
+}
+
+/// A bound, non-blocking socket; listening if `listen`.
+fn socket(
+    name: &str,
+    addr: SocketAddr,
+    reuse_port: bool,
+    listen: bool,
+) -> Result<std::net::TcpListener, crate::StartError> {
     let err = |source| crate::StartError::Bind {
         name: name.to_owned(),
         addr,
@@ -931,18 +977,41 @@ pub fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, crate::StartErr
         sock.set_only_v6(true).map_err(err)?;
     }
     sock.set_reuse_address(true).map_err(err)?;
+    if reuse_port {
+        sock.set_reuse_port(true).map_err(err)?;
+    }
     sock.bind(&addr.into()).map_err(err)?;
-    sock.listen(1024).map_err(err)?;
-    let std: std::net::TcpListener = sock.into();
-    std.set_nonblocking(true)
-        .map_err(|source| crate::StartError::Bind {
-            name: name.to_owned(),
-            addr,
-            source,
-        })?;
-    TcpListener::from_std(std).map_err(|source| crate::StartError::Bind {
-        name: name.to_owned(),
-        addr,
-        source,
-    })
+    if listen {
+        sock.listen(1024).map_err(err)?;
+    }
+    sock.set_nonblocking(true).map_err(err)?;
+    Ok(sock.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_group_shares_one_port_and_never_joins_another_group() {
+        let group = bind_group("l", "127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let port = group[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert!(group.iter().all(|s| s.local_addr().unwrap().port() == port));
+        // Someone else's SO_REUSEPORT socket holds the port: refused as in use, not joined.
+        let theirs =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        theirs.set_reuse_port(true).unwrap();
+        theirs
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        theirs.listen(8).unwrap();
+        let taken = theirs.local_addr().unwrap().as_socket().unwrap();
+        let err = bind_group("l", taken, 2)
+            .err()
+            .expect("joined another group");
+        assert!(err.to_string().contains("in use"), "{err}");
+        // Our own group holds its port the same way.
+        assert!(bind_group("l", group[0].local_addr().unwrap(), 1).is_err());
+    }
 }

@@ -172,7 +172,7 @@ impl Runtime {
         }
         let mut bound = Vec::new();
         for l in to_bind {
-            let tcp = crate::listener::bind(&l.name, l.address).map_err(Box::new)?;
+            let tcp = crate::listener::bind_listening(&l.name, l.address).map_err(Box::new)?;
             bound.push((l, tcp));
         }
 
@@ -228,12 +228,40 @@ impl Runtime {
         ))
     }
 
-    fn start(&self, l: &config::Listener, tcp: tokio::net::TcpListener) -> Running {
+    fn start(&self, l: &config::Listener, sockets: crate::listener::Listening) -> Running {
         let rt = self.listener_rt(l);
         let (stop, stop_rx) = watch::channel(false);
-        let handle = drain::Signal::from_watch(&self.drain);
         tracing::info!(listener = %l.name, address = %l.address, direction = ?l.direction, "listening");
-        let task = tokio::spawn(rt.clone().serve(tcp, stop_rx, handle));
+        let task = match sockets {
+            crate::listener::Listening::One(tcp) => {
+                let handle = drain::Signal::from_watch(&self.drain);
+                tokio::spawn(rt.clone().serve(tcp, stop_rx, handle))
+            }
+            // Each worker accepts on its own socket; the task ends when every loop has.
+            crate::listener::Listening::PerWorker(sockets) => {
+                let mut ended = Vec::new();
+                for (i, socket) in sockets.into_iter().enumerate() {
+                    let (done, wait) = tokio::sync::oneshot::channel::<()>();
+                    let (rt, stop_rx) = (rt.clone(), stop_rx.clone());
+                    let handle = drain::Signal::from_watch(&self.drain);
+                    crate::workers::spawn_on(i, move || async move {
+                        match tokio::net::TcpListener::from_std(socket) {
+                            Ok(tcp) => rt.serve(tcp, stop_rx, handle).await,
+                            Err(e) => {
+                                tracing::error!(error = %e, "a worker cannot accept on its socket")
+                            }
+                        }
+                        drop(done);
+                    });
+                    ended.push(wait);
+                }
+                tokio::spawn(async move {
+                    for wait in ended {
+                        let _ = wait.await;
+                    }
+                })
+            }
+        };
         Running {
             rt,
             config: l.clone(),

@@ -1,6 +1,8 @@
 //! Data-plane workers, as Envoy's: N threads, each running its own single-threaded tokio runtime.
 //!
-//! A downstream connection is handed to one worker when it is accepted, and everything it does
+//! Each worker accepts on its own socket of every listener (`SO_REUSEPORT`: the kernel spreads
+//! connections over them), so a downstream connection is on one worker from its accept, and
+//! everything it does
 //! (TLS, HTTP, the upstream request, the response) runs on that worker's thread, as do the pooled
 //! upstream connections the worker opened ([`slot`] keys the pools). A request therefore never
 //! wakes another thread: on a multi-threaded runtime every hop between tasks (request → pooled
@@ -87,7 +89,7 @@ pub fn slot() -> usize {
 }
 
 /// Runs `make()`'s future on the next worker (round robin), or spawns it here when there are no
-/// workers. `make` runs on the worker, so what it creates (a `TcpStream` from a std one) is
+/// workers (a listener that could not get one socket per worker hands its connections over). `make` runs on the worker, so what it creates (a `TcpStream` from a std one) is
 /// registered with that worker's runtime.
 pub fn spawn<F, Fut>(make: F)
 where
@@ -106,7 +108,29 @@ where
     }
 }
 
-/// Whether connections are handed to workers.
+/// Whether connections are served on workers.
 pub fn running() -> bool {
     WORKERS.get().is_some()
+}
+
+/// How many workers run (0 without [`start`]).
+pub fn count() -> usize {
+    WORKERS.get().map_or(0, |w| w.senders.len())
+}
+
+/// Runs `make()`'s future on worker `i` (0-based, modulo the count), or here without workers.
+pub fn spawn_on<F, Fut>(i: usize, make: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(w) = WORKERS.get() else {
+        tokio::spawn(make());
+        return;
+    };
+    let job: Job = Box::new(move || Box::pin(make()));
+    if let Err(tokio::sync::mpsc::error::SendError(job)) = w.senders[i % w.senders.len()].send(job)
+    {
+        tokio::spawn(job());
+    }
 }

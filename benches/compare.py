@@ -335,6 +335,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--concurrency", type=int, default=None, help="eastguard-sidecar --concurrency (default: one worker per CPU)")
+    ap.add_argument("--preload", default=None,
+                    help="run eastguard-sidecar with LD_PRELOAD=LIB (an allocator: Debian's libjemalloc.so.2, libmimalloc.so.2)")
     ap.add_argument("--setups", default="direct,nginx,eastguard", help="which setups to run, comma-separated")
     ap.add_argument("--policies", type=int, default=1,
                     help="AuthorizationPolicies on the server workload (one admits the client; the others name other principals)")
@@ -403,7 +405,8 @@ def main():
                 }
                 (work / f"{side}.yaml").write_text(yaml.safe_dump(boot))
                 workers = ["--concurrency", str(args.concurrency)] if args.concurrency else []
-                procs[side] = net.start(ns, [release / "eastguard-sidecar", "--log-level", "warn", "--config", work / f"{side}.yaml", *workers],
+                preload = ["env", f"LD_PRELOAD={args.preload}"] if args.preload else []
+                procs[side] = net.start(ns, [*preload, release / "eastguard-sidecar", "--log-level", "warn", "--config", work / f"{side}.yaml", *workers],
                                         work / f"eastguard-{side}.log")
             wait_port(SERVER_NS, SERVER_IP, EG_INBOUND, limit=30)
             wait_port(CLIENT_NS, "127.0.0.1", EG_OUTBOUND, limit=30)
@@ -481,7 +484,7 @@ def med(results, setup, mode, key):
 
 def report(results, args):
     workers = args.concurrency or "one per CPU"
-    print(f"\neastguard workers: {workers}. Medians of {args.rounds} alternating rounds; {args.rate} req/s over {args.connections} connections for "
+    print(f"\neastguard workers: {workers}; allocator: {args.preload or 'glibc'}. Medians of {args.rounds} alternating rounds; {args.rate} req/s over {args.connections} connections for "
           f"{args.duration} s after {args.warmup} s of warm-up; saturation and churn {args.burst} s each; oha {subprocess.run([shutil.which('oha') or str(Path.home() / '.cargo/bin/oha'), '--version'], capture_output=True, text=True).stdout.strip()}")
     print(f"{'setup':<10} {'added p50 / p99 (µs)':>22} {'CPU ms/1000 req client / server':>33} {'VmHWM MiB client / server':>27} {'saturation rps':>15} {'churn rps':>10}")
     d50, d99 = med(results, "direct", "fixed", "p50"), med(results, "direct", "fixed", "p99")

@@ -1007,9 +1007,7 @@ mod tests {
             .unwrap();
         theirs.listen(8).unwrap();
         let taken = theirs.local_addr().unwrap().as_socket().unwrap();
-        let err = bind_group("l", taken, 2)
-            .err()
-            .expect("joined another group");
+        let err = bind_group("l", taken, 2).expect_err("joined another group");
         assert!(err.to_string().contains("in use"), "{err}");
         // Our own group holds its port the same way.
         assert!(bind_group("l", group[0].local_addr().unwrap(), 1).is_err());

@@ -165,18 +165,16 @@ def test_demo_once_exits_zero_with_every_hop_mtls(tmp_path):
 
 
 def test_concurrency_sets_the_worker_threads(tmp_path, upstream):
-    """`eastguard proxy --concurrency N` (Envoy's flag; Istio runs sidecars with 2) runs N worker
-    threads, and traffic flows; an out-of-range value is refused by the CLI."""
+    """`eastguard proxy --concurrency N` (Envoy's flag; Istio runs sidecars with 2) runs N
+    data-plane worker threads beside one control thread, and traffic flows; an out-of-range value
+    is refused by the CLI."""
     import subprocess
     from pathlib import Path
 
     from conftest import Mesh, binary
 
-    def workers(pid):
-        return sum(
-            1 for t in Path(f"/proc/{pid}/task").iterdir()
-            if (t / "comm").read_text().strip()== "tokio-rt-worker"
-        )
+    def threads(pid, name):
+        return sum(1 for t in Path(f"/proc/{pid}/task").iterdir() if (t / "comm").read_text().strip().startswith(name))
 
     for n in (1, 3):
         (tmp_path / str(n)).mkdir()
@@ -184,7 +182,8 @@ def test_concurrency_sets_the_worker_threads(tmp_path, upstream):
         m.client.args = ["--concurrency", str(n)]
         m.start()
         try:
-            assert workers(m.client.proc.pid) == n
+            assert threads(m.client.proc.pid, "eg-worker-") == n
+            assert threads(m.client.proc.pid, "eastguard-contr") == 1  # comm keeps 15 bytes
             req = urllib.request.Request(m.url(f"/workers/{n}"), headers={"host": "server"})
             assert urllib.request.urlopen(req, timeout=10).status == 200
         finally:

@@ -2,9 +2,8 @@
 //!
 //! Each worker accepts on its own socket of every listener (`SO_REUSEPORT`: the kernel spreads
 //! connections over them), so a downstream connection is on one worker from its accept, and
-//! everything it does
-//! (TLS, HTTP, the upstream request, the response) runs on that worker's thread, as do the pooled
-//! upstream connections the worker opened ([`slot`] keys the pools). A request therefore never
+//! everything it does (TLS, HTTP, the upstream request, the response) runs on that worker's
+//! thread, as do the pooled upstream connections the worker opened ([`slot`] keys the pools). A request therefore never
 //! wakes another thread: on a multi-threaded runtime every hop between tasks (request → pooled
 //! connection → response) could land on another worker and cost a futex wake and a context
 //! switch, which was most of the sidecar's CPU per request (benches/RESULTS.md).
@@ -58,7 +57,7 @@ pub fn start(n: usize) -> Result<(), WorkersError> {
             .map_err(|source| WorkersError::Start { index, source })?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
         std::thread::Builder::new()
-            .name(format!("eastguard-worker-{index}"))
+            .name(format!("eg-worker-{index}"))
             .spawn(move || {
                 SLOT.with(|s| s.set(index));
                 runtime.block_on(async move {

@@ -166,6 +166,8 @@ def test_pooled_connection_is_not_used_past_its_certificates_expiry(tmp_path, up
     cert, key = mesh.ca.mint(SERVER_ID, not_after=expires)
     mesh.server_cert.write_bytes(cert)
     mesh.server_key.write_bytes(key)
+    # One worker, so one pool: each worker keeps its own pooled connection to the peer.
+    mesh.client.args = ["--concurrency", "1"]
     mesh.start()
     try:
         def get():

@@ -395,7 +395,8 @@ impl ListenerRt {
                 remote = %remote,
                 peer = tracing::field::Empty,
             );
-            let serve = move |tcp: TcpStream| {
+            // Served where it was accepted: on a worker, its socket's own (`workers`).
+            tokio::spawn(
                 async move {
                     this.stats.downstream_cx_total.inc();
                     let slot = Arc::new(ConnSlot::new(
@@ -408,23 +409,8 @@ impl ListenerRt {
                     this.serve_conn(tcp, remote, local_id, Draining { watch, stop, slot })
                         .await;
                 }
-                .instrument(span)
-            };
-            if !crate::workers::running() || crate::workers::slot() != 0 {
-                // No workers, or accepted on one: served here.
-                tokio::spawn(serve(tcp));
-                continue;
-            }
-            // Accepted off the workers: the socket moves to a worker's reactor.
-            match tcp.into_std() {
-                Ok(std_tcp) => crate::workers::spawn(move || async move {
-                    match TcpStream::from_std(std_tcp) {
-                        Ok(tcp) => serve(tcp).await,
-                        Err(e) => tracing::warn!(error = %e, "handing a connection to a worker"),
-                    }
-                }),
-                Err(e) => tracing::warn!(error = %e, "handing a connection to a worker"),
-            }
+                .instrument(span),
+            );
         }
         tracing::info!(listener = %self.config.name, "listener closed");
     }

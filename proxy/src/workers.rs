@@ -3,24 +3,22 @@
 //! Each worker accepts on its own socket of every listener (`SO_REUSEPORT`: the kernel spreads
 //! connections over them), so a downstream connection is on one worker from its accept, and
 //! everything it does (TLS, HTTP, the upstream request, the response) runs on that worker's
-//! thread, as do the pooled upstream connections the worker opened ([`slot`] keys the pools). A request therefore never
-//! wakes another thread: on a multi-threaded runtime every hop between tasks (request → pooled
-//! connection → response) could land on another worker and cost a futex wake and a context
-//! switch, which was most of the sidecar's CPU per request (benches/RESULTS.md).
+//! thread, as do the pooled upstream connections the worker opened ([`slot`] keys the pools). A
+//! request therefore never wakes another thread. On a multi-threaded runtime a hop between tasks
+//! (request → pooled connection → response) could land on another thread and cost a futex wake
+//! and a context switch: about one per request (benches/RESULTS.md).
 //!
-//! Without [`start`] (tests, the demo's in-process proxies) there are no workers: connections run
-//! where they were accepted and every pool is shared ([`slot`] is 0).
+//! Without [`start`] (tests, the demo's in-process proxies) there are no workers: a listener has
+//! one socket, connections run where they were accepted, and every pool is shared ([`slot`] is 0).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 struct Workers {
     senders: Vec<tokio::sync::mpsc::UnboundedSender<Job>>,
-    next: AtomicUsize,
 }
 
 static WORKERS: OnceLock<Workers> = OnceLock::new();
@@ -70,10 +68,7 @@ pub fn start(n: usize) -> Result<(), WorkersError> {
         senders.push(tx);
     }
     WORKERS
-        .set(Workers {
-            senders,
-            next: AtomicUsize::new(0),
-        })
+        .set(Workers { senders })
         .map_err(|_| WorkersError::AlreadyStarted)
 }
 
@@ -85,31 +80,6 @@ pub fn slots() -> usize {
 /// The pool slot of the calling thread: its worker's index, or 0 off the workers.
 pub fn slot() -> usize {
     SLOT.with(std::cell::Cell::get)
-}
-
-/// Runs `make()`'s future on the next worker (round robin), or spawns it here when there are no
-/// workers (a listener that could not get one socket per worker hands its connections over). `make` runs on the worker, so what it creates (a `TcpStream` from a std one) is
-/// registered with that worker's runtime.
-pub fn spawn<F, Fut>(make: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let Some(w) = WORKERS.get() else {
-        tokio::spawn(make());
-        return;
-    };
-    let i = w.next.fetch_add(1, Ordering::Relaxed) % w.senders.len();
-    let job: Job = Box::new(move || Box::pin(make()));
-    if let Err(tokio::sync::mpsc::error::SendError(job)) = w.senders[i].send(job) {
-        // A worker that is gone (it cannot be, but a panic would): serve here.
-        tokio::spawn(job());
-    }
-}
-
-/// Whether connections are served on workers.
-pub fn running() -> bool {
-    WORKERS.get().is_some()
 }
 
 /// How many workers run (0 without [`start`]).
@@ -130,6 +100,7 @@ where
     let job: Job = Box::new(move || Box::pin(make()));
     if let Err(tokio::sync::mpsc::error::SendError(job)) = w.senders[i % w.senders.len()].send(job)
     {
+        // A worker that is gone (it cannot be, but a panic would): serve here.
         tokio::spawn(job());
     }
 }

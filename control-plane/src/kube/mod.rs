@@ -175,14 +175,26 @@ async fn keep_cluster(
                 &accounts.objects,
             ))));
         }
-        let changed =
-            futures_util::future::select_all(receivers.iter_mut().map(|r| Box::pin(r.changed())))
-                .await;
-        if changed.0.is_err() || tx.is_closed() {
+        if !next_change(&mut receivers, &tx, Duration::from_secs(1)).await {
             return;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Waits for any receiver to change, then `pause` more, so a burst of events is one rebuild.
+/// `false` when a reflector or the consumer is gone.
+async fn next_change<T>(
+    receivers: &mut [channel::Receiver<Snapshot>],
+    tx: &channel::Sender<T>,
+    pause: Duration,
+) -> bool {
+    let changed =
+        futures_util::future::select_all(receivers.iter_mut().map(|r| Box::pin(r.changed()))).await;
+    if changed.0.is_err() || tx.is_closed() {
+        return false;
+    }
+    tokio::time::sleep(pause).await;
+    true
 }
 
 async fn aggregate(
@@ -210,13 +222,8 @@ async fn aggregate(
             };
             tx.send_replace(Some(Arc::new(converter.registry(&objects))));
         }
-        // Any change; then a short pause so a burst of events is one rebuild.
-        let changed =
-            futures_util::future::select_all(receivers.iter_mut().map(|r| Box::pin(r.changed())))
-                .await;
-        if changed.0.is_err() || tx.is_closed() {
+        if !next_change(&mut receivers, &tx, Duration::from_millis(20)).await {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

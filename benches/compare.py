@@ -346,6 +346,9 @@ def main():
     ap.add_argument("--strace", type=Path, default=None,
                     help="also count each proxy's system calls (`strace -c -f`) during the fixed-rate run, into DIR/<round>-<setup>-<side>.txt; "
                          "strace slows the proxy, so that run's CPU and latency figures do not count")
+    ap.add_argument("--callgrind", type=Path, default=None,
+                    help="run each eastguard sidecar under `valgrind --tool=callgrind`, counts zeroed before the fixed-rate run and dumped after it, into "
+                         "DIR/<round>-<side>.callgrind.1 (instruction counts, repeatable on a noisy machine; use a low --rate, valgrind is ~50x slower)")
     ap.add_argument("--perf", type=Path, default=None,
                     help="also record `perf record -e cpu-clock -g` of each eastguard sidecar during the fixed-rate run, into DIR/<round>-<side>.perf.data")
     args = ap.parse_args()
@@ -406,6 +409,10 @@ def main():
                 (work / f"{side}.yaml").write_text(yaml.safe_dump(boot))
                 workers = ["--concurrency", str(args.concurrency)] if args.concurrency else []
                 preload = ["env", f"LD_PRELOAD={args.preload}"] if args.preload else []
+                if args.callgrind:
+                    args.callgrind.mkdir(parents=True, exist_ok=True)
+                    preload += ["valgrind", "--tool=callgrind", "--dump-instr=no",
+                                f"--callgrind-out-file={args.callgrind.resolve() / f'{rnd + 1}-{side}.callgrind'}"]
                 procs[side] = net.start(ns, [*preload, release / "eastguard-sidecar", "--log-level", "warn", "--config", work / f"{side}.yaml", *workers],
                                         work / f"eastguard-{side}.log")
             wait_port(SERVER_NS, SERVER_IP, EG_INBOUND, limit=30)
@@ -455,7 +462,12 @@ def main():
                                     ["timeout", "-s", "INT", str(secs), "strace", "-c", "-f", *[a for pid in pids for a in ("-p", pid)],
                                      "-o", str(args.strace / f"{rnd + 1}-{setup}-{k}.txt")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                        callgrind = args.callgrind and setup == "eastguard" and mode == "fixed"
+                        for p in proxies.values() if callgrind else ():
+                            sh("callgrind_control", "--zero", child_pid(p))
                         r = oha(oha_bin, url, host, mode, args, secs)
+                        for p in proxies.values() if callgrind else ():
+                            sh("callgrind_control", "--dump=fixed-rate run", child_pid(p))
                         for rec in recorders:
                             rec.wait(timeout=secs + 30)
                         cpu1 = {k: cpu_ms(p.pid) for k, p in proxies.items()}

@@ -51,9 +51,10 @@ pub struct Record {
     pub start_time: String,
     pub method: Option<String>,
     pub path: Option<String>,
-    pub protocol: String,
+    pub protocol: &'static str,
     pub response_code: u16,
-    pub response_flags: String,
+    /// Envoy's response flags (`-` when none).
+    pub response_flags: &'static str,
     pub response_code_details: Option<String>,
     pub upstream_transport_failure_reason: Option<String>,
     pub bytes_received: u64,
@@ -64,11 +65,12 @@ pub struct Record {
     pub user_agent: Option<String>,
     pub request_id: Option<String>,
     pub authority: Option<String>,
-    pub upstream_host: Option<String>,
+    pub upstream_host: Option<std::net::SocketAddr>,
     pub upstream_cluster: Option<String>,
-    pub upstream_local_address: Option<String>,
-    pub downstream_remote_address: String,
-    pub downstream_local_address: String,
+    /// Kept as addresses and formatted only when a log line, span or event is written.
+    pub upstream_local_address: Option<std::net::SocketAddr>,
+    pub downstream_remote_address: Option<std::net::SocketAddr>,
+    pub downstream_local_address: Option<std::net::SocketAddr>,
     pub downstream_peer_uri_san: Option<String>,
     pub upstream_peer_uri_san: Option<String>,
     pub requested_server_name: Option<String>,
@@ -267,7 +269,8 @@ impl Record {
             dash(&self.user_agent),
             dash(&self.request_id),
             dash(&self.authority),
-            dash(&self.upstream_host),
+            self.upstream_host
+                .map_or_else(|| "-".to_owned(), |a| a.to_string()),
         )
     }
 }
@@ -296,9 +299,9 @@ mod tests {
             start_time: "T".into(),
             method: Some("GET".into()),
             path: Some("/x".into()),
-            protocol: "HTTP/1.1".into(),
+            protocol: "HTTP/1.1",
             response_code: 200,
-            response_flags: "-".into(),
+            response_flags: "-",
             ..Default::default()
         };
         assert_eq!(

@@ -286,8 +286,7 @@ impl Audit {
         };
         let path = r.path.as_deref().unwrap_or("/");
         let peer = r.downstream_peer_uri_san.as_deref();
-        let src: Option<SocketAddr> = r.downstream_remote_address.parse().ok();
-        let dst: Option<SocketAddr> = r.downstream_local_address.parse().ok();
+        let (src, dst) = (r.downstream_remote_address, r.downstream_local_address);
         let ocsf = json!({
             "class_uid": 6003, "class_name": "API Activity",
             "category_uid": 6, "category_name": "Application Activity",

@@ -49,9 +49,9 @@ pub async fn proxy<D>(
         Reporter::Destination => Peer::default().with_principal(ctx.peer_id.clone()),
     };
     let r = &mut guard.record;
-    r.protocol = "tcp".into();
-    r.downstream_remote_address = ctx.remote.to_string();
-    r.downstream_local_address = ctx.local.to_string();
+    r.protocol = "tcp";
+    r.downstream_remote_address = Some(ctx.remote);
+    r.downstream_local_address = Some(ctx.local);
     r.downstream_peer_uri_san = ctx.peer_id.as_deref().map(Into::into);
     r.requested_server_name = ctx.sni.clone();
     r.upstream_cluster = Some(cluster.config.name.clone());
@@ -63,7 +63,7 @@ pub async fn proxy<D>(
         if !decision.allowed {
             // Envoy's network RBAC: a denied connection is closed, nothing reaches the upstream.
             tracing::debug!(policy = ?decision.policy, "TCP connection denied by RBAC");
-            guard.record.response_flags = "RBAC".into();
+            guard.record.response_flags = "RBAC";
             guard.record.rbac_decision = Some("denied".into());
             guard.completed = true;
             return;
@@ -79,8 +79,8 @@ pub async fn proxy<D>(
             return;
         }
     };
-    guard.record.upstream_host = Some(endpoint.to_string());
-    guard.record.upstream_local_address = up.local_addr().map(|a| a.to_string());
+    guard.record.upstream_host = Some(endpoint);
+    guard.record.upstream_local_address = up.local_addr();
     guard.record.upstream_peer_uri_san = peer.as_deref().map(Into::into);
     if ctx.reporter == Reporter::Source {
         let p = std::mem::take(&mut guard.peer);
@@ -123,7 +123,7 @@ pub async fn proxy<D>(
                 };
                 if let Err(policy) = verdict {
                     tracing::info!(?policy, "live TCP connection closed: the new configuration no longer admits it");
-                    guard.record.response_flags = "RBAC".into();
+                    guard.record.response_flags = "RBAC";
                     guard.record.rbac_decision = Some("denied".into());
                     guard.record.rbac_policy = policy.as_deref().map(Into::into);
                     break;

@@ -294,8 +294,8 @@ impl Tracer {
         put(
             "client.address",
             r.downstream_remote_address
-                .rsplit_once(':')
-                .map(|(ip, _)| ip.trim_matches(['[', ']'])),
+                .map(|a| a.ip().to_string())
+                .as_deref(),
         );
         put("http.request.header.x-request-id", r.request_id.as_deref());
         // The mesh: who called whom, verified, and what policy said.
@@ -308,10 +308,13 @@ impl Tracer {
         put("eastguard.rbac.decision", r.rbac_decision.as_deref());
         put("eastguard.rbac.policy", r.rbac_policy.as_deref());
         put("upstream_cluster", r.upstream_cluster.as_deref());
-        put("upstream_address", r.upstream_host.as_deref());
+        put(
+            "upstream_address",
+            r.upstream_host.map(|a| a.to_string()).as_deref(),
+        );
         put(
             "response_flags",
-            Some(r.response_flags.as_str()).filter(|f| *f != "-"),
+            Some(r.response_flags).filter(|f| *f != "-"),
         );
         put("route_name", r.route_name.as_deref());
         if r.response_code != 0 {

@@ -44,6 +44,8 @@ pub struct ClusterRt {
     pool: Mutex<HashMap<(usize, SocketAddr), H2Slot>>,
     /// HTTP/1.1 to the local app, one pooling client per worker slot, for the same reason.
     h1: Box<[H1Client]>,
+    /// Each endpoint as a URI authority, formatted once (HTTP/1.1 requests name it).
+    authorities: Box<[http::uri::Authority]>,
     next: AtomicUsize,
     limits: Limits,
     pub stats: ClusterStats,
@@ -151,12 +153,22 @@ impl ClusterRt {
             upstream_rq_timeout: s("upstream_rq_timeout"),
             upstream_rq_retry: s("upstream_rq_retry"),
         };
+        let authorities = config
+            .endpoints
+            .iter()
+            .map(|e| {
+                http::uri::Authority::try_from(e.to_string()).map_err(|_| {
+                    rustls::Error::General(format!("endpoint {e} is not a URI authority"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             config,
             creds: creds.clone(),
             tls,
             pool: Mutex::default(),
             h1,
+            authorities,
             next: AtomicUsize::new(0),
             limits: limits.clone(),
             stats: cstats,
@@ -169,19 +181,24 @@ impl ClusterRt {
 
     /// Round-robin over the endpoints.
     fn pick(&self) -> Result<SocketAddr, ProxyError> {
-        let eps = &self.config.endpoints;
-        if eps.is_empty() {
+        self.pick_index().map(|i| self.config.endpoints[i])
+    }
+
+    fn pick_index(&self) -> Result<usize, ProxyError> {
+        let n = self.config.endpoints.len();
+        if n == 0 {
             return Err(ProxyError::NoHealthyUpstream {
                 cluster: self.config.name.clone(),
             });
         }
-        Ok(eps[self.next.fetch_add(1, Ordering::Relaxed) % eps.len()])
+        Ok(self.next.fetch_add(1, Ordering::Relaxed) % n)
     }
 
     /// Sends a request. mTLS clusters get HTTP/2 on a pooled connection; plaintext clusters get
     /// HTTP/1.1 or HTTP/2 by the cluster's protocol (AUTO: HTTP/2 for gRPC).
     pub async fn send(&self, mut req: http::Request<Body>, grpc: bool) -> Result<Sent, ProxyError> {
-        let endpoint = self.pick()?;
+        let picked = self.pick_index()?;
+        let endpoint = self.config.endpoints[picked];
         self.stats.upstream_rq_total.inc();
         let use_h2 = self.tls.is_some()
             || match self.config.protocol {
@@ -193,7 +210,7 @@ impl ClusterRt {
             // HTTP/1.1 to the local app: the URI names the endpoint; Host keeps the authority.
             set_host_from_uri(&mut req);
             *req.version_mut() = http::Version::HTTP_11;
-            *req.uri_mut() = endpoint_uri(endpoint, req.uri())?;
+            *req.uri_mut() = endpoint_uri(&self.authorities[picked], req.uri())?;
             let h1 = &self.h1[crate::workers::slot().min(self.h1.len() - 1)];
             let response = h1.request(req).await.map_err(|e| {
                 if e.is_connect() {
@@ -576,10 +593,20 @@ fn unprocessed(e: &hyper::Error) -> bool {
     false
 }
 
-fn endpoint_uri(endpoint: SocketAddr, uri: &http::Uri) -> Result<http::Uri, ProxyError> {
-    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
-    format!("http://{endpoint}{pq}")
-        .parse()
+/// `uri` sent to the endpoint whose authority is `endpoint`.
+fn endpoint_uri(
+    endpoint: &http::uri::Authority,
+    uri: &http::Uri,
+) -> Result<http::Uri, ProxyError> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(endpoint.clone());
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    http::Uri::from_parts(parts)
         .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
 }
 

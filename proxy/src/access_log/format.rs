@@ -205,9 +205,9 @@ fn value(op: Op, r: &Record) -> Value {
         Op::UserAgent => opt(&r.user_agent),
         Op::RequestId => opt(&r.request_id),
         Op::Authority => opt(&r.authority),
-        Op::UpstreamHost => opt(&r.upstream_host),
+        Op::UpstreamHost => addr_value(r.upstream_host),
         Op::UpstreamCluster => opt(&r.upstream_cluster),
-        Op::UpstreamLocalAddress => opt(&r.upstream_local_address),
+        Op::UpstreamLocalAddress => addr_value(r.upstream_local_address),
         Op::DownstreamPeerUriSan => opt(&r.downstream_peer_uri_san),
         Op::UpstreamPeerUriSan => opt(&r.upstream_peer_uri_san),
         Op::RequestedServerName => opt(&r.requested_server_name),
@@ -217,15 +217,25 @@ fn value(op: Op, r: &Record) -> Value {
     }
 }
 
+/// An address as a JSON value: its text, or null when unknown.
+fn addr_value(a: Option<std::net::SocketAddr>) -> Value {
+    a.map_or(Value::Null, |a| Value::String(a.to_string()))
+}
+
+/// An address as text, `-` when unknown.
+fn addr_text(a: Option<std::net::SocketAddr>) -> String {
+    a.map_or_else(|| "-".to_owned(), |a| a.to_string())
+}
+
 fn text(op: Op, r: &Record) -> String {
     let s = |v: &Option<String>| dash(v).to_owned();
     match op {
         Op::StartTime => r.start_time.clone(),
         Op::Method => s(&r.method),
         Op::Path => s(&r.path),
-        Op::Protocol => r.protocol.clone(),
+        Op::Protocol => r.protocol.to_owned(),
         Op::ResponseCode => r.response_code.to_string(),
-        Op::ResponseFlags => r.response_flags.clone(),
+        Op::ResponseFlags => r.response_flags.to_owned(),
         Op::ResponseCodeDetails => s(&r.response_code_details),
         // Set by no filter of this proxy, as in most Envoy configurations.
         Op::ConnectionTerminationDetails => "-".into(),
@@ -240,17 +250,14 @@ fn text(op: Op, r: &Record) -> String {
         Op::UserAgent => s(&r.user_agent),
         Op::RequestId => s(&r.request_id),
         Op::Authority => s(&r.authority),
-        Op::UpstreamHost => s(&r.upstream_host),
+        Op::UpstreamHost => addr_text(r.upstream_host),
         Op::UpstreamCluster => s(&r.upstream_cluster),
-        Op::UpstreamLocalAddress => s(&r.upstream_local_address),
-        Op::DownstreamLocalAddress => r.downstream_local_address.clone(),
-        Op::DownstreamRemoteAddress => r.downstream_remote_address.clone(),
-        Op::DownstreamRemoteAddressWithoutPort => {
-            r.downstream_remote_address.rsplit_once(':').map_or_else(
-                || r.downstream_remote_address.clone(),
-                |(ip, _)| ip.trim_matches(['[', ']']).to_owned(),
-            )
-        }
+        Op::UpstreamLocalAddress => addr_text(r.upstream_local_address),
+        Op::DownstreamLocalAddress => addr_text(r.downstream_local_address),
+        Op::DownstreamRemoteAddress => addr_text(r.downstream_remote_address),
+        Op::DownstreamRemoteAddressWithoutPort => r
+            .downstream_remote_address
+            .map_or_else(|| "-".to_owned(), |a| a.ip().to_string()),
         Op::DownstreamPeerUriSan => s(&r.downstream_peer_uri_san),
         Op::UpstreamPeerUriSan => s(&r.upstream_peer_uri_san),
         Op::RequestedServerName => s(&r.requested_server_name),
@@ -267,14 +274,14 @@ mod tests {
             start_time: "2026-12-01T00:00:00.000Z".into(),
             method: Some("GET".into()),
             path: Some("/orders/1".into()),
-            protocol: "HTTP/1.1".into(),
+            protocol: "HTTP/1.1",
             response_code: 200,
-            response_flags: "-".into(),
+            response_flags: "-",
             bytes_sent: 42,
             duration: 3,
             authority: Some("server".into()),
-            downstream_remote_address: "127.0.0.1:5555".into(),
-            downstream_local_address: "127.0.0.1:15006".into(),
+            downstream_remote_address: "127.0.0.1:5555".parse().ok(),
+            downstream_local_address: "127.0.0.1:15006".parse().ok(),
             downstream_peer_uri_san: Some("spiffe://td/ns/a/sa/b".into()),
             ..Default::default()
         }

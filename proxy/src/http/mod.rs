@@ -269,9 +269,8 @@ async fn forward(
         insert_str(req.headers_mut(), &SOURCE_APP, &ctx.local_app);
     }
     // Absolute form (HTTP/2 upstreams need scheme and authority), with the normalized view.
-    *req.uri_mut() = format!("http://{authority}{}", normalized.path_and_query())
-        .parse()
-        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+    *req.uri_mut() = absolute_uri(&authority, normalized.path_and_query())
+        .ok_or(ProxyError::BadRequest("request target cannot be forwarded"))?;
     if req.headers().contains_key(header::HOST)
         && let Ok(v) = HeaderValue::from_str(&authority)
     {
@@ -310,8 +309,8 @@ async fn forward(
     };
     let sent = sent.inspect_err(|e| note_upstream_failure(guard, &cluster, e))?;
     guard.record.upstream_service_time = Some(started.elapsed().as_millis() as u64);
-    guard.record.upstream_host = Some(sent.endpoint.to_string());
-    guard.record.upstream_local_address = sent.local.map(|a| a.to_string());
+    guard.record.upstream_host = Some(sent.endpoint);
+    guard.record.upstream_local_address = sent.local;
     if ctx.reporter == Reporter::Source {
         guard.record.upstream_peer_uri_san = sent.peer.as_deref().map(Into::into);
         let peer = std::mem::take(&mut guard.peer);
@@ -347,9 +346,18 @@ fn note_upstream_failure(guard: &mut CallGuard, cluster: &ClusterRt, e: &ProxyEr
     | ProxyError::UpstreamConnectTimeout { endpoint }
     | ProxyError::UpstreamTls { endpoint, .. } = e
     {
-        guard.record.upstream_host = Some(endpoint.clone());
+        guard.record.upstream_host = endpoint.parse().ok();
     }
     tracing::warn!(cluster = %cluster.config.name, error = %e, "upstream request failed");
+}
+
+/// `http://{authority}{path_and_query}`, from its parts (nothing formatted and parsed again).
+fn absolute_uri(authority: &str, path_and_query: String) -> Option<http::Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(http::uri::Authority::try_from(authority).ok()?);
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(path_and_query).ok()?);
+    http::Uri::from_parts(parts).ok()
 }
 
 fn describe_request(guard: &mut CallGuard, ctx: &ConnCtx, req: &Request<Incoming>) {
@@ -362,13 +370,13 @@ fn describe_request(guard: &mut CallGuard, ctx: &ConnCtx, req: &Request<Incoming
             .map_or("/", |p| p.as_str())
             .to_owned(),
     );
-    r.protocol = protocol_name(req.version()).to_owned();
+    r.protocol = protocol_name(req.version());
     r.authority = authority(req);
     r.user_agent = header_str(h, &header::USER_AGENT).map(Into::into);
     r.x_forwarded_for = header_str(h, &HeaderName::from_static("x-forwarded-for")).map(Into::into);
     r.request_id = header_str(h, &REQUEST_ID).map(Into::into);
-    r.downstream_remote_address = ctx.remote.to_string();
-    r.downstream_local_address = ctx.local.to_string();
+    r.downstream_remote_address = Some(ctx.remote);
+    r.downstream_local_address = Some(ctx.local);
     r.downstream_peer_uri_san = ctx.peer_id.as_deref().map(Into::into);
     r.requested_server_name = ctx.sni.clone();
     guard.mtls = ctx.peer_id.is_some();

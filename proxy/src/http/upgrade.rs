@@ -51,8 +51,8 @@ pub async fn forward(
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     req.headers_mut().insert(header::UPGRADE, protocol.clone());
     let mut sent = cluster.send_upgrade(req).await?;
-    guard.record.upstream_host = Some(sent.endpoint.to_string());
-    guard.record.upstream_local_address = sent.local.map(|a| a.to_string());
+    guard.record.upstream_host = Some(sent.endpoint);
+    guard.record.upstream_local_address = sent.local;
     guard.record.upstream_peer_uri_san = sent.peer.as_deref().map(Into::into);
     let status = sent.response.status();
     if status != http::StatusCode::SWITCHING_PROTOCOLS {

@@ -213,13 +213,11 @@ pub async fn run(
         clusters: listener::LiveClusters::default(),
         telemetry: telemetry.clone(),
         limits: config.limits.clone(),
-        local_workload: config.node.workload.as_str().into(),
-        local_app: config
-            .node
-            .app
-            .as_deref()
-            .unwrap_or(&config.node.workload)
-            .into(),
+        local_workload: ::http::HeaderValue::from_str(&config.node.workload).ok(),
+        local_app: ::http::HeaderValue::from_str(
+            config.node.app.as_deref().unwrap_or(&config.node.workload),
+        )
+        .ok(),
         total_connections: total_connections.clone(),
         overload: conn_slot::Overload::new(total_connections, config.limits.global_max_connections),
         creds: creds.clone(),

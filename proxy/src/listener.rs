@@ -114,8 +114,10 @@ pub struct Shared {
     pub clusters: LiveClusters,
     pub telemetry: Arc<Telemetry>,
     pub limits: Limits,
-    pub local_workload: Arc<str>,
-    pub local_app: Arc<str>,
+    /// This workload's name and app as the metadata headers its outbound requests carry (none
+    /// if a name cannot be a header value).
+    pub local_workload: Option<http::HeaderValue>,
+    pub local_app: Option<http::HeaderValue>,
     /// Connections open across all listeners (Envoy's `server.total_connections`).
     pub total_connections: Stat,
     /// That count against `limits.global_max_connections`.
@@ -681,6 +683,7 @@ impl ListenerRt {
             resets: Arc::default(),
             stream_idle_timeout: self.shared.limits.stream_idle_timeout,
             connection_idle_timeout: self.shared.limits.connection_idle_timeout,
+            xfcc: std::sync::OnceLock::new(),
         })
     }
 
@@ -767,8 +770,10 @@ impl ListenerRt {
                 current: Arc::new(move || table.http(&name)),
             }
         };
+        // Boxed: hyper moves a request's future into the task it spawns per HTTP/2 stream, and
+        // moving the whole state machine costs more than allocating it once.
         let svc = hyper::service::service_fn(move |req| {
-            crate::http::handle(
+            Box::pin(crate::http::handle(
                 ctx.clone(),
                 chains.http(&chain_name),
                 shared.clusters.get(),
@@ -776,7 +781,7 @@ impl ListenerRt {
                 hook.clone(),
                 recheck.clone(),
                 req,
-            )
+            ))
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(conn);

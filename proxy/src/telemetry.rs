@@ -777,10 +777,10 @@ impl http_body::Body for Guarded {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn telemetry(max_series: usize) -> Arc<Telemetry> {
+    pub(crate) fn telemetry(max_series: usize) -> Arc<Telemetry> {
         let node = Node {
             id: "sidecar~10.0.0.1~a.ns~ns.svc.cluster.local".into(),
             workload: "a".into(),

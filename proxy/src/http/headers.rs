@@ -21,58 +21,64 @@ pub(super) fn tokens<'a>(
         .filter(|t| !t.is_empty())
 }
 
+/// Whether a header is hop-by-hop by name (besides what `Connection` names).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TRAILER
+        || name == header::TE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 /// Removes hop-by-hop headers (and whatever `Connection` names), which never cross a proxy.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = tokens(h, &header::CONNECTION)
-        .filter_map(|t| HeaderName::from_bytes(t).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::TRAILER,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        h.remove(n);
-    }
-    // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it.
-    let keep_te = h
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !keep_te {
-        h.remove(header::TE);
-    }
+    strip(h, |_| false);
 }
 
 /// Strips what a client must never set: hop-by-hop headers, XFCC, and proxy-internal headers
 /// (`x-envoy-*`, `x-eastguard-*`).
 pub(super) fn strip_request_headers(h: &mut HeaderMap) {
-    strip_hop_by_hop(h);
-    h.remove(&XFCC);
-    let internal: Vec<HeaderName> = h
+    strip(h, |k| {
+        k == XFCC || k.as_str().starts_with("x-envoy-") || k.as_str().starts_with("x-eastguard-")
+    });
+}
+
+/// Removes the hop-by-hop headers and those `also` picks, finding them in one pass over the
+/// names (a request usually has none to remove, so nothing is looked up or allocated).
+fn strip(h: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+    // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it.
+    let keep_te = || {
+        h.get_all(header::TE).iter().count() == 1
+            && h.get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    };
+    let mut drop: Vec<HeaderName> = h
         .keys()
-        .filter(|k| k.as_str().starts_with("x-envoy-") || k.as_str().starts_with("x-eastguard-"))
+        .filter(|k| (hop_by_hop(k) && !(*k == header::TE && keep_te())) || also(k))
         .cloned()
         .collect();
-    for k in internal {
-        h.remove(k);
+    drop.extend(tokens(h, &header::CONNECTION).filter_map(|t| HeaderName::from_bytes(t).ok()));
+    for n in drop {
+        h.remove(n);
     }
 }
 
 pub(super) fn ensure_request_id(h: &mut HeaderMap, guard: &mut CallGuard) {
     if let Some(id) = header_str(h, &REQUEST_ID) {
         guard.record.request_id = Some(id.to_owned());
-        return;
+    } else {
+        let id = uuid_v4();
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            h.insert(REQUEST_ID.clone(), v);
+        }
+        guard.record.request_id = Some(id);
     }
-    let id = uuid_v4();
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        h.insert(REQUEST_ID.clone(), v);
+    // One value per request: HPACK would only evict reusable entries to index it.
+    if let Some(v) = h.get_mut(&REQUEST_ID) {
+        v.set_sensitive(true);
     }
-    guard.record.request_id = Some(id);
 }
 
 /// A random RFC 4122 version-4 UUID (the bytes from the system's random source, batched per
@@ -122,6 +128,52 @@ mod tests {
         strip_request_headers(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-ok"]);
+    }
+
+    #[test]
+    fn te_trailers_alone_crosses_and_hop_by_hop_headers_go_in_any_case() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+            }
+            h
+        };
+        let mut h = headers(&[
+            ("te", "Trailers"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("trailer", "grpc-status"),
+            ("content-type", "application/grpc"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["te", "content-type"]);
+        // A second TE value is not `trailers`: none of them crosses.
+        let mut h = headers(&[("te", "trailers"), ("te", "gzip"), ("x-ok", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-ok"]);
+        // What Connection names goes, even a header the proxy would otherwise keep.
+        let mut h = headers(&[("connection", "x-ok"), ("x-ok", "1"), ("x-keep", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
+    }
+
+    #[test]
+    fn request_ids_are_never_indexed_by_hpack() {
+        let id = "0b4a3c1e-1111-4222-8333-444455556666";
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID.clone(), HeaderValue::from_static(id));
+        let t = crate::telemetry::tests::telemetry(10);
+        let mut g = t.start(crate::telemetry::Reporter::Source, "spiffe://td/x".into());
+        ensure_request_id(&mut h, &mut g);
+        assert!(h.get(&REQUEST_ID).unwrap().is_sensitive());
+        assert_eq!(g.record.request_id.as_deref(), Some(id));
+        let mut h = HeaderMap::new();
+        ensure_request_id(&mut h, &mut g);
+        assert!(h.get(&REQUEST_ID).unwrap().is_sensitive());
     }
 
     #[test]

@@ -43,8 +43,8 @@ pub struct ConnCtx {
     pub sni: Option<String>,
     /// This proxy's own SPIFFE ID (XFCC `By=`), and workload (for peers' metrics).
     pub local_id: Arc<str>,
-    pub local_workload: Arc<str>,
-    pub local_app: Arc<str>,
+    pub local_workload: Option<HeaderValue>,
+    pub local_app: Option<HeaderValue>,
     /// Draining: HTTP/1.x responses get `Connection: close` so clients reconnect elsewhere.
     pub drain: crate::drain::Watch,
     /// Flips when the listeners stop (the end of the drain window): tunnels close then.
@@ -61,6 +61,8 @@ pub struct ConnCtx {
     pub stream_idle_timeout: std::time::Duration,
     /// Envoy's connection idle timeout (zero: none); tunnels obey it too.
     pub connection_idle_timeout: std::time::Duration,
+    /// The XFCC value for this connection's verified peer, written once when first needed.
+    pub xfcc: std::sync::OnceLock<Option<HeaderValue>>,
 }
 
 /// Serves one request. Never fails: every error becomes a local reply.
@@ -258,15 +260,21 @@ async fn forward(
 
     match (ctx.reporter, chain.forward_client_cert) {
         (Reporter::Destination, ForwardClientCertDetails::SanitizeSet) => {
-            if let Some(v) = xfcc_value(ctx) {
-                req.headers_mut().insert(XFCC.clone(), v);
+            if let Some(v) = ctx.xfcc.get_or_init(|| xfcc_value(ctx)) {
+                req.headers_mut().insert(XFCC.clone(), v.clone());
             }
         }
         (Reporter::Destination, ForwardClientCertDetails::Sanitize) | (Reporter::Source, _) => {}
     }
     if ctx.reporter == Reporter::Source && cluster.is_mtls() {
-        insert_str(req.headers_mut(), &SOURCE_WORKLOAD, &ctx.local_workload);
-        insert_str(req.headers_mut(), &SOURCE_APP, &ctx.local_app);
+        for (name, value) in [
+            (&SOURCE_WORKLOAD, &ctx.local_workload),
+            (&SOURCE_APP, &ctx.local_app),
+        ] {
+            if let Some(v) = value {
+                req.headers_mut().insert(name.clone(), v.clone());
+            }
+        }
     }
     // Absolute form (HTTP/2 upstreams need scheme and authority), with the normalized view.
     *req.uri_mut() = absolute_uri(&authority, normalized.path_and_query())
@@ -469,12 +477,6 @@ fn protocol_name(v: http::Version) -> &'static str {
 
 fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
-}
-
-fn insert_str(h: &mut HeaderMap, name: &HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        h.insert(name.clone(), v);
-    }
 }
 
 fn grpc_status(h: &HeaderMap) -> Option<String> {

@@ -337,6 +337,9 @@ def main():
     ap.add_argument("--concurrency", type=int, default=None, help="eastguard-sidecar --concurrency (default: one worker per CPU)")
     ap.add_argument("--preload", default=None,
                     help="run eastguard-sidecar with LD_PRELOAD=LIB (an allocator: Debian's libjemalloc.so.2, libmimalloc.so.2)")
+    ap.add_argument("--sidecar", type=Path, default=None,
+                    help="the eastguard-sidecar binary to run (default: target/release/eastguard-sidecar); "
+                         "PATH1,PATH2 alternates two builds as setups eastguard and eastguard2")
     ap.add_argument("--setups", default="direct,nginx,eastguard", help="which setups to run, comma-separated")
     ap.add_argument("--policies", type=int, default=1,
                     help="AuthorizationPolicies on the server workload (one admits the client; the others name other principals)")
@@ -389,7 +392,9 @@ def main():
             wait_port(CLIENT_NS, "127.0.0.1", NGINX_CLIENT)
             return procs, f"http://127.0.0.1:{NGINX_CLIENT}/"
 
-        def eastguard_pair():
+        sidecars = [Path(p) for p in str(args.sidecar).split(",")] if args.sidecar else [release / "eastguard-sidecar"]
+
+        def eastguard_pair(sidecar):
             cfg = work / "istio"
             cfg.mkdir(exist_ok=True)
             (cfg / "mesh.yaml").write_text(ISTIO + extra_policies(args.policies - 1))
@@ -411,9 +416,9 @@ def main():
                 preload = ["env", f"LD_PRELOAD={args.preload}"] if args.preload else []
                 if args.callgrind:
                     args.callgrind.mkdir(parents=True, exist_ok=True)
-                    preload += ["valgrind", "--tool=callgrind", "--dump-instr=no",
-                                f"--callgrind-out-file={args.callgrind.resolve() / f'{rnd + 1}-{side}.callgrind'}"]
-                procs[side] = net.start(ns, [*preload, release / "eastguard-sidecar", "--log-level", "warn", "--config", work / f"{side}.yaml", *workers],
+                    out = args.callgrind.resolve() / f"{rnd + 1}-{side}{'' if sidecar == sidecars[0] else '-2'}.callgrind"
+                    preload += ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={out}"]
+                procs[side] = net.start(ns, [*preload, sidecar, "--log-level", "warn", "--config", work / f"{side}.yaml", *workers],
                                         work / f"eastguard-{side}.log")
             wait_port(SERVER_NS, SERVER_IP, EG_INBOUND, limit=30)
             wait_port(CLIENT_NS, "127.0.0.1", EG_OUTBOUND, limit=30)
@@ -421,13 +426,13 @@ def main():
 
         results = {}  # (setup, mode) -> list of per-round dicts
         for rnd in range(args.rounds):
-            for setup in [x for x in ("direct", "nginx", "eastguard") if x in args.setups.split(",")]:
+            for setup in setups(args):
                 procs, url = {}, f"http://{SERVER_IP}:{UPSTREAM}/"
                 if setup == "nginx":
                     procs, url = nginx_pair()
-                elif setup == "eastguard":
-                    procs, url = eastguard_pair()
-                host = HOST if setup == "eastguard" else "server"
+                elif setup.startswith("eastguard"):
+                    procs, url = eastguard_pair(sidecars[setup == "eastguard2"])
+                host = HOST if setup.startswith("eastguard") else "server"
                 try:
                     # A first request must succeed (config in place, mTLS up).
                     deadline = time.time() + 30
@@ -447,7 +452,7 @@ def main():
                         oha(oha_bin, url, host, mode, args, args.warmup)
                         cpu0 = {k: cpu_ms(p.pid) for k, p in proxies.items()}
                         recorders = []
-                        if args.perf and setup == "eastguard" and mode == "fixed":
+                        if args.perf and setup.startswith("eastguard") and mode == "fixed":
                             args.perf.mkdir(parents=True, exist_ok=True)
                             for k, p in proxies.items():
                                 recorders.append(subprocess.Popen(
@@ -462,7 +467,7 @@ def main():
                                     ["timeout", "-s", "INT", str(secs), "strace", "-c", "-f", *[a for pid in pids for a in ("-p", pid)],
                                      "-o", str(args.strace / f"{rnd + 1}-{setup}-{k}.txt")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-                        callgrind = args.callgrind and setup == "eastguard" and mode == "fixed"
+                        callgrind = args.callgrind and setup.startswith("eastguard") and mode == "fixed"
                         for p in proxies.values() if callgrind else ():
                             sh("callgrind_control", "--zero", child_pid(p))
                         r = oha(oha_bin, url, host, mode, args, secs)
@@ -494,21 +499,29 @@ def med(results, setup, mode, key):
     return statistics.median(vals) if vals else float("nan")
 
 
+def setups(args):
+    """The setups asked for, in their fixed order; `eastguard2` is the second `--sidecar` build."""
+    asked = args.setups.split(",")
+    if args.sidecar and "," in str(args.sidecar) and "eastguard" in asked and "eastguard2" not in asked:
+        asked.append("eastguard2")
+    return [x for x in ("direct", "nginx", "eastguard", "eastguard2") if x in asked]
+
+
 def report(results, args):
     workers = args.concurrency or "one per CPU"
-    print(f"\neastguard workers: {workers}; allocator: {args.preload or 'glibc'}. Medians of {args.rounds} alternating rounds; {args.rate} req/s over {args.connections} connections for "
+    print(f"\neastguard workers: {workers}; allocator: {args.preload or 'as built (mimalloc)'}. Medians of {args.rounds} alternating rounds; {args.rate} req/s over {args.connections} connections for "
           f"{args.duration} s after {args.warmup} s of warm-up; saturation and churn {args.burst} s each; oha {subprocess.run([shutil.which('oha') or str(Path.home() / '.cargo/bin/oha'), '--version'], capture_output=True, text=True).stdout.strip()}")
     print(f"{'setup':<10} {'added p50 / p99 (µs)':>22} {'CPU ms/1000 req client / server':>33} {'VmHWM MiB client / server':>27} {'saturation rps':>15} {'churn rps':>10}")
     d50, d99 = med(results, "direct", "fixed", "p50"), med(results, "direct", "fixed", "p99")
     rows = {}
-    for setup in [x for x in ("direct", "nginx", "eastguard") if x in args.setups.split(",")]:
+    for setup in setups(args):
         added = (med(results, setup, "fixed", "p50") - d50) * 1000, (med(results, setup, "fixed", "p99") - d99) * 1000
         cpu = med(results, setup, "fixed", "cpu_client"), med(results, setup, "fixed", "cpu_server")
         hwm = med(results, setup, "churn", "hwm_client"), med(results, setup, "churn", "hwm_server")
         sat, churn = med(results, setup, "saturation", "rps"), med(results, setup, "churn", "rps")
         rows[setup] = (added, cpu, hwm, sat, churn)
         print(f"{setup:<10} {added[0]:>10.0f} / {added[1]:<9.0f} {cpu[0]:>15.1f} / {cpu[1]:<15.1f} {hwm[0]:>12.1f} / {hwm[1]:<12.1f} {sat:>15.0f} {churn:>10.0f}")
-    for setup in [x for x in ("nginx", "eastguard") if x in args.setups.split(",")]:
+    for setup in [x for x in setups(args) if x != "direct"]:
         if (setup, "idle") in results:
             print(f"{setup}: {med(results, setup, 'idle', 'kib'):.1f} KiB of client-side proxy RSS per idle keep-alive connection ({args.idle} held)")
     if args.policies > 1:

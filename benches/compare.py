@@ -72,12 +72,13 @@ def processes(root_pid):
     return pids
 
 
-def cpu_ms(root_pid):
+def cpu_ms(root_pid, kernel_only=False):
+    """CPU time (user + system, or system alone) of the proxy's processes, in ms."""
     total = 0
     for p in processes(root_pid):
         try:
             f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(f[11]) + int(f[12])
+            total += int(f[12]) + (0 if kernel_only else int(f[11]))
         except OSError:
             pass
     return total * 1000 / CLK_TCK
@@ -350,8 +351,8 @@ def main():
                     help="also count each proxy's system calls (`strace -c -f`) during the fixed-rate run, into DIR/<round>-<setup>-<side>.txt; "
                          "strace slows the proxy, so that run's CPU and latency figures do not count")
     ap.add_argument("--callgrind", type=Path, default=None,
-                    help="run each eastguard sidecar under `valgrind --tool=callgrind`, counts zeroed before the fixed-rate run and dumped after it, into "
-                         "DIR/<round>-<side>.callgrind.1 (instruction counts, repeatable on a noisy machine; use a low --rate, valgrind is ~50x slower)")
+                    help="run each eastguard sidecar under `valgrind --tool=callgrind`, counts zeroed before each measured run and dumped after it, into "
+                         "DIR/<round>-<side>.callgrind.<N> (N: 1 for the first mode run, ...) (instruction counts, repeatable on a noisy machine; use a low --rate, valgrind is ~50x slower)")
     ap.add_argument("--perf", type=Path, default=None,
                     help="also record `perf record -e cpu-clock -g` of each eastguard sidecar during the fixed-rate run, into DIR/<round>-<side>.perf.data")
     args = ap.parse_args()
@@ -451,6 +452,7 @@ def main():
                     for mode, secs in [(m, t) for m, t in (("fixed", args.duration), ("saturation", args.burst), ("churn", args.burst)) if m in modes]:
                         oha(oha_bin, url, host, mode, args, args.warmup)
                         cpu0 = {k: cpu_ms(p.pid) for k, p in proxies.items()}
+                        sys0 = {k: cpu_ms(p.pid, kernel_only=True) for k, p in proxies.items()}
                         recorders = []
                         if args.perf and setup.startswith("eastguard") and mode == "fixed":
                             args.perf.mkdir(parents=True, exist_ok=True)
@@ -467,24 +469,26 @@ def main():
                                     ["timeout", "-s", "INT", str(secs), "strace", "-c", "-f", *[a for pid in pids for a in ("-p", pid)],
                                      "-o", str(args.strace / f"{rnd + 1}-{setup}-{k}.txt")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-                        callgrind = args.callgrind and setup.startswith("eastguard") and mode == "fixed"
+                        callgrind = args.callgrind and setup.startswith("eastguard")
                         for p in proxies.values() if callgrind else ():
                             sh("callgrind_control", "--zero", child_pid(p))
                         r = oha(oha_bin, url, host, mode, args, secs)
                         for p in proxies.values() if callgrind else ():
-                            sh("callgrind_control", "--dump=fixed-rate run", child_pid(p))
+                            sh("callgrind_control", f"--dump={mode} run", child_pid(p))
                         for rec in recorders:
                             rec.wait(timeout=secs + 30)
                         cpu1 = {k: cpu_ms(p.pid) for k, p in proxies.items()}
+                        sys1 = {k: cpu_ms(p.pid, kernel_only=True) for k, p in proxies.items()}
                         for k in proxies:
                             r[f"cpu_{k}"] = (cpu1[k] - cpu0[k]) * 1000 / max(r["requests"], 1)
+                            r[f"sys_{k}"] = (sys1[k] - sys0[k]) * 1000 / max(r["requests"], 1)
                             r[f"hwm_{k}"] = hwm_mib(proxies[k].pid)
                             r[f"rss_{k}"] = rss_kib(proxies[k].pid) / 1024
                         if r["ok"] != r["requests"]:
                             print(f"!! {setup} {mode} round {rnd + 1}: {r['requests'] - r['ok']} of {r['requests']} requests failed", file=sys.stderr)
                         results.setdefault((setup, mode), []).append(r)
                         print(f"round {rnd + 1} {setup:<9} {mode:<10} rps {r['rps']:8.0f}  p50 {r['p50']:7.3f} ms  p99 {r['p99']:7.3f} ms"
-                              + "".join(f"  cpu {k} {r[f'cpu_{k}']:.0f} ms/1k  hwm {r[f'hwm_{k}']:.1f} MiB  rss {r[f'rss_{k}']:.1f} MiB" for k in proxies), flush=True)
+                              + "".join(f"  cpu {k} {r[f'cpu_{k}']:.0f} ms/1k (sys {r[f'sys_{k}']:.0f})  hwm {r[f'hwm_{k}']:.1f} MiB  rss {r[f'rss_{k}']:.1f} MiB" for k in proxies), flush=True)
                 finally:
                     for p in procs.values():
                         net.stop(p)

@@ -398,7 +398,9 @@ impl ListenerRt {
                 peer = tracing::field::Empty,
             );
             // Served where it was accepted: on a worker, its socket's own (`workers`).
-            tokio::spawn(
+            // Boxed before it is spawned: the connection's state machine is about 11 KiB, and
+            // spawning moves a future several times (and once more when it ends).
+            tokio::spawn(Box::pin(
                 async move {
                     this.stats.downstream_cx_total.inc();
                     let slot = Arc::new(ConnSlot::new(
@@ -412,7 +414,7 @@ impl ListenerRt {
                         .await;
                 }
                 .instrument(span),
-            );
+            ));
         }
         tracing::info!(listener = %self.config.name, "listener closed");
     }

@@ -458,14 +458,14 @@ impl ListenerRt {
         local_id: Arc<str>,
         drain: Draining,
     ) {
+        // Each direction's future boxed on its own: as one enum, an outbound plaintext
+        // connection would hold as much memory as an inbound TLS one.
         match self.config.direction {
             Direction::Inbound => {
-                self.serve_inbound(tcp, remote, local, local_id, drain)
-                    .await
+                Box::pin(self.serve_inbound(tcp, remote, local, local_id, drain)).await
             }
             Direction::Outbound => {
-                self.serve_outbound(tcp, remote, local, local_id, drain)
-                    .await
+                Box::pin(self.serve_outbound(tcp, remote, local, local_id, drain)).await
             }
         }
     }

@@ -353,6 +353,9 @@ def main():
     ap.add_argument("--callgrind", type=Path, default=None,
                     help="run each eastguard sidecar under `valgrind --tool=callgrind`, counts zeroed before each measured run and dumped after it, into "
                          "DIR/<round>-<side>.callgrind.<N> (N: 1 for the first mode run, ...) (instruction counts, repeatable on a noisy machine; use a low --rate, valgrind is ~50x slower)")
+    ap.add_argument("--massif", type=Path, default=None,
+                    help="run each eastguard sidecar under `valgrind --tool=massif` (heap profile over the whole run), into "
+                         "DIR/<round>-<side>.massif at exit, and a detailed snapshot after each measured run; read them with ms_print")
     ap.add_argument("--perf", type=Path, default=None,
                     help="also record `perf record -e cpu-clock -g` of each eastguard sidecar during the fixed-rate run, into DIR/<round>-<side>.perf.data")
     args = ap.parse_args()
@@ -419,6 +422,10 @@ def main():
                     args.callgrind.mkdir(parents=True, exist_ok=True)
                     out = args.callgrind.resolve() / f"{rnd + 1}-{side}{'' if sidecar == sidecars[0] else '-2'}.callgrind"
                     preload += ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={out}"]
+                elif args.massif:
+                    args.massif.mkdir(parents=True, exist_ok=True)
+                    out = args.massif.resolve() / f"{rnd + 1}-{side}{'' if sidecar == sidecars[0] else '-2'}.massif"
+                    preload += ["valgrind", "--tool=massif", f"--massif-out-file={out}"]
                 procs[side] = net.start(ns, [*preload, sidecar, "--log-level", "warn", "--config", work / f"{side}.yaml", *workers],
                                         work / f"eastguard-{side}.log")
             wait_port(SERVER_NS, SERVER_IP, EG_INBOUND, limit=30)
@@ -475,6 +482,9 @@ def main():
                         r = oha(oha_bin, url, host, mode, args, secs)
                         for p in proxies.values() if callgrind else ():
                             sh("callgrind_control", f"--dump={mode} run", child_pid(p))
+                        for k, p in proxies.items() if args.massif and setup.startswith("eastguard") else ():
+                            sh("vgdb", f"--pid={child_pid(p)}", "detailed_snapshot",
+                               args.massif.resolve() / f"{rnd + 1}-{setup}-{k}-after-{mode}.massif")
                         for rec in recorders:
                             rec.wait(timeout=secs + 30)
                         cpu1 = {k: cpu_ms(p.pid) for k, p in proxies.items()}

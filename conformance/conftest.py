@@ -65,13 +65,14 @@ _handed_out = set()
 def free_port() -> int:
     """A loopback port nothing listens on, below the ephemeral range: the kernel hands ports in
     that range to outgoing connections, so a port picked there can be taken by one before the
-    process meant to listen on it binds it. Never the same port twice in one test run."""
+    process meant to listen on it binds it. Never the same port twice in one test run, and never
+    one of Istio's fixed ports (15000-15099: the generated listeners bind 15001 and 15006)."""
     import random
 
     low = _ephemeral_low()
     for _ in range(1000):
         port = random.randrange(10000, max(low, 10001))
-        if port in _handed_out:
+        if port in _handed_out or 15000 <= port < 15100:
             continue
         with socket.socket() as s:
             try:

@@ -44,8 +44,9 @@ pub struct ClusterRt {
     pool: Mutex<HashMap<(usize, SocketAddr), H2Slot>>,
     /// HTTP/1.1 to the local app, one pooling client per worker slot, for the same reason.
     h1: Box<[H1Client]>,
-    /// Each endpoint as a URI authority, formatted once (HTTP/1.1 requests name it).
-    authorities: Box<[http::uri::Authority]>,
+    /// Each endpoint as a URI authority, formatted on its first HTTP/1.1 request (only
+    /// plaintext clusters to the local app send HTTP/1.1, so a large peer cluster holds none).
+    authorities: Mutex<HashMap<SocketAddr, http::uri::Authority, foldhash::fast::RandomState>>,
     next: AtomicUsize,
     limits: Limits,
     pub stats: ClusterStats,
@@ -153,22 +154,13 @@ impl ClusterRt {
             upstream_rq_timeout: s("upstream_rq_timeout"),
             upstream_rq_retry: s("upstream_rq_retry"),
         };
-        let authorities = config
-            .endpoints
-            .iter()
-            .map(|e| {
-                http::uri::Authority::try_from(e.to_string()).map_err(|_| {
-                    rustls::Error::General(format!("endpoint {e} is not a URI authority"))
-                })
-            })
-            .collect::<Result<_, _>>()?;
         Ok(Self {
             config,
             creds: creds.clone(),
             tls,
             pool: Mutex::default(),
             h1,
-            authorities,
+            authorities: Mutex::default(),
             next: AtomicUsize::new(0),
             limits: limits.clone(),
             stats: cstats,
@@ -181,24 +173,31 @@ impl ClusterRt {
 
     /// Round-robin over the endpoints.
     fn pick(&self) -> Result<SocketAddr, ProxyError> {
-        self.pick_index().map(|i| self.config.endpoints[i])
-    }
-
-    fn pick_index(&self) -> Result<usize, ProxyError> {
-        let n = self.config.endpoints.len();
-        if n == 0 {
+        let eps = &self.config.endpoints;
+        if eps.is_empty() {
             return Err(ProxyError::NoHealthyUpstream {
                 cluster: self.config.name.clone(),
             });
         }
-        Ok(self.next.fetch_add(1, Ordering::Relaxed) % n)
+        Ok(eps[self.next.fetch_add(1, Ordering::Relaxed) % eps.len()])
+    }
+
+    /// `endpoint` as a URI authority (kept after the first time).
+    fn authority(&self, endpoint: SocketAddr) -> Result<http::uri::Authority, ProxyError> {
+        let mut known = self.authorities.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = known.get(&endpoint) {
+            return Ok(a.clone());
+        }
+        let a = http::uri::Authority::try_from(endpoint.to_string())
+            .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+        known.insert(endpoint, a.clone());
+        Ok(a)
     }
 
     /// Sends a request. mTLS clusters get HTTP/2 on a pooled connection; plaintext clusters get
     /// HTTP/1.1 or HTTP/2 by the cluster's protocol (AUTO: HTTP/2 for gRPC).
     pub async fn send(&self, mut req: http::Request<Body>, grpc: bool) -> Result<Sent, ProxyError> {
-        let picked = self.pick_index()?;
-        let endpoint = self.config.endpoints[picked];
+        let endpoint = self.pick()?;
         self.stats.upstream_rq_total.inc();
         let use_h2 = self.tls.is_some()
             || match self.config.protocol {
@@ -210,7 +209,7 @@ impl ClusterRt {
             // HTTP/1.1 to the local app: the URI names the endpoint; Host keeps the authority.
             set_host_from_uri(&mut req);
             *req.version_mut() = http::Version::HTTP_11;
-            *req.uri_mut() = endpoint_uri(&self.authorities[picked], req.uri())?;
+            *req.uri_mut() = endpoint_uri(self.authority(endpoint)?, req.uri())?;
             let h1 = &self.h1[crate::workers::slot().min(self.h1.len() - 1)];
             let response = h1.request(req).await.map_err(|e| {
                 if e.is_connect() {
@@ -595,12 +594,12 @@ fn unprocessed(e: &hyper::Error) -> bool {
 
 /// `uri` sent to the endpoint whose authority is `endpoint`.
 fn endpoint_uri(
-    endpoint: &http::uri::Authority,
+    endpoint: http::uri::Authority,
     uri: &http::Uri,
 ) -> Result<http::Uri, ProxyError> {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(endpoint.clone());
+    parts.authority = Some(endpoint);
     parts.path_and_query = Some(
         uri.path_and_query()
             .cloned()

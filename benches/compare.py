@@ -523,7 +523,7 @@ def setups(args):
 
 def report(results, args):
     workers = args.concurrency or "one per CPU"
-    print(f"\neastguard workers: {workers}; allocator: {args.preload or 'as built (mimalloc)'}. Medians of {args.rounds} alternating rounds; {args.rate} req/s over {args.connections} connections for "
+    print(f"\neastguard workers: {workers}; allocator: {args.preload or 'glibc'}. Medians of {args.rounds} alternating rounds; {args.rate} req/s over {args.connections} connections for "
           f"{args.duration} s after {args.warmup} s of warm-up; saturation and churn {args.burst} s each; oha {subprocess.run([shutil.which('oha') or str(Path.home() / '.cargo/bin/oha'), '--version'], capture_output=True, text=True).stdout.strip()}")
     print(f"{'setup':<10} {'added p50 / p99 (µs)':>22} {'CPU ms/1000 req client / server':>33} {'VmHWM MiB client / server':>27} {'saturation rps':>15} {'churn rps':>10}")
     d50, d99 = med(results, "direct", "fixed", "p50"), med(results, "direct", "fixed", "p99")

@@ -15,10 +15,6 @@ mod proxy_config_cmd;
 
 use proxy_cmd::{describe, init_logging};
 
-/// The same allocator as `eastguard-sidecar` (benches/RESULTS.md, "Allocators").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "eastguard",

@@ -214,6 +214,9 @@ async fn big_update() {
         eds_times.push(t.elapsed());
     }
     eds_times.sort();
+    // The allocator returns freed pages after a delay (mimalloc's purge delay): RSS once settled.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_settled = rss_kib(pid);
     println!(
         "CDS+EDS, {N} endpoints, first apply (push → proxy ACK of both): {:.1} ms",
         first.as_secs_f64() * 1e3
@@ -228,6 +231,10 @@ async fn big_update() {
         rss_before,
         rss_after,
         rss_after.saturating_sub(rss_before)
+    );
+    println!(
+        "proxy RSS 3 s after the last update: {rss_settled} KiB (+{} KiB)",
+        rss_settled.saturating_sub(rss_before)
     );
     let _ = child.kill();
     let _ = child.wait();

@@ -13,9 +13,6 @@ mod lifecycle;
 #[path = "../proxy_cmd.rs"]
 mod proxy_cmd;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "eastguard-sidecar",

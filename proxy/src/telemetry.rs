@@ -10,14 +10,13 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt as _;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 
 use crate::access_log::{AccessLog, Record, format_time};
 use crate::body::{Body, BoxError};
 use crate::config::{DestinationMetadata, Node};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
-
 use crate::stats::{EnvoyStats, IstioMetrics, Lv, RequestLabels};
 
 /// Shared by every call: where metrics and logs go, and who this proxy is.
@@ -817,7 +816,10 @@ pub(crate) mod tests {
             .filter(|l| l.starts_with("istio_requests_total{"))
             .map(|l| {
                 let value = l.rsplit(' ').next().unwrap().parse().unwrap();
-                ((label(l, "source_workload"), label(l, "response_code")), value)
+                (
+                    (label(l, "source_workload"), label(l, "response_code")),
+                    value,
+                )
             })
             .collect()
     }

@@ -593,10 +593,7 @@ fn unprocessed(e: &hyper::Error) -> bool {
 }
 
 /// `uri` sent to the endpoint whose authority is `endpoint`.
-fn endpoint_uri(
-    endpoint: http::uri::Authority,
-    uri: &http::Uri,
-) -> Result<http::Uri, ProxyError> {
+fn endpoint_uri(endpoint: http::uri::Authority, uri: &http::Uri) -> Result<http::Uri, ProxyError> {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);
     parts.authority = Some(endpoint);

@@ -9,7 +9,11 @@ and, for eastguard, its control plane.
   keep-alive pools to the peer and to the upstream, 2 workers per side.
 - eastguard: configured by `eastguard control-plane` from Istio files (a ServiceEntry, two
   WorkloadEntries, one ALLOW AuthorizationPolicy for the client's SPIFFE ID), SVIDs from PEM files,
-  metrics on, access log off, `eastguard-sidecar` with its default workers (one per CPU).
+  metrics on, access log off, `eastguard-sidecar` with its default workers (one per CPU). Between
+  the sidecars, the control plane's default (`--h2-upgrade-policy UPGRADE`): one multiplexed
+  HTTP/2 connection per peer and worker.
+- eastguard-h1: the same with `--h2-upgrade-policy DO_NOT_UPGRADE` (Istio's default): HTTP/1.1
+  between the sidecars on keep-alive connections, one per request in flight, as the nginx pair.
 - Load: `oha` (installed with `cargo install oha --locked` if missing), in three modes:
   fixed rate (`-q RATE -c CONNS`, with latency correction: fortio's method), saturation (no rate),
   and connection churn (no keep-alive). Every measured run follows a warm-up; the three setups
@@ -20,7 +24,7 @@ and, for eastguard, its control plane.
 
 Needs root (namespaces). Usage, from the repo root:
     sudo .venv/bin/python benches/compare.py [--rate 1000] [--connections 16] [--duration 30]
-        [--warmup 5] [--burst 10] [--rounds 3] [--setups direct,nginx,eastguard]
+        [--warmup 5] [--burst 10] [--rounds 3] [--setups direct,nginx,eastguard,eastguard-h1]
         [--concurrency N] [--policies N] [--idle N] [--perf DIR]
 Scale checks: `--connections 10000` (the client-side proxy holds them), `--policies 1000` (the
 server sidecar decides among them), `--idle N` (RSS per idle connection).
@@ -341,7 +345,7 @@ def main():
     ap.add_argument("--sidecar", type=Path, default=None,
                     help="the eastguard-sidecar binary to run (default: target/release/eastguard-sidecar); "
                          "PATH1,PATH2 alternates two builds as setups eastguard and eastguard2")
-    ap.add_argument("--setups", default="direct,nginx,eastguard", help="which setups to run, comma-separated")
+    ap.add_argument("--setups", default="direct,nginx,eastguard,eastguard-h1", help="which setups to run, comma-separated")
     ap.add_argument("--policies", type=int, default=1,
                     help="AuthorizationPolicies on the server workload (one admits the client; the others name other principals)")
     ap.add_argument("--modes", default="fixed,saturation,churn", help="which load runs, comma-separated ('' for none)")
@@ -352,7 +356,7 @@ def main():
                          "strace slows the proxy, so that run's CPU and latency figures do not count")
     ap.add_argument("--callgrind", type=Path, default=None,
                     help="run each eastguard sidecar under `valgrind --tool=callgrind`, counts zeroed before each measured run and dumped after it, into "
-                         "DIR/<round>-<side>.callgrind.<N> (N: 1 for the first mode run, ...) (instruction counts, repeatable on a noisy machine; use a low --rate, valgrind is ~50x slower)")
+                         "DIR/<round>-<side><setup>.callgrind.<N> (<setup>: -h1 for eastguard-h1, 2 for eastguard2; N: 1 for the first mode run, ...) (instruction counts, repeatable on a noisy machine; use a low --rate, valgrind is ~50x slower)")
     ap.add_argument("--massif", type=Path, default=None,
                     help="run each eastguard sidecar under `valgrind --tool=massif` (heap profile over the whole run), into "
                          "DIR/<round>-<side>.massif at exit, and a detailed snapshot after each measured run; read them with ms_print")
@@ -398,12 +402,18 @@ def main():
 
         sidecars = [Path(p) for p in str(args.sidecar).split(",")] if args.sidecar else [release / "eastguard-sidecar"]
 
-        def eastguard_pair(sidecar):
+        def eastguard_pair(setup):
+            """`eastguard`, `eastguard-h1` (HTTP/1.1 between the sidecars) or `eastguard2` (the
+            second --sidecar build); profiles are named after it."""
+            sidecar = sidecars[setup == "eastguard2"]
+            tag = setup.removeprefix("eastguard")
             cfg = work / "istio"
             cfg.mkdir(exist_ok=True)
             (cfg / "mesh.yaml").write_text(ISTIO + extra_policies(args.policies - 1))
+            policy = "DO_NOT_UPGRADE" if setup == "eastguard-h1" else "UPGRADE"
             procs = {"control plane": net.start(SERVER_NS, [release / "eastguard", "control-plane", "--config-dir", cfg,
-                                                             "--xds-address", f"{SERVER_IP}:{XDS}"], work / "cp.log")}
+                                                             "--xds-address", f"{SERVER_IP}:{XDS}",
+                                                             "--h2-upgrade-policy", policy], work / "cp.log")}
             wait_port(SERVER_NS, SERVER_IP, XDS)
             import yaml
 
@@ -420,11 +430,11 @@ def main():
                 preload = ["env", f"LD_PRELOAD={args.preload}"] if args.preload else []
                 if args.callgrind:
                     args.callgrind.mkdir(parents=True, exist_ok=True)
-                    out = args.callgrind.resolve() / f"{rnd + 1}-{side}{'' if sidecar == sidecars[0] else '-2'}.callgrind"
+                    out = args.callgrind.resolve() / f"{rnd + 1}-{side}{tag}.callgrind"
                     preload += ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={out}"]
                 elif args.massif:
                     args.massif.mkdir(parents=True, exist_ok=True)
-                    out = args.massif.resolve() / f"{rnd + 1}-{side}{'' if sidecar == sidecars[0] else '-2'}.massif"
+                    out = args.massif.resolve() / f"{rnd + 1}-{side}{tag}.massif"
                     preload += ["valgrind", "--tool=massif", f"--massif-out-file={out}"]
                 procs[side] = net.start(ns, [*preload, sidecar, "--log-level", "warn", "--config", work / f"{side}.yaml", *workers],
                                         work / f"eastguard-{side}.log")
@@ -439,7 +449,7 @@ def main():
                 if setup == "nginx":
                     procs, url = nginx_pair()
                 elif setup.startswith("eastguard"):
-                    procs, url = eastguard_pair(sidecars[setup == "eastguard2"])
+                    procs, url = eastguard_pair(setup)
                 host = HOST if setup.startswith("eastguard") else "server"
                 try:
                     # A first request must succeed (config in place, mTLS up).
@@ -518,14 +528,14 @@ def setups(args):
     asked = args.setups.split(",")
     if args.sidecar and "," in str(args.sidecar) and "eastguard" in asked and "eastguard2" not in asked:
         asked.append("eastguard2")
-    return [x for x in ("direct", "nginx", "eastguard", "eastguard2") if x in asked]
+    return [x for x in ("direct", "nginx", "eastguard", "eastguard-h1", "eastguard2") if x in asked]
 
 
 def report(results, args):
     workers = args.concurrency or "one per CPU"
     print(f"\neastguard workers: {workers}; allocator: {args.preload or 'glibc'}. Medians of {args.rounds} alternating rounds; {args.rate} req/s over {args.connections} connections for "
           f"{args.duration} s after {args.warmup} s of warm-up; saturation and churn {args.burst} s each; oha {subprocess.run([shutil.which('oha') or str(Path.home() / '.cargo/bin/oha'), '--version'], capture_output=True, text=True).stdout.strip()}")
-    print(f"{'setup':<10} {'added p50 / p99 (µs)':>22} {'CPU ms/1000 req client / server':>33} {'VmHWM MiB client / server':>27} {'saturation rps':>15} {'churn rps':>10}")
+    print(f"{'setup':<13} {'added p50 / p99 (µs)':>22} {'CPU ms/1000 req client / server':>33} {'VmHWM MiB client / server':>27} {'saturation rps':>15} {'churn rps':>10}")
     d50, d99 = med(results, "direct", "fixed", "p50"), med(results, "direct", "fixed", "p99")
     rows = {}
     for setup in setups(args):
@@ -534,21 +544,21 @@ def report(results, args):
         hwm = med(results, setup, "churn", "hwm_client"), med(results, setup, "churn", "hwm_server")
         sat, churn = med(results, setup, "saturation", "rps"), med(results, setup, "churn", "rps")
         rows[setup] = (added, cpu, hwm, sat, churn)
-        print(f"{setup:<10} {added[0]:>10.0f} / {added[1]:<9.0f} {cpu[0]:>15.1f} / {cpu[1]:<15.1f} {hwm[0]:>12.1f} / {hwm[1]:<12.1f} {sat:>15.0f} {churn:>10.0f}")
+        print(f"{setup:<13} {added[0]:>10.0f} / {added[1]:<9.0f} {cpu[0]:>15.1f} / {cpu[1]:<15.1f} {hwm[0]:>12.1f} / {hwm[1]:<12.1f} {sat:>15.0f} {churn:>10.0f}")
     for setup in [x for x in setups(args) if x != "direct"]:
         if (setup, "idle") in results:
             print(f"{setup}: {med(results, setup, 'idle', 'kib'):.1f} KiB of client-side proxy RSS per idle keep-alive connection ({args.idle} held)")
     if args.policies > 1:
         print(f"the server workload had {args.policies} AuthorizationPolicies")
-    if "nginx" not in rows or "eastguard" not in rows:
-        return
-    (na, nc, _, ns, nch), (ea, ec, eh, es, ech) = rows["nginx"], rows["eastguard"]
-    print("\neastguard / nginx (issue 17's goals in brackets):")
-    print(f"  CPU per request, client {ec[0] / nc[0]:.2f}, server {ec[1] / nc[1]:.2f}  [≤ 0.7]")
-    print(f"  added latency p50 {ea[0] / na[0]:.2f}, p99 {ea[1] / na[1]:.2f}  [≤ 0.8]")
-    print(f"  saturation {es / ns:.2f}  [≥ 1.2]; connection churn {ech / nch:.2f}  [≥ 1.0]")
-    print(f"  peak RSS client {eh[0]:.1f} MiB, server {eh[1]:.1f} MiB  [≤ 12 MiB each]")
-
+    for setup in [x for x in rows if x.startswith("eastguard")]:
+        if "nginx" not in rows:
+            break
+        (na, nc, _, ns, nch), (ea, ec, eh, es, ech) = rows["nginx"], rows[setup]
+        print(f"\n{setup} / nginx (issue 17's goals in brackets):")
+        print(f"  CPU per request, client {ec[0] / nc[0]:.2f}, server {ec[1] / nc[1]:.2f}  [≤ 0.7]")
+        print(f"  added latency p50 {ea[0] / na[0]:.2f}, p99 {ea[1] / na[1]:.2f}  [≤ 0.8]")
+        print(f"  saturation {es / ns:.2f}  [≥ 1.2]; connection churn {ech / nch:.2f}  [≥ 1.0]")
+        print(f"  peak RSS client {eh[0]:.1f} MiB, server {eh[1]:.1f} MiB  [≤ 12 MiB each]")
 
 if __name__ == "__main__":
     main()

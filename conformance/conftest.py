@@ -430,7 +430,8 @@ class Sidecar:
 class Mesh:
     """client sidecar (outbound) → mTLS → server sidecar (inbound) → upstream app."""
 
-    def __init__(self, workdir: Path, upstream_port: int, server_extra=None, client_extra=None, server_clusters=(), server_chains=()):
+    def __init__(self, workdir: Path, upstream_port: int, server_extra=None, client_extra=None, server_clusters=(), server_chains=(), peer_protocol=None):
+        """`peer_protocol`: the client's peer clusters' `protocol` (unset: AUTO, HTTP/2)."""
         self.dir = workdir
         self.ca = CA(TD)
         self.bundle = workdir / "bundle.pem"
@@ -449,6 +450,7 @@ class Mesh:
             [{"name": "inbound|app||", "endpoints": [f"127.0.0.1:{upstream_port}"]}] + list(server_clusters),
             **(server_extra or {}),
         )
+        proto = {"protocol": peer_protocol} if peer_protocol else {}
         vhosts = [
             {"name": "server", "domains": ["server", "server:80", "server.test.svc.cluster.local"], "routes": [route("outbound|80||server")]},
             {"name": "wrong-id", "domains": ["wrong-id"], "routes": [route("outbound|80||wrong-id")]},
@@ -461,8 +463,8 @@ class Mesh:
             self.bundle,
             [outbound_listener(self.outbound_port, vhosts)],
             [
-                peer_cluster("outbound|80||server", self.inbound_port, [SERVER_ID]),
-                peer_cluster("outbound|80||wrong-id", self.inbound_port, [f"spiffe://{TD}/ns/test/sa/someone-else"]),
+                peer_cluster("outbound|80||server", self.inbound_port, [SERVER_ID], **proto),
+                peer_cluster("outbound|80||wrong-id", self.inbound_port, [f"spiffe://{TD}/ns/test/sa/someone-else"], **proto),
             ],
             **(client_extra or {}),
         )

@@ -107,10 +107,15 @@ def test_bad_svid_files_keep_the_current_svid(mesh):
     assert urllib.request.urlopen(req, timeout=5).status == 200
 
 
-@pytest.fixture
-def drain_mesh(tmp_path, upstream):
+# Between the sidecars: multiplexed HTTP/2 (AUTO), or keep-alive HTTP/1.1 for HTTP/1.1 requests
+# (DOWNSTREAM, what the control plane configures for an HTTP port).
+PEER_PROTOCOLS = [None, "DOWNSTREAM"]
+
+
+@pytest.fixture(params=PEER_PROTOCOLS, ids=["h2", "http1"])
+def drain_mesh(request, tmp_path, upstream):
     drain = {"drain": {"duration": "3s", "grace": "4s"}}
-    m = Mesh(tmp_path, upstream.port, server_extra=drain, client_extra=drain).start()
+    m = Mesh(tmp_path, upstream.port, server_extra=drain, client_extra=drain, peer_protocol=request.param).start()
     yield m
     m.stop()
 
@@ -157,10 +162,11 @@ def upstream_cx_total(sidecar, cluster="outbound|80||server"):
     return stat(sidecar, f"cluster.{cluster}.upstream_cx_total")
 
 
-def test_pooled_connection_is_not_used_past_its_certificates_expiry(tmp_path, upstream):
+@pytest.mark.parametrize("peer_protocol", PEER_PROTOCOLS, ids=["h2", "http1"])
+def test_pooled_connection_is_not_used_past_its_certificates_expiry(tmp_path, upstream, peer_protocol):
     import datetime
 
-    mesh = Mesh(tmp_path, upstream.port)
+    mesh = Mesh(tmp_path, upstream.port, peer_protocol=peer_protocol)
     # The server starts with an SVID that expires in 5 s; the files are then replaced by a long one.
     expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=5)
     cert, key = mesh.ca.mint(SERVER_ID, not_after=expires)

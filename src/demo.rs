@@ -256,6 +256,7 @@ async fn start_and_script(started: &mut Started, dir: &Path) -> anyhow::Result<b
                 trust_domain: TRUST_DOMAIN.into(),
                 root_namespace: "istio-system".into(),
                 default_mtls: policy::istio::peer_authn::MtlsMode::Strict,
+                h2_upgrade: true,
                 access_log: None,
             },
             poll_interval: Duration::from_millis(200),

@@ -56,6 +56,11 @@ enum Command {
         /// `permissive` (Istio's default).
         #[arg(long, default_value = "strict", value_parser = ["strict", "permissive"])]
         default_mtls: String,
+        /// Istio's meshConfig.h2UpgradePolicy: `UPGRADE` carries every HTTP request between the
+        /// sidecars on one multiplexed HTTP/2 connection per peer; `DO_NOT_UPGRADE` (Istio's
+        /// default) keeps HTTP/1.1 requests HTTP/1.1, on keep-alive connections.
+        #[arg(long, default_value = "UPGRADE", value_parser = ["UPGRADE", "DO_NOT_UPGRADE"])]
+        h2_upgrade_policy: String,
         /// Mesh-wide access log of every sidecar (Istio's meshConfig.accessLogFile, e.g.
         /// /dev/stdout); Telemetry resources turn it on or off per namespace or workload.
         #[arg(long, default_value = "")]
@@ -368,6 +373,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             trust_domain,
             root_namespace,
             default_mtls,
+            h2_upgrade_policy,
             access_log_file,
             access_log_encoding,
             access_log_format,
@@ -486,6 +492,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
                     } else {
                         policy::istio::peer_authn::MtlsMode::Strict
                     },
+                    h2_upgrade: h2_upgrade_policy == "UPGRADE",
                     access_log: mesh_access_log(
                         access_log_file,
                         access_log_encoding == "JSON",

@@ -887,8 +887,9 @@ pub struct Cluster {
     pub lb_policy: LbPolicy,
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
-    /// Protocol spoken to the endpoints when plaintext (the local app): `HTTP1`, `HTTP2`, or
-    /// `AUTO` (HTTP/2 for gRPC requests, HTTP/1.1 otherwise). mTLS peers always get HTTP/2.
+    /// Protocol spoken to the endpoints: `HTTP1`, `HTTP2`, `DOWNSTREAM` (the one the request
+    /// arrived with, Envoy's `use_downstream_protocol_config`), or `AUTO`: HTTP/2 to mTLS peers
+    /// and for gRPC requests, HTTP/1.1 otherwise.
     #[serde(default)]
     pub protocol: UpstreamProtocol,
     /// mTLS to a peer sidecar; absent means plaintext (only for the local app).
@@ -914,6 +915,7 @@ pub enum LbPolicy {
 pub enum UpstreamProtocol {
     Http1,
     Http2,
+    Downstream,
     #[default]
     Auto,
 }

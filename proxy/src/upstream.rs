@@ -1,12 +1,12 @@
-//! Connections to upstreams: pooled HTTP/2 over mTLS to peer sidecars (one multiplexed connection
-//! per endpoint, reused by every request), plaintext HTTP/1.1 or HTTP/2 to the local app, and
-//! one-off connections for upgrades and TCP.
+//! Connections to upstreams: pooled HTTP/2 (one multiplexed connection per endpoint and worker)
+//! or pooled keep-alive HTTP/1.1 (a connection per request in flight), over mTLS to peer sidecars
+//! or plaintext to the local app, and one-off connections for upgrades and TCP.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -24,8 +24,30 @@ use crate::stats::{EnvoyStats, Stat};
 /// One pooled HTTP/2 connection's place; the async mutex is held across a connect.
 type H2Slot = Arc<tokio::sync::Mutex<Option<H2Conn>>>;
 
-type H1Client =
-    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+/// Keep-alive HTTP/1.1 connections by (worker slot, endpoint): busy and idle ones together, a
+/// request taking the newest one that is ready for another.
+type H1Pool = Mutex<HashMap<(usize, SocketAddr), Vec<H1Conn>, foldhash::fast::RandomState>>;
+
+/// What sending on an HTTP/1.1 connection comes back with: the response, or the request when the
+/// connection closed before it was written.
+type H1Sent = Result<
+    http::Response<hyper::body::Incoming>,
+    hyper::client::conn::TrySendError<http::Request<Body>>,
+>;
+
+/// What [`ClusterRt::h1_send`] did with a request.
+enum H1Dispatch<F> {
+    /// Sent on a connection: the response to come, and the connection's local end and peer.
+    Sent(F, Option<SocketAddr>, Option<Arc<str>>),
+    /// No pooled connection was ready for it: the request, back.
+    Unsent(http::Request<Body>),
+}
+
+/// The most HTTP/1.1 connections one worker keeps to one endpoint; past it a connection serves
+/// its one request and closes (Envoy's default `max_connections` circuit breaker is 1024).
+const H1_POOL_MAX: usize = 1024;
+/// An HTTP/1.1 connection unused this long is closed when its endpoint is next used.
+const H1_IDLE: Duration = Duration::from_secs(60);
 
 /// ALPN offered to peer sidecars for multiplexed HTTP.
 const ALPN_H2: &[&[u8]] = &[b"h2"];
@@ -42,11 +64,8 @@ pub struct ClusterRt {
     /// Pooled HTTP/2 connections by (worker slot, endpoint): a worker's requests ride only on
     /// connections its own thread drives (`workers`).
     pool: Mutex<HashMap<(usize, SocketAddr), H2Slot>>,
-    /// HTTP/1.1 to the local app, one pooling client per worker slot, for the same reason.
-    h1: Box<[H1Client]>,
-    /// Each endpoint as a URI authority, formatted on its first HTTP/1.1 request (only
-    /// plaintext clusters to the local app send HTTP/1.1, so a large peer cluster holds none).
-    authorities: Mutex<HashMap<SocketAddr, http::uri::Authority, foldhash::fast::RandomState>>,
+    /// Pooled HTTP/1.1 connections, by worker slot and endpoint for the same reason.
+    h1: H1Pool,
     next: AtomicUsize,
     limits: Limits,
     pub stats: ClusterStats,
@@ -61,6 +80,15 @@ struct PeerTls {
 
 /// Tells pooled connections apart, so a retry evicts the one that refused it and not a newer one.
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(0);
+
+struct H1Conn {
+    sender: http1::SendRequest<Body>,
+    local: Option<SocketAddr>,
+    peer: Option<Arc<str>>,
+    /// As for [`H2Conn`]: no request is sent on it from then on.
+    expires: Option<UnixTime>,
+    last_used: Instant,
+}
 
 #[derive(Clone)]
 struct H2Conn {
@@ -133,17 +161,6 @@ impl ClusterRt {
                 })
             }
         };
-        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-        http.set_connect_timeout(Some(config.connect_timeout));
-        http.set_nodelay(true);
-        let h1 = (0..crate::workers::slots())
-            .map(|_| {
-                hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .pool_timer(TokioTimer::new())
-                    .build(http.clone())
-            })
-            .collect();
         let s = |n: &str| stats.stat(&format!("cluster.{}.{n}", config.name));
         let cstats = ClusterStats {
             upstream_cx_total: s("upstream_cx_total"),
@@ -159,8 +176,7 @@ impl ClusterRt {
             creds: creds.clone(),
             tls,
             pool: Mutex::default(),
-            h1,
-            authorities: Mutex::default(),
+            h1: Mutex::default(),
             next: AtomicUsize::new(0),
             limits: limits.clone(),
             stats: cstats,
@@ -182,63 +198,154 @@ impl ClusterRt {
         Ok(eps[self.next.fetch_add(1, Ordering::Relaxed) % eps.len()])
     }
 
-    /// `endpoint` as a URI authority (kept after the first time).
-    fn authority(&self, endpoint: SocketAddr) -> Result<http::uri::Authority, ProxyError> {
-        let mut known = self.authorities.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = known.get(&endpoint) {
-            return Ok(a.clone());
-        }
-        let a = http::uri::Authority::try_from(endpoint.to_string())
-            .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
-        known.insert(endpoint, a.clone());
-        Ok(a)
-    }
-
-    /// Sends a request. mTLS clusters get HTTP/2 on a pooled connection; plaintext clusters get
-    /// HTTP/1.1 or HTTP/2 by the cluster's protocol (AUTO: HTTP/2 for gRPC).
-    pub async fn send(&self, mut req: http::Request<Body>, grpc: bool) -> Result<Sent, ProxyError> {
+    /// Sends a request, over HTTP/2 or HTTP/1.1 by the cluster's protocol: `HTTP1` / `HTTP2` as
+    /// configured; `DOWNSTREAM` the protocol the request arrived with (Envoy's
+    /// `use_downstream_protocol_config`); `AUTO` HTTP/2 to mTLS peers and for gRPC, HTTP/1.1
+    /// otherwise.
+    pub async fn send(&self, req: http::Request<Body>, grpc: bool) -> Result<Sent, ProxyError> {
         let endpoint = self.pick()?;
         self.stats.upstream_rq_total.inc();
-        let use_h2 = self.tls.is_some()
-            || match self.config.protocol {
-                UpstreamProtocol::Http1 => false,
-                UpstreamProtocol::Http2 => true,
-                UpstreamProtocol::Auto => grpc,
-            };
-        if !use_h2 {
-            // HTTP/1.1 to the local app: the URI names the endpoint; Host keeps the authority.
-            set_host_from_uri(&mut req);
-            *req.version_mut() = http::Version::HTTP_11;
-            *req.uri_mut() = endpoint_uri(self.authority(endpoint)?, req.uri())?;
-            let h1 = &self.h1[crate::workers::slot().min(self.h1.len() - 1)];
-            let response = h1.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    self.stats.upstream_cx_connect_fail.inc();
-                    if timed_out(&e) {
-                        self.stats.upstream_cx_connect_timeout.inc();
-                        return ProxyError::UpstreamConnectTimeout {
-                            endpoint: endpoint.to_string(),
-                        };
-                    }
-                    ProxyError::UpstreamConnect {
-                        endpoint: endpoint.to_string(),
-                        reason: error_chain(&e),
-                    }
-                } else {
-                    ProxyError::UpstreamReset(error_chain(&e))
-                }
-            })?;
-            let local = response
-                .extensions()
-                .get::<hyper_util::client::legacy::connect::HttpInfo>()
-                .map(|i| i.local_addr());
-            return Ok(Sent {
-                response,
-                endpoint,
-                peer: None,
-                local,
-            });
+        let use_h2 = match self.config.protocol {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::Downstream => req.version() == http::Version::HTTP_2,
+            UpstreamProtocol::Auto => self.tls.is_some() || grpc,
+        };
+        if use_h2 {
+            self.send_h2(endpoint, req).await
+        } else {
+            self.send_h1(endpoint, req).await
         }
+    }
+
+    /// HTTP/1.1 on a pooled keep-alive connection, or a new one when none is ready.
+    async fn send_h1(
+        &self,
+        endpoint: SocketAddr,
+        mut req: http::Request<Body>,
+    ) -> Result<Sent, ProxyError> {
+        // Origin form on the wire; Host keeps the authority.
+        set_host_from_uri(&mut req);
+        *req.version_mut() = http::Version::HTTP_11;
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = http::Uri::from(path);
+        let key = (crate::workers::slot(), endpoint);
+        // A pooled connection that closed before the request was written hands it back (the
+        // peer closed it as idle, or is draining): it is sent once more on a fresh connection.
+        for attempt in 0..2 {
+            let pooled = if attempt == 0 {
+                self.h1_send(key, req, None)
+            } else {
+                H1Dispatch::Unsent(req)
+            };
+            let (sending, local, peer) = match pooled {
+                H1Dispatch::Sent(sending, local, peer) => (sending, local, peer),
+                H1Dispatch::Unsent(unsent) => {
+                    let conn = self.h1_connect(endpoint).await?;
+                    // A fresh connection always takes the request.
+                    match self.h1_send(key, unsent, Some(conn)) {
+                        H1Dispatch::Sent(sending, local, peer) => (sending, local, peer),
+                        H1Dispatch::Unsent(_) => {
+                            return Err(ProxyError::UpstreamReset(
+                                "new connection refused the request".into(),
+                            ));
+                        }
+                    }
+                }
+            };
+            match sending.await {
+                Ok(response) => {
+                    return Ok(Sent {
+                        response,
+                        endpoint,
+                        peer,
+                        local,
+                    });
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if attempt == 0 => {
+                        self.stats.upstream_rq_retry.inc();
+                        req = unsent;
+                    }
+                    _ => return Err(ProxyError::UpstreamReset(error_chain(e.error()))),
+                },
+            }
+        }
+        Err(ProxyError::UpstreamReset(
+            "connection closed before the request was sent, twice".into(),
+        ))
+    }
+
+    /// Sends `req` on `fresh`, kept in the pool unless it is full, or else on the newest pooled
+    /// connection ready for it, dropping closed, expired and idle ones on the way; hands `req`
+    /// back when none is ready.
+    fn h1_send(
+        &self,
+        key: (usize, SocketAddr),
+        req: http::Request<Body>,
+        fresh: Option<H1Conn>,
+    ) -> H1Dispatch<impl Future<Output = H1Sent> + use<>> {
+        let mut pool = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = pool.entry(key).or_default();
+        if let Some(mut c) = fresh {
+            let sent = H1Dispatch::Sent(c.sender.try_send_request(req), c.local, c.peer.clone());
+            if conns.len() < H1_POOL_MAX {
+                conns.push(c);
+            }
+            return sent;
+        }
+        let (now, wall) = (Instant::now(), UnixTime::now());
+        conns.retain(|c| {
+            !c.sender.is_closed()
+                && c.expires.is_none_or(|t| wall < t)
+                && now.duration_since(c.last_used) < H1_IDLE
+        });
+        let Some(c) = conns.iter_mut().rev().find(|c| c.sender.is_ready()) else {
+            return H1Dispatch::Unsent(req);
+        };
+        c.last_used = now;
+        H1Dispatch::Sent(c.sender.try_send_request(req), c.local, c.peer.clone())
+    }
+
+    /// A new HTTP/1.1 connection to `endpoint` (mTLS for peer clusters).
+    async fn h1_connect(&self, endpoint: SocketAddr) -> Result<H1Conn, ProxyError> {
+        let (io, peer) = self.connect(endpoint, StreamKind::Http1).await?;
+        let expires = self.identity_expiry(&io);
+        let local = io.local_addr();
+        let (sender, conn) =
+            http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| ProxyError::UpstreamConnect {
+                    endpoint: endpoint.to_string(),
+                    reason: error_chain(&e),
+                })?;
+        let active = self.stats.upstream_cx_active.clone();
+        active.inc();
+        tokio::spawn(Box::pin(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %endpoint, "upstream HTTP/1.1 connection ended");
+            }
+            active.dec();
+        }));
+        Ok(H1Conn {
+            sender,
+            local,
+            peer,
+            expires,
+            last_used: Instant::now(),
+        })
+    }
+
+    /// HTTP/2 on the pooled multiplexed connection to `endpoint`.
+    async fn send_h2(
+        &self,
+        endpoint: SocketAddr,
+        mut req: http::Request<Body>,
+    ) -> Result<Sent, ProxyError> {
         *req.version_mut() = http::Version::HTTP_2;
         req.headers_mut().remove(http::header::HOST);
         // A request the peer never processed is sent once more on a fresh connection: one hyper
@@ -565,7 +672,6 @@ pub enum StreamKind {
     Tcp,
 }
 
-/// `http://<endpoint><path?query>`.
 /// A copy of a request without a body: what is sent again when the peer refused the original.
 fn head_of(req: &http::Request<Body>) -> http::Request<Body> {
     let mut copy = http::Request::new(crate::body::empty());
@@ -592,20 +698,6 @@ fn unprocessed(e: &hyper::Error) -> bool {
     false
 }
 
-/// `uri` sent to the endpoint whose authority is `endpoint`.
-fn endpoint_uri(endpoint: http::uri::Authority, uri: &http::Uri) -> Result<http::Uri, ProxyError> {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(endpoint);
-    parts.path_and_query = Some(
-        uri.path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    http::Uri::from_parts(parts)
-        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
-}
-
 /// HTTP/2 carries the authority in the URI; HTTP/1.1 needs it in Host.
 fn set_host_from_uri(req: &mut http::Request<Body>) {
     if !req.headers().contains_key(http::header::HOST)
@@ -614,20 +706,4 @@ fn set_host_from_uri(req: &mut http::Request<Body>) {
     {
         req.headers_mut().insert(http::header::HOST, v);
     }
-}
-
-/// Whether an error (or one of its sources) is an I/O timeout, as hyper-util's connector reports
-/// its connect timeout.
-fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }

@@ -194,25 +194,9 @@ pub(super) fn generate(
             ..Default::default()
         };
         if h2 {
-            use http_protocol_options::{
-                ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
-            };
-            use xds::pb::envoy::extensions::upstreams::http::v3::{
-                HttpProtocolOptions, http_protocol_options,
-            };
-            let opts = HttpProtocolOptions {
-                upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-                    ExplicitHttpConfig {
-                        protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
-                            Default::default(),
-                        )),
-                    },
-                )),
-                ..Default::default()
-            };
             c.typed_extension_protocol_options.insert(
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-                codec::pack(&opts),
+                HTTP_PROTOCOL_OPTIONS.into(),
+                http_protocol_options(UpstreamHttp::Http2),
             );
         }
         put(snap, types::CLUSTER, &name, &c);

@@ -76,6 +76,11 @@ pub struct Mesh {
     /// The mTLS mode where no PeerAuthentication sets one (Istio: PERMISSIVE; here STRICT unless
     /// configured otherwise).
     pub default_mtls: MtlsMode,
+    /// Istio's meshConfig `h2UpgradePolicy`: `UPGRADE` (true, the default here) carries every
+    /// HTTP request between the sidecars on a multiplexed HTTP/2 connection; `DO_NOT_UPGRADE`
+    /// (Istio's default) only HTTP/2 and gRPC ports' and requests that arrived as HTTP/2, the
+    /// rest as HTTP/1.1 on keep-alive connections.
+    pub h2_upgrade: bool,
     /// Mesh-wide access logging (Istio's `accessLogFile` / `accessLogEncoding` /
     /// `accessLogFormat`); Telemetry resources override it per namespace or workload.
     pub access_log: Option<telemetry::MeshAccessLog>,
@@ -88,6 +93,44 @@ impl Mesh {
             self.trust_domain
         )
     }
+}
+
+/// The key of a cluster's upstream HTTP protocol options.
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// What a cluster speaks to its endpoints, when not Envoy's default (HTTP/1.1).
+#[derive(Debug, Clone, Copy)]
+enum UpstreamHttp {
+    Http2,
+    /// The protocol each request arrived with.
+    Downstream,
+}
+
+/// `HttpProtocolOptions` saying `protocol`, packed.
+fn http_protocol_options(protocol: UpstreamHttp) -> xds::pb::google::protobuf::Any {
+    use xds::pb::envoy::extensions::upstreams::http::v3::{
+        HttpProtocolOptions,
+        http_protocol_options::{
+            ExplicitHttpConfig, UpstreamProtocolOptions, UseDownstreamHttpConfig,
+            explicit_http_config::ProtocolConfig,
+        },
+    };
+    let options = match protocol {
+        UpstreamHttp::Http2 => UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+            protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Default::default())),
+        }),
+        UpstreamHttp::Downstream => {
+            UpstreamProtocolOptions::UseDownstreamProtocolConfig(UseDownstreamHttpConfig {
+                http_protocol_options: Some(Default::default()),
+                http2_protocol_options: Some(Default::default()),
+                ..Default::default()
+            })
+        }
+    };
+    codec::pack(&HttpProtocolOptions {
+        upstream_protocol_options: Some(options),
+        ..Default::default()
+    })
 }
 
 fn port_annotation(w: &WorkloadEntry, key: &str, default: u16) -> u16 {

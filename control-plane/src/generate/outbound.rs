@@ -73,6 +73,20 @@ pub(super) fn generate(
                     }),
                     ..Default::default()
                 })));
+                // As istiod does by `h2UpgradePolicy`: HTTP/2 and gRPC ports, and every HTTP
+                // port with UPGRADE, are HTTP/2 to the peer; without it an HTTP port carries each
+                // request as it came, so HTTP/1.1 stays HTTP/1.1.
+                if p.is_http() {
+                    let protocol = if p.is_h2() || mesh.h2_upgrade {
+                        UpstreamHttp::Http2
+                    } else {
+                        UpstreamHttp::Downstream
+                    };
+                    c.typed_extension_protocol_options.insert(
+                        HTTP_PROTOCOL_OPTIONS.into(),
+                        http_protocol_options(protocol),
+                    );
+                }
                 put(snap, types::CLUSTER, &name, &c);
                 let eps: Vec<(String, u16)> = peers
                     .iter()

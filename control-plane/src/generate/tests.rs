@@ -60,6 +60,7 @@ fn mesh() -> Mesh {
         trust_domain: "cluster.local".into(),
         root_namespace: "istio-system".into(),
         default_mtls: MtlsMode::Strict,
+        h2_upgrade: true,
         access_log: None,
     }
 }
@@ -174,4 +175,59 @@ fn seeds() {
             }
         }
     }
+}
+
+#[test]
+fn outbound_clusters_follow_the_h2_upgrade_policy() {
+    use xds::pb::envoy::extensions::upstreams::http::v3::{
+        HttpProtocolOptions, http_protocol_options::UpstreamProtocolOptions,
+    };
+    let mut reg = sample();
+    reg.services[0].ports.push(ServicePort {
+        number: 9090,
+        name: "grpc".into(),
+        protocol: Some("GRPC".into()),
+        target_port: None,
+    });
+    // DO_NOT_UPGRADE (Istio's meshConfig default).
+    let mesh = Mesh {
+        h2_upgrade: false,
+        ..mesh()
+    };
+    let (snap, _) = sidecar(&reg.workloads[1], &reg, &mesh);
+    let clusters = &snap.resources[types::CLUSTER];
+    let protocol = |port: u16| {
+        let name = format!("outbound|{port}||ledger.bank.svc.cluster.local");
+        let c: Cluster = codec::unpack(&clusters[&name]).expect("cluster");
+        c.typed_extension_protocol_options
+            .get(HTTP_PROTOCOL_OPTIONS)
+            .map(|o| codec::unpack::<HttpProtocolOptions>(o).expect("options"))
+            .and_then(|o| o.upstream_protocol_options)
+    };
+    // As istiod without an h2 upgrade: an HTTP port carries each request as it came.
+    assert!(matches!(
+        protocol(80),
+        Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_))
+    ));
+    assert!(matches!(
+        protocol(9090),
+        Some(UpstreamProtocolOptions::ExplicitHttpConfig(_))
+    ));
+    assert!(protocol(9000).is_none(), "TCP is not HTTP");
+    // UPGRADE (eastguard's default): every HTTP port is multiplexed HTTP/2 between the sidecars.
+    let (snap, _) = sidecar(&reg.workloads[1], &reg, &self::mesh());
+    let c: Cluster = codec::unpack(
+        &snap.resources[types::CLUSTER]["outbound|80||ledger.bank.svc.cluster.local"],
+    )
+    .expect("cluster");
+    let options: HttpProtocolOptions = codec::unpack(
+        c.typed_extension_protocol_options
+            .get(HTTP_PROTOCOL_OPTIONS)
+            .expect("options"),
+    )
+    .expect("options");
+    assert!(matches!(
+        options.upstream_protocol_options,
+        Some(UpstreamProtocolOptions::ExplicitHttpConfig(_))
+    ));
 }

@@ -311,6 +311,7 @@ mod registry_tests {
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             default_mtls: policy::istio::peer_authn::MtlsMode::Strict,
+            h2_upgrade: true,
             access_log: None,
         };
         let reg = registry();

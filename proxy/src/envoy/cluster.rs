@@ -94,12 +94,20 @@ pub fn cluster(c: &Cluster, notes: &mut Notes) -> Result<config::Cluster, Invali
         .typed_extension_protocol_options
         .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
         && let Ok(opts) = codec::unpack::<HttpProtocolOptions>(opts)
-        && let Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) =
-            opts.upstream_protocol_options
     {
-        out.protocol = match explicit.protocol_config {
-            Some(ProtocolConfig::Http2ProtocolOptions(_)) => config::UpstreamProtocol::Http2,
-            _ => config::UpstreamProtocol::Http1,
+        out.protocol = match opts.upstream_protocol_options {
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) => {
+                match explicit.protocol_config {
+                    Some(ProtocolConfig::Http2ProtocolOptions(_)) => {
+                        config::UpstreamProtocol::Http2
+                    }
+                    _ => config::UpstreamProtocol::Http1,
+                }
+            }
+            Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => {
+                config::UpstreamProtocol::Downstream
+            }
+            Some(UpstreamProtocolOptions::AutoConfig(_)) | None => config::UpstreamProtocol::Auto,
         };
     }
     let socket = match (&c.transport_socket, c.transport_socket_matches.as_slice()) {

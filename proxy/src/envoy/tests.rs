@@ -280,6 +280,46 @@ fn inbound_clusters_name_their_service_from_istio_metadata() {
 }
 
 #[test]
+fn cluster_protocol_options_translate_as_envoy_reads_them() {
+    let protocol = |options: Option<serde_json::Value>| {
+        let mut c = serde_json::json!({
+            "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            "name": "outbound|80||ledger",
+            "type": "STATIC",
+        });
+        if let Some(o) = options {
+            // The options are a oneof: its field sits in the message itself.
+            let mut options = serde_json::json!({
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            });
+            if let (Some(options), Some(o)) = (options.as_object_mut(), o.as_object()) {
+                options.extend(o.clone());
+            }
+            c["typed_extension_protocol_options"] = serde_json::json!({
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options,
+            });
+        }
+        let c: xds::pb::envoy::config::cluster::v3::Cluster =
+            codec::unpack(&codec::json_to_any(c).unwrap()).unwrap();
+        cluster(&c, &mut Vec::new()).unwrap().protocol
+    };
+    use crate::config::UpstreamProtocol as P;
+    assert_eq!(protocol(None), P::Auto);
+    let explicit = |k: &str| serde_json::json!({"explicit_http_config": {k: {}}});
+    assert_eq!(protocol(Some(explicit("http2_protocol_options"))), P::Http2);
+    assert_eq!(protocol(Some(explicit("http_protocol_options"))), P::Http1);
+    assert_eq!(
+        protocol(Some(serde_json::json!({"use_downstream_protocol_config": {
+            "http_protocol_options": {}, "http2_protocol_options": {}}}))),
+        P::Downstream
+    );
+    assert_eq!(
+        protocol(Some(serde_json::json!({"auto_config": {}}))),
+        P::Auto
+    );
+}
+
+#[test]
 fn access_loggers_translate_as_istio_sends_them_and_round_trip() {
     let router = serde_json::json!([{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}]);
     let with = |logs: serde_json::Value| {

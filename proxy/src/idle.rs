@@ -23,18 +23,21 @@ pub struct StreamIdle(Duration);
 pub struct StreamIdleTimeout {
     inner: Body,
     timeout: Duration,
-    sleep: Pin<Box<Sleep>>,
+    /// Armed the first time the body has nothing to give, so a body read without waiting (most
+    /// are) never touches the timer.
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl StreamIdleTimeout {
     pub fn wrap(inner: Body, timeout: Duration) -> Body {
-        if timeout.is_zero() {
+        // Nothing to wait for in a body that has ended (a request without one).
+        if timeout.is_zero() || http_body::Body::is_end_stream(&inner) {
             return inner;
         }
         http_body_util::BodyExt::boxed_unsync(Self {
             inner,
             timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            sleep: None,
         })
     }
 }
@@ -49,11 +52,17 @@ impl http_body::Body for StreamIdleTimeout {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             let deadline = Instant::now() + self.timeout;
-            self.sleep.as_mut().reset(deadline);
+            if let Some(sleep) = self.sleep.as_mut() {
+                sleep.as_mut().reset(deadline);
+            }
             return Poll::Ready(frame);
         }
-        match self.sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(StreamIdle(self.timeout))))),
+        let timeout = self.timeout;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(StreamIdle(timeout))))),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -217,6 +226,23 @@ mod tests {
         tx.send(Bytes::from_static(b"b")).await; // progress resets the clock
         tokio::time::sleep(Duration::from_secs(301)).await;
         let err = reader.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("stream idle timeout"), "{err}");
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_stalled_from_its_start_fails_too() {
+        // The timer is armed only when the body first has nothing to give.
+        let (tx, rx) = futures_channel();
+        let body = StreamIdleTimeout::wrap(rx, Duration::from_secs(300));
+        let reader = tokio::spawn(async move { body.collect().await.map(|c| c.to_bytes()) });
+        tokio::time::sleep(Duration::from_secs(299)).await;
+        assert!(!reader.is_finished());
+        let err = tokio::time::timeout(Duration::from_secs(2), reader)
+            .await
+            .expect("the body fails by its deadline")
+            .unwrap()
+            .unwrap_err();
         assert!(err.to_string().contains("stream idle timeout"), "{err}");
         drop(tx);
     }

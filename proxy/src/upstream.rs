@@ -316,21 +316,10 @@ impl ClusterRt {
         let (io, peer) = self.connect(endpoint, StreamKind::Http1).await?;
         let expires = self.identity_expiry(&io);
         let local = io.local_addr();
-        let (sender, conn) =
-            http1::handshake(TokioIo::new(io))
-                .await
-                .map_err(|e| ProxyError::UpstreamConnect {
-                    endpoint: endpoint.to_string(),
-                    reason: error_chain(&e),
-                })?;
-        let active = self.stats.upstream_cx_active.clone();
-        active.inc();
-        tokio::spawn(Box::pin(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %endpoint, "upstream HTTP/1.1 connection ended");
-            }
-            active.dec();
-        }));
+        let (sender, conn) = http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(handshake_failed(endpoint))?;
+        self.drive(conn, endpoint);
         Ok(H1Conn {
             sender,
             local,
@@ -445,22 +434,11 @@ impl ClusterRt {
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        let (sender, conn) =
-            builder
-                .handshake(TokioIo::new(io))
-                .await
-                .map_err(|e| ProxyError::UpstreamConnect {
-                    endpoint: endpoint.to_string(),
-                    reason: error_chain(&e),
-                })?;
-        let active = self.stats.upstream_cx_active.clone();
-        active.inc();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %endpoint, "upstream HTTP/2 connection ended");
-            }
-            active.dec();
-        });
+        let (sender, conn) = builder
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(handshake_failed(endpoint))?;
+        self.drive(conn, endpoint);
         let c = H2Conn {
             id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
             sender,
@@ -470,6 +448,23 @@ impl ClusterRt {
         };
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    /// Runs a new upstream connection's I/O on this worker, counted in `upstream_cx_active` while
+    /// it lives.
+    fn drive(
+        &self,
+        conn: impl Future<Output = hyper::Result<()>> + Send + 'static,
+        endpoint: SocketAddr,
+    ) {
+        let active = self.stats.upstream_cx_active.clone();
+        active.inc();
+        tokio::spawn(Box::pin(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %endpoint, "upstream connection ended");
+            }
+            active.dec();
+        }));
     }
 
     /// The earlier of our SVID's and the peer's leaf expiry, for an mTLS stream.
@@ -670,6 +665,14 @@ pub enum StreamKind {
     H2,
     Http1,
     Tcp,
+}
+
+/// A failed HTTP handshake on a new connection to `endpoint`, as an error.
+fn handshake_failed(endpoint: SocketAddr) -> impl FnOnce(hyper::Error) -> ProxyError {
+    move |e| ProxyError::UpstreamConnect {
+        endpoint: endpoint.to_string(),
+        reason: error_chain(&e),
+    }
 }
 
 /// A copy of a request without a body: what is sent again when the peer refused the original.

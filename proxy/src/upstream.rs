@@ -24,9 +24,9 @@ use crate::stats::{EnvoyStats, Stat};
 /// One pooled HTTP/2 connection's place; the async mutex is held across a connect.
 type H2Slot = Arc<tokio::sync::Mutex<Option<H2Conn>>>;
 
-/// Keep-alive HTTP/1.1 connections by (worker slot, endpoint): busy and idle ones together, a
+/// One worker slot's keep-alive HTTP/1.1 connections by endpoint: busy and idle ones together, a
 /// request taking the newest one that is ready for another.
-type H1Pool = Mutex<HashMap<(usize, SocketAddr), Vec<H1Conn>, foldhash::fast::RandomState>>;
+type H1Pool = Mutex<HashMap<SocketAddr, Vec<H1Conn>, foldhash::fast::RandomState>>;
 
 /// What sending on an HTTP/1.1 connection comes back with: the response, or the request when the
 /// connection closed before it was written.
@@ -64,8 +64,9 @@ pub struct ClusterRt {
     /// Pooled HTTP/2 connections by (worker slot, endpoint): a worker's requests ride only on
     /// connections its own thread drives (`workers`).
     pool: Mutex<HashMap<(usize, SocketAddr), H2Slot>>,
-    /// Pooled HTTP/1.1 connections, by worker slot and endpoint for the same reason.
-    h1: H1Pool,
+    /// Pooled HTTP/1.1 connections, a pool per worker slot for the same reason (and so that
+    /// workers never share its lock).
+    h1: Box<[H1Pool]>,
     next: AtomicUsize,
     limits: Limits,
     pub stats: ClusterStats,
@@ -176,7 +177,9 @@ impl ClusterRt {
             creds: creds.clone(),
             tls,
             pool: Mutex::default(),
-            h1: Mutex::default(),
+            h1: (0..crate::workers::slots())
+                .map(|_| H1Pool::default())
+                .collect(),
             next: AtomicUsize::new(0),
             limits: limits.clone(),
             stats: cstats,
@@ -233,12 +236,11 @@ impl ClusterRt {
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         *req.uri_mut() = http::Uri::from(path);
-        let key = (crate::workers::slot(), endpoint);
         // A pooled connection that closed before the request was written hands it back (the
         // peer closed it as idle, or is draining): it is sent once more on a fresh connection.
         for attempt in 0..2 {
             let pooled = if attempt == 0 {
-                self.h1_send(key, req, None)
+                self.h1_send(endpoint, req, None)
             } else {
                 H1Dispatch::Unsent(req)
             };
@@ -247,7 +249,7 @@ impl ClusterRt {
                 H1Dispatch::Unsent(unsent) => {
                     let conn = self.h1_connect(endpoint).await?;
                     // A fresh connection always takes the request.
-                    match self.h1_send(key, unsent, Some(conn)) {
+                    match self.h1_send(endpoint, unsent, Some(conn)) {
                         H1Dispatch::Sent(sending, local, peer) => (sending, local, peer),
                         H1Dispatch::Unsent(_) => {
                             return Err(ProxyError::UpstreamReset(
@@ -285,12 +287,13 @@ impl ClusterRt {
     /// back when none is ready.
     fn h1_send(
         &self,
-        key: (usize, SocketAddr),
+        endpoint: SocketAddr,
         req: http::Request<Body>,
         fresh: Option<H1Conn>,
     ) -> H1Dispatch<impl Future<Output = H1Sent> + use<>> {
-        let mut pool = self.h1.lock().unwrap_or_else(|p| p.into_inner());
-        let conns = pool.entry(key).or_default();
+        let pool = &self.h1[crate::workers::slot().min(self.h1.len() - 1)];
+        let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = pool.entry(endpoint).or_default();
         if let Some(mut c) = fresh {
             let sent = H1Dispatch::Sent(c.sender.try_send_request(req), c.local, c.peer.clone());
             if conns.len() < H1_POOL_MAX {

@@ -57,7 +57,7 @@ enum Command {
         #[arg(long, default_value = "strict", value_parser = ["strict", "permissive"])]
         default_mtls: String,
         /// Istio's meshConfig.h2UpgradePolicy: `UPGRADE` carries every HTTP request between the
-        /// sidecars on one multiplexed HTTP/2 connection per peer; `DO_NOT_UPGRADE` (Istio's
+        /// sidecars on one multiplexed HTTP/2 connection per peer and worker; `DO_NOT_UPGRADE` (Istio's
         /// default) keeps HTTP/1.1 requests HTTP/1.1, on keep-alive connections.
         #[arg(long, default_value = "UPGRADE", value_parser = ["UPGRADE", "DO_NOT_UPGRADE"])]
         h2_upgrade_policy: String,

@@ -77,9 +77,9 @@ pub struct Mesh {
     /// configured otherwise).
     pub default_mtls: MtlsMode,
     /// Istio's meshConfig `h2UpgradePolicy`: `UPGRADE` (true, the default here) carries every
-    /// HTTP request between the sidecars on a multiplexed HTTP/2 connection; `DO_NOT_UPGRADE`
-    /// (Istio's default) only HTTP/2 and gRPC ports' and requests that arrived as HTTP/2, the
-    /// rest as HTTP/1.1 on keep-alive connections.
+    /// HTTP request between the sidecars on a multiplexed HTTP/2 connection; with
+    /// `DO_NOT_UPGRADE` (Istio's default) only HTTP2 and GRPC ports, and requests that arrived as
+    /// HTTP/2, use it, and other requests go as HTTP/1.1 on keep-alive connections.
     pub h2_upgrade: bool,
     /// Mesh-wide access logging (Istio's `accessLogFile` / `accessLogEncoding` /
     /// `accessLogFormat`); Telemetry resources override it per namespace or workload.

@@ -9,7 +9,8 @@ and, for eastguard, its control plane.
   keep-alive pools to the peer and to the upstream, 2 workers per side.
 - eastguard: configured by `eastguard control-plane` from Istio files (a ServiceEntry, two
   WorkloadEntries, one ALLOW AuthorizationPolicy for the client's SPIFFE ID), SVIDs from PEM files,
-  metrics on, access log off, `eastguard-sidecar` with its default workers (one per CPU). Between
+  metrics on, access log off, `eastguard-sidecar` as it ships (the `sidecar` profile: fat LTO)
+  with its default workers (one per CPU). Between
   the sidecars, the control plane's default (`--h2-upgrade-policy UPGRADE`): one multiplexed
   HTTP/2 connection per peer and worker.
 - eastguard-h1: the same with `--h2-upgrade-policy DO_NOT_UPGRADE` (Istio's default): HTTP/1.1
@@ -343,7 +344,8 @@ def main():
     ap.add_argument("--preload", default=None,
                     help="run eastguard-sidecar with LD_PRELOAD=LIB (an allocator: Debian's libjemalloc.so.2, libmimalloc.so.2)")
     ap.add_argument("--sidecar", type=Path, default=None,
-                    help="the eastguard-sidecar binary to run (default: target/release/eastguard-sidecar); "
+                    help="the eastguard-sidecar binary to run (default: target/sidecar/eastguard-sidecar, the shipped build: "
+                         "`cargo build --profile sidecar`, fat LTO); "
                          "PATH1,PATH2 alternates two builds as setups eastguard and eastguard2")
     ap.add_argument("--setups", default="direct,nginx,eastguard,eastguard-h1", help="which setups to run, comma-separated")
     ap.add_argument("--policies", type=int, default=1,
@@ -373,6 +375,7 @@ def main():
     oha_bin = ensure_tools()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-p", "eastguard", "-p", "eastguard-benches"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--profile", "sidecar", "--bin", "eastguard-sidecar"], cwd=ROOT, check=True)
     from pki import CA
 
     work = Path(tempfile.mkdtemp(prefix="eastguard-compare-"))
@@ -400,7 +403,7 @@ def main():
             wait_port(CLIENT_NS, "127.0.0.1", NGINX_CLIENT)
             return procs, f"http://127.0.0.1:{NGINX_CLIENT}/"
 
-        sidecars = [Path(p) for p in str(args.sidecar).split(",")] if args.sidecar else [release / "eastguard-sidecar"]
+        sidecars = [Path(p) for p in str(args.sidecar).split(",")] if args.sidecar else [ROOT / "target/sidecar/eastguard-sidecar"]
 
         def eastguard_pair(setup):
             """`eastguard`, `eastguard-h1` (HTTP/1.1 between the sidecars) or `eastguard2` (the

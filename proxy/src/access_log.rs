@@ -2,6 +2,7 @@
 //! (or TCP connection), written by the call's drop guard on a dedicated writer thread.
 
 use std::io::Write as _;
+use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
 use serde::{Deserialize, Serialize};
@@ -49,7 +50,8 @@ const QUEUE: usize = 16 * 1024;
 #[derive(Debug, Default, Serialize)]
 pub struct Record {
     pub start_time: String,
-    pub method: Option<String>,
+    /// Borrowed for the standard methods.
+    pub method: Option<std::borrow::Cow<'static, str>>,
     pub path: Option<String>,
     pub protocol: &'static str,
     pub response_code: u16,
@@ -66,21 +68,21 @@ pub struct Record {
     pub request_id: Option<String>,
     pub authority: Option<String>,
     pub upstream_host: Option<std::net::SocketAddr>,
-    pub upstream_cluster: Option<String>,
+    pub upstream_cluster: Option<Arc<str>>,
     /// Kept as addresses and formatted only when a log line, span or event is written.
     pub upstream_local_address: Option<std::net::SocketAddr>,
     pub downstream_remote_address: Option<std::net::SocketAddr>,
     pub downstream_local_address: Option<std::net::SocketAddr>,
-    pub downstream_peer_uri_san: Option<String>,
-    pub upstream_peer_uri_san: Option<String>,
-    pub requested_server_name: Option<String>,
-    pub route_name: Option<String>,
+    pub downstream_peer_uri_san: Option<Arc<str>>,
+    pub upstream_peer_uri_san: Option<Arc<str>>,
+    pub requested_server_name: Option<Arc<str>>,
+    pub route_name: Option<Arc<str>>,
     /// RBAC outcome (`allowed` / `denied`) and the deciding policy, when RBAC ran.
-    pub rbac_decision: Option<String>,
-    pub rbac_policy: Option<String>,
+    pub rbac_decision: Option<&'static str>,
+    pub rbac_policy: Option<Arc<str>>,
     /// What the dry-run (shadow) rules would have done, and by which policy.
-    pub rbac_shadow_decision: Option<String>,
-    pub rbac_shadow_policy: Option<String>,
+    pub rbac_shadow_decision: Option<&'static str>,
+    pub rbac_shadow_policy: Option<Arc<str>>,
 }
 
 /// Where records go.
@@ -239,8 +241,8 @@ fn writer(path: &std::path::Path) -> std::io::Result<SyncSender<String>> {
 
 // === impl Record ===
 
-fn dash(v: &Option<String>) -> &str {
-    v.as_deref().unwrap_or("-")
+fn dash<S: AsRef<str>>(v: &Option<S>) -> &str {
+    v.as_ref().map_or("-", AsRef::as_ref)
 }
 
 impl Record {

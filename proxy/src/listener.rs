@@ -290,7 +290,7 @@ struct ListenerStats {
 struct Peer {
     id: Option<Arc<str>>,
     cert_hash: Option<String>,
-    sni: Option<String>,
+    sni: Option<Arc<str>>,
 }
 
 /// The two drain signals a connection watches (drain started, and listeners stopped), and its
@@ -515,7 +515,7 @@ impl ListenerRt {
             }
         };
         let (_, session) = tls.get_ref();
-        let sni = session.server_name().map(str::to_owned);
+        let sni: Option<Arc<str>> = session.server_name().map(Into::into);
         let alpn = session
             .alpn_protocol()
             .map(|p| String::from_utf8_lossy(p).into_owned());

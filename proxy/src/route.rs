@@ -37,28 +37,36 @@ pub struct HttpStats {
 }
 
 struct VirtualHostRt {
-    name: String,
     domains: Vec<String>,
     routes: Vec<RouteRt>,
 }
 
 struct RouteRt {
     route: Route,
+    /// `%ROUTE_NAME%`: the route's name, or its virtual host's when it has none; shared with
+    /// each request's log record.
+    name: Arc<str>,
     regex: Option<regex::Regex>,
     /// Weighted picks so far (a deterministic spread by weight).
     picks: std::sync::atomic::AtomicU64,
 }
 
 impl RouteRt {
-    fn new(route: &Route) -> Result<Self, crate::config::ChainError> {
+    fn new(route: &Route, virtual_host: &str) -> Result<Self, crate::config::ChainError> {
         let regex = route
             .match_
             .safe_regex
             .as_deref()
             .map(crate::config::compile_path_regex)
             .transpose()?;
+        let name = if route.name.is_empty() {
+            virtual_host
+        } else {
+            &route.name
+        };
         Ok(Self {
             route: route.clone(),
+            name: name.into(),
             regex,
             picks: std::sync::atomic::AtomicU64::new(0),
         })
@@ -110,7 +118,7 @@ impl RouteRt {
 
 /// The route a request takes.
 pub struct Selected<'a> {
-    pub route_name: &'a str,
+    pub route_name: &'a Arc<str>,
     pub cluster: &'a str,
     pub timeout: Duration,
 }
@@ -154,12 +162,11 @@ impl HttpChain {
                 .iter()
                 .map(|vh| {
                     Ok(VirtualHostRt {
-                        name: vh.name.clone(),
                         domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
                         routes: vh
                             .routes
                             .iter()
-                            .map(RouteRt::new)
+                            .map(|r| RouteRt::new(r, &vh.name))
                             .collect::<Result<_, crate::config::ChainError>>()?,
                     })
                 })
@@ -208,11 +215,7 @@ impl HttpChain {
         })?;
         let route = &rt.route;
         Some(Selected {
-            route_name: if route.name.is_empty() {
-                &vh.name
-            } else {
-                &route.name
-            },
+            route_name: &rt.name,
             cluster: rt.cluster(),
             timeout: route.route.timeout,
         })

@@ -52,23 +52,23 @@ pub async fn proxy<D>(
     r.protocol = "tcp";
     r.downstream_remote_address = Some(ctx.remote);
     r.downstream_local_address = Some(ctx.local);
-    r.downstream_peer_uri_san = ctx.peer_id.as_deref().map(Into::into);
+    r.downstream_peer_uri_san = ctx.peer_id.clone();
     r.requested_server_name = ctx.sni.clone();
-    r.upstream_cluster = Some(cluster.config.name.clone());
+    r.upstream_cluster = Some(cluster.name.clone());
     guard.destination_service = cluster.config.metadata.service.as_deref().map(Into::into);
     guard.tcp_opened();
     if let Some(engine) = rbac {
         let decision = decide(engine, ctx, cluster);
-        guard.record.rbac_policy = decision.policy.as_deref().map(Into::into);
+        guard.record.rbac_policy = decision.policy.clone();
         if !decision.allowed {
             // Envoy's network RBAC: a denied connection is closed, nothing reaches the upstream.
             tracing::debug!(policy = ?decision.policy, "TCP connection denied by RBAC");
             guard.record.response_flags = "RBAC";
-            guard.record.rbac_decision = Some("denied".into());
+            guard.record.rbac_decision = Some("denied");
             guard.completed = true;
             return;
         }
-        guard.record.rbac_decision = Some("allowed".into());
+        guard.record.rbac_decision = Some("allowed");
     }
     let (up, endpoint, peer) = match cluster.open_tcp().await {
         Ok(c) => c,
@@ -81,7 +81,7 @@ pub async fn proxy<D>(
     };
     guard.record.upstream_host = Some(endpoint);
     guard.record.upstream_local_address = up.local_addr();
-    guard.record.upstream_peer_uri_san = peer.as_deref().map(Into::into);
+    guard.record.upstream_peer_uri_san = peer.clone();
     if ctx.reporter == Reporter::Source {
         let p = std::mem::take(&mut guard.peer);
         guard.peer = p.with_principal(peer);
@@ -124,8 +124,8 @@ pub async fn proxy<D>(
                 if let Err(policy) = verdict {
                     tracing::info!(?policy, "live TCP connection closed: the new configuration no longer admits it");
                     guard.record.response_flags = "RBAC";
-                    guard.record.rbac_decision = Some("denied".into());
-                    guard.record.rbac_policy = policy.as_deref().map(Into::into);
+                    guard.record.rbac_decision = Some("denied");
+                    guard.record.rbac_policy = policy;
                     break;
                 }
             }

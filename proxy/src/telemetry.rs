@@ -547,7 +547,7 @@ impl Drop for CallGuard {
                 log.write(&self.record);
             }
         }
-        if self.record.rbac_decision.as_deref() == Some("denied") {
+        if self.record.rbac_decision == Some("denied") {
             let audit = &self.telemetry.audit;
             if self.tcp {
                 if let (Some(remote), Some(local)) = (
@@ -597,7 +597,7 @@ impl CallGuard {
             path,
             status: self.record.response_code,
             caller: self.record.downstream_peer_uri_san.as_deref(),
-            allowed: self.record.rbac_decision.as_deref() != Some("denied"),
+            allowed: self.record.rbac_decision != Some("denied"),
             request_bytes: self.record.bytes_received,
             response_bytes: self.record.bytes_sent,
             latency: self.started.elapsed(),
@@ -611,7 +611,7 @@ impl CallGuard {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .observe(&call, SystemTime::now());
         if let Some(drift) = &self.telemetry.drift
-            && self.record.rbac_decision.as_deref() != Some("denied")
+            && self.record.rbac_decision != Some("denied")
             && drift.mode != crate::drift::DriftMode::Enforce
         {
             self.drift_after_call(drift, &call, path);

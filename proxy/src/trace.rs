@@ -305,7 +305,7 @@ impl Tracer {
         };
         put("source.principal", source);
         put("destination.principal", destination);
-        put("eastguard.rbac.decision", r.rbac_decision.as_deref());
+        put("eastguard.rbac.decision", r.rbac_decision);
         put("eastguard.rbac.policy", r.rbac_policy.as_deref());
         put("upstream_cluster", r.upstream_cluster.as_deref());
         put(

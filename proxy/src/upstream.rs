@@ -24,9 +24,18 @@ use crate::stats::{EnvoyStats, Stat};
 /// One pooled HTTP/2 connection's place; the async mutex is held across a connect.
 type H2Slot = Arc<tokio::sync::Mutex<Option<H2Conn>>>;
 
-/// One worker slot's keep-alive HTTP/1.1 connections by endpoint: busy and idle ones together, a
-/// request taking the newest one that is ready for another.
-type H1Pool = Mutex<HashMap<SocketAddr, Vec<H1Conn>, foldhash::fast::RandomState>>;
+/// One worker slot's keep-alive HTTP/1.1 connections by endpoint.
+type H1Pool = Mutex<HashMap<SocketAddr, H1Conns, foldhash::fast::RandomState>>;
+
+/// An endpoint's keep-alive HTTP/1.1 connections, busy and idle ones together: a request takes
+/// the newest one that is ready for another.
+#[derive(Default)]
+struct H1Conns {
+    conns: Vec<H1Conn>,
+    /// When closed, expired and idle connections were last dropped; that is done at most once
+    /// per [`H1_SWEEP`], not on every request.
+    swept: Option<Instant>,
+}
 
 /// What sending on an HTTP/1.1 connection comes back with: the response, or the request when the
 /// connection closed before it was written.
@@ -48,6 +57,8 @@ enum H1Dispatch<F> {
 const H1_POOL_MAX: usize = 1024;
 /// An HTTP/1.1 connection unused this long is closed when its endpoint is next used.
 const H1_IDLE: Duration = Duration::from_secs(60);
+/// How often an endpoint's HTTP/1.1 connections are swept for closed, expired and idle ones.
+const H1_SWEEP: Duration = Duration::from_secs(1);
 
 /// ALPN offered to peer sidecars for multiplexed HTTP.
 const ALPN_H2: &[&[u8]] = &[b"h2"];
@@ -59,6 +70,8 @@ const ALPN_TCP: &[&[u8]] = &[b"istio"];
 /// A cluster ready to send to: its config, TLS settings, pool and stats.
 pub struct ClusterRt {
     pub config: Cluster,
+    /// The cluster's name, shared with each request's log record (`%UPSTREAM_CLUSTER%`).
+    pub name: Arc<str>,
     creds: CredentialsRx,
     tls: Option<PeerTls>,
     /// Pooled HTTP/2 connections by (worker slot, endpoint): a worker's requests ride only on
@@ -173,6 +186,7 @@ impl ClusterRt {
             upstream_rq_retry: s("upstream_rq_retry"),
         };
         Ok(Self {
+            name: config.name.as_str().into(),
             config,
             creds: creds.clone(),
             tls,
@@ -247,7 +261,7 @@ impl ClusterRt {
             let (sending, local, peer) = match pooled {
                 H1Dispatch::Sent(sending, local, peer) => (sending, local, peer),
                 H1Dispatch::Unsent(unsent) => {
-                    let conn = self.h1_connect(endpoint).await?;
+                    let conn = Box::pin(self.h1_connect(endpoint)).await?;
                     // A fresh connection always takes the request.
                     match self.h1_send(endpoint, unsent, Some(conn)) {
                         H1Dispatch::Sent(sending, local, peer) => (sending, local, peer),
@@ -283,8 +297,8 @@ impl ClusterRt {
     }
 
     /// Sends `req` on `fresh`, kept in the pool unless it is full, or else on the newest pooled
-    /// connection ready for it, dropping closed, expired and idle ones on the way; hands `req`
-    /// back when none is ready.
+    /// connection ready for it whose identity has not expired (closed, expired and idle ones are
+    /// dropped once per [`H1_SWEEP`]); hands `req` back when none is ready.
     fn h1_send(
         &self,
         endpoint: SocketAddr,
@@ -293,21 +307,32 @@ impl ClusterRt {
     ) -> H1Dispatch<impl Future<Output = H1Sent> + use<>> {
         let pool = &self.h1[crate::workers::slot().min(self.h1.len() - 1)];
         let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
-        let conns = pool.entry(endpoint).or_default();
+        let pooled = pool.entry(endpoint).or_default();
         if let Some(mut c) = fresh {
             let sent = H1Dispatch::Sent(c.sender.try_send_request(req), c.local, c.peer.clone());
-            if conns.len() < H1_POOL_MAX {
-                conns.push(c);
+            if pooled.conns.len() < H1_POOL_MAX {
+                pooled.conns.push(c);
             }
             return sent;
         }
         let (now, wall) = (Instant::now(), UnixTime::now());
-        conns.retain(|c| {
-            !c.sender.is_closed()
-                && c.expires.is_none_or(|t| wall < t)
-                && now.duration_since(c.last_used) < H1_IDLE
-        });
-        let Some(c) = conns.iter_mut().rev().find(|c| c.sender.is_ready()) else {
+        let live = |c: &H1Conn| c.expires.is_none_or(|t| wall < t);
+        if pooled
+            .swept
+            .is_none_or(|t| now.duration_since(t) >= H1_SWEEP)
+        {
+            pooled.swept = Some(now);
+            pooled.conns.retain(|c| {
+                !c.sender.is_closed() && live(c) && now.duration_since(c.last_used) < H1_IDLE
+            });
+        }
+        // Between sweeps the one taken is checked: no request rides on an expired identity.
+        let Some(c) = pooled
+            .conns
+            .iter_mut()
+            .rev()
+            .find(|c| c.sender.is_ready() && live(c))
+        else {
             return H1Dispatch::Unsent(req);
         };
         c.last_used = now;
@@ -425,6 +450,15 @@ impl ClusterRt {
                 "replacing pooled upstream connection"
             );
         }
+        // Boxed, as every connect here: it is rare, and its future is large; inline, every
+        // request's future would carry it, and be copied with it.
+        let c = Box::pin(self.h2_open(endpoint)).await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// A new HTTP/2 connection to `endpoint`, driven on this worker.
+    async fn h2_open(&self, endpoint: SocketAddr) -> Result<H2Conn, ProxyError> {
         let (io, peer) = self.connect(endpoint, StreamKind::H2).await?;
         let expires = self.identity_expiry(&io);
         let local = io.local_addr();
@@ -442,15 +476,13 @@ impl ClusterRt {
             .await
             .map_err(handshake_failed(endpoint))?;
         self.drive(conn, endpoint);
-        let c = H2Conn {
+        Ok(H2Conn {
             id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
             sender,
             local,
             peer,
             expires,
-        };
-        *slot = Some(c.clone());
-        Ok(c)
+        })
     }
 
     /// Runs a new upstream connection's I/O on this worker, counted in `upstream_cx_active` while

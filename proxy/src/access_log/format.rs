@@ -186,8 +186,9 @@ impl Template {
     }
 }
 
-fn opt(v: &Option<String>) -> Value {
-    v.as_ref().map_or(Value::Null, |s| Value::String(s.clone()))
+fn opt<S: AsRef<str>>(v: &Option<S>) -> Value {
+    v.as_ref()
+        .map_or(Value::Null, |s| Value::String(s.as_ref().to_owned()))
 }
 
 fn value(op: Op, r: &Record) -> Value {
@@ -228,7 +229,9 @@ fn addr_text(a: Option<std::net::SocketAddr>) -> String {
 }
 
 fn text(op: Op, r: &Record) -> String {
-    let s = |v: &Option<String>| dash(v).to_owned();
+    fn s<S: AsRef<str>>(v: &Option<S>) -> String {
+        dash(v).to_owned()
+    }
     match op {
         Op::StartTime => r.start_time.clone(),
         Op::Method => s(&r.method),

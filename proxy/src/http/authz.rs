@@ -70,10 +70,10 @@ pub(super) fn authorize(
         };
         stat.inc();
         guard.record.rbac_shadow_decision =
-            Some(if *shadow_allowed { "allowed" } else { "denied" }.into());
-        guard.record.rbac_shadow_policy = shadow_policy.as_deref().map(Into::into);
+            Some(if *shadow_allowed { "allowed" } else { "denied" });
+        guard.record.rbac_shadow_policy = shadow_policy.clone();
     }
-    guard.record.rbac_policy = decision.policy.as_deref().map(Into::into);
+    guard.record.rbac_policy = decision.policy.clone();
     if let Some(hook) = hook {
         hook(&crate::AuthzEvent {
             allowed: decision.allowed,
@@ -90,11 +90,11 @@ pub(super) fn authorize(
     }
     if decision.allowed {
         chain.stats.rbac_allowed.inc();
-        guard.record.rbac_decision = Some("allowed".into());
+        guard.record.rbac_decision = Some("allowed");
         return Ok(());
     }
     chain.stats.rbac_denied.inc();
-    guard.record.rbac_decision = Some("denied".into());
+    guard.record.rbac_decision = Some("denied");
     Err(ProxyError::RbacDenied {
         policy: decision.policy.as_deref().map(Into::into),
     })
@@ -130,7 +130,7 @@ pub(crate) struct PolicyView {
     remote: std::net::IpAddr,
     local: std::net::IpAddr,
     destination_port: u16,
-    sni: Option<String>,
+    sni: Option<std::sync::Arc<str>>,
 }
 
 impl PolicyView {

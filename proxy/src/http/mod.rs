@@ -40,7 +40,7 @@ pub struct ConnCtx {
     pub peer_id: Option<Arc<str>>,
     /// SHA-256 of the peer's leaf certificate, hex, for XFCC `Hash=`.
     pub peer_cert_hash: Option<String>,
-    pub sni: Option<String>,
+    pub sni: Option<Arc<str>>,
     /// This proxy's own SPIFFE ID (XFCC `By=`), and workload (for peers' metrics).
     pub local_id: Arc<str>,
     pub local_workload: Option<HeaderValue>,
@@ -226,7 +226,7 @@ async fn forward(
         let service = guard.service_name();
         let method = req.method().as_str();
         if !drift.known(caller, service, method, &normalized.path) {
-            guard.record.rbac_decision = Some("denied".into());
+            guard.record.rbac_decision = Some("denied");
             guard.record.rbac_policy = Some("authorization-drift".into());
             return Err(ProxyError::Drift {
                 caller: caller.to_owned(),
@@ -238,7 +238,7 @@ async fn forward(
         authority: authority.clone(),
         path: normalized.path.clone(),
     })?;
-    guard.record.route_name = Some(selected.route_name.to_owned());
+    guard.record.route_name = Some(selected.route_name.clone());
     let cluster = routed
         .ok_or_else(|| ProxyError::NoCluster {
             cluster: selected.cluster.to_owned(),
@@ -252,7 +252,7 @@ async fn forward(
         });
     }
     let timeout = selected.timeout;
-    guard.record.upstream_cluster = Some(cluster.config.name.clone());
+    guard.record.upstream_cluster = Some(cluster.name.clone());
     guard.destination_service = cluster.config.metadata.service.as_deref().map(Into::into);
     if ctx.reporter == Reporter::Source {
         guard.peer = Peer::from_metadata(&cluster.config.metadata);
@@ -301,7 +301,8 @@ async fn forward(
             recheck: cx.recheck.clone(),
             view,
         };
-        return upgrade::forward(req, proto, &cluster, guard, tunnel).await;
+        // Boxed: rare, and large enough to double every request's future.
+        return Box::pin(upgrade::forward(req, proto, &cluster, guard, tunnel)).await;
     }
     let started = tokio::time::Instant::now();
     let send = cluster.send(req, guard.grpc);
@@ -320,7 +321,7 @@ async fn forward(
     guard.record.upstream_host = Some(sent.endpoint);
     guard.record.upstream_local_address = sent.local;
     if ctx.reporter == Reporter::Source {
-        guard.record.upstream_peer_uri_san = sent.peer.as_deref().map(Into::into);
+        guard.record.upstream_peer_uri_san = sent.peer.clone();
         let peer = std::mem::take(&mut guard.peer);
         guard.peer = peer.with_principal(sent.peer.clone());
     }
@@ -368,10 +369,22 @@ fn absolute_uri(authority: &str, path_and_query: String) -> Option<http::Uri> {
     http::Uri::from_parts(parts).ok()
 }
 
+/// A method's name, borrowed for the standard ones (nothing allocated per request).
+fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
+    const KNOWN: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT",
+    ];
+    let name = m.as_str();
+    KNOWN.iter().find(|k| **k == name).map_or_else(
+        || std::borrow::Cow::Owned(name.to_owned()),
+        |k| std::borrow::Cow::Borrowed(*k),
+    )
+}
+
 fn describe_request(guard: &mut CallGuard, ctx: &ConnCtx, req: &Request<Incoming>) {
     let h = req.headers();
     let r = &mut guard.record;
-    r.method = Some(req.method().as_str().to_owned());
+    r.method = Some(method_name(req.method()));
     r.path = Some(
         req.uri()
             .path_and_query()
@@ -385,7 +398,7 @@ fn describe_request(guard: &mut CallGuard, ctx: &ConnCtx, req: &Request<Incoming
     r.request_id = header_str(h, &REQUEST_ID).map(Into::into);
     r.downstream_remote_address = Some(ctx.remote);
     r.downstream_local_address = Some(ctx.local);
-    r.downstream_peer_uri_san = ctx.peer_id.as_deref().map(Into::into);
+    r.downstream_peer_uri_san = ctx.peer_id.clone();
     r.requested_server_name = ctx.sni.clone();
     guard.mtls = ctx.peer_id.is_some();
     guard.grpc = h

@@ -53,7 +53,7 @@ pub async fn forward(
     let mut sent = cluster.send_upgrade(req).await?;
     guard.record.upstream_host = Some(sent.endpoint);
     guard.record.upstream_local_address = sent.local;
-    guard.record.upstream_peer_uri_san = sent.peer.as_deref().map(Into::into);
+    guard.record.upstream_peer_uri_san = sent.peer.clone();
     let status = sent.response.status();
     if status != http::StatusCode::SWITCHING_PROTOCOLS {
         // Refused upgrade: an ordinary response.

@@ -556,8 +556,8 @@ impl ListenerRt {
             &drain,
         );
         tracing::trace!(chain = %chain.name, "inbound connection");
-        let h2 = matches!(alpn.as_deref(), Some("h2" | "istio-h2"));
-        self.serve_chain(tls, ctx, chain, drain, h2).await;
+        self.serve_chain(tls, ctx, chain, drain, Wire::of_alpn(alpn.as_deref()))
+            .await;
     }
 
     /// Plaintext on an inbound listener: only a `raw_buffer` chain (Istio PERMISSIVE / DISABLE)
@@ -594,7 +594,7 @@ impl ListenerRt {
             Peer::default(),
             &drain,
         );
-        self.serve_chain(tcp, ctx, chain, drain, false).await;
+        self.serve_chain(tcp, ctx, chain, drain, Wire::Detect).await;
     }
 
     async fn serve_outbound(
@@ -654,8 +654,12 @@ impl ListenerRt {
             Peer::default(),
             &drain,
         );
-        self.serve_chain(tcp, ctx, chain, drain, sniffed == Sniffed::H2c)
-            .await;
+        let wire = match sniffed {
+            Sniffed::H2c => Wire::H2,
+            Sniffed::Http1 => Wire::Http1,
+            Sniffed::Tcp => Wire::Detect,
+        };
+        self.serve_chain(tcp, ctx, chain, drain, wire).await;
     }
 
     fn conn_ctx(
@@ -696,13 +700,13 @@ impl ListenerRt {
         ctx: Arc<ConnCtx>,
         chain: &ChainRt,
         drain: Draining,
-        h2: bool,
+        wire: Wire,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         match &chain.kind {
             ChainKind::Http(_) => {
-                self.serve_http(io, ctx, chain.name.clone(), drain, h2)
+                self.serve_http(io, ctx, chain.name.clone(), drain, wire)
                     .await
             }
             ChainKind::Tcp { cluster, rbac } => {
@@ -744,7 +748,7 @@ impl ListenerRt {
         ctx: Arc<ConnCtx>,
         chain_name: String,
         drain: Draining,
-        h2: bool,
+        wire: Wire,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -754,7 +758,8 @@ impl ListenerRt {
             slot: _,
         } = drain;
         let draining_at_accept = drain.is_draining();
-        let builder = server_builder(&self.shared.limits, draining_at_accept);
+        let h2 = wire == Wire::H2;
+        let limits = &self.shared.limits;
         let shared = self.shared.clone();
         let chains = self.chains.clone();
         let telemetry = self.shared.telemetry.clone();
@@ -785,14 +790,18 @@ impl ListenerRt {
                 req,
             ))
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
+        let io = TokioIo::new(io);
+        // One body for the three kinds of connection below.
+        macro_rules! serve {
+            ($conn:expr) => {{
+                let conn = $conn;
+                tokio::pin!(conn);
+                let result: Result<(), BoxError> = tokio::select! {
+            r = conn.as_mut() => r.map_err(Into::into),
             () = activity.idle(idle_timeout) => {
                 tracing::debug!(timeout = ?idle_timeout, "closing idle connection");
                 conn.as_mut().graceful_shutdown();
-                conn.await
+                conn.await.map_err(Into::into)
             }
             () = resets.tripped() => {
                 // GOAWAY, and a short wait for streams in flight; the client gets no more.
@@ -802,6 +811,7 @@ impl ListenerRt {
                 tokio::time::timeout(PREMATURE_RESET_CLOSE, conn)
                     .await
                     .unwrap_or(Ok(()))
+                    .map_err(Into::into)
             }
             _ = async {
                 if h2 {
@@ -815,7 +825,25 @@ impl ListenerRt {
             } => {
                 // HTTP/2: GOAWAY; HTTP/1.1: `Connection: close` on the response in flight.
                 conn.as_mut().graceful_shutdown();
-                conn.await
+                conn.await.map_err(Into::into)
+            }
+                };
+                result
+            }};
+        }
+        // A protocol known from ALPN or the sniffed first bytes is served as it is; hyper-util's
+        // detection would read the first bytes once more and hand them back through a wrapper,
+        // and HTTP/1.1 would then grow its read buffer to 16 KiB on every connection.
+        let result = match wire {
+            Wire::Http1 => serve!(
+                http1_server(limits, draining_at_accept)
+                    .serve_connection(io, svc)
+                    .with_upgrades()
+            ),
+            Wire::H2 => serve!(http2_server(limits).serve_connection(io, svc)),
+            Wire::Detect => {
+                let builder = server_builder(limits, draining_at_accept);
+                serve!(builder.serve_connection_with_upgrades(io, svc))
             }
         };
         if let Err(e) = result {
@@ -829,24 +857,70 @@ impl ListenerRt {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a downstream HTTP connection is to be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wire {
+    Http1,
+    H2,
+    /// Unknown (plaintext inbound, TLS without ALPN): told apart by the HTTP/2 preface.
+    Detect,
+}
+
+impl Wire {
+    /// As Envoy's codec `AUTO` does with TLS: the protocol ALPN settled on is the one spoken.
+    fn of_alpn(alpn: Option<&str>) -> Self {
+        match alpn {
+            Some("h2" | "istio-h2") => Self::H2,
+            Some("http/1.1" | "http/1.0" | "istio-http/1.1" | "istio-http/1.0") => Self::Http1,
+            _ => Self::Detect,
+        }
+    }
+}
+
+// The same settings for a connection of known protocol (hyper's builders) and one detected
+// (hyper-util's, whose per-protocol builders take the same calls).
+macro_rules! http1_settings {
+    ($b:expr, $limits:expr, $draining:expr) => {
+        $b.timer(TokioTimer::new())
+            .header_read_timeout($limits.header_read_timeout)
+            .max_buf_size(($limits.max_request_headers_kb as usize * 1024).max(8192))
+            .max_headers($limits.max_headers_count)
+            .keep_alive(!$draining)
+    };
+}
+
+macro_rules! http2_settings {
+    ($b:expr, $limits:expr) => {
+        $b.timer(TokioTimer::new())
+            .max_concurrent_streams($limits.max_concurrent_streams)
+            .initial_stream_window_size($limits.initial_stream_window_size)
+            .initial_connection_window_size($limits.initial_connection_window_size)
+            .max_header_list_size($limits.max_request_headers_kb * 1024)
+            .max_pending_accept_reset_streams($limits.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams($limits.max_local_error_reset_streams)
+            .keep_alive_interval(Some(Duration::from_secs(60)))
+            .keep_alive_timeout(Duration::from_secs(20))
+    };
+}
+
+fn http1_server(limits: &Limits, draining: bool) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    http1_settings!(b, limits, draining);
+    b
+}
+
+fn http2_server(limits: &Limits) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2_settings!(b, limits);
+    b
+}
+
 fn server_builder(limits: &Limits, draining: bool) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size((limits.max_request_headers_kb as usize * 1024).max(8192))
-        .max_headers(limits.max_headers_count)
-        .keep_alive(!draining);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .initial_stream_window_size(limits.initial_stream_window_size)
-        .initial_connection_window_size(limits.initial_connection_window_size)
-        .max_header_list_size(limits.max_request_headers_kb * 1024)
-        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(limits.max_local_error_reset_streams)
-        .keep_alive_interval(Some(Duration::from_secs(60)))
-        .keep_alive_timeout(Duration::from_secs(20));
+    http1_settings!(b.http1(), limits, draining);
+    http2_settings!(b.http2(), limits);
     b
 }
 

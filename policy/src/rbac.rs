@@ -87,15 +87,17 @@ pub enum Permission {
     AndRules(PermissionSet),
     OrRules(PermissionSet),
     Any(bool),
-    Header(HeaderMatcher),
-    UrlPath(PathMatcher),
+    // The larger matchers are boxed: a rule is mostly small variants (the sets, ports), and an
+    // unboxed matcher would size every one of them at ~340 bytes, kept for each policy.
+    Header(Box<HeaderMatcher>),
+    UrlPath(Box<PathMatcher>),
     DestinationIp(CidrRange),
     DestinationPort(u32),
     DestinationPortRange(Int32Range),
-    Metadata(MetadataMatcher),
+    Metadata(Box<MetadataMatcher>),
     NotRule(Box<Permission>),
-    RequestedServerName(StringMatcher),
-    UriTemplate(TypedExtensionConfig),
+    RequestedServerName(Box<StringMatcher>),
+    UriTemplate(Box<TypedExtensionConfig>),
 }
 
 /// `envoy.config.rbac.v3.Principal` (who is asking).
@@ -105,15 +107,16 @@ pub enum Principal {
     AndIds(PrincipalSet),
     OrIds(PrincipalSet),
     Any(bool),
-    Authenticated(Authenticated),
+    // Boxed as in `Permission`.
+    Authenticated(Box<Authenticated>),
     SourceIp(CidrRange),
     DirectRemoteIp(CidrRange),
     RemoteIp(CidrRange),
-    Header(HeaderMatcher),
-    UrlPath(PathMatcher),
-    Metadata(MetadataMatcher),
+    Header(Box<HeaderMatcher>),
+    UrlPath(Box<PathMatcher>),
+    Metadata(Box<MetadataMatcher>),
     /// Istio writes the peer's principal as filter state `io.istio.peer_principal`.
-    FilterState(FilterStateMatcher),
+    FilterState(Box<FilterStateMatcher>),
     NotId(Box<Principal>),
 }
 

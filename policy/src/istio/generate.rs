@@ -357,7 +357,7 @@ fn entry_permissions(e: &Entry) -> Result<Vec<Permission>, Untranslatable> {
             continue;
         }
         let item = match &e.key {
-            Key::EnvoyFilter { filter, path } => Permission::Metadata(MetadataMatcher {
+            Key::EnvoyFilter { filter, path } => Permission::Metadata(Box::new(MetadataMatcher {
                 filter: filter.clone(),
                 path: path
                     .iter()
@@ -370,7 +370,7 @@ fn entry_permissions(e: &Entry) -> Result<Vec<Permission>, Untranslatable> {
                         .collect(),
                 ),
                 invert: false,
-            }),
+            })),
             key => Permission::OrRules(PermissionSet {
                 rules: values
                     .iter()
@@ -398,13 +398,13 @@ fn permission(key: &Key, v: &str) -> Result<Permission, Untranslatable> {
                 .into(),
         ),
         Key::DestIp => Permission::DestinationIp(cidr(v)?),
-        Key::Sni => Permission::RequestedServerName(wildcard(v, "", false)),
+        Key::Sni => Permission::RequestedServerName(Box::new(wildcard(v, "", false))),
         other => return Err(Untranslatable::NotAPermission(format!("{other:?}"))),
     })
 }
 
 fn header_matcher(name: &str, v: &str, ignore_case: bool) -> Permission {
-    Permission::Header(header(name, v, ignore_case))
+    Permission::Header(Box::new(header(name, v, ignore_case)))
 }
 
 fn header(name: &str, v: &str, ignore_case: bool) -> HeaderMatcher {
@@ -436,17 +436,17 @@ fn path_permission(v: &str) -> Result<Permission, Untranslatable> {
                 why,
             }
         })?;
-        return Ok(Permission::UriTemplate(TypedExtensionConfig {
+        return Ok(Permission::UriTemplate(Box::new(TypedExtensionConfig {
             name: "uri-template".into(),
             typed_config: UriTemplateConfig {
                 type_url: URI_TEMPLATE_TYPE.into(),
                 path_template,
             },
-        }));
+        })));
     }
-    Ok(Permission::UrlPath(PathMatcher {
+    Ok(Permission::UrlPath(Box::new(PathMatcher {
         path: wildcard(v, "", false),
-    }))
+    })))
 }
 
 /// Istio's value forms: `*` any non-empty, `x*` prefix, `*x` suffix, else exact; all after `prefix`.
@@ -561,9 +561,9 @@ fn entry_principals(
 }
 
 fn authenticated(m: StringMatcher) -> Principal {
-    Principal::Authenticated(Authenticated {
+    Principal::Authenticated(Box::new(Authenticated {
         principal_name: Some(m),
-    })
+    }))
 }
 
 fn principal(key: &Key, v: &str, p: &AuthorizationPolicy) -> Result<Principal, Untranslatable> {
@@ -592,7 +592,7 @@ fn principal(key: &Key, v: &str, p: &AuthorizationPolicy) -> Result<Principal, U
         Key::RequestPrincipal => request_principal(v),
         Key::RemoteIp => Principal::RemoteIp(cidr(v)?),
         Key::SourceIp => Principal::DirectRemoteIp(cidr(v)?),
-        Key::Header(name) => Principal::Header(header(name, v, false)),
+        Key::Header(name) => Principal::Header(Box::new(header(name, v, false))),
         other => return Err(Untranslatable::NotAPrincipal(format!("{other:?}"))),
     })
 }
@@ -612,7 +612,7 @@ fn namespace_regex(v: &str) -> String {
 }
 
 fn jwt(claim: &str, m: StringMatcher) -> Principal {
-    Principal::Metadata(MetadataMatcher {
+    Principal::Metadata(Box::new(MetadataMatcher {
         filter: JWT_FILTER.into(),
         path: vec![
             PathSegment {
@@ -622,7 +622,7 @@ fn jwt(claim: &str, m: StringMatcher) -> Principal {
         ],
         value: ValueMatcher::StringMatch(m),
         invert: false,
-    })
+    }))
 }
 
 /// `iss/sub` (split at the last '/'), with Istio's wildcards.
@@ -690,7 +690,7 @@ fn claim(path: &[String], values: &[String]) -> Principal {
         key: "payload".into(),
     }];
     segments.extend(path.iter().map(|k| PathSegment { key: k.clone() }));
-    Principal::Metadata(MetadataMatcher {
+    Principal::Metadata(Box::new(MetadataMatcher {
         filter: JWT_FILTER.into(),
         path: segments,
         value: ValueMatcher::OrMatch(OrMatcher {
@@ -702,7 +702,7 @@ fn claim(path: &[String], values: &[String]) -> Principal {
             ],
         }),
         invert: false,
-    })
+    }))
 }
 
 /// istiod's trust-domain alias expansion for principals `td/ns/x/sa/y`.

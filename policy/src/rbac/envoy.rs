@@ -171,23 +171,26 @@ fn permission(p: &pb::Permission, at: &str) -> Result<Permission, Unsupported> {
             rules: indexed(&s.rules, &format!("{at}.or_rules.rules"), permission)?,
         }),
         Rule::Any(b) => Permission::Any(*b),
-        Rule::Header(h) => Permission::Header(header(h, &format!("{at}.header"))?),
-        Rule::UrlPath(p) => Permission::UrlPath(path(p, &format!("{at}.url_path"))?),
+        Rule::Header(h) => Permission::Header(Box::new(header(h, &format!("{at}.header"))?)),
+        Rule::UrlPath(p) => Permission::UrlPath(Box::new(path(p, &format!("{at}.url_path"))?)),
         Rule::DestinationIp(c) => Permission::DestinationIp(cidr(c)),
         Rule::DestinationPort(p) => Permission::DestinationPort(*p),
         Rule::DestinationPortRange(r) => Permission::DestinationPortRange(Int32Range {
             start: i64::from(r.start),
             end: i64::from(r.end),
         }),
-        Rule::Metadata(md) => Permission::Metadata(metadata(md, &format!("{at}.metadata"))?),
+        Rule::Metadata(md) => {
+            Permission::Metadata(Box::new(metadata(md, &format!("{at}.metadata"))?))
+        }
         Rule::NotRule(p) => {
             Permission::NotRule(Box::new(permission(p, &format!("{at}.not_rule"))?))
         }
-        Rule::RequestedServerName(s) => {
-            Permission::RequestedServerName(string(s, &format!("{at}.requested_server_name"))?)
-        }
+        Rule::RequestedServerName(s) => Permission::RequestedServerName(Box::new(string(
+            s,
+            &format!("{at}.requested_server_name"),
+        )?)),
         Rule::UriTemplate(t) => {
-            Permission::UriTemplate(uri_template(t, &format!("{at}.uri_template"))?)
+            Permission::UriTemplate(Box::new(uri_template(t, &format!("{at}.uri_template"))?))
         }
         Rule::Matcher(_) => return Err(unsupported(&format!("{at}.matcher"), "is not supported")),
         Rule::SourcedMetadata(_) => {
@@ -212,19 +215,21 @@ fn principal(p: &pb::Principal, at: &str) -> Result<Principal, Unsupported> {
             ids: indexed(&s.ids, &format!("{at}.or_ids.ids"), principal)?,
         }),
         Identifier::Any(b) => Principal::Any(*b),
-        Identifier::Authenticated(a) => Principal::Authenticated(Authenticated {
+        Identifier::Authenticated(a) => Principal::Authenticated(Box::new(Authenticated {
             principal_name: a
                 .principal_name
                 .as_ref()
                 .map(|s| string(s, &format!("{at}.authenticated.principal_name")))
                 .transpose()?,
-        }),
+        })),
         Identifier::SourceIp(c) => Principal::SourceIp(cidr(c)),
         Identifier::DirectRemoteIp(c) => Principal::DirectRemoteIp(cidr(c)),
         Identifier::RemoteIp(c) => Principal::RemoteIp(cidr(c)),
-        Identifier::Header(h) => Principal::Header(header(h, &format!("{at}.header"))?),
-        Identifier::UrlPath(p) => Principal::UrlPath(path(p, &format!("{at}.url_path"))?),
-        Identifier::Metadata(md) => Principal::Metadata(metadata(md, &format!("{at}.metadata"))?),
+        Identifier::Header(h) => Principal::Header(Box::new(header(h, &format!("{at}.header"))?)),
+        Identifier::UrlPath(p) => Principal::UrlPath(Box::new(path(p, &format!("{at}.url_path"))?)),
+        Identifier::Metadata(md) => {
+            Principal::Metadata(Box::new(metadata(md, &format!("{at}.metadata"))?))
+        }
         Identifier::FilterState(fs) => {
             let at = format!("{at}.filter_state");
             let string_match = match &fs.matcher {
@@ -239,10 +244,10 @@ fn principal(p: &pb::Principal, at: &str) -> Result<Principal, Unsupported> {
                     ));
                 }
             };
-            Principal::FilterState(FilterStateMatcher {
+            Principal::FilterState(Box::new(FilterStateMatcher {
                 key: fs.key.clone(),
                 string_match,
-            })
+            }))
         }
         Identifier::NotId(p) => Principal::NotId(Box::new(principal(p, &format!("{at}.not_id"))?)),
         Identifier::SourcedMetadata(_) => {

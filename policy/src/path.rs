@@ -259,13 +259,18 @@ fn trim_segments(path: &str) -> String {
 
 /// Authority as matched by routing and policy: lowercase, no trailing dot on the host.
 pub fn normalize_authority(authority: &str) -> String {
-    let lower = authority.to_ascii_lowercase();
-    let (host, port) = split_port(&lower);
+    // Split before lowercasing (neither the brackets, the colon nor the digits change with
+    // case), so one string is built.
+    let (host, port) = split_port(authority);
     let host = host.strip_suffix('.').unwrap_or(host);
-    match port {
-        Some(p) => format!("{host}:{p}"),
-        None => host.to_owned(),
+    let mut out = String::with_capacity(authority.len());
+    out.push_str(host);
+    out.make_ascii_lowercase();
+    if let Some(p) = port {
+        out.push(':');
+        out.push_str(p);
     }
+    out
 }
 
 fn split_port(a: &str) -> (&str, Option<&str>) {

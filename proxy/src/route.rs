@@ -222,12 +222,18 @@ impl HttpChain {
     }
 
     fn virtual_host(&self, authority: &str) -> Option<&VirtualHostRt> {
-        let host_port = authority.to_ascii_lowercase();
+        // The request path hands in an authority already normalized (lowercase): no copy then.
+        let host_port: std::borrow::Cow<'_, str> =
+            if authority.bytes().any(|b| b.is_ascii_uppercase()) {
+                authority.to_ascii_lowercase().into()
+            } else {
+                authority.into()
+            };
         let host = strip_port(&host_port);
         let mut best: Option<(u8, usize, &VirtualHostRt)> = None;
         for vh in &self.virtual_hosts {
             for d in &vh.domains {
-                let score = [host_port.as_str(), host]
+                let score = [&*host_port, host]
                     .iter()
                     .filter_map(|h| domain_score(d, h))
                     .max();

@@ -45,7 +45,7 @@ pub async fn proxy<D>(
     let mut guard = telemetry.start(ctx.reporter, ctx.local_id.clone());
     guard.mtls = ctx.peer_id.is_some();
     guard.peer = match ctx.reporter {
-        Reporter::Source => Peer::from_metadata(&cluster.config.metadata),
+        Reporter::Source => cluster.peer.clone(),
         Reporter::Destination => Peer::default().with_principal(ctx.peer_id.clone()),
     };
     let r = &mut guard.record;
@@ -55,7 +55,7 @@ pub async fn proxy<D>(
     r.downstream_peer_uri_san = ctx.peer_id.clone();
     r.requested_server_name = ctx.sni.clone();
     r.upstream_cluster = Some(cluster.name.clone());
-    guard.destination_service = cluster.config.metadata.service.as_deref().map(Into::into);
+    guard.destination_service = cluster.service.clone();
     guard.tcp_opened();
     if let Some(engine) = rbac {
         let decision = decide(engine, ctx, cluster);

@@ -72,6 +72,10 @@ pub struct ClusterRt {
     pub config: Cluster,
     /// The cluster's name, shared with each request's log record (`%UPSTREAM_CLUSTER%`).
     pub name: Arc<str>,
+    /// Who its metadata says the callee is, and the service: made once, shared by each call's
+    /// telemetry.
+    pub peer: crate::telemetry::Peer,
+    pub service: Option<Arc<str>>,
     creds: CredentialsRx,
     tls: Option<PeerTls>,
     /// Pooled HTTP/2 connections by (worker slot, endpoint): a worker's requests ride only on
@@ -187,6 +191,8 @@ impl ClusterRt {
         };
         Ok(Self {
             name: config.name.as_str().into(),
+            peer: crate::telemetry::Peer::from_metadata(&config.metadata),
+            service: config.metadata.service.as_deref().map(Into::into),
             config,
             creds: creds.clone(),
             tls,

@@ -204,7 +204,7 @@ async fn forward(
     let routed = selected.as_ref().and_then(|s| clusters.get(s.cluster));
     // Telemetry and the inventory name the service a denied call was for, too.
     if let Some(c) = routed {
-        guard.destination_service = c.config.metadata.service.as_deref().map(Into::into);
+        guard.destination_service = c.service.clone();
     }
     // Authorization runs before a missing route is reported: an unauthorized caller must not be
     // able to tell which routes exist.
@@ -253,9 +253,8 @@ async fn forward(
     }
     let timeout = selected.timeout;
     guard.record.upstream_cluster = Some(cluster.name.clone());
-    guard.destination_service = cluster.config.metadata.service.as_deref().map(Into::into);
     if ctx.reporter == Reporter::Source {
-        guard.peer = Peer::from_metadata(&cluster.config.metadata);
+        guard.peer = cluster.peer.clone();
     }
 
     match (ctx.reporter, chain.forward_client_cert) {

@@ -1,8 +1,13 @@
 """The inbound port against `openssl s_client`: only a valid X509-SVID from a trusted domain gets in."""
 
 import datetime
+import socket
+import ssl
 import subprocess
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
 from conftest import TD, require_tool
@@ -110,3 +115,75 @@ def test_sessions_are_never_resumed(mesh, version):
         return
     second = s_client(mesh, version, "-sess_in", str(sess), cert=mesh.client_cert, key=mesh.client_key)
     assert "Reused," not in second and "New," in second, second[-1500:]
+
+
+def tls_to_inbound(mesh, alpn):
+    """A client-authenticated TLS connection to the inbound port, offering `alpn` (None: no ALPN)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the server's SVID names a SPIFFE ID, not a host
+    ctx.load_cert_chain(str(mesh.client_cert), str(mesh.client_key))
+    if alpn:
+        ctx.set_alpn_protocols([alpn])
+    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", mesh.inbound_port), timeout=10))
+    assert sock.selected_alpn_protocol() == alpn
+    return sock
+
+
+def http1_over(sock):
+    sock.sendall(REQUEST)
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLError):
+            break  # closed without close_notify
+        if not chunk:
+            break
+        out += chunk
+    return out.decode(errors="replace")
+
+
+def h2_over(sock):
+    """One GET over HTTP/2 (prior knowledge): the status and body, or what ended the connection."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":path", "/tls"), (":scheme", "https"), (":authority", "server")],
+                      end_stream=True)
+    sock.sendall(conn.data_to_send())
+    status, body = None, b""
+    while True:
+        try:
+            data = sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLError):
+            return status, "reset"
+        if not data:
+            return status, "closed"
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                status = dict(ev.headers)[":status"]
+            elif isinstance(ev, h2.events.DataReceived):
+                body += ev.data
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded):
+                return status, body.decode(errors="replace")
+        sock.sendall(conn.data_to_send())
+
+
+@pytest.mark.parametrize("alpn", ["http/1.1", "istio-http/1.1", None])
+def test_http1_is_served_by_alpn_or_without_it(mesh, alpn):
+    """ALPN settles HTTP/1.1 (served as such, without detection); without ALPN the first bytes do."""
+    assert served(http1_over(tls_to_inbound(mesh, alpn)))
+
+
+@pytest.mark.parametrize("alpn", ["h2", "istio-h2", None])
+def test_http2_is_served_by_alpn_or_without_it(mesh, alpn):
+    """ALPN settles HTTP/2; without ALPN the HTTP/2 preface does."""
+    status, body = h2_over(tls_to_inbound(mesh, alpn))
+    assert status == "200" and '"canary": "ok"' in body, (status, body[-300:])
+
+
+def test_http1_after_alpn_h2_is_not_served(mesh):
+    """As in Envoy, the protocol ALPN settled is the one spoken: HTTP/1.1 bytes on an `h2`
+    connection are a protocol error, and nothing reaches the app."""
+    assert "HTTP/1.1 200" not in http1_over(tls_to_inbound(mesh, "h2"))

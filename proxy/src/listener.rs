@@ -797,36 +797,36 @@ impl ListenerRt {
                 let conn = $conn;
                 tokio::pin!(conn);
                 let result: Result<(), BoxError> = tokio::select! {
-            r = conn.as_mut() => r.map_err(Into::into),
-            () = activity.idle(idle_timeout) => {
-                tracing::debug!(timeout = ?idle_timeout, "closing idle connection");
-                conn.as_mut().graceful_shutdown();
-                conn.await.map_err(Into::into)
-            }
-            () = resets.tripped() => {
-                // GOAWAY, and a short wait for streams in flight; the client gets no more.
-                tracing::warn!(remote = %remote, "closing a connection whose client resets most streams early");
-                self.stats.premature_resets.inc();
-                conn.as_mut().graceful_shutdown();
-                tokio::time::timeout(PREMATURE_RESET_CLOSE, conn)
-                    .await
-                    .unwrap_or(Ok(()))
-                    .map_err(Into::into)
-            }
-            _ = async {
-                if h2 {
-                    drain.signaled().await;
-                    if draining_at_accept {
-                        tokio::time::sleep(DRAIN_GOAWAY_DELAY).await;
+                    r = conn.as_mut() => r.map_err(Into::into),
+                    () = activity.idle(idle_timeout) => {
+                        tracing::debug!(timeout = ?idle_timeout, "closing idle connection");
+                        conn.as_mut().graceful_shutdown();
+                        conn.await.map_err(Into::into)
                     }
-                } else {
-                    let _ = stop.wait_for(|s| *s).await;
-                }
-            } => {
-                // HTTP/2: GOAWAY; HTTP/1.1: `Connection: close` on the response in flight.
-                conn.as_mut().graceful_shutdown();
-                conn.await.map_err(Into::into)
-            }
+                    () = resets.tripped() => {
+                        // GOAWAY, and a short wait for streams in flight; the client gets no more.
+                        tracing::warn!(remote = %remote, "closing a connection whose client resets most streams early");
+                        self.stats.premature_resets.inc();
+                        conn.as_mut().graceful_shutdown();
+                        tokio::time::timeout(PREMATURE_RESET_CLOSE, conn)
+                            .await
+                            .unwrap_or(Ok(()))
+                            .map_err(Into::into)
+                    }
+                    _ = async {
+                        if h2 {
+                            drain.signaled().await;
+                            if draining_at_accept {
+                                tokio::time::sleep(DRAIN_GOAWAY_DELAY).await;
+                            }
+                        } else {
+                            let _ = stop.wait_for(|s| *s).await;
+                        }
+                    } => {
+                        // HTTP/2: GOAWAY; HTTP/1.1: `Connection: close` on the response in flight.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await.map_err(Into::into)
+                    }
                 };
                 result
             }};

@@ -55,7 +55,7 @@ enum H1Dispatch<F> {
 /// The most HTTP/1.1 connections one worker keeps to one endpoint; past it a connection serves
 /// its one request and closes (Envoy's default `max_connections` circuit breaker is 1024).
 const H1_POOL_MAX: usize = 1024;
-/// An HTTP/1.1 connection unused this long is closed when its endpoint is next used.
+/// An HTTP/1.1 connection unused this long is closed by its endpoint's next sweep.
 const H1_IDLE: Duration = Duration::from_secs(60);
 /// How often an endpoint's HTTP/1.1 connections are swept for closed, expired and idle ones.
 const H1_SWEEP: Duration = Duration::from_secs(1);

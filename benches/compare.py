@@ -9,7 +9,7 @@ and, for eastguard, its control plane.
   keep-alive pools to the peer and to the upstream, 2 workers per side.
 - eastguard: configured by `eastguard control-plane` from Istio files (a ServiceEntry, two
   WorkloadEntries, one ALLOW AuthorizationPolicy for the client's SPIFFE ID), SVIDs from PEM files,
-  metrics on, access log off, `eastguard-sidecar` as it ships (the `sidecar` profile: fat LTO)
+  metrics on, access log off, `eastguard-sidecar` built to ship (the `sidecar` profile: fat LTO)
   with its default workers (one per CPU). Between
   the sidecars, the control plane's default (`--h2-upgrade-policy UPGRADE`): one multiplexed
   HTTP/2 connection per peer and worker.

@@ -861,7 +861,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How a downstream HTTP connection is to be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Wire {
+enum Wire {
     Http1,
     H2,
     /// Unknown (plaintext inbound, TLS without ALPN): told apart by the HTTP/2 preface.

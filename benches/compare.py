@@ -9,8 +9,9 @@ and, for eastguard, its control plane.
   keep-alive pools to the peer and to the upstream, 2 workers per side.
 - eastguard: configured by `eastguard control-plane` from Istio files (a ServiceEntry, two
   WorkloadEntries, one ALLOW AuthorizationPolicy for the client's SPIFFE ID), SVIDs from PEM files,
-  metrics on, access log off, `eastguard-sidecar` built to ship (the `sidecar` profile: fat LTO)
-  with its default workers (one per CPU). Between
+  metrics on, access log off, `eastguard-sidecar` built to ship (the `sidecar` profile: fat LTO,
+  code linked in the order of src/bin/eastguard-sidecar.order; the bench prints how much of that
+  file the build matched) with its default workers (one per CPU). Between
   the sidecars, the control plane's default (`--h2-upgrade-policy UPGRADE`): one multiplexed
   HTTP/2 connection per peer and worker.
 - eastguard-h1: the same with `--h2-upgrade-policy DO_NOT_UPGRADE` (Istio's default): HTTP/1.1
@@ -29,11 +30,16 @@ Needs root (namespaces). Usage, from the repo root:
         [--concurrency N] [--policies N] [--idle N] [--perf DIR]
 Scale checks: `--connections 10000` (the client-side proxy holds them), `--policies 1000` (the
 server sidecar decides among them), `--idle N` (RSS per idle connection).
+The symbol ordering file, after a dependency or compiler update (its names carry their hashes):
+    sudo .venv/bin/python benches/compare.py --setups eastguard,eastguard-h1 --rounds 1 --rate 100 \
+        --duration 10 --burst 5 --warmup 3 --concurrency 1 --symbol-order src/bin/eastguard-sidecar.order
+then build again (`cargo build --profile sidecar --bin eastguard-sidecar`).
 """
 
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -359,6 +365,10 @@ def main():
     ap.add_argument("--callgrind", type=Path, default=None,
                     help="run each eastguard sidecar under `valgrind --tool=callgrind`, counts zeroed before each measured run and dumped after it, into "
                          "DIR/<round>-<side><setup>.callgrind.<N> (<setup>: -h1 for eastguard-h1, 2 for eastguard2; N: 1 for the first mode run, ...) (instruction counts, repeatable on a noisy machine; use a low --rate, valgrind is ~50x slower)")
+    ap.add_argument("--symbol-order", type=Path, default=None,
+                    help="run each eastguard sidecar under callgrind over its whole life (start-up, every mode, shutdown) and write the "
+                         "functions of the sidecar binary that ran, most instructions first, to FILE: the linker's symbol ordering file "
+                         "(src/bin/eastguard-sidecar.order), which puts the code a sidecar runs on pages of its own")
     ap.add_argument("--massif", type=Path, default=None,
                     help="run each eastguard sidecar under `valgrind --tool=massif` (heap profile over the whole run), into "
                          "DIR/<round>-<side>.massif at exit, and a detailed snapshot after each measured run; read them with ms_print")
@@ -404,6 +414,8 @@ def main():
             return procs, f"http://127.0.0.1:{NGINX_CLIENT}/"
 
         sidecars = [Path(p) for p in str(args.sidecar).split(",")] if args.sidecar else [ROOT / "target/sidecar/eastguard-sidecar"]
+        for sidecar in sidecars if not args.symbol_order else ():
+            print(symbol_order_report(sidecar), flush=True)
 
         def eastguard_pair(setup):
             """`eastguard`, `eastguard-h1` (HTTP/1.1 between the sidecars) or `eastguard2` (the
@@ -431,7 +443,10 @@ def main():
                 (work / f"{side}.yaml").write_text(yaml.safe_dump(boot))
                 workers = ["--concurrency", str(args.concurrency)] if args.concurrency else []
                 preload = ["env", f"LD_PRELOAD={args.preload}"] if args.preload else []
-                if args.callgrind:
+                if args.symbol_order:
+                    out = work / f"{rnd + 1}-{side}{tag}.order.callgrind"
+                    preload += ["valgrind", "--tool=callgrind", "--dump-instr=no", "--demangle=no", f"--callgrind-out-file={out}"]
+                elif args.callgrind:
                     args.callgrind.mkdir(parents=True, exist_ok=True)
                     out = args.callgrind.resolve() / f"{rnd + 1}-{side}{tag}.callgrind"
                     preload += ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={out}"]
@@ -454,6 +469,7 @@ def main():
                 elif setup.startswith("eastguard"):
                     procs, url = eastguard_pair(setup)
                 host = HOST if setup.startswith("eastguard") else "server"
+                proxies = {k: p for k, p in procs.items() if k in ("client", "server")}
                 try:
                     # A first request must succeed (config in place, mTLS up).
                     deadline = time.time() + 30
@@ -461,7 +477,6 @@ def main():
                         if time.time() > deadline:
                             raise RuntimeError(f"{setup}: no successful request through {url}")
                         time.sleep(0.2)
-                    proxies = {k: p for k, p in procs.items() if k in ("client", "server")}
                     # Before any load, so the heap has no freed memory to reuse (run it with
                     # `--modes ''` to keep the peak RSS figures of load runs clean).
                     if args.idle and "client" in proxies:
@@ -513,12 +528,69 @@ def main():
                         print(f"round {rnd + 1} {setup:<9} {mode:<10} rps {r['rps']:8.0f}  p50 {r['p50']:7.3f} ms  p99 {r['p99']:7.3f} ms"
                               + "".join(f"  cpu {k} {r[f'cpu_{k}']:.0f} ms/1k (sys {r[f'sys_{k}']:.0f})  hwm {r[f'hwm_{k}']:.1f} MiB  rss {r[f'rss_{k}']:.1f} MiB" for k in proxies), flush=True)
                 finally:
+                    for p in proxies.values() if args.symbol_order and setup.startswith("eastguard") else ():
+                        sh("callgrind_control", "--dump=until stop", child_pid(p), check=False)
                     for p in procs.values():
                         net.stop(p)
                     time.sleep(0.5)
         report(results, args)
+        if args.symbol_order:
+            write_symbol_order(sorted(work.glob("*.order.callgrind*")), sidecars, args.symbol_order)
     finally:
         net.close()
+
+
+def symbol_order_report(binary):
+    """How much of the symbol ordering file names functions the binary has. Its names carry
+    hashes of each crate's build (dependency versions, features, compiler version), so another
+    toolchain or Cargo.lock leaves the code unordered: more resident code, same behaviour."""
+    order = ROOT / "src/bin/eastguard-sidecar.order"
+    wanted = set(order.read_text().split()) if order.is_file() else set()
+    nm = subprocess.run(["nm", binary], capture_output=True, text=True, check=False).stdout
+    have = {line.split()[-1] for line in nm.splitlines() if line.strip()}
+    share = len(wanted & have) / max(len(wanted), 1)
+    note = "" if share >= 0.9 else (" -- fewer than 90 %: what it misses is linked unordered, and more code stays resident; "
+                                    "regenerate the file with `--symbol-order src/bin/eastguard-sidecar.order` and rebuild")
+    return f"{binary}: {share:.0%} of {order.relative_to(ROOT)}'s {len(wanted)} functions found{note}"
+
+
+def write_symbol_order(profiles, binaries, out):
+    """Sums each function's own instructions over callgrind profiles (`--demangle=no`), keeps the
+    functions of the sidecar binaries, and writes their linker names, most instructions first."""
+    names = {str(b.resolve()) for b in binaries}
+    cost = {}
+    for path in profiles:
+        ids = {"ob": {}, "fn": {}}
+        ours, fn, skip = False, None, False
+        for line in path.read_text(errors="replace").splitlines():
+            key, _, rest = line.partition("=")
+            if key in ("ob", "fn", "cob", "cfn") and rest:
+                # Compressed names: "(id) name" the first time, "(id)" after.
+                ident, _, name = rest.partition(" ")
+                table = ids[key.lstrip("c")]
+                name = table.setdefault(ident, name) if name else table.get(ident, ident)
+                if key == "ob":
+                    ours = name in names
+                elif key == "fn":
+                    # Recursion levels are "name'2", "name'3" ...: one symbol.
+                    fn = name.split("'")[0] if ours else None
+                continue
+            if key == "calls":
+                skip = True  # the next line is the call's inclusive cost, not the caller's own
+                continue
+            if not line or not (line[0].isdigit() or line[0] in "+-*"):
+                continue
+            if skip:
+                skip = False
+                continue
+            if fn:
+                fields = line.split()
+                if len(fields) > 1:
+                    cost[fn] = cost.get(fn, 0) + int(fields[1])
+    # Code callgrind has no symbol for ("0x...", "(below main)") cannot be ordered.
+    ordered = sorted((f for f in cost if re.fullmatch(r"[A-Za-z_.$][\w.$]*", f)), key=lambda f: (-cost[f], f))
+    out.write_text("".join(f"{f}\n" for f in ordered))
+    print(f"{len(ordered)} functions of the sidecar ran, in {len(profiles)} profiles; written to {out}")
 
 
 def med(results, setup, mode, key):

@@ -129,18 +129,23 @@ impl Row {
     }
 }
 
+/// A map every call looks up. Its keys are names from the configuration, verified caller IDs
+/// and small numbers, and it holds at most `max_rows`, so foldhash (seeded per map) is enough;
+/// SipHash cost more than the rest of a lookup.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A sidecar's API inventory.
 #[derive(Debug)]
 pub struct Inventory {
     limits: Limits,
     services: Vec<(Box<str>, Templates)>,
-    by_name: HashMap<Box<str>, u32>,
+    by_name: FastMap<Box<str>, u32>,
     /// Verified caller IDs seen, interned (at most `max_rows`: each has a row).
     callers: Vec<Box<str>>,
-    caller_ids: HashMap<Box<str>, u32>,
-    rows: HashMap<Key, Counters>,
+    caller_ids: FastMap<Box<str>, u32>,
+    rows: FastMap<Key, Counters>,
     /// Deltas since the last drain.
-    delta: HashMap<Key, Counters>,
+    delta: FastMap<Key, Counters>,
     overflow: Counters,
     overflow_delta: Counters,
     /// Sensitive-data findings per operation (service, method, template), at most `max_rows`
@@ -185,11 +190,11 @@ impl Inventory {
         Self {
             limits,
             services: Vec::new(),
-            by_name: HashMap::new(),
+            by_name: FastMap::default(),
             callers: Vec::new(),
-            caller_ids: HashMap::new(),
-            rows: HashMap::new(),
-            delta: HashMap::new(),
+            caller_ids: FastMap::default(),
+            rows: FastMap::default(),
+            delta: FastMap::default(),
             overflow: Counters::default(),
             overflow_delta: Counters::default(),
             sensitive: HashMap::new(),
@@ -457,7 +462,7 @@ impl Inventory {
         out
     }
 
-    fn export(&self, rows: &HashMap<Key, Counters>, overflow: &Counters) -> Vec<Row> {
+    fn export(&self, rows: &FastMap<Key, Counters>, overflow: &Counters) -> Vec<Row> {
         let mut merged: HashMap<Key, Counters> = HashMap::new();
         for (k, c) in rows {
             let mut k = *k;

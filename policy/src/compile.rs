@@ -26,11 +26,16 @@ pub(crate) struct Rules {
     pub(crate) policies: Vec<(Arc<str>, CompiledPolicy)>,
     /// Policies that can only match callers with one of a few exact SPIFFE IDs, by ID
     /// (indices into `policies`, ascending); the rest are in `unindexed`.
-    pub(crate) by_principal: std::collections::HashMap<Arc<str>, Vec<usize>>,
+    /// Keys come from the policies; every decision looks the caller up, hence foldhash (seeded
+    /// per map) rather than SipHash.
+    pub(crate) by_principal: Index,
     /// Policies that can only match callers whose ID contains `/ns/<key>/`, by namespace.
-    pub(crate) by_namespace: std::collections::HashMap<Arc<str>, Vec<usize>>,
+    pub(crate) by_namespace: Index,
     pub(crate) unindexed: Vec<usize>,
 }
+
+pub(crate) type Index =
+    std::collections::HashMap<Arc<str>, Vec<usize>, foldhash::fast::RandomState>;
 
 /// What a policy requires of the caller's SPIFFE ID, for the index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,10 +206,8 @@ fn compile_rules(r: &rbac::Rbac, at: &str) -> Result<Rules, CompileError> {
             },
         ));
     }
-    let mut by_principal: std::collections::HashMap<Arc<str>, Vec<usize>> =
-        std::collections::HashMap::new();
-    let mut by_namespace: std::collections::HashMap<Arc<str>, Vec<usize>> =
-        std::collections::HashMap::new();
+    let mut by_principal = Index::default();
+    let mut by_namespace = Index::default();
     let mut unindexed = Vec::new();
     for (i, (_, p)) in policies.iter().enumerate() {
         match required_principals(&p.principals) {

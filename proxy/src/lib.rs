@@ -67,8 +67,10 @@ const INBOUND_ALPN: &[&[u8]] = &[
     b"istio-peer-exchange",
 ];
 
-/// Clusters by name, shared by every listener.
-pub(crate) type Clusters = Arc<HashMap<String, Arc<ClusterRt>>>;
+/// Clusters by name, shared by every listener. Names come from the configuration and each
+/// request looks one up, so the hash is foldhash (seeded per map), not SipHash.
+pub(crate) type ClusterMap = HashMap<String, Arc<ClusterRt>, foldhash::fast::RandomState>;
+pub(crate) type Clusters = Arc<ClusterMap>;
 
 /// Why the proxy did not start.
 #[derive(Debug, thiserror::Error)]

@@ -97,7 +97,7 @@ impl ChainTable {
 
 /// The clusters in force, replaceable as a whole.
 #[derive(Default)]
-pub struct LiveClusters(ArcSwap<HashMap<String, Arc<crate::upstream::ClusterRt>>>);
+pub struct LiveClusters(ArcSwap<crate::ClusterMap>);
 
 impl LiveClusters {
     pub fn get(&self) -> Clusters {
@@ -777,19 +777,26 @@ impl ListenerRt {
                 current: Arc::new(move || table.http(&name)),
             }
         };
-        // Boxed: hyper moves a request's future into the task it spawns per HTTP/2 stream, and
-        // moving the whole state machine costs more than allocating it once.
-        let svc = hyper::service::service_fn(move |req| {
-            Box::pin(crate::http::handle(
-                ctx.clone(),
-                chains.http(&chain_name),
-                shared.clusters.get(),
-                telemetry.clone(),
-                hook.clone(),
-                recheck.clone(),
-                req,
-            ))
-        });
+        // A request's future, as `$wrap` gives it to hyper. HTTP/2: boxed, since hyper moves it
+        // into the task it spawns per stream, and moving the whole state machine costs more than
+        // allocating it once. HTTP/1.1: as it is; hyper keeps it in one allocation per
+        // connection, and a box per request (several KiB: glibc's slow path) cost more than the
+        // move.
+        macro_rules! service {
+            ($wrap:path) => {
+                hyper::service::service_fn(move |req| {
+                    $wrap(crate::http::handle(
+                        ctx.clone(),
+                        chains.http(&chain_name),
+                        shared.clusters.get(),
+                        telemetry.clone(),
+                        hook.clone(),
+                        recheck.clone(),
+                        req,
+                    ))
+                })
+            };
+        }
         let io = TokioIo::new(io);
         // One body for the three kinds of connection below.
         macro_rules! serve {
@@ -837,13 +844,13 @@ impl ListenerRt {
         let result = match wire {
             Wire::Http1 => serve!(
                 http1_server(limits, draining_at_accept)
-                    .serve_connection(io, svc)
+                    .serve_connection(io, service!(std::convert::identity))
                     .with_upgrades()
             ),
-            Wire::H2 => serve!(http2_server(limits).serve_connection(io, svc)),
+            Wire::H2 => serve!(http2_server(limits).serve_connection(io, service!(Box::pin))),
             Wire::Detect => {
                 let builder = server_builder(limits, draining_at_accept);
-                serve!(builder.serve_connection_with_upgrades(io, svc))
+                serve!(builder.serve_connection_with_upgrades(io, service!(Box::pin)))
             }
         };
         if let Err(e) = result {

@@ -66,7 +66,7 @@ struct Inner {
     /// `bind_to_port: false` listeners (no socket, no task), by name.
     /// With the configuration its chains were last built from.
     virtuals: BTreeMap<String, (Arc<ListenerRt>, config::Listener)>,
-    clusters: HashMap<String, Arc<ClusterRt>>,
+    clusters: crate::ClusterMap,
     stopped: bool,
 }
 
@@ -99,7 +99,7 @@ impl Runtime {
             return Err(ApplyError::ShuttingDown);
         }
         // Clusters: keep the runtime (and its connection pool) of every unchanged cluster.
-        let mut clusters = HashMap::new();
+        let mut clusters = crate::ClusterMap::default();
         for c in &model.clusters {
             let rt = match inner.clusters.get(&c.name) {
                 Some(old) if old.config == *c => old.clone(),

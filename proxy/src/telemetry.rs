@@ -101,9 +101,8 @@ pub struct Peer {
 pub struct CallGuard {
     telemetry: Arc<Telemetry>,
     reporter: Reporter,
+    /// The call's start; `%START_TIME%` is the wall clock less the time since.
     started: Instant,
-    /// Wall-clock start, formatted as `%START_TIME%` only if the access log is written.
-    started_at: SystemTime,
     pub record: Record,
     pub peer: Peer,
     pub grpc: bool,
@@ -180,7 +179,6 @@ impl Telemetry {
             telemetry: self.clone(),
             reporter,
             started: Instant::now(),
-            started_at: SystemTime::now(),
             record: Record {
                 response_flags: "-",
                 ..Default::default()
@@ -509,13 +507,12 @@ impl Drop for CallGuard {
             // The response never finished: the downstream went away (Envoy's DC).
             self.record.response_flags = "DC";
         }
+        // Read once: the clock is read more often per call than anything else is.
+        let elapsed = self.started.elapsed();
         if let Some(resets) = &self.stream_resets {
-            resets.record(
-                !self.completed
-                    && self.started.elapsed() < crate::idle::PREMATURE_RESET_MIN_LIFETIME,
-            );
+            resets.record(!self.completed && elapsed < crate::idle::PREMATURE_RESET_MIN_LIFETIME);
         }
-        self.record.duration = self.started.elapsed().as_millis() as u64;
+        self.record.duration = elapsed.as_millis() as u64;
         self.record.bytes_received = self.request_bytes.load(Ordering::Relaxed);
         self.record.bytes_sent = self.response_bytes.load(Ordering::Relaxed);
         if self.tcp {
@@ -531,9 +528,7 @@ impl Drop for CallGuard {
         } else {
             let series = self.http_series();
             series.requests.inc();
-            series
-                .duration_ms
-                .observe(self.started.elapsed().as_secs_f64() * 1000.0);
+            series.duration_ms.observe(elapsed.as_secs_f64() * 1000.0);
             series
                 .request_bytes
                 .observe(self.record.bytes_received as f64);
@@ -541,7 +536,9 @@ impl Drop for CallGuard {
         }
         let chain_logs = self.chain_logs.take().filter(|l| !l.is_empty());
         if self.telemetry.access_log.enabled() || chain_logs.is_some() {
-            self.record.start_time = format_time(self.started_at);
+            // The wall clock is read only for a line that shows it.
+            let now = SystemTime::now();
+            self.record.start_time = format_time(now.checked_sub(elapsed).unwrap_or(now));
             self.telemetry.access_log.write(&self.record);
             for log in chain_logs.iter().flat_map(|l| l.iter()) {
                 log.write(&self.record);
@@ -572,13 +569,13 @@ impl Drop for CallGuard {
         if let (Some(span), Some(tracer)) = (self.span.take(), self.tracer.take()) {
             tracer.finish(span, &self.record, &self.local_id);
         }
-        self.observe_api();
+        self.observe_api(elapsed);
     }
 }
 
 impl CallGuard {
     /// Adds an inbound HTTP call to the API inventory.
-    fn observe_api(&mut self) {
+    fn observe_api(&mut self, latency: std::time::Duration) {
         let (Some(inventory), Some(api)) = (&self.telemetry.inventory, &self.api) else {
             return;
         };
@@ -600,7 +597,7 @@ impl CallGuard {
             allowed: self.record.rbac_decision != Some("denied"),
             request_bytes: self.record.bytes_received,
             response_bytes: self.record.bytes_sent,
-            latency: self.started.elapsed(),
+            latency,
             request_type: api.request_type.as_deref(),
             response_type: api.response_type.as_deref(),
             auth: api.auth.unwrap_or(apisec::AuthScheme::None),

@@ -79,8 +79,8 @@ pub struct ClusterRt {
     creds: CredentialsRx,
     tls: Option<PeerTls>,
     /// Pooled HTTP/2 connections by (worker slot, endpoint): a worker's requests ride only on
-    /// connections its own thread drives (`workers`).
-    pool: Mutex<HashMap<(usize, SocketAddr), H2Slot>>,
+    /// connections its own thread drives (`workers`). Keys come from the configuration.
+    pool: Mutex<HashMap<(usize, SocketAddr), H2Slot, foldhash::fast::RandomState>>,
     /// Pooled HTTP/1.1 connections, a pool per worker slot for the same reason (and so that
     /// workers never share its lock).
     h1: Box<[H1Pool]>,

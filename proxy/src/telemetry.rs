@@ -507,7 +507,7 @@ impl Drop for CallGuard {
             // The response never finished: the downstream went away (Envoy's DC).
             self.record.response_flags = "DC";
         }
-        // Read once: the clock is read more often per call than anything else is.
+        // One clock read for all that follows.
         let elapsed = self.started.elapsed();
         if let Some(resets) = &self.stream_resets {
             resets.record(!self.completed && elapsed < crate::idle::PREMATURE_RESET_MIN_LIFETIME);
